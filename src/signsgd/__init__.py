@@ -1,0 +1,22 @@
+"""signsgd: sign-based compressed optimisation for PyTorch.
+
+signSGD and Signum (Bernstein et al., ICML 2018), majority vote across workers with 1 bit
+per coordinate each way, and error feedback (EF-SGD / EF-signSGD, Karimireddy et al.,
+ICML 2019). See DESIGN.md for the conventions.
+"""
+
+from signsgd import compression
+from signsgd.optim import EFSGD, SignSGD, Signum
+from signsgd.packing import pack_signs, unpack_signs
+
+__version__ = "0.1.0"
+
+__all__ = ["SignSGD", "Signum", "EFSGD", "pack_signs", "unpack_signs", "compression"]
+
+
+def __getattr__(name: str):  # lazy: importing signsgd does not import torch.distributed glue
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module("signsgd.distributed")
+    raise AttributeError(f"module 'signsgd' has no attribute {name!r}")
