@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["pack_signs", "unpack_signs", "packed_nbytes"]
+__all__ = ["pack_signs", "unpack_signs", "packed_nbytes", "majority_tally"]
 
 
 def packed_nbytes(numel: int) -> int:
@@ -62,3 +62,31 @@ def unpack_signs(packed: Tensor, numel: int, dtype: torch.dtype = torch.float32)
     bits = (packed.reshape(-1, 1) >> shifts) & 1
     out = bits.reshape(-1)[:numel].to(dtype) * 2 - 1
     return out
+
+
+def majority_tally(packed: Tensor, tie_bits: Tensor | None = None) -> Tensor:
+    """Bitwise majority of ``M`` packed sign vectors: ``packed`` is ``(M, nbytes)`` uint8.
+
+    Returns ``nbytes`` packed verdicts: bit = 1 where more than half of the M rows have a 1,
+    0 where fewer than half do, and ``tie_bits`` (packed, same length) where exactly half do
+    (only possible for even M). Without ``tie_bits`` a tie gives 1.
+    """
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(
+            f"packed must be a 2-D torch.uint8 tensor (M, nbytes), got {packed.dtype} "
+            f"with shape {tuple(packed.shape)}"
+        )
+    m, nbytes = packed.shape
+    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    bits = ((packed.unsqueeze(-1) >> shifts) & 1).to(torch.int16)  # (M, nbytes, 8)
+    votes = bits.sum(dim=0) * 2 - m  # (nbytes, 8): positive = majority of ones
+    verdict = votes > 0
+    if m % 2 == 0:
+        tie = votes == 0
+        if tie_bits is None:
+            verdict |= tie
+        else:
+            tb = ((tie_bits.reshape(-1, 1) >> shifts) & 1).bool()
+            verdict |= tie & tb
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=packed.device)
+    return (verdict.to(torch.uint8) * weights).sum(dim=1, dtype=torch.uint8)

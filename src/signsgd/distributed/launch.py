@@ -1,0 +1,196 @@
+"""Start M local worker processes in one Gloo process group and collect what they return.
+
+Used by the tests (``tests/distributed``), the benchmarks and ``signsgd train --workers M``.
+Each worker joins a ``torch.distributed`` group on ``127.0.0.1`` at a free port. A worker
+that raises ends the whole launch with that worker's traceback; workers still blocked in
+a collective are terminated, so a launch never hangs past ``timeout``.
+
+Example:
+    >>> def work(rank: int, world_size: int) -> int:   # must live in an importable module
+    ...     t = torch.tensor([rank + 1.0]); dist.all_reduce(t); return int(t)
+    >>> spawn(work, 3)   # doctest: +SKIP
+    [6, 6, 6]
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["free_port", "spawn", "WorkerError"]
+
+
+class WorkerError(RuntimeError):
+    """One or more workers raised (or died, or timed out); the message holds their tracebacks."""
+
+    def __init__(self, message: str, failures: dict[int, str]) -> None:
+        super().__init__(message)
+        self.failures = failures
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _worker(
+    fn: Callable[..., Any],
+    rank: int,
+    world_size: int,
+    args: Sequence[Any],
+    port: int,
+    backend: str,
+    pg_timeout: float,
+    threads: int | None,
+    env: dict[str, str],
+    results: Any,
+) -> None:
+    os.environ.update(env)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+        WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+    )
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        dist.init_process_group(
+            backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout)
+        )
+        try:
+            out = fn(rank, world_size, *args)
+        finally:
+            # A failed peer can leave the group unusable; tearing down must not hang or mask
+            # the real error.
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001
+                pass
+        results.put((rank, True, out))
+    except BaseException:  # noqa: BLE001 - report everything, including KeyboardInterrupt
+        results.put((rank, False, traceback.format_exc()))
+
+
+def spawn(
+    fn: Callable[..., Any],
+    world_size: int,
+    args: Sequence[Any] = (),
+    *,
+    backend: str = "gloo",
+    timeout: float = 120.0,
+    pg_timeout: float | None = None,
+    threads: int | None = 1,
+    env: dict[str, str] | None = None,
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes; return their results.
+
+    Args:
+        fn: a picklable (module-level) function; its return value must be picklable.
+        world_size: number of processes M (>= 1).
+        args: extra positional arguments for ``fn``.
+        backend: ``"gloo"`` (CPU) or ``"nccl"``.
+        timeout: seconds for the whole launch; then every worker is killed.
+        pg_timeout: the process group's own timeout for collectives (default: ``timeout``).
+            A worker blocked on a dead peer fails after this long.
+        threads: ``torch.set_num_threads`` in each worker (``None`` leaves the default).
+        env: extra environment variables for the workers.
+
+    Returns:
+        ``[result of rank 0, ..., result of rank M-1]``.
+
+    Raises:
+        ValueError: ``world_size < 1``.
+        WorkerError: a worker raised, died or did not finish in ``timeout``; the message
+            holds each failing rank's traceback.
+    """
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(fn, rank, world_size, tuple(args), port, backend,
+                  float(pg_timeout if pg_timeout is not None else timeout), threads,
+                  dict(env or {}), results),
+            daemon=True,
+        )
+        for rank in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    outputs: dict[int, Any] = {}
+    failures: dict[int, str] = {}
+    deadline = time.monotonic() + timeout
+    grace_deadline: float | None = None
+    try:
+        while len(outputs) + len(failures) < world_size:
+            now = time.monotonic()
+            limit = deadline if grace_deadline is None else min(deadline, grace_deadline)
+            if now >= limit:
+                break
+            try:
+                rank, ok, value = results.get(timeout=min(0.2, limit - now))
+            except queue.Empty:
+                # A worker that died without reporting (killed, segfault) is a failure too.
+                for rank, p in enumerate(procs):
+                    if (not p.is_alive() and rank not in outputs and rank not in failures
+                            and p.exitcode not in (0, None)):
+                        time.sleep(0.2)  # let a report in flight arrive first
+                        try:
+                            while True:
+                                r, ok2, v = results.get_nowait()
+                                (outputs if ok2 else failures)[r] = v
+                        except queue.Empty:
+                            pass
+                        if rank not in outputs and rank not in failures:
+                            failures[rank] = f"worker {rank} died with exit code {p.exitcode}"
+                if failures and grace_deadline is None:
+                    grace_deadline = time.monotonic() + 10.0
+                continue
+            if ok:
+                outputs[rank] = value
+            else:
+                failures[rank] = value
+                if grace_deadline is None:
+                    # Give the others a moment to fail on their own (with their own error),
+                    # then kill whoever is still blocked.
+                    grace_deadline = time.monotonic() + 10.0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        results.close()
+    missing = [r for r in range(world_size) if r not in outputs and r not in failures]
+    for r in missing:
+        failures[r] = (
+            f"worker {r} did not finish within the launch "
+            f"({'a peer failed' if failures else f'timeout {timeout:g}s'}); terminated"
+        )
+    if failures:
+        # Report the rank that failed first in time (dict order is insertion order), which
+        # is the root cause more often than the lowest rank.
+        first = next(iter(failures))
+        detail = "\n".join(f"--- rank {r} ---\n{failures[r]}" for r in sorted(failures))
+        raise WorkerError(
+            f"{len(failures)} of {world_size} workers failed (first: rank {first})\n{detail}",
+            failures,
+        )
+    return [outputs[r] for r in range(world_size)]
