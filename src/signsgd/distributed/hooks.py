@@ -1,0 +1,462 @@
+r"""DDP communication hook for signSGD / Signum with majority vote (Algorithm 3).
+
+Register it on a :class:`~torch.nn.parallel.DistributedDataParallel` model and train with
+plain ``torch.optim.SGD(lr, momentum=0)``::
+
+    import torch, torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from signsgd.distributed import MajorityVoteHookState, majority_vote_hook
+
+    dist.init_process_group("gloo")               # or "nccl"; started by torchrun
+    ddp = DDP(model)
+    state = MajorityVoteHookState(momentum=0.9, module=ddp)
+    ddp.register_comm_hook(state, majority_vote_hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=1e-3, momentum=0.0, weight_decay=1e-4)
+    for x, y in loader:
+        opt.zero_grad()
+        loss_fn(ddp(x), y).backward()             # votes run here, bucket by bucket
+        opt.step()                                # x <- x - lr·(vote + wd·x)
+
+What the hook does, per DDP bucket and step:
+
+1. Each rank updates its own Signum momentum of the bucket's parameters,
+   ``m ← β·m + (1−β)·g`` (computed as ``torch.lerp(m, g, 1−β)``, exactly as
+   :class:`signsgd.Signum` does, so the two agree bit for bit).
+2. The signs of ``m`` (zero → +1) go out packed, 1 bit per coordinate, and the majority
+   comes back, 1 bit per coordinate (:func:`signsgd.distributed.vote.vote_async`).
+3. The ±1 verdict becomes the bucket's "gradient". ``torch.optim.SGD`` with
+   ``momentum=0`` then applies ``x ← x − lr·(vote + wd·x)``: Algorithm 3 of Bernstein et
+   al. with decoupled weight decay applied after the vote (the ICLR 2019 convention), the
+   same update as ``signsgd.Signum(..., aggregator=MajorityVote())``.
+
+The hook returns the vote's future without waiting, so the collectives of one bucket run
+while autograd still computes the gradients of the next (communication overlaps backward).
+
+Tuning guide
+------------
+* ``lr``: a sign step moves *every* coordinate by ``lr``, so use Signum learning rates
+  (1e-4 to 1e-3 for Adam-like scales), not SGD ones. Do not use ``SGD(momentum>0)`` or
+  ``nesterov``: the momentum lives in the hook, *before* the vote; momentum after the vote
+  would average ±1 verdicts instead.
+* ``momentum`` (β, default 0.9): the worker-side Signum momentum. ``0`` gives signSGD with
+  majority vote (each worker votes with the sign of its gradient). Larger β smooths the
+  noise each worker votes with; 0.9 is the paper's value.
+* ``weight_decay``: set it on ``SGD``; since the vote is ±1 it acts as decoupled decay.
+* ``bucket_cap_mb`` (a DDP argument): every bucket is one vote, i.e. one
+  ``all_to_all_single`` and one ``all_gather`` in ``mode="sharded"``. Bigger buckets mean
+  fewer, larger messages (less latency overhead per byte); smaller buckets start the first
+  vote earlier in the backward pass (more overlap). The 25 MB default is a good start;
+  raise it on high-latency links.
+* ``mode``: ``"sharded"`` (default) sends and receives about ``2·d/8`` bytes per rank
+  whatever the world size M; ``"allgather"`` gathers everybody's signs, ``(M−1)·d/8``
+  bytes in per rank, and is only worth it for M = 2 or for debugging.
+* Ties (even M) are broken by a pseudo-random bit shared by all ranks, derived from
+  ``seed`` and a per-vote counter, so use an odd M where you can; an even M is fine.
+* Memory: one momentum tensor per parameter (like ``Signum``), plus one bucket-sized
+  buffer in flight per bucket.
+* Checkpointing: pass ``module=`` (the DDP model or the module it wraps) so momentum is
+  keyed by parameter name; then :meth:`MajorityVoteHookState.state_dict` /
+  :meth:`~MajorityVoteHookState.load_state_dict` save and restore each rank's momentum,
+  and the state pickles (without its process group). Momentum is per rank: save one file
+  per rank.
+* Non-finite gradients: a NaN or inf in any rank's bucket makes *every* rank raise
+  :class:`~signsgd.distributed.NonFiniteGradientError` from ``backward()`` in that step
+  (the flag travels with the vote's first message), and no momentum changes. Parameters do
+  not change as long as the training loop does not call ``opt.step()`` after the error.
+* Parameters that get no gradient in a step (with ``find_unused_parameters=True``) are
+  zero in DDP's bucket; they vote with their decayed momentum ``β·m``, which differs from
+  ``Signum``'s aggregator (that one sends zeros and keeps ``m``).
+
+Bytes: after each step, :attr:`MajorityVoteHookState.bytes_sent` /
+:attr:`~MajorityVoteHookState.bytes_received` hold the payload bytes this rank sent and
+received in the last complete step (all buckets together);
+``total_bytes_sent`` / ``total_bytes_received`` accumulate.
+
+Reference: Bernstein, Zhao, Azizzadenesheli, Anandkumar. signSGD with Majority Vote is
+Communication Efficient and Fault Tolerant. ICLR 2019.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from signsgd.distributed.base import NonFiniteGradientError
+
+__all__ = ["MajorityVoteHookState", "majority_vote_hook"]
+
+_MODES = ("sharded", "allgather")
+
+
+def _vote_engine() -> Any:
+    """Import the async vote engine lazily, so this module imports without it."""
+    from signsgd.distributed import vote
+
+    return vote
+
+
+class MajorityVoteHookState:
+    """Per-rank state of :func:`majority_vote_hook`: Signum momentum, vote counter, bytes.
+
+    Args:
+        process_group: the group to vote in (``None``: the default group, looked up at
+            each vote, so the state can be built before ``init_process_group``).
+        momentum: Signum β in [0, 1) (default 0.9); 0 votes with the raw gradient.
+        mode: ``"sharded"`` (default) or ``"allgather"``, as in
+            :func:`~signsgd.distributed.majority_vote`.
+        seed: shared seed of the tie-breaking bits (must be equal on every rank).
+        module: the model (DDP wrapper or the wrapped module) whose parameter names key
+            the momentum in :meth:`state_dict` and in the pickled state. Optional for
+            training; needed for checkpoints. Can be given later with :meth:`bind`.
+        adversary: a Byzantine behaviour from :mod:`signsgd.distributed.adversary`
+            applied to what *this* rank sends (fault-tolerance experiments only).
+
+    Attributes:
+        step: number of complete steps (iterations whose every bucket was voted).
+        votes: number of votes issued (one per bucket per step); drives tie-breaking.
+        bytes_sent, bytes_received: payload bytes of the last complete step.
+        total_bytes_sent, total_bytes_received: accumulated over all steps.
+
+    Raises:
+        ValueError: a hyper-parameter out of range, named in the message.
+    """
+
+    def __init__(
+        self,
+        process_group: dist.ProcessGroup | None = None,
+        momentum: float = 0.9,
+        mode: str = "sharded",
+        seed: int = 0,
+        *,
+        module: torch.nn.Module | None = None,
+        adversary: Any = None,
+    ) -> None:
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not (
+            0.0 <= float(momentum) < 1.0
+        ):
+            raise ValueError(f"Invalid momentum value: {momentum!r} (must be in [0, 1))")
+        if mode not in _MODES:
+            raise ValueError(f"Invalid mode: {mode!r} (must be one of {list(_MODES)})")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"Invalid seed: {seed!r} (must be an int >= 0)")
+        self.process_group = process_group
+        self.momentum = float(momentum)
+        self.mode = mode
+        self.seed = seed
+        self.adversary = adversary
+        self.step = 0
+        self.votes = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.total_bytes_sent = 0
+        self.total_bytes_received = 0
+        self._momentum: dict[int, Tensor] = {}  # id(param) -> momentum, param's shape
+        self._restored: dict[str, Tensor] = {}  # name -> momentum, waiting for bind()
+        self._module: torch.nn.Module | None = None
+        self._names: dict[int, str] = {}
+        self._lock = threading.Lock()
+        self._reset_iteration()
+        if module is not None:
+            self.bind(module)
+
+    # ------------------------------------------------------------------ naming
+    def bind(self, module: torch.nn.Module) -> MajorityVoteHookState:
+        """Use ``module``'s parameter names as momentum keys; attach restored momentum.
+
+        ``module`` may be the DDP wrapper (names start with ``module.``) or the module it
+        wraps; use the same one when saving and loading. Returns ``self``.
+        """
+        if not isinstance(module, torch.nn.Module):
+            raise ValueError(f"Invalid module: {type(module).__name__} (must be a torch.nn.Module)")
+        names = {id(p): n for n, p in module.named_parameters()}
+        by_name = {n: pid for pid, n in names.items()}
+        unknown = sorted(set(self._restored) - set(by_name))
+        if unknown:
+            raise ValueError(
+                f"restored momentum names parameters that {type(module).__name__} does not "
+                f"have: {unknown[:5]} (saved from the DDP wrapper vs the inner module?)"
+            )
+        params = dict(module.named_parameters())
+        for name, m in self._restored.items():
+            p = params[name]
+            if m.shape != p.shape:
+                raise ValueError(
+                    f"restored momentum for {name!r} has shape {tuple(m.shape)}, the parameter "
+                    f"has shape {tuple(p.shape)}"
+                )
+            self._momentum[id(p)] = m.to(device=p.device, dtype=p.dtype).clone()
+        self._restored = {}
+        self._module = module
+        self._names = names
+        return self
+
+    # ------------------------------------------------------------------ checkpoints
+    def _momentum_by_name(self) -> dict[str, Tensor]:
+        out = dict(self._restored)
+        if self._momentum and not self._names:
+            raise ValueError(
+                f"MajorityVoteHookState holds momentum for {len(self._momentum)} parameters "
+                "but knows no parameter names; pass module= (or call state.bind(model)) to "
+                "save it"
+            )
+        for pid, m in self._momentum.items():
+            if pid not in self._names:
+                raise ValueError(
+                    "a parameter with momentum is not in the bound module; bind the module "
+                    "that DDP wraps (or the DDP model itself)"
+                )
+            out[self._names[pid]] = m
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state: momentum by parameter name (copies), counters, settings."""
+        return {
+            "momentum": {n: m.detach().clone() for n, m in self._momentum_by_name().items()},
+            "step": self.step,
+            "votes": self.votes,
+            "total_bytes_sent": self.total_bytes_sent,
+            "total_bytes_received": self.total_bytes_received,
+            "beta": self.momentum,
+            "mode": self.mode,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (momentum, counters; settings checked).
+
+        Raises:
+            ValueError: missing keys, or ``beta`` / ``mode`` / ``seed`` differ from this
+                state's (a resumed run must vote the same way).
+        """
+        missing = sorted({"momentum", "step", "votes"} - set(state))
+        if missing:
+            raise ValueError(f"MajorityVoteHookState.load_state_dict: missing keys {missing}")
+        for key, mine in (("beta", self.momentum), ("mode", self.mode), ("seed", self.seed)):
+            if key in state and state[key] != mine:
+                raise ValueError(
+                    f"checkpoint has {key}={state[key]!r} but this state has {key}={mine!r}"
+                )
+        momentum = {
+            str(n): torch.as_tensor(m).detach().clone() for n, m in state["momentum"].items()
+        }
+        module = self._module
+        self._momentum = {}
+        self._restored = momentum
+        if module is not None:
+            self.bind(module)
+        self.step = int(state["step"])
+        self.votes = int(state["votes"])
+        self.total_bytes_sent = int(state.get("total_bytes_sent", 0))
+        self.total_bytes_received = int(state.get("total_bytes_received", 0))
+        self._reset_iteration()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but the process group, the module and the lock (momentum by name)."""
+        return {
+            "momentum_beta": self.momentum,
+            "mode": self.mode,
+            "seed": self.seed,
+            "adversary": self.adversary,
+            "step": self.step,
+            "votes": self.votes,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "total_bytes_sent": self.total_bytes_sent,
+            "total_bytes_received": self.total_bytes_received,
+            "momentum_by_name": {
+                n: m.detach().clone() for n, m in self._momentum_by_name().items()
+            },
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore a pickled state: default process group; call :meth:`bind` to train."""
+        self.process_group = None
+        self.momentum = float(state["momentum_beta"])
+        self.mode = state["mode"]
+        self.seed = int(state["seed"])
+        self.adversary = state.get("adversary")
+        for key in ("step", "votes", "bytes_sent", "bytes_received",
+                    "total_bytes_sent", "total_bytes_received"):
+            setattr(self, key, int(state.get(key, 0)))
+        self._momentum = {}
+        self._restored = dict(state.get("momentum_by_name", {}))
+        self._module = None
+        self._names = {}
+        self._lock = threading.Lock()
+        self._reset_iteration()
+
+    # ------------------------------------------------------------------ one step
+    def _reset_iteration(self) -> None:
+        self._open = False
+        self._expected: int | None = None
+        self._done = 0
+        self._failed = False
+        self._pending: list[tuple[int, Tensor]] = []
+        self._sent = 0
+        self._received = 0
+
+    def _begin_bucket(self, bucket: dist.GradBucket) -> int:
+        """Iteration bookkeeping when the hook starts a bucket; returns the vote counter."""
+        with self._lock:
+            # DDP launches the buckets of a step in index order, starting at 0; a new
+            # bucket 0 also discards whatever a failed step left behind.
+            if bucket.index() == 0 or not self._open:
+                self._reset_iteration()
+                self._open = True
+            if bucket.is_last():
+                self._expected = bucket.index() + 1
+            votes = self.votes
+            self.votes += 1
+            self._maybe_commit()
+            return votes
+
+    def _bucket_done(self, new: list[tuple[int, Tensor]], sent: int, received: int) -> None:
+        with self._lock:
+            self._pending.extend(new)
+            self._sent += sent
+            self._received += received
+            self._done += 1
+            self._maybe_commit()
+
+    def _bucket_failed(self) -> None:
+        with self._lock:
+            self._failed = True
+            self._done += 1
+            if self._expected is not None and self._done >= self._expected:
+                self._open = False
+
+    def _maybe_commit(self) -> None:
+        """Commit momentum and bytes once every bucket of the iteration voted (lock held)."""
+        if self._expected is None or self._done < self._expected:
+            return
+        if not self._failed:
+            for pid, m in self._pending:
+                self._momentum[pid] = m
+            self.step += 1
+            self.bytes_sent, self.bytes_received = self._sent, self._received
+            self.total_bytes_sent += self._sent
+            self.total_bytes_received += self._received
+        self._pending = []
+        self._open = False
+
+    def _check_bound(self) -> None:
+        if self._restored:
+            raise ValueError(
+                f"MajorityVoteHookState holds restored momentum for {len(self._restored)} "
+                "parameters that no module claimed; call state.bind(model) before training"
+            )
+
+    def momentum_of(self, param: Tensor) -> Tensor | None:
+        """This rank's momentum of ``param`` (``None`` before its first step)."""
+        return self._momentum.get(id(param))
+
+
+def _bytes_of(vote: Any, numel: int, world: int, mode: str) -> tuple[int, int]:
+    """Payload bytes (sent, received) of one vote of ``numel`` coordinates on this rank."""
+    counter = getattr(vote, "vote_bytes", None)
+    if callable(counter):
+        sent, received = counter(numel, world, mode)
+        return int(sent), int(received)
+    if world == 1:
+        return 0, 0
+    if mode == "allgather":
+        nbytes = (numel + 7) // 8
+        return nbytes * (world - 1), nbytes * (world - 1)
+    shard = -(-numel // world)
+    shard_bytes = (shard + 7) // 8
+    # all_to_all_single: my packed signs of the other M-1 shards out, theirs of mine in;
+    # all_gather: my shard's verdict out to M-1 ranks, the M-1 other verdicts in.
+    return 2 * (world - 1) * shard_bytes, 2 * (world - 1) * shard_bytes
+
+
+def majority_vote_hook(
+    state: MajorityVoteHookState, bucket: dist.GradBucket
+) -> torch.futures.Future[Tensor]:
+    """DDP communication hook: Signum momentum per rank, majority vote of the signs.
+
+    Register with ``ddp_model.register_comm_hook(state, majority_vote_hook)`` and train
+    with ``torch.optim.SGD(params, lr, momentum=0)``; see the module docstring for the
+    algorithm and the tuning guide.
+
+    Args:
+        state: this rank's :class:`MajorityVoteHookState`.
+        bucket: the DDP gradient bucket (flat buffer of several parameters' gradients).
+
+    Returns:
+        A future holding the ±1 verdict, flat, with the bucket buffer's dtype and size;
+        DDP copies it into the parameters' ``.grad``.
+
+    Raises (from ``backward()``, on every rank):
+        NonFiniteGradientError: some rank's bucket held a NaN or inf.
+    """
+    state._check_bound()
+    buf = bucket.buffer()
+    params = bucket.parameters()
+    grads = bucket.gradients()
+    beta = state.momentum
+    new: list[tuple[int, Tensor]] = []
+    if beta == 0:
+        direction = buf
+    else:
+        covered = sum(g.numel() for g in grads)
+        direction = torch.empty_like(buf) if covered == buf.numel() else torch.zeros_like(buf)
+        base = buf.storage_offset()
+        for p, g in zip(params, grads):
+            off = g.storage_offset() - base
+            out = direction[off : off + g.numel()].view(g.shape)
+            m = state._momentum.get(id(p))
+            if m is None:
+                m = torch.zeros_like(g)
+            # Per parameter, exactly like Signum: torch.lerp(m, g, 1 - β).
+            torch.lerp(m, g, 1.0 - beta, out=out)
+            new.append((id(p), out))
+    finite = bool(torch.isfinite(buf).all())
+    vote = _vote_engine()
+    group = state.process_group
+    world = dist.get_world_size(group)
+    step = state._begin_bucket(bucket)
+    sent, received = _bytes_of(vote, buf.numel(), world, state.mode)
+    index = bucket.index()
+    bad_names = []
+    if not finite:
+        bad_names = [
+            state._names.get(id(p), f"shape {tuple(p.shape)}")
+            for p, g in zip(params, grads) if not bool(torch.isfinite(g).all())
+        ]
+    kwargs: dict[str, Any] = dict(
+        group=group, mode=state.mode, seed=state.seed, step=step, finite=finite
+    )
+    if state.adversary is not None:
+        kwargs["adversary"] = state.adversary
+    try:
+        fut = vote.vote_async(direction, **kwargs)
+    except BaseException:
+        state._bucket_failed()
+        raise
+
+    def _finish(f: torch.futures.Future[Tensor]) -> Tensor:
+        try:
+            verdict = f.value()
+        except BaseException as exc:
+            state._bucket_failed()
+            text = str(exc)
+            if bad_names or "finite" in text.lower() or isinstance(exc, NonFiniteGradientError):
+                where = (
+                    f"; this rank's non-finite gradients: {bad_names}" if bad_names else ""
+                )
+                raise NonFiniteGradientError(
+                    f"majority_vote_hook: a non-finite gradient (NaN or inf) on some rank in "
+                    f"DDP bucket {index}, step {state.step}{where}; momentum left unchanged, do "
+                    f"not call optimizer.step() ({text})"
+                ) from exc
+            raise
+        state._bucket_done(new, sent, received)
+        if verdict.dtype != buf.dtype or verdict.numel() != buf.numel():
+            verdict = verdict.reshape(-1).to(buf.dtype)
+        return verdict
+
+    return fut.then(_finish)
