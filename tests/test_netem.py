@@ -1,0 +1,274 @@
+"""Tests of the loopback network emulator :mod:`signsgd.bench.netem`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from signsgd.bench import netem
+from signsgd.bench.netem import (
+    NetworkEmulator,
+    ShapingUnavailableError,
+    check_world_size,
+    format_rate,
+    launch,
+    parse_rate,
+)
+
+REASON = netem.shaping_unavailable_reason()
+needs_netns = pytest.mark.skipif(
+    REASON is not None, reason=f"cannot create shaped namespaces here: {REASON}"
+)
+TESTS_DIR = str(Path(__file__).resolve().parent)
+
+
+# ------------------------------------------------------------------------------- rates
+@pytest.mark.parametrize(
+    ("text", "bps"),
+    [
+        ("10gbit", 10**10),
+        ("10Gbit/s", 10**10),
+        ("10 Gbit/s", 10**10),
+        ("1gbit", 10**9),
+        ("1 Gbits/s", 10**9),
+        ("100mbit", 10**8),
+        ("100Mbit/s", 10**8),
+        ("2.5gbit", 2_500_000_000),
+        ("500kbit", 500_000),
+        ("10mbitps", 10**7),
+    ],
+)
+def test_parse_rate(text: str, bps: int) -> None:
+    assert parse_rate(text) == bps
+
+
+@pytest.mark.parametrize("text", ["unshaped", "UNSHAPED", " none ", "unlimited", None])
+def test_parse_unshaped(text: str | None) -> None:
+    assert parse_rate(text) is None
+
+
+def test_parse_numbers() -> None:
+    assert parse_rate(1_000_000) == 1_000_000
+    assert parse_rate(2.5e9) == 2_500_000_000
+    assert parse_rate("64000") == 64000
+
+
+@pytest.mark.parametrize(
+    "bad", ["fast", "10 parsecs", "", "gbit", "10 gbyte", "-5mbit", "0mbit", "1..2gbit",
+            "10xbit", "1e6"],
+)
+def test_bad_rates_name_the_value(bad: str) -> None:
+    with pytest.raises(ValueError, match="rate") as info:
+        parse_rate(bad)
+    assert repr(bad) in str(info.value) or bad in str(info.value)
+
+
+def test_bps_is_refused_as_ambiguous() -> None:
+    with pytest.raises(ValueError, match=r"'100mbps'.*bytes per second.*100mbit"):
+        parse_rate("100mbps")
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf"), 10, True, [1]])
+def test_bad_numeric_rates(bad: object) -> None:
+    with pytest.raises(ValueError, match="rate"):
+        parse_rate(bad)  # type: ignore[arg-type]
+
+
+def test_format_rate() -> None:
+    assert format_rate(None) == "unshaped"
+    assert format_rate(10**10) == "10 Gbit/s"
+    assert format_rate(10**8) == "100 Mbit/s"
+    assert format_rate(parse_rate("2.5gbit")) == "2.5 Gbit/s"
+
+
+# ------------------------------------------------------------------------------- M
+@pytest.mark.parametrize("bad", [0, -3, 2.0, "4", None, True])
+def test_world_size_validation(bad: object) -> None:
+    with pytest.raises(ValueError, match=r"M must be an integer >= 1, got " + repr(bad)):
+        check_world_size(bad)
+    with pytest.raises(ValueError, match="M must be"):
+        launch(_echo, bad)  # type: ignore[arg-type]
+
+
+def test_world_size_ok() -> None:
+    assert check_world_size(1) == 1 and check_world_size(8) == 8
+
+
+def test_bad_rate_in_launch_and_emulator() -> None:
+    with pytest.raises(ValueError, match="'fast'"):
+        launch(_echo, 2, rate="fast")
+    with pytest.raises(ValueError, match="'10 parsecs'"):
+        NetworkEmulator("10 parsecs")
+
+
+# ------------------------------------------------------------------------------- privilege
+def test_missing_privilege_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(netem, "shaping_unavailable_reason", lambda: "need root (uid 1000)")
+    with pytest.raises(ShapingUnavailableError, match="need root"):
+        NetworkEmulator("1gbit").open()
+    with pytest.raises(ShapingUnavailableError, match="need root"):
+        launch(_echo, 1, rate="1gbit", strict=True)
+
+
+def test_reason_mentions_root_or_iproute2(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(netem.os, "geteuid", lambda: 1000)
+    reason = netem.shaping_unavailable_reason()
+    assert reason is not None and ("root" in reason or "iproute2" in reason)
+
+
+# ------------------------------------------------------------------------------- namespaces
+def _echo(rank: int, world_size: int) -> tuple[int, int]:
+    return rank, world_size
+
+
+def _sleeper(rank: int, world_size: int, seconds: float) -> int:
+    time.sleep(seconds)
+    return rank
+
+
+def _boom(rank: int, world_size: int) -> None:
+    raise RuntimeError(f"boom on rank {rank}")
+
+
+@needs_netns
+def test_namespace_created_shaped_and_removed() -> None:
+    with NetworkEmulator("100mbit") as emu:
+        assert emu.name in netem.list_namespaces()
+        assert emu.name.startswith(f"signsgd-{os.getpid()}-")
+        q = emu.qdisc()
+        assert "tbf" in q and "100Mbit" in q
+        out = subprocess.run(emu.prefix + ["cat", "/sys/class/net/lo/mtu"],
+                             capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "1500"
+    assert emu.name not in netem.list_namespaces()
+    emu.close()  # idempotent
+
+
+@needs_netns
+def test_namespace_removed_on_exception() -> None:
+    with pytest.raises(ZeroDivisionError):  # noqa: PT012
+        with NetworkEmulator("1gbit") as emu:
+            name = emu.name
+            1 / 0  # noqa: B018
+    assert name not in netem.list_namespaces()
+
+
+@needs_netns
+def test_launch_worker_failure_cleans_up() -> None:
+    from signsgd.distributed.launch import WorkerError
+
+    before = set(netem.list_namespaces())
+    with pytest.raises(WorkerError, match="boom on rank"):
+        launch(_boom, 2, rate="1gbit", timeout=60)
+    assert set(netem.list_namespaces()) <= before
+
+
+_SHAPED_SCRIPT = textwrap.dedent(
+    """
+    import socket, threading, time
+    N = 2_000_000
+    srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
+    port = srv.getsockname()[1]
+    got = []
+    def recv():
+        c, _ = srv.accept(); n = 0
+        while n < N:
+            b = c.recv(1 << 16)
+            if not b: break
+            n += len(b)
+        got.append(n); c.close()
+    t = threading.Thread(target=recv); t.start()
+    s = socket.create_connection(("127.0.0.1", port))
+    t0 = time.perf_counter(); s.sendall(b"x" * N); s.close(); t.join()
+    print(time.perf_counter() - t0, got[0])
+    """
+)
+
+
+@needs_netns
+def test_shaped_transfer_is_slower_than_unshaped() -> None:
+    times = {}
+    for rate in ("unshaped", "10mbit"):
+        with NetworkEmulator(rate) as emu:
+            out = subprocess.run(emu.prefix + [sys.executable, "-c", _SHAPED_SCRIPT],
+                                 capture_output=True, text=True, timeout=60, check=True)
+        secs, n = out.stdout.split()
+        assert int(n) == 2_000_000
+        times[rate] = float(secs)
+    # 2 MB = 16 Mbit at 10 Mbit/s: >= 1.6 s minus the 256 kB burst, so >= 1 s with margin;
+    # unshaped loopback moves 2 MB in milliseconds (0.5 s allows a very busy machine).
+    assert times["10mbit"] >= 1.0, times
+    assert times["unshaped"] < 0.5, times
+    assert times["10mbit"] > 3 * times["unshaped"], times
+
+
+@needs_netns
+def test_launch_runs_workers_inside_namespace() -> None:
+    out = launch(_echo, 2, rate="1gbit", timeout=90)
+    assert out.results == [(0, 2), (1, 2)]
+    assert out.shaped and out.rate_bps == 10**9
+    assert out.namespace not in netem.list_namespaces()
+
+
+_SIGINT_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    from signsgd.bench.netem import launch
+    from test_netem import _sleeper
+    launch(_sleeper, 2, (120.0,), rate="100mbit", timeout=150)
+    """
+)
+
+
+@needs_netns
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_leaves_no_namespace_or_process(sig: signal.Signals) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", _SIGINT_SCRIPT.format(tests=TESTS_DIR)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    prefix = f"signsgd-{proc.pid}-"
+    pids: list[int] = []
+    name = None
+    try:
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and proc.poll() is None:
+            names = [n for n in netem.list_namespaces() if n.startswith(prefix)]
+            if names:
+                name = names[0]
+                pids = netem.namespace_pids(name)
+                if len(pids) >= 3:  # the launcher and both workers are up
+                    break
+            time.sleep(0.2)
+        assert name is not None and len(pids) >= 3, (name, pids, proc.poll())
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    assert "KeyboardInterrupt" in err or "SIGTERM" in err, err[-2000:]
+    assert not [n for n in netem.list_namespaces() if n.startswith(prefix)]
+    time.sleep(0.2)
+    survivors = [p for p in pids if netem._pid_alive(p)]
+    assert not survivors, survivors
+
+
+@needs_netns
+def test_stale_namespace_of_dead_process_is_swept() -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    name = f"signsgd-{int(dead.stdout)}-0"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        assert name in netem.sweep_stale_namespaces()
+        assert name not in netem.list_namespaces()
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], capture_output=True)
