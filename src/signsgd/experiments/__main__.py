@@ -1,0 +1,28 @@
+"""``python -m signsgd.experiments NAME [--quick] [--out DIR]``: run one paper experiment."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from signsgd.experiments import EXPERIMENTS, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, run the experiment, return 0."""
+    parser = argparse.ArgumentParser(
+        prog="python -m signsgd.experiments", description="Run one of the paper experiments."
+    )
+    parser.add_argument("name", choices=EXPERIMENTS)
+    parser.add_argument("--quick", action="store_true", help="reduced version (< 1 minute)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (default runs/reproduce/NAME)")
+    args = parser.parse_args(argv)
+    result = run(args.name, quick=args.quick, out=args.out)
+    del result  # the verdict is printed and written; a non-reproduction is not an error
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
