@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -77,7 +78,9 @@ def _worker(
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001
                 pass
-        results.put((rank, True, out))
+        # Plain pickle: torch's multiprocessing reducers would pass tensors as shared-memory
+        # handles that die with this process before the parent reads them.
+        results.put((rank, True, pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)))
     except BaseException:  # noqa: BLE001 - report everything, including KeyboardInterrupt
         results.put((rank, False, traceback.format_exc()))
 
@@ -193,4 +196,4 @@ def spawn(
             f"{len(failures)} of {world_size} workers failed (first: rank {first})\n{detail}",
             failures,
         )
-    return [outputs[r] for r in range(world_size)]
+    return [pickle.loads(outputs[r]) for r in range(world_size)]
