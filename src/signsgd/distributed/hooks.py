@@ -76,8 +76,6 @@ Reference: Bernstein, Zhao, Azizzadenesheli, Anandkumar. signSGD with Majority V
 Communication Efficient and Fault Tolerant. ICLR 2019.
 """
 
-from __future__ import annotations
-
 import threading
 from typing import Any
 
@@ -86,6 +84,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from signsgd.distributed.base import NonFiniteGradientError
+
+# No ``from __future__ import annotations`` here: DDP's register_comm_hook compares the
+# hook's annotations with ``dist.GradBucket`` / ``torch.futures.Future[torch.Tensor]``.
 
 __all__ = ["MajorityVoteHookState", "majority_vote_hook"]
 
@@ -164,7 +165,7 @@ class MajorityVoteHookState:
             self.bind(module)
 
     # ------------------------------------------------------------------ naming
-    def bind(self, module: torch.nn.Module) -> MajorityVoteHookState:
+    def bind(self, module: torch.nn.Module) -> "MajorityVoteHookState":
         """Use ``module``'s parameter names as momentum keys; attach restored momentum.
 
         ``module`` may be the DDP wrapper (names start with ``module.``) or the module it
@@ -355,22 +356,13 @@ class MajorityVoteHookState:
         return self._momentum.get(id(param))
 
 
-def _bytes_of(vote: Any, numel: int, world: int, mode: str) -> tuple[int, int]:
-    """Payload bytes (sent, received) of one vote of ``numel`` coordinates on this rank."""
-    counter = getattr(vote, "vote_bytes", None)
-    if callable(counter):
-        sent, received = counter(numel, world, mode)
-        return int(sent), int(received)
-    if world == 1:
-        return 0, 0
-    if mode == "allgather":
-        nbytes = (numel + 7) // 8
-        return nbytes * (world - 1), nbytes * (world - 1)
-    shard = -(-numel // world)
-    shard_bytes = (shard + 7) // 8
-    # all_to_all_single: my packed signs of the other M-1 shards out, theirs of mine in;
-    # all_gather: my shard's verdict out to M-1 ranks, the M-1 other verdicts in.
-    return 2 * (world - 1) * shard_bytes, 2 * (world - 1) * shard_bytes
+def _root_message(exc: BaseException) -> str:
+    """The innermost message of an error re-raised through future callbacks."""
+    text = str(exc)
+    prefix = "Got the following error when running the callback: "
+    while text.startswith(prefix):
+        text = text[len(prefix):]
+    return text.split("\n\nAt:", 1)[0].strip()
 
 
 def majority_vote_hook(
@@ -419,7 +411,8 @@ def majority_vote_hook(
     group = state.process_group
     world = dist.get_world_size(group)
     step = state._begin_bucket(bucket)
-    sent, received = _bytes_of(vote, buf.numel(), world, state.mode)
+    # Payload bytes of this vote on this rank (signs, verdicts and the vote's header).
+    sent, received = vote.vote_nbytes(buf.numel(), world, state.mode)
     index = bucket.index()
     bad_names = []
     if not finite:
@@ -443,7 +436,7 @@ def majority_vote_hook(
             verdict = f.value()
         except BaseException as exc:
             state._bucket_failed()
-            text = str(exc)
+            text = _root_message(exc)
             if bad_names or "finite" in text.lower() or isinstance(exc, NonFiniteGradientError):
                 where = (
                     f"; this rank's non-finite gradients: {bad_names}" if bad_names else ""
