@@ -1,0 +1,623 @@
+"""The distributed aggregators: ``MajorityVote``, ``AllReduce``, ``ErrorFeedbackAllReduce``.
+
+Each is one object per rank, handed to an optimiser of :mod:`signsgd.optim` through
+``aggregator=``; :mod:`signsgd.distributed.base` describes the contract (stages, ``None``
+entries, the finite flag, byte counters, checkpoints).
+
+Every step of every aggregator issues the same collectives in the same order on every rank:
+
+1. the header ``all_gather`` of :func:`signsgd.distributed.vote.exchange_header` (layout,
+   finite flag, step counter, configuration), plus a per-tensor table exchange only when a
+   tensor is missing on some rank or layouts differ — a decision every rank makes from the
+   same gathered headers. A NaN/inf on any rank raises
+   :class:`~signsgd.distributed.base.NonFiniteGradientError` on every rank here, before any
+   payload moves; mismatched layouts raise ``ValueError`` naming each rank's values.
+2. a fixed number of payload collectives that depends only on the agreed total numel.
+
+``None`` entries (no gradient on this rank) contribute zeros. A tensor that is ``None`` on
+*every* rank gets ``None`` back on every rank, so the optimiser leaves that parameter
+alone everywhere (no update, no weight decay), like a single-process optimiser does.
+
+Steps that raise leave the aggregator's state (step counter, server error) unchanged.
+
+Byte counters (``bytes_sent`` / ``bytes_received`` of the last step, ``total_*``) count
+payload bytes this rank sends to / receives from the other ranks, including the header,
+under these algorithms: an ``all_gather`` or ``all_to_all_single`` moves each block once
+between each pair of ranks; an ``all_reduce`` of ``n`` elements is counted as a ring,
+``2·(M−1)·⌈n/M⌉`` elements each way.
+
+Aggregators pickle without their process group (it comes back as ``None``, the default
+group).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from signsgd.compression import Compressor, Identity, ScaledSign
+from signsgd.distributed.adversary import Adversary
+from signsgd.distributed.base import Aggregator
+from signsgd.distributed.vote import (
+    MODES,
+    Agreed,
+    Entry,
+    _all_gather,
+    _world,
+    entry_of,
+    exchange_header,
+    run_on_engine,
+    shard_nbytes,
+    vote_flat,
+)
+from signsgd.packing import pack_signs, unpack_signs
+
+__all__ = ["MajorityVote", "AllReduce", "ErrorFeedbackAllReduce", "DEFAULT_BUCKET_BYTES"]
+
+#: default bucket size of :class:`MajorityVote`, in packed bytes (8 coordinates per byte).
+DEFAULT_BUCKET_BYTES = 1 << 25
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"Invalid {name}: {value!r} (must be an int >= {low})")
+    return value
+
+
+def _check_adversary(adversary: Any) -> Adversary | None:
+    if adversary is not None and not isinstance(adversary, Adversary):
+        raise TypeError(
+            f"adversary must be a signsgd.distributed.adversary.Adversary or None, "
+            f"got {type(adversary).__name__}"
+        )
+    return adversary
+
+
+def _entries(tensors: list[Tensor | None], who: str, floating: bool) -> list[Entry | None]:
+    if not isinstance(tensors, (list, tuple)):
+        raise TypeError(f"{who}: expected a list of tensors or None, got {type(tensors).__name__}")
+    out: list[Entry | None] = []
+    for i, t in enumerate(tensors):
+        if t is None:
+            out.append(None)
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{who}: entry {i} is a {type(t).__name__}, not a tensor or None")
+        if floating and not t.is_floating_point():
+            raise TypeError(f"{who}: entry {i} has dtype {t.dtype}; a floating dtype is needed")
+        out.append(entry_of(t))
+    return out
+
+
+def _flat_dtype(agreed: Agreed) -> torch.dtype:
+    """The dtype of the step's flat buffer: the promotion of every agreed dtype (sign- and
+    value-preserving), the same on every rank."""
+    dtype: torch.dtype | None = None
+    for e in agreed.entries:
+        if e is not None:
+            dtype = e.dtype if dtype is None else torch.promote_types(dtype, e.dtype)
+    return torch.float32 if dtype is None else dtype
+
+
+def _device(tensors: list[Tensor | None]) -> torch.device:
+    for t in tensors:
+        if t is not None:
+            return t.device
+    return torch.device("cpu")
+
+
+def _flatten(tensors: list[Tensor | None], agreed: Agreed, dtype: torch.dtype,
+             device: torch.device, copy: bool = True) -> Tensor:
+    """Concatenate the agreed tensors (zeros where this rank has ``None``) into one buffer."""
+    parts = []
+    for t, e in zip(tensors, agreed.entries):
+        if e is None:
+            continue
+        if t is None:
+            parts.append(torch.zeros(e.numel, dtype=dtype, device=device))
+        else:
+            parts.append(t.reshape(-1).to(dtype))
+    if not parts:
+        return torch.zeros(0, dtype=dtype, device=device)
+    if len(parts) > 1:
+        return torch.cat(parts)
+    return parts[0].clone() if copy else parts[0]
+
+
+def _split(flat: Tensor, agreed: Agreed) -> list[Tensor | None]:
+    """Views of ``flat`` shaped (and cast) like the agreed entries; ``None`` where absent."""
+    out: list[Tensor | None] = []
+    off = 0
+    for e in agreed.entries:
+        if e is None:
+            out.append(None)
+            continue
+        out.append(flat[off:off + e.numel].view(e.shape).to(e.dtype))
+        off += e.numel
+    return out
+
+
+def _ring_bytes(numel: int, m: int, itemsize: int) -> int:
+    return 0 if m == 1 else 2 * (m - 1) * (-(-numel // m)) * itemsize
+
+
+class _Common(Aggregator):
+    """Group, step counter, pickling without the process group."""
+
+    def __init__(self, group: Any) -> None:
+        super().__init__()
+        self.group = group
+        self.step = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["group"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def _run(self, tensors: list[Tensor | None], job: Any) -> Any:
+        return run_on_engine(self.group, job, _device(tensors)).wait()
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"step": int}``: the step counter (tie-breaking and adversary draws use it)."""
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; raises ``ValueError`` (changing nothing) if malformed."""
+        self._load_step(state, set())
+
+    def _load_step(self, state: dict[str, Any], extra: set[str]) -> None:
+        if not isinstance(state, dict):
+            raise ValueError(f"{type(self).__name__} state must be a dict, got {type(state)}")
+        unknown = set(state) - {"step"} - extra
+        if unknown or "step" not in state:
+            raise ValueError(
+                f"{type(self).__name__} state needs key 'step' (and may hold {sorted(extra)}), "
+                f"got keys {sorted(state)}"
+            )
+        step = state["step"]
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"{type(self).__name__} state: invalid step {step!r}")
+
+
+class MajorityVote(_Common):
+    r"""Majority-vote aggregator for ``SignSGD`` / ``Signum`` (stage ``"sign"``; Algorithm 3).
+
+    Each rank sends the signs of its direction (gradient for SignSGD, momentum for Signum)
+    and every rank gets back the ±1 verdict
+
+    .. math:: v = \operatorname{sign}\Big(\sum_{r=1}^{M} \operatorname{sign}(m_r)\Big)
+
+    with zero sent as +1 and ties (even M) broken by bits every rank draws identically from
+    ``(seed, step)``. All tensors of a step go into one flat buffer, voted in buckets of
+    ``bucket_bytes`` packed bytes (``8·bucket_bytes`` coordinates, rounded down to whole
+    64-bit words): per step one header ``all_gather`` plus, per bucket, one
+    ``all_to_all_single`` and one ``all_gather`` (``"sharded"``) or one ``all_gather``
+    (``"allgather"``). See :mod:`signsgd.distributed.vote` for the protocol and bytes.
+
+    ``None`` entries contribute zeros, which go out as +1; a tensor absent on every rank
+    gets ``None`` (its parameter is not updated anywhere).
+
+    Args:
+        group: process group (``None``: the default group, or one process when
+            ``torch.distributed`` is not initialised).
+        mode: ``"sharded"`` (default) or ``"allgather"``.
+        bucket_bytes: packed bytes per bucket (>= 8; default 32 MiB, i.e. 2^28 coordinates).
+        seed: tie-breaking seed, the same on every rank.
+        adversary: Byzantine attack on the signs this rank sends (give it only to the bad
+            ranks; :mod:`signsgd.distributed.adversary`).
+
+    Example:
+        >>> agg = MajorityVote()   # one process: the vote is sign with 0 -> +1
+        >>> agg.reduce_signs([torch.tensor([0.0, -3.0]), None])
+        [tensor([ 1., -1.]), None]
+
+    Reference: Bernstein et al., signSGD, ICML 2018, Algorithm 3; Bernstein et al.,
+    signSGD with Majority Vote is Communication Efficient and Fault Tolerant, ICLR 2019.
+    """
+
+    stage = "sign"
+
+    def __init__(self, group: Any = None, mode: str = "sharded",
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, seed: int = 0,
+                 adversary: Adversary | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"Invalid mode: {mode!r} (must be one of {MODES})")
+        _check_int("bucket_bytes", bucket_bytes, 8)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"Invalid seed: {seed!r} (must be an int)")
+        super().__init__(group)
+        self.mode = mode
+        self.bucket_bytes = bucket_bytes
+        self.seed = seed
+        self.adversary = _check_adversary(adversary)
+
+    @property
+    def bucket_numel(self) -> int:
+        """Coordinates per bucket: ``64·⌊bucket_bytes/8⌋``."""
+        return 64 * (self.bucket_bytes // 8)
+
+    def reduce_signs(self, tensors: list[Tensor | None], *, finite: bool = True
+                     ) -> list[Tensor | None]:
+        """Return the ±1 majority verdict of each tensor (``None`` where absent everywhere).
+
+        Raises:
+            NonFiniteGradientError: ``finite=False`` on some rank (raised on every rank).
+            ValueError: layouts differ across ranks (every rank; names each rank's values).
+        """
+        entries = _entries(tensors, "MajorityVote", floating=False)
+        step, mode, seed = self.step, self.mode, self.seed
+        bucket = self.bucket_numel
+        group, adversary = self.group, self.adversary
+        device = _device(tensors)
+
+        def job() -> tuple[list[Tensor | None], int, int]:
+            agreed = exchange_header(entries, group=group, finite=bool(finite), step=step,
+                                     seed=seed, config=("MajorityVote", mode, bucket),
+                                     who="MajorityVote")
+            dtype = _flat_dtype(agreed)
+            flat = _flatten(tensors, agreed, dtype, device, copy=False)
+            sent, received = agreed.sent, agreed.received
+            pieces = []
+            for start in range(0, flat.numel(), bucket):
+                out, s, r = vote_flat(flat[start:start + bucket], group=group, mode=mode,
+                                      seed=seed, step=step, word_offset=start // 64,
+                                      adversary=adversary)
+                pieces.append(out)
+                sent += s
+                received += r
+            verdict = torch.cat(pieces) if len(pieces) > 1 else (
+                pieces[0] if pieces else flat)
+            return _split(verdict, agreed), sent, received
+
+        result, sent, received = self._run(tensors, job)
+        self.step = step + 1
+        self._count(sent, received)
+        return result
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``{"step": int}``; raises ``ValueError`` (changing nothing) if malformed."""
+        self._load_step(state, set())
+        self.step = int(state["step"])
+
+    def __repr__(self) -> str:
+        return (f"MajorityVote(mode={self.mode!r}, bucket_bytes={self.bucket_bytes}, "
+                f"seed={self.seed}, adversary={self.adversary!r})")
+
+
+class AllReduce(_Common):
+    r"""fp32 mean all-reduce of the gradients (stage ``"gradient"``): the baseline.
+
+    .. math:: \bar g = \frac{1}{M} \sum_{r=1}^{M} g_r
+
+    All gradients go into one flat buffer (promoted dtype, e.g. fp32) and one
+    ``dist.all_reduce`` per step (after the header). Works with every optimiser of this
+    library. A ``None`` entry contributes zeros to the mean; a tensor absent on every rank
+    gets ``None``. Bytes are counted as a ring all-reduce: ``2·(M−1)·⌈n/M⌉·itemsize`` each
+    way, plus the header.
+
+    Args:
+        group: process group (``None``: the default group).
+        adversary: Byzantine attack on the gradient this rank contributes
+            (``adversary.corrupt_gradient``, e.g. ``Negate(scale=...)``).
+
+    Example:
+        >>> AllReduce().reduce_gradients([torch.tensor([1.0, -2.0])])   # one process
+        [tensor([ 1., -2.])]
+    """
+
+    stage = "gradient"
+
+    def __init__(self, group: Any = None, adversary: Adversary | None = None) -> None:
+        super().__init__(group)
+        self.adversary = _check_adversary(adversary)
+
+    def reduce_gradients(self, grads: list[Tensor | None], *, finite: bool = True
+                         ) -> list[Tensor | None]:
+        """Return the mean over ranks of each gradient (``None`` where absent everywhere).
+
+        Raises:
+            NonFiniteGradientError: ``finite=False`` on some rank (raised on every rank).
+            ValueError: layouts differ across ranks.
+        """
+        entries = _entries(grads, "AllReduce", floating=True)
+        step, group, adversary = self.step, self.group, self.adversary
+        device = _device(grads)
+
+        def job() -> tuple[list[Tensor | None], int, int]:
+            agreed = exchange_header(entries, group=group, finite=bool(finite), step=step,
+                                     seed=0, config=("AllReduce",), who="AllReduce")
+            _, m = _world(group)
+            dtype = _flat_dtype(agreed)
+            flat = _flatten(grads, agreed, dtype, device)
+            if adversary is not None:
+                flat = adversary.corrupt_gradient(flat, step=step)
+            if m > 1 and flat.numel():
+                dist.all_reduce(flat, group=group)
+                flat.div_(m)
+            ring = _ring_bytes(flat.numel(), m, flat.element_size()) if flat.numel() else 0
+            return _split(flat, agreed), agreed.sent + ring, agreed.received + ring
+
+        result, sent, received = self._run(grads, job)
+        self.step = step + 1
+        self._count(sent, received)
+        return result
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``{"step": int}``; raises ``ValueError`` (changing nothing) if malformed."""
+        self._load_step(state, set())
+        self.step = int(state["step"])
+
+    def __repr__(self) -> str:
+        return f"AllReduce(adversary={self.adversary!r})"
+
+
+class ErrorFeedbackAllReduce(_Common):
+    r"""Two-stage error-feedback all-reduce for ``EFSGD`` (stage ``"error_feedback"``).
+
+    Each rank hands over ``p = lr·g + e`` (its worker error already added by the optimiser).
+    The flat buffer of all tensors is split into ``M`` shards of ``C = 64·⌈⌈d/64⌉/M⌉``
+    coordinates; a *chunk* is the intersection of one tensor with one shard.
+
+    1. Worker: for each chunk ``c``, ``Δ_c = C(p_c)``; this rank's transmitted vector is
+       returned so the optimiser keeps ``e ← p − Δ``. Shard ``r``'s chunks go to rank ``r``.
+    2. Server (rank ``r``, its shard): ``q = (1/M)·Σ_w Δ_w + e_s``, then per chunk
+       ``Δ'_c = C(q_c)`` and ``e_s ← q − Δ'``; ``Δ'`` goes back to every rank, and every
+       rank applies the same update ``x ← x − Δ'``.
+
+    Compressors:
+
+    * :class:`~signsgd.compression.ScaledSign` (EF-signSGD): on the wire 1 bit per
+      coordinate plus one scale per chunk each way: ``Δ_c = (‖p_c‖₁/|c|)·s`` with
+      ``s = +1`` where ``p ≥ 0`` and −1 elsewhere — note zero goes out as +1, unlike
+      ``torch.sign`` — in one ``all_to_all_single`` and one ``all_gather`` of uint8.
+    * :class:`~signsgd.compression.Identity`: exactly an fp32 mean ``all_reduce`` (no
+      error, no server state).
+    * any other compressor (``Sign``, ``TopK``, ``RandomK``, ...): the same two-stage
+      algorithm with ``C`` applied per chunk, sent uncompressed in the flat dtype (correct,
+      not bandwidth-saving).
+    * ``M = 1``: no communication; ``Δ = C(p)`` per tensor, exactly single-process EF-SGD.
+
+    Bytes (each way, plus the header): ScaledSign ``2·(M−1)·B`` with ``B = C/8 + K·itemsize``
+    rounded up to 8, ``K`` the most chunks in any shard; generic ``2·(M−1)·C·itemsize``;
+    Identity a ring all-reduce.
+
+    The server error belongs to the agreed layout (per-tensor numels, dtype, M); if the
+    layout changes (e.g. a parameter gets its first gradient) it restarts from zero.
+
+    Args:
+        group: process group (``None``: the default group).
+
+    Example:
+        >>> from signsgd.compression import ScaledSign
+        >>> agg = ErrorFeedbackAllReduce()   # one process
+        >>> agg.reduce_error_feedback([torch.tensor([1.0, -3.0])], ScaledSign())
+        ([tensor([ 2., -2.])], [tensor([ 2., -2.])])
+
+    Reference: Karimireddy, Rebjock, Stich, Jaggi. Error Feedback Fixes SignSGD and other
+    Gradient Compression Schemes. ICML 2019; the two-stage (worker + server error) scheme
+    follows Zheng, Huang, Kwok, Communication-Efficient Distributed Blockwise Momentum SGD
+    with Error-Feedback, NeurIPS 2019.
+    """
+
+    stage = "error_feedback"
+
+    def __init__(self, group: Any = None) -> None:
+        super().__init__(group)
+        self.server_error: Tensor | None = None
+        self._layout: tuple[Any, ...] | None = None
+
+    def reduce_error_feedback(
+        self, tensors: list[Tensor | None], compressor: Compressor, *, finite: bool = True
+    ) -> tuple[list[Tensor | None], list[Tensor | None]]:
+        """Return ``(transmitted, update)`` (see the class docstring).
+
+        ``transmitted[i]`` is ``None`` where this rank has no tensor; ``update[i]`` is
+        ``None`` only where every rank has none.
+
+        Raises:
+            NonFiniteGradientError: ``finite=False`` on some rank (raised on every rank).
+            ValueError: layouts differ across ranks.
+        """
+        if not callable(compressor):
+            raise TypeError(f"compressor must be callable, got {compressor!r}")
+        entries = _entries(tensors, "ErrorFeedbackAllReduce", floating=True)
+        if isinstance(compressor, ScaledSign):
+            kind = "scaled_sign"
+        elif isinstance(compressor, Identity):
+            kind = "identity"
+        else:
+            kind = "generic"
+        step, group = self.step, self.group
+        device = _device(tensors)
+        server_error, layout = self.server_error, self._layout
+
+        def job() -> tuple[Any, ...]:
+            agreed = exchange_header(
+                entries, group=group, finite=bool(finite), step=step, seed=0,
+                config=("ErrorFeedbackAllReduce", kind, repr(compressor)),
+                who="ErrorFeedbackAllReduce",
+            )
+            rank, m = _world(group)
+            dtype = _flat_dtype(agreed)
+            if m == 1:
+                tx = [None if t is None else compressor(t) for t in tensors]
+                upd = [None if e is None else t for t, e in zip(tx, agreed.entries)]
+                return tx, upd, 0, 0, server_error, layout
+            flat = _flatten(tensors, agreed, dtype, device)
+            if kind == "identity":
+                mean = flat.clone()
+                if mean.numel():
+                    dist.all_reduce(mean, group=group)
+                    mean.div_(m)
+                ring = _ring_bytes(flat.numel(), m, flat.element_size())
+                tx = [None if t is None else t.clone() for t in tensors]
+                return (tx, _split(mean, agreed), agreed.sent + ring, agreed.received + ring,
+                        server_error, layout)
+            key = (kind, m, dtype, tuple(None if e is None else e.numel
+                                         for e in agreed.entries))
+            err = server_error if (layout == key and server_error is not None) else None
+            tx_flat, upd_flat, new_err, nbytes = _two_stage(
+                flat, agreed, compressor, kind, err, group=group, rank=rank, m=m)
+            tx = [None if t is None else v for t, v in zip(tensors, _split(tx_flat, agreed))]
+            return (tx, _split(upd_flat, agreed), agreed.sent + nbytes,
+                    agreed.received + nbytes, new_err, key)
+
+        tx, upd, sent, received, new_err, new_layout = self._run(tensors, job)
+        self.server_error, self._layout = new_err, new_layout
+        self.step = step + 1
+        self._count(sent, received)
+        return tx, upd
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"step", "server_error", "layout"}``: a copy of this rank's server error."""
+        return {
+            "step": self.step,
+            "server_error": None if self.server_error is None else self.server_error.clone(),
+            "layout": self._layout,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; raises ``ValueError`` (changing nothing) if malformed."""
+        self._load_step(state, {"server_error", "layout"})
+        err = state.get("server_error")
+        if err is not None and not isinstance(err, Tensor):
+            raise ValueError(f"server_error must be a tensor or None, got {type(err).__name__}")
+        layout = state.get("layout")
+        if layout is not None and not isinstance(layout, tuple):
+            raise ValueError(f"layout must be a tuple or None, got {type(layout).__name__}")
+        self.step = int(state["step"])
+        self.server_error = None if err is None else err.clone()
+        self._layout = layout
+
+    def __repr__(self) -> str:
+        return "ErrorFeedbackAllReduce()"
+
+
+def _chunks(agreed: Agreed, d: int, c: int, m: int) -> list[list[tuple[int, int]]]:
+    """Per shard, the (start, end) global coordinates of its chunks, in order."""
+    bounds = []
+    off = 0
+    for e in agreed.entries:
+        if e is not None:
+            bounds.append((off, off + e.numel))
+            off += e.numel
+    out: list[list[tuple[int, int]]] = []
+    for r in range(m):
+        lo, hi = r * c, min((r + 1) * c, d)
+        out.append([(max(a, lo), min(b, hi)) for a, b in bounds
+                    if max(a, lo) < min(b, hi)])
+    return out
+
+
+def _scaled_sign_chunk(v: Tensor) -> tuple[Tensor, Tensor]:
+    """``(scale, ±1 signs)`` of a chunk: scale ``‖v‖₁/|v|``, sign +1 for ``v >= 0``."""
+    scale = v.abs().sum() / v.numel()
+    signs = torch.where(v >= 0, 1.0, -1.0).to(v.dtype)
+    return scale, signs
+
+
+def _two_stage(
+    flat: Tensor, agreed: Agreed, compressor: Compressor, kind: str, err: Tensor | None, *,
+    group: Any, rank: int, m: int,
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """The worker + server stages; returns (transmitted, update, new server error, bytes)."""
+    d = flat.numel()
+    dtype, device = flat.dtype, flat.device
+    c = 8 * shard_nbytes(d, m)  # coordinates per shard, a multiple of 64
+    chunks = _chunks(agreed, d, c, m)
+    padded = torch.zeros(m * c, dtype=dtype, device=device)
+    padded[:d] = flat
+    if err is None:
+        err = torch.zeros(c, dtype=dtype, device=device)
+    tx = torch.zeros(m * c, dtype=dtype, device=device)
+    if kind == "generic":
+        for r in range(m):
+            for a, b in chunks[r]:
+                tx[a:b] = compressor(padded[a:b])
+        recv = torch.empty(m * c, dtype=dtype, device=device)
+        if d:
+            dist.all_to_all_single(recv, tx, group=group)
+        rows = recv.view(m, c)
+        q = rows[0].clone()
+        for w in range(1, m):
+            q += rows[w]
+        q.div_(m)
+        q += err
+        mine = torch.zeros(c, dtype=dtype, device=device)
+        base = rank * c
+        for a, b in chunks[rank]:
+            mine[a - base:b - base] = compressor(q[a - base:b - base])
+        new_err = q - mine
+        upd = torch.empty(m * c, dtype=dtype, device=device)
+        if d:
+            _all_gather(upd, mine, group)
+        nbytes = 2 * (m - 1) * c * flat.element_size() if d else 0
+        return tx[:d], upd[:d], new_err, nbytes
+
+    # ScaledSign: 1 bit per coordinate + one scale per chunk, in one uint8 block per rank.
+    kmax = max((len(ch) for ch in chunks), default=0)
+    item = flat.element_size()
+    sbytes = c // 8
+    block = 8 * -(-(sbytes + kmax * item) // 8)
+    send = torch.zeros(m, block, dtype=torch.uint8, device=device)
+    for r in range(m):
+        scales = torch.zeros(kmax, dtype=dtype, device=device)
+        seg = padded[r * c:(r + 1) * c]
+        for k, (a, b) in enumerate(chunks[r]):
+            scale, signs = _scaled_sign_chunk(padded[a:b])
+            scales[k] = scale
+            tx[a:b] = signs * scale
+        send[r, :sbytes] = pack_signs(seg)
+        if kmax:
+            send[r, sbytes:sbytes + kmax * item] = scales.view(torch.uint8)
+    recv = torch.empty_like(send)
+    if d:
+        dist.all_to_all_single(recv.view(-1), send.view(-1), group=group)
+    base = rank * c
+    lengths = [b - a for a, b in chunks[rank]]
+    n_real = sum(lengths)
+    q = torch.zeros(c, dtype=dtype, device=device)
+    lens_t = torch.tensor(lengths, dtype=torch.int64, device=device)
+    for w in range(m):
+        signs = unpack_signs(recv[w, :sbytes], c, dtype)
+        scales = recv[w, sbytes:sbytes + kmax * item].view(dtype)[:len(lengths)]
+        per = torch.zeros(c, dtype=dtype, device=device)
+        if lengths:
+            per[:n_real] = torch.repeat_interleave(scales, lens_t)
+        q += signs * per
+    q.div_(m)
+    q += err
+    mine = torch.zeros(c, dtype=dtype, device=device)
+    out_block = torch.zeros(block, dtype=torch.uint8, device=device)
+    out_scales = torch.zeros(kmax, dtype=dtype, device=device)
+    for k, (a, b) in enumerate(chunks[rank]):
+        scale, signs = _scaled_sign_chunk(q[a - base:b - base])
+        out_scales[k] = scale
+        mine[a - base:b - base] = signs * scale
+    new_err = q - mine
+    new_err[n_real:] = 0
+    out_block[:sbytes] = pack_signs(q)
+    if kmax:
+        out_block[sbytes:sbytes + kmax * item] = out_scales.view(torch.uint8)
+    gathered = torch.empty(m, block, dtype=torch.uint8, device=device)
+    if d:
+        _all_gather(gathered.view(-1), out_block, group)
+    upd = torch.zeros(m * c, dtype=dtype, device=device)
+    for r in range(m):
+        lens = [b - a for a, b in chunks[r]]
+        if not lens:
+            continue
+        signs = unpack_signs(gathered[r, :sbytes], c, dtype)
+        scales = gathered[r, sbytes:sbytes + kmax * item].view(dtype)[:len(lens)]
+        per = torch.repeat_interleave(scales, torch.tensor(lens, dtype=torch.int64,
+                                                            device=device))
+        upd[r * c:r * c + sum(lens)] = signs[:sum(lens)] * per
+    nbytes = 2 * (m - 1) * block if d else 0
+    return tx[:d], upd[:d], new_err, nbytes
+
