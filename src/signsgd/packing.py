@@ -1,92 +1,436 @@
 """1-bit packing of signs: ``pack_signs`` / ``unpack_signs`` and the packed majority tally.
 
 Wire convention (DESIGN.md): bit = 1 for a value >= 0 (so +0.0, -0.0 and +inf give 1),
-bit = 0 for a value < 0; little-endian within a byte, i.e. byte-for-byte equal to
-``numpy.packbits(x >= 0, bitorder="little")``.
+bit = 0 for a value < 0 or NaN (``NaN >= 0`` is false, as in numpy); little-endian within a
+byte, i.e. byte-for-byte equal to ``numpy.packbits(x >= 0, bitorder="little")``. The pad bits
+of the last byte are 0.
+
+Everything is plain PyTorch ops, so CPU and CUDA tensors both work. On CPU the work runs in
+cache-sized chunks through reused per-thread scratch buffers:
+
+- pack: ``x >= 0`` into a float buffer (the vectorised kernel), narrowed to a bool buffer;
+  8 bools viewed as one int64 word; ``word * 0x0102040810204080`` gathers byte ``k``'s bit
+  into bit ``56 + k``, so the top byte of the product is the packed byte.
+- unpack: a 256-entry int64 table maps a byte to eight int8 values +1/-1 (byte ``k`` of the
+  word is the sign of element ``k``); the int8 view is widened into the output.
+- tally: the M packed rows are added as bit-sliced binary counters (bitwise half/full adders
+  on whole words, in a pairwise tree), then the counts are compared with M/2 bitwise.
 """
 
 from __future__ import annotations
+
+import sys
+import threading
 
 import torch
 from torch import Tensor
 
 __all__ = ["pack_signs", "unpack_signs", "packed_nbytes", "majority_tally"]
 
+# Input dtypes whose ``x >= 0`` is well defined and that the kernels below support.
+_PACKABLE = (
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+)
+_UNPACKABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8,
+               torch.int16, torch.int32, torch.int64)
+
+# Elements per chunk on CPU (intermediates stay in L2) and on other devices (bounded memory).
+_CPU_CHUNK = 1 << 19
+_DEVICE_CHUNK = 1 << 24
+# Target size in bytes of one chunk of the (M, words) tally input on CPU.
+_TALLY_CHUNK_BYTES = 1 << 19
+
+# Byte k of (8 bools viewed as a little-endian int64) * _GATHER lands in bit 56 + k.
+_GATHER = 0x0102040810204080
+_LITTLE = sys.byteorder == "little"
+
+_scratch = threading.local()
+_TABLES: dict[torch.device, Tensor] = {}
+
 
 def packed_nbytes(numel: int) -> int:
-    """Number of bytes that ``numel`` packed signs occupy: ``ceil(numel / 8)``."""
+    """Number of bytes that ``numel`` packed signs occupy: ``ceil(numel / 8)``.
+
+    Args:
+        numel: number of signs, an int >= 0.
+
+    Returns:
+        ``(numel + 7) // 8``.
+
+    Example:
+        >>> packed_nbytes(17)
+        3
+    """
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+        raise ValueError(f"numel must be an int >= 0, got {numel!r}")
     return (numel + 7) // 8
 
 
-_WEIGHTS: dict[torch.device, Tensor] = {}
+def _buffer(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A reused per-thread CPU scratch tensor of at least ``numel`` elements (fresh elsewhere)."""
+    if device.type != "cpu":
+        return torch.empty(numel, dtype=dtype, device=device)
+    cache: dict[tuple[str, torch.dtype], Tensor] | None = getattr(_scratch, "buffers", None)
+    if cache is None:
+        cache = {}
+        _scratch.buffers = cache
+    buf = cache.get((name, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=dtype)
+        cache[(name, dtype)] = buf
+    return buf[:numel]
 
 
-def pack_signs(t: Tensor) -> Tensor:
+def _chunk(device: torch.device) -> int:
+    return _CPU_CHUNK if device.type == "cpu" else _DEVICE_CHUNK
+
+
+def _check_out(
+    out: Tensor, numel: int, dtype: torch.dtype, device: torch.device, what: str
+) -> None:
+    if not isinstance(out, Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"out for {what} must have dtype {dtype}, got {out.dtype}")
+    if out.numel() != numel:
+        raise ValueError(f"out for {what} must have {numel} elements, got {out.numel()}")
+    if out.device != device:
+        raise ValueError(f"out is on {out.device} but the input is on {device}")
+    if not out.is_contiguous():
+        raise ValueError(f"out for {what} must be contiguous, got strides {out.stride()}")
+
+
+def pack_signs(t: Tensor, *, out: Tensor | None = None) -> Tensor:
     """Pack the signs of ``t`` into a flat ``torch.uint8`` tensor of ``ceil(t.numel()/8)`` bytes.
 
-    Bit ``i`` of byte ``j`` is 1 where ``t.flatten()[8*j + i] >= 0``.
+    Bit ``i`` (little-endian) of byte ``j`` is 1 where ``t.flatten()[8*j + i] >= 0`` and 0
+    where it is < 0 or NaN; pad bits of the last byte are 0. Byte-identical to
+    ``numpy.packbits(t.numpy() >= 0, bitorder="little")``.
+
+    Args:
+        t: a real tensor (float16/bfloat16/float32/float64 or an integer type) of any shape,
+            flattened in C order; CPU or CUDA; need not be contiguous.
+        out: optional contiguous uint8 tensor of ``ceil(t.numel()/8)`` elements on ``t``'s
+            device to write into (no allocation).
+
+    Returns:
+        The packed bytes, a 1-D uint8 tensor (``out`` when given).
 
     Example:
-        >>> pack_signs(torch.tensor([1.0, -2.0, 0.0]))
-        tensor([5], dtype=torch.uint8)
+        >>> pack_signs(torch.tensor([1.0, -2.0, 0.0, -0.0, float("-inf")]))
+        tensor([13], dtype=torch.uint8)
     """
+    if not isinstance(t, Tensor):
+        raise TypeError(f"pack_signs expects a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _PACKABLE:
+        raise TypeError(
+            f"pack_signs cannot pack dtype {t.dtype}; supported: "
+            + ", ".join(str(d) for d in _PACKABLE)
+        )
     flat = t.reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
     n = flat.numel()
-    nbytes = packed_nbytes(n)
-    bits = flat >= 0
-    pad = nbytes * 8 - n
-    if pad:
-        bits = torch.cat([bits, bits.new_zeros(pad)])
-    weights = _WEIGHTS.get(t.device)
-    if weights is None:
-        weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=t.device)
-        _WEIGHTS[t.device] = weights
-    return (bits.view(nbytes, 8).to(torch.uint8) * weights).sum(dim=1, dtype=torch.uint8)
+    nbytes = (n + 7) // 8
+    if out is None:
+        out = torch.empty(nbytes, dtype=torch.uint8, device=t.device)
+    else:
+        _check_out(out, nbytes, torch.uint8, t.device, f"pack_signs of {n} elements")
+    if n == 0:
+        return out
+    out_flat = out.view(-1)
+    if not _LITTLE:
+        return _pack_portable(flat, out_flat)
+
+    chunk = min(_chunk(t.device), nbytes * 8)
+    cmp_buf = _buffer("pack_cmp", chunk, flat.dtype, t.device)
+    bool_buf = _buffer("pack_bool", chunk, torch.bool, t.device)
+    word_buf = _buffer("pack_word", chunk // 8, torch.int64, t.device)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        c = stop - start
+        c8 = (c + 7) // 8 * 8
+        # ``ge`` into the input's own dtype is a vectorised kernel (into bool it is not);
+        # the float -> bool copy then narrows 1.0 / 0.0 to True / False.
+        torch.ge(flat[start:stop], 0, out=cmp_buf[:c])
+        bools = bool_buf[:c8]
+        bools[:c].copy_(cmp_buf[:c])
+        if c8 != c:
+            bools[c:].zero_()
+        words = word_buf[: c8 // 8]
+        torch.mul(bools.view(torch.int64), _GATHER, out=words)
+        out_flat[start // 8 : start // 8 + c8 // 8].copy_(words.view(torch.uint8)[7::8])
+    return out
 
 
-def unpack_signs(packed: Tensor, numel: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Unpack ``numel`` signs from ``packed`` bytes into a ±1 tensor of ``dtype``.
+def _pack_portable(flat: Tensor, out: Tensor) -> Tensor:
+    """Endianness-independent (slower) packing used on big-endian hosts."""
+    n = flat.numel()
+    bits = torch.zeros(out.numel() * 8, dtype=torch.uint8, device=flat.device)
+    bits[:n] = (flat >= 0).to(torch.uint8)
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=flat.device)
+    out.copy_((bits.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8))
+    return out
+
+
+def _sign_table(device: torch.device) -> Tensor:
+    """(256,) int64: byte ``k`` of entry ``b`` is int8 +1 if bit ``k`` of ``b`` is set, else -1."""
+    table = _TABLES.get(device)
+    if table is None:
+        b = torch.arange(256, dtype=torch.int64).unsqueeze(1)
+        bits = (b >> torch.arange(8, dtype=torch.int64)) & 1
+        signs = (bits * 2 - 1).to(torch.int8).contiguous()  # (256, 8), row-major
+        if _LITTLE:
+            table = signs.view(torch.int64).reshape(256)
+        else:
+            table = signs.flip(1).contiguous().view(torch.int64).reshape(256)
+        table = table.to(device)
+        _TABLES[device] = table
+    return table
+
+
+def unpack_signs(
+    packed: Tensor,
+    numel: int,
+    dtype: torch.dtype | None = None,
+    *,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Unpack ``numel`` signs from ``packed`` bytes into a ±1 tensor: bit 1 -> +1, bit 0 -> -1.
+
+    Inverse of :func:`pack_signs`: ``unpack_signs(pack_signs(x), x.numel())`` equals
+    ``torch.where(x.flatten() >= 0, 1.0, -1.0)``. Extra bytes beyond ``ceil(numel/8)`` are
+    ignored.
+
+    Args:
+        packed: uint8 tensor (any shape, flattened; CPU or CUDA) of at least
+            ``ceil(numel/8)`` bytes, bit order little-endian within a byte.
+        numel: number of signs to unpack, an int >= 0.
+        dtype: output dtype, a float or signed integer type; default ``torch.float32``, or
+            ``out.dtype`` when ``out`` is given.
+        out: optional contiguous tensor of ``numel`` elements on ``packed``'s device to write
+            into. For large outputs this avoids page-faulting a fresh allocation every call.
+
+    Returns:
+        A 1-D tensor of ``numel`` values in {-1, +1} (``out``, in its own shape, when given).
 
     Example:
         >>> unpack_signs(torch.tensor([5], dtype=torch.uint8), 3)
         tensor([ 1., -1.,  1.])
     """
+    if not isinstance(packed, Tensor):
+        raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
     if packed.dtype != torch.uint8:
         raise TypeError(f"packed must be torch.uint8, got {packed.dtype}")
-    if numel < 0 or packed_nbytes(numel) > packed.numel():
+    nbytes = packed_nbytes(numel)
+    if nbytes > packed.numel():
         raise ValueError(
-            f"cannot unpack numel={numel} signs from {packed.numel()} bytes "
-            f"(need {packed_nbytes(numel)})"
+            f"cannot unpack numel={numel} signs from {packed.numel()} bytes (need {nbytes})"
         )
-    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
-    bits = (packed.reshape(-1, 1) >> shifts) & 1
-    out = bits.reshape(-1)[:numel].to(dtype) * 2 - 1
+    if dtype is None:
+        dtype = out.dtype if isinstance(out, Tensor) else torch.float32
+    if dtype not in _UNPACKABLE:
+        raise TypeError(
+            f"unpack_signs cannot produce dtype {dtype}; supported: "
+            + ", ".join(str(d) for d in _UNPACKABLE)
+        )
+    if out is None:
+        out = torch.empty(numel, dtype=dtype, device=packed.device)
+    else:
+        _check_out(out, numel, dtype, packed.device, f"unpack_signs of {numel} signs")
+    if numel == 0:
+        return out
+    src = packed.reshape(-1)[:nbytes]
+    if not src.is_contiguous():
+        src = src.contiguous()
+    dst = out.view(-1)
+    table = _sign_table(packed.device)
+    chunk_bytes = min(_chunk(packed.device) // 8, nbytes)
+    idx_buf = _buffer("unpack_idx", chunk_bytes, torch.int32, packed.device)
+    word_buf = _buffer("unpack_word", chunk_bytes, torch.int64, packed.device)
+    for start in range(0, nbytes, chunk_bytes):
+        stop = min(nbytes, start + chunk_bytes)
+        c = stop - start
+        idx = idx_buf[:c]
+        idx.copy_(src[start:stop])
+        words = word_buf[:c]
+        torch.index_select(table, 0, idx, out=words)
+        signs = words.view(torch.int8)
+        lo, hi = start * 8, min(numel, stop * 8)
+        dst[lo:hi].copy_(signs[: hi - lo])
     return out
 
 
-def majority_tally(packed: Tensor, tie_bits: Tensor | None = None) -> Tensor:
+def _word_view(x: Tensor) -> Tensor:
+    """View the last dim of a contiguous uint8 tensor as the widest integer words it allows."""
+    n = x.shape[-1]
+    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if n % size == 0 and x.storage_offset() % size == 0:
+            return x.view(dtype)
+    return x
+
+
+Bits = list[Tensor | None]  # bit-sliced unsigned number, least significant bit first; None = 0
+
+
+def _xor(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a ^ b
+
+
+def _and(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None or b is None:
+        return None
+    return a & b
+
+
+def _or(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a | b
+
+
+def _add(a: Bits, b: Bits, width: int) -> Bits:
+    """Ripple-carry sum of two bit-sliced numbers, ``width`` bits out (enough for no overflow)."""
+    out: Bits = []
+    carry: Tensor | None = None
+    for i in range(width):
+        ai = a[i] if i < len(a) else None
+        bi = b[i] if i < len(b) else None
+        half = _xor(ai, bi)
+        out.append(_xor(half, carry))
+        if i + 1 < width:
+            carry = _or(_and(ai, bi), _and(half, carry))
+    return out
+
+
+def _tally_words(rows: Tensor, tie: Tensor | None, out: Tensor, m: int) -> None:
+    """Majority of the ``m`` rows (``(m, w)`` integer words) into ``out`` (``(w,)``)."""
+    # Pairwise tree: ``level`` holds k numbers (bit planes of shape (k, w)), each <= level_max.
+    level: Bits = [rows]
+    level_max = 1
+    k = m
+    extras: list[tuple[Bits, int]] = []  # odd numbers left over at some level, with their max
+    while k > 1:
+        h = k // 2
+        if k % 2:
+            extras.append(([p[2 * h :] if p is not None else None for p in level], level_max))
+        first = [p[:h] if p is not None else None for p in level]
+        second = [p[h : 2 * h] if p is not None else None for p in level]
+        level_max *= 2
+        level = _add(first, second, level_max.bit_length())
+        k = h
+    count, count_max = level, level_max
+    for bits, bmax in extras:
+        count_max += bmax
+        count = _add(count, bits, count_max.bit_length())
+
+    # Compare the count with K = m // 2 bit by bit from the top: gt = count > K, eq = count == K.
+    half = m // 2
+    gt: Tensor | None = None
+    eq: Tensor | None = None  # None means all ones until the first plane narrows it
+    for i in reversed(range(len(count))):
+        c = count[i]
+        if (half >> i) & 1:
+            if c is None:  # cannot happen for count_max >= K, kept for safety
+                eq = torch.zeros_like(rows[0])
+            else:
+                eq = c if eq is None else eq & c
+        elif c is not None:
+            gt = _or(gt, c if eq is None else eq & c)
+            eq = ~c if eq is None else eq & ~c
+    verdict = gt if gt is not None else torch.zeros_like(rows[0])
+    if m % 2 == 0 and eq is not None:
+        verdict = verdict | (eq if tie is None else eq & tie)
+    out.copy_(verdict.reshape(-1))
+
+
+def majority_tally(
+    packed: Tensor, tie_bits: Tensor | None = None, *, out: Tensor | None = None
+) -> Tensor:
     """Bitwise majority of ``M`` packed sign vectors: ``packed`` is ``(M, nbytes)`` uint8.
 
-    Returns ``nbytes`` packed verdicts: bit = 1 where more than half of the M rows have a 1,
-    0 where fewer than half do, and ``tie_bits`` (packed, same length) where exactly half do
-    (only possible for even M). Without ``tie_bits`` a tie gives 1.
+    Per bit position with ``c`` ones among the M rows the verdict bit is 1 if ``2c > M``, 0 if
+    ``2c < M`` and, on a tie ``2c == M`` (only for even M), the matching bit of ``tie_bits``
+    (1 when ``tie_bits`` is None). The rows are counted as bit-sliced binary counters with
+    bitwise adders on whole words, never unpacked. Pad bits that are 0 in every row stay 0.
+
+    Args:
+        packed: ``(M, nbytes)`` uint8 tensor, M >= 1, on CPU or CUDA.
+        tie_bits: optional ``(nbytes,)`` uint8 tensor of packed tie-break bits, same device.
+        out: optional contiguous ``(nbytes,)`` uint8 tensor to write the verdicts into.
+
+    Returns:
+        ``(nbytes,)`` uint8 packed verdicts (``out`` when given).
+
+    Example:
+        >>> rows = torch.tensor([[0b0011], [0b0101], [0b0110]], dtype=torch.uint8)
+        >>> majority_tally(rows)
+        tensor([7], dtype=torch.uint8)
+        >>> majority_tally(rows[:2], tie_bits=torch.tensor([0b0100], dtype=torch.uint8))
+        tensor([5], dtype=torch.uint8)
     """
+    if not isinstance(packed, Tensor):
+        raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
     if packed.dtype != torch.uint8 or packed.dim() != 2:
         raise ValueError(
             f"packed must be a 2-D torch.uint8 tensor (M, nbytes), got {packed.dtype} "
             f"with shape {tuple(packed.shape)}"
         )
     m, nbytes = packed.shape
-    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
-    bits = ((packed.unsqueeze(-1) >> shifts) & 1).to(torch.int16)  # (M, nbytes, 8)
-    votes = bits.sum(dim=0) * 2 - m  # (nbytes, 8): positive = majority of ones
-    verdict = votes > 0
-    if m % 2 == 0:
-        tie = votes == 0
-        if tie_bits is None:
-            verdict |= tie
-        else:
-            tb = ((tie_bits.reshape(-1, 1) >> shifts) & 1).bool()
-            verdict |= tie & tb
-    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=packed.device)
-    return (verdict.to(torch.uint8) * weights).sum(dim=1, dtype=torch.uint8)
+    if m < 1:
+        raise ValueError(f"packed must have at least one row (M >= 1), got M={m}")
+    if tie_bits is not None:
+        if not isinstance(tie_bits, Tensor) or tie_bits.dtype != torch.uint8:
+            what = tie_bits.dtype if isinstance(tie_bits, Tensor) else type(tie_bits).__name__
+            raise TypeError(f"tie_bits must be a torch.uint8 tensor, got {what}")
+        if tuple(tie_bits.shape) != (nbytes,):
+            raise ValueError(
+                f"tie_bits must have shape ({nbytes},) to match packed, "
+                f"got {tuple(tie_bits.shape)}"
+            )
+        if tie_bits.device != packed.device:
+            raise ValueError(
+                f"tie_bits is on {tie_bits.device} but packed is on {packed.device}"
+            )
+        tie_bits = tie_bits.contiguous()
+    if out is None:
+        out = torch.empty(nbytes, dtype=torch.uint8, device=packed.device)
+    else:
+        _check_out(out, nbytes, torch.uint8, packed.device, f"majority_tally of {nbytes} bytes")
+    if nbytes == 0:
+        return out
+    rows = _word_view(packed.contiguous())
+    words_out = _word_view(out.view(-1))
+    ties = _word_view(tie_bits) if tie_bits is not None else None
+    if words_out.dtype != rows.dtype or (ties is not None and ties.dtype != rows.dtype):
+        # Mismatched alignment of the three buffers: fall back to byte words everywhere.
+        rows, words_out = packed.contiguous(), out.view(-1)
+        ties = tie_bits
+    w = rows.shape[1]
+    if packed.device.type == "cpu":
+        chunk = max(1024, _TALLY_CHUNK_BYTES // (m * rows.element_size()))
+    else:
+        chunk = w
+    for start in range(0, w, chunk):
+        stop = min(w, start + chunk)
+        _tally_words(
+            rows[:, start:stop],
+            ties[start:stop] if ties is not None else None,
+            words_out[start:stop],
+            m,
+        )
+    return out
