@@ -1,32 +1,306 @@
 """Module-level worker functions for ``signsgd.distributed.launch.spawn``.
 
 Used by tests/distributed/test_vote.py, test_aggregators.py and test_failures.py; every
-function takes ``(rank, world_size, *args)`` and returns something picklable.
+function takes ``(rank, world_size, *args)`` and returns something picklable. Helpers that
+build inputs are shared with the parent process, which recomputes expected values.
 """
 
 from __future__ import annotations
 
+import copy
+import io
 import os
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from signsgd.distributed.vote import majority_vote
+import signsgd
+from signsgd.compression import Identity, ScaledSign
+from signsgd.distributed import AllReduce, ErrorFeedbackAllReduce, MajorityVote
+from signsgd.distributed.base import NonFiniteGradientError
+from signsgd.distributed.vote import majority_vote, vote_async
+
+# ----------------------------------------------------------------------------- votes
 
 
 def case_inputs(world_size: int, numel: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """All ranks' inputs of one vote case, ``(world_size, numel)``: small ints incl. zeros."""
+    """All ranks' inputs of one vote case, ``(world_size, numel)``: ints in [-2, 2] (zeros
+    included, so zero -> +1 is exercised) scaled by 0.5."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(-2, 3, (world_size, numel), generator=g).to(dtype)
+    return (torch.randint(-2, 3, (world_size, numel), generator=g) * 0.5).to(dtype)
 
 
-def vote_cases(rank: int, world_size: int, cases: list[tuple[Any, ...]]) -> list[torch.Tensor]:
-    """Run ``majority_vote`` for each ``(numel, dtype, mode, seed, step, data_seed)`` case."""
-    out = []
-    for numel, dtype, mode, seed, step, data_seed in cases:
-        x = case_inputs(world_size, numel, dtype, data_seed)[rank]
-        out.append(majority_vote(x, mode=mode, seed=seed, step=step))
+def vote_cases(rank: int, world_size: int, cases: list[tuple[Any, ...]]
+               ) -> dict[int, dict[str, Any]]:
+    """For every sub-group of ranks ``0..m-1`` (m = 1..world_size, made with
+    ``dist.new_group``), vote every ``(numel, dtype, mode, seed, step, data_seed)`` case
+    three ways (``majority_vote``, ``vote_async``, ``MajorityVote`` with 512-coordinate
+    buckets) and record ``MajorityVote``'s byte counters. Returns ``{m: results}`` for the
+    groups this rank belongs to."""
+    groups = {m: dist.new_group(list(range(m))) for m in range(1, world_size + 1)}
+    out: dict[int, dict[str, Any]] = {}
+    for m, group in groups.items():
+        if rank >= m:
+            continue
+        votes, asyncs, buckets, counted = [], [], [], []
+        for numel, dtype, mode, seed, step, data_seed in cases:
+            x = case_inputs(m, numel, dtype, data_seed)[rank]
+            shaped = x.view(1, numel)
+            votes.append(majority_vote(shaped, group, mode, seed=seed, step=step).reshape(-1))
+            asyncs.append(vote_async(x, group=group, mode=mode, seed=seed, step=step).wait())
+            agg = MajorityVote(group, mode=mode, seed=seed, bucket_bytes=64)
+            agg.load_state_dict({"step": step})
+            third = numel // 3
+            res = agg.reduce_signs([x[:third].clone(), x[third:].clone()])
+            buckets.append(torch.cat([o.reshape(-1) for o in res]))
+            counted.append((agg.bytes_sent, agg.bytes_received, agg.step))
+        out[m] = {"votes": votes, "async": asyncs, "buckets": buckets, "counted": counted}
     return out
+
+
+# ----------------------------------------------------------------------------- Signum
+
+
+SHAPES = [(13, 11), (37,), (5,)]
+
+
+def make_params(dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:
+    """The same small parameter set on every rank (seeded)."""
+    g = torch.Generator().manual_seed(1234)
+    return [torch.nn.Parameter(torch.randn(s, generator=g, dtype=dtype)) for s in SHAPES]
+
+
+def grads_for(params: list[torch.Tensor], rank: int, step: int,
+              zeros: bool = True) -> list[torch.Tensor]:
+    """A rank's stochastic gradient: ``x − target_rank + noise(step, rank)``, rounded to
+    multiples of 1/4 (so exact zeros occur when ``zeros``), in the params' dtype."""
+    g = torch.Generator().manual_seed(10_000 * rank + step)
+    out = []
+    for i, p in enumerate(params):
+        target = torch.full(p.shape, 0.25 * (i + 1) * (1 if rank % 2 else -1), dtype=p.dtype)
+        noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+        v = p.detach() - target + noise
+        if zeros:
+            v = torch.round(v * 4) / 4
+        out.append(v)
+    return out
+
+
+def _snapshot(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+def signum_ranks(rank: int, world_size: int, steps: int, momentum: float, mode: str
+                 ) -> dict[str, Any]:
+    """Signum + MajorityVote for ``steps`` steps, with a parameter that gets a gradient
+    only on rank 0 and one that never gets one; returns the final parameters."""
+    params = make_params()
+    partial = torch.nn.Parameter(torch.ones(6))
+    unused = torch.nn.Parameter(torch.full((4,), 2.0))
+    agg = MajorityVote(mode=mode, seed=7)
+    opt = signsgd.Signum(params + [partial, unused], lr=0.01, momentum=momentum,
+                         weight_decay=0.1, aggregator=agg)
+    for step in range(steps):
+        for p, g in zip(params, grads_for(params, rank, step)):
+            p.grad = g
+        partial.grad = torch.full((6,), -1.0) if rank == 0 else None
+        opt.step()
+    return {"params": _snapshot(params + [partial, unused]), "step": agg.step,
+            "bytes": (agg.bytes_sent, agg.bytes_received)}
+
+
+def signum_single_equivalence(rank: int, world_size: int, steps: int) -> dict[str, Any]:
+    """M = 1: SignSGD/Signum with MajorityVote vs the single-process optimisers.
+
+    Returns params of: SignSGD + vote on gradients with zeros, a hand-written SignSGD with
+    zero -> +1, Signum + vote and plain Signum on gradients without zeros."""
+    out: dict[str, Any] = {}
+    a = make_params()
+    ref = _snapshot(a)
+    opt = signsgd.SignSGD(a, lr=0.125, aggregator=MajorityVote())
+    for step in range(steps):
+        gs = grads_for(a, rank, step, zeros=True)
+        for p, g in zip(a, gs):
+            p.grad = g
+        opt.step()
+        gs_ref = grads_for(ref, rank, step, zeros=True)
+        for x, g in zip(ref, gs_ref):
+            x.sub_(torch.where(g >= 0, 1.0, -1.0) * 0.125)
+    out["signsgd_vote"], out["signsgd_ref"] = _snapshot(a), ref
+    out["zeros_seen"] = sum(int((g == 0).sum()) for g in grads_for(a, rank, 0))
+    b, c = make_params(), make_params()
+    ob = signsgd.Signum(b, lr=0.01, momentum=0.9, weight_decay=0.01, aggregator=MajorityVote())
+    oc = signsgd.Signum(c, lr=0.01, momentum=0.9, weight_decay=0.01)
+    for step in range(steps):
+        for ps, opt_ in ((b, ob), (c, oc)):
+            for p, g in zip(ps, grads_for(ps, rank, step, zeros=False)):
+                p.grad = g
+            opt_.step()
+    out["signum_vote"], out["signum_plain"] = _snapshot(b), _snapshot(c)
+    return out
+
+
+# ----------------------------------------------------------------------------- EF
+
+
+def ef_run(rank: int, world_size: int, steps: int, compressor: str) -> dict[str, Any]:
+    """EFSGD (float64, lr = 1/4) with ErrorFeedbackAllReduce; parameters after every step,
+    final worker errors, server error and byte counters."""
+    params = make_params(torch.float64)
+    comp = {"scaled_sign": ScaledSign(), "identity": Identity(),
+            "sign": signsgd.compression.Sign()}[compressor]
+    agg = ErrorFeedbackAllReduce()
+    opt = signsgd.EFSGD(params, lr=0.25, compressor=comp, aggregator=agg)
+    traj = []
+    for step in range(steps):
+        for p, g in zip(params, grads_for(params, rank, step, zeros=False)):
+            p.grad = g
+        opt.step()
+        traj.append(_snapshot(params))
+    errors = [opt.state[p]["error"].clone() for p in params]
+    return {"traj": traj, "errors": errors,
+            "server_error": None if agg.server_error is None else agg.server_error.clone(),
+            "bytes": (agg.bytes_sent, agg.bytes_received)}
+
+
+def identity_vs_allreduce(rank: int, world_size: int, steps: int) -> dict[str, Any]:
+    """EFSGD(Identity) + ErrorFeedbackAllReduce vs torch SGD on AllReduce-averaged grads."""
+    a, b = make_params(torch.float64), make_params(torch.float64)
+    oa = signsgd.EFSGD(a, lr=0.25, compressor=Identity(), aggregator=ErrorFeedbackAllReduce())
+    base = AllReduce()
+    ob = torch.optim.SGD(b, lr=0.25)
+    for step in range(steps):
+        for p, g in zip(a, grads_for(a, rank, step, zeros=False)):
+            p.grad = g
+        oa.step()
+        mean = base.reduce_gradients(grads_for(b, rank, step, zeros=False))
+        for p, g in zip(b, mean):
+            p.grad = g
+        ob.step()
+    return {"ef": _snapshot(a), "sgd": _snapshot(b), "bytes": (base.bytes_sent,
+                                                                base.bytes_received)}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _build(kind: str) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+    params = make_params(torch.float64)
+    if kind == "signum":
+        opt = signsgd.Signum(params, lr=0.01, momentum=0.9, aggregator=MajorityVote(seed=3))
+    else:
+        opt = signsgd.EFSGD(params, lr=0.25, compressor=ScaledSign(),
+                            aggregator=ErrorFeedbackAllReduce())
+    return params, opt
+
+
+def _train(params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, rank: int,
+           steps: range) -> None:
+    for step in steps:
+        for p, g in zip(params, grads_for(params, rank, step, zeros=True)):
+            p.grad = g
+        opt.step()
+
+
+def checkpoint_resume(rank: int, world_size: int, kind: str, total: int, at: int
+                      ) -> dict[str, Any]:
+    """Uninterrupted run vs run saved at step ``at`` (torch.save of params + optimiser
+    state), restored into fresh objects (the aggregator pickled too) and continued."""
+    pa, oa = _build(kind)
+    _train(pa, oa, rank, range(total))
+    pb, ob = _build(kind)
+    _train(pb, ob, rank, range(at))
+    buf = io.BytesIO()
+    torch.save({"params": _snapshot(pb), "opt": ob.state_dict(),
+                "agg": copy.deepcopy(ob.aggregator)}, buf)
+    _train(pb, ob, rank, range(at, at + 2))  # keep going: the checkpoint must not alias
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=False)
+    pc, oc = _build(kind)
+    with torch.no_grad():
+        for p, v in zip(pc, ck["params"]):
+            p.copy_(v)
+    oc.aggregator = ck["agg"]  # unpickled without its group (None: the default group)
+    oc.load_state_dict(ck["opt"])
+    _train(pc, oc, rank, range(at, total))
+    return {"uninterrupted": _snapshot(pa), "resumed": _snapshot(pc),
+            "step": (oa.aggregator.step, oc.aggregator.step)}
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+def _error(fn: Any) -> str:
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - the parent checks type and message
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+def bad_inputs(rank: int, world_size: int) -> dict[str, Any]:
+    """Each case is a call that must fail the same way on every rank; the group stays
+    usable afterwards (the last case is a good vote)."""
+    out: dict[str, Any] = {}
+    out["numel"] = _error(lambda: majority_vote(torch.ones(10 + rank)))
+    out["dtype"] = _error(lambda: majority_vote(
+        torch.ones(10, dtype=torch.float64 if rank == 1 else torch.float32)))
+    out["shape"] = _error(lambda: majority_vote(torch.ones((2, 5) if rank else (5, 2))))
+    out["mode"] = _error(lambda: majority_vote(
+        torch.ones(8), mode="allgather" if rank == 0 else "sharded", step=0))
+    out["step"] = _error(lambda: majority_vote(torch.ones(8), step=rank))
+    x = torch.ones(100)
+    if rank == world_size - 1:
+        x[17] = float("nan")
+    out["nan_vote"] = _error(lambda: majority_vote(x))
+    out["inf_async"] = _error(lambda: vote_async(
+        torch.ones(9), finite=(rank != 0)).wait())
+    agg = MajorityVote()
+    out["agg_layout"] = _error(lambda: agg.reduce_signs(
+        [torch.ones(3), torch.ones(4 if rank == 0 else 5)]))
+    out["agg_count"] = _error(lambda: agg.reduce_signs([torch.ones(3)] * (1 + (rank == 1))))
+    out["agg_step_after_errors"] = agg.step
+
+    # NaN in one rank's gradient: every rank raises, no parameter or state changes.
+    results = {}
+    for name, make in (
+        ("signum", lambda ps: signsgd.Signum(ps, lr=0.1, momentum=0.9, weight_decay=0.1,
+                                             aggregator=MajorityVote())),
+        ("efsgd", lambda ps: signsgd.EFSGD(ps, lr=0.25, aggregator=ErrorFeedbackAllReduce())),
+        ("allreduce", lambda ps: signsgd.Signum(ps, lr=0.1, aggregator=AllReduce())),
+    ):
+        params = make_params()
+        opt = make(params)
+        for p, g in zip(params, grads_for(params, rank, 0)):
+            p.grad = g
+        opt.step()  # one good step creates state
+        before = _snapshot(params)
+        state_before = copy.deepcopy(opt.state_dict())
+        for p, g in zip(params, grads_for(params, rank, 1)):
+            p.grad = g
+        if rank == 1:
+            params[1].grad[3] = float("inf") if name == "efsgd" else float("nan")
+        msg = _error(opt.step)
+        same_params = all(torch.equal(a, b) for a, b in zip(before, _snapshot(params)))
+        sd = opt.state_dict()
+        same_state = _same(state_before, sd)
+        results[name] = (msg, same_params, same_state)
+    out["optim_nonfinite"] = results
+    out["good_vote_after"] = majority_vote(torch.full((5,), 1.0 - 2 * (rank == 0)))
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k])
+                                                                     for k in a)
+    if isinstance(a, (list, tuple)):
+        return (isinstance(b, (list, tuple)) and len(a) == len(b)
+                and all(_same(x, y) for x, y in zip(a, b)))
+    return a == b
 
 
 def die_in_vote(rank: int, world_size: int) -> str:
@@ -35,6 +309,10 @@ def die_in_vote(rank: int, world_size: int) -> str:
         os._exit(3)
     try:
         majority_vote(torch.ones(1000))
-    except Exception as exc:  # noqa: BLE001 - report the error text to the parent
-        return f"{type(exc).__name__}: {exc}"
+    except NonFiniteGradientError:
+        raise
+    except Exception as exc:
+        raise RuntimeError(f"rank {rank} saw the dead peer: {type(exc).__name__}: {exc}"
+                           ) from exc
     return "no error"
+
