@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 __all__ = ["EXPERIMENTS", "run"]
 
 EXPERIMENTS: tuple[str, ...] = (
@@ -81,7 +83,12 @@ def run(name: str, *, quick: bool = False, out: Path | None = None) -> dict[str,
     out = Path(out) if out is not None else Path("runs") / "reproduce" / name
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    result = module.run_experiment(quick=quick)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: extra threads only add contention
+    try:
+        result = module.run_experiment(quick=quick)
+    finally:
+        torch.set_num_threads(threads)
     result = {"experiment": name, "quick": bool(quick), **result,
               "seconds": round(time.perf_counter() - start, 2)}
     result = _jsonable(result)

@@ -30,8 +30,8 @@ import torch
 from signsgd.experiments._common import pyplot, verdict
 from signsgd.experiments.counterexamples import LABELS, METHODS, make_optimizer
 
-PAPER = ("Karimireddy et al. 2019 (generalisation experiment): on over-parameterised least squares, "
-         "signSGD and Signum converge to a solution outside the span of the data and "
+PAPER = ("Karimireddy et al. 2019 (generalisation experiment): on over-parameterised least "
+         "squares, signSGD and Signum converge to a solution outside the span of the data and "
          "generalise poorly, while SGD and EF-signSGD stay in the span and generalise well.")
 LR = {"sgd": 0.1, "signsgd": 0.01, "signum": 0.01, "ef_signsgd": 0.1}
 P_POS = 0.7
