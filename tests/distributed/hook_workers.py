@@ -234,3 +234,71 @@ def hook_even(rank: int, world: int, steps: int) -> dict[str, Any]:
         out[f"modes_agree/{beta}"] = all(
             torch.equal(a, b) for a, b in zip(params["sharded"], params["allgather"]))
     return out
+
+
+# --------------------------------------------------------------------------- Byzantine
+def _regression(rank: int, dim: int, n: int) -> dict[str, torch.Tensor]:
+    """A linear regression problem: a shared teacher and test set, this rank's own data."""
+    shared = torch.Generator().manual_seed(2019)
+    w_star = torch.randn(dim, 1, generator=shared)
+    x_test = torch.randn(512, dim, generator=shared)
+    own = torch.Generator().manual_seed(500 + rank)
+    x = torch.randn(n, dim, generator=own)
+    y = x @ w_star + 0.1 * torch.randn(n, 1, generator=own)
+    return {"x": x, "y": y, "x_test": x_test, "y_test": x_test @ w_star}
+
+
+def _fit(opt_name: str, data: dict[str, torch.Tensor], adversary: Any, group: Any,
+         steps: int, rank: int) -> tuple[list[float], list[torch.Tensor]]:
+    """Train a linear model; return the test loss at the start and after every
+    ``steps // 5`` steps, and the final parameters."""
+    from signsgd.compression import Identity
+    from signsgd.distributed import AllReduce, MajorityVote
+
+    torch.manual_seed(0)
+    model = nn.Linear(data["x"].shape[1], 1)
+    if opt_name == "signum_vote":
+        opt: torch.optim.Optimizer = signsgd.Signum(
+            model.parameters(), lr=0.04, momentum=0.9,
+            aggregator=MajorityVote(group=group, adversary=adversary))
+    else:  # mean all-reduce SGD: EF-SGD with the identity compressor is plain SGD
+        opt = signsgd.EFSGD(model.parameters(), lr=0.05, compressor=Identity(),
+                            aggregator=AllReduce(group=group, adversary=adversary))
+    g = torch.Generator().manual_seed(900 + rank)
+    x, y = data["x"], data["y"]
+
+    def test_loss() -> float:
+        with torch.no_grad():
+            return nn.functional.mse_loss(model(data["x_test"]), data["y_test"]).item()
+
+    losses = [test_loss()]
+    for step in range(steps):
+        idx = torch.randint(0, len(x), (16,), generator=g)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x[idx]), y[idx]).backward()
+        opt.step()
+        if (step + 1) % (steps // 5) == 0:
+            losses.append(test_loss())
+    return losses, [p.detach().clone() for p in model.parameters()]
+
+
+def byzantine(rank: int, world: int, cases: list[tuple[str, int, tuple[int, ...], str, float]],
+              steps: int) -> dict[str, Any]:
+    """Run each ``(optimiser, ranks, bad ranks, attack, scale)`` case on the first
+    ``ranks`` ranks (a sub-group; the others sit out); return test losses per case."""
+    from signsgd.distributed.adversary import Negate, RandomSigns
+
+    out: dict[str, Any] = {}
+    groups = {m: (None if m == world else dist.new_group(list(range(m))))
+              for m in sorted({c[1] for c in cases})}  # every rank creates every group
+    data = _regression(rank, dim=20, n=256)
+    for opt_name, m, bad, attack, scale in cases:
+        if rank >= m:
+            continue
+        adversary = None
+        if rank in bad:
+            adversary = Negate(scale=scale) if attack == "negate" else RandomSigns(
+                seed=rank, scale=scale)
+        key = f"{opt_name}/{m}/{bad}/{attack}"
+        out[key], out[key + "/params"] = _fit(opt_name, data, adversary, groups[m], steps, rank)
+    return out
