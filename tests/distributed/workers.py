@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import io
 import os
+import pickle
 from typing import Any
 
 import torch
@@ -91,14 +92,14 @@ def _snapshot(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return [p.detach().clone() for p in params]
 
 
-def signum_ranks(rank: int, world_size: int, steps: int, momentum: float, mode: str
+def signum_ranks(rank: int, group: Any, steps: int, momentum: float, mode: str
                  ) -> dict[str, Any]:
     """Signum + MajorityVote for ``steps`` steps, with a parameter that gets a gradient
     only on rank 0 and one that never gets one; returns the final parameters."""
     params = make_params()
     partial = torch.nn.Parameter(torch.ones(6))
     unused = torch.nn.Parameter(torch.full((4,), 2.0))
-    agg = MajorityVote(mode=mode, seed=7)
+    agg = MajorityVote(group, mode=mode, seed=7)
     opt = signsgd.Signum(params + [partial, unused], lr=0.01, momentum=momentum,
                          weight_decay=0.1, aggregator=agg)
     for step in range(steps):
@@ -110,7 +111,7 @@ def signum_ranks(rank: int, world_size: int, steps: int, momentum: float, mode: 
             "bytes": (agg.bytes_sent, agg.bytes_received)}
 
 
-def signum_single_equivalence(rank: int, world_size: int, steps: int) -> dict[str, Any]:
+def signum_single_equivalence(rank: int, group: Any, steps: int) -> dict[str, Any]:
     """M = 1: SignSGD/Signum with MajorityVote vs the single-process optimisers.
 
     Returns params of: SignSGD + vote on gradients with zeros, a hand-written SignSGD with
@@ -118,19 +119,21 @@ def signum_single_equivalence(rank: int, world_size: int, steps: int) -> dict[st
     out: dict[str, Any] = {}
     a = make_params()
     ref = _snapshot(a)
-    opt = signsgd.SignSGD(a, lr=0.125, aggregator=MajorityVote())
+    opt = signsgd.SignSGD(a, lr=0.125, aggregator=MajorityVote(group))
+    zeros = 0
     for step in range(steps):
         gs = grads_for(a, rank, step, zeros=True)
         for p, g in zip(a, gs):
             p.grad = g
         opt.step()
         gs_ref = grads_for(ref, rank, step, zeros=True)
+        zeros += sum(int((g == 0).sum()) for g in gs_ref)
         for x, g in zip(ref, gs_ref):
             x.sub_(torch.where(g >= 0, 1.0, -1.0) * 0.125)
-    out["signsgd_vote"], out["signsgd_ref"] = _snapshot(a), ref
-    out["zeros_seen"] = sum(int((g == 0).sum()) for g in grads_for(a, rank, 0))
+    out["signsgd_vote"], out["signsgd_ref"], out["zeros_seen"] = _snapshot(a), ref, zeros
     b, c = make_params(), make_params()
-    ob = signsgd.Signum(b, lr=0.01, momentum=0.9, weight_decay=0.01, aggregator=MajorityVote())
+    ob = signsgd.Signum(b, lr=0.01, momentum=0.9, weight_decay=0.01,
+                        aggregator=MajorityVote(group))
     oc = signsgd.Signum(c, lr=0.01, momentum=0.9, weight_decay=0.01)
     for step in range(steps):
         for ps, opt_ in ((b, ob), (c, oc)):
@@ -141,17 +144,17 @@ def signum_single_equivalence(rank: int, world_size: int, steps: int) -> dict[st
     return out
 
 
-# ----------------------------------------------------------------------------- EF
+COMPRESSORS = {"scaled_sign": ScaledSign, "identity": Identity,
+               "sign": signsgd.compression.Sign}
 
 
-def ef_run(rank: int, world_size: int, steps: int, compressor: str) -> dict[str, Any]:
+def ef_run(rank: int, group: Any, steps: int, compressor: str) -> dict[str, Any]:
     """EFSGD (float64, lr = 1/4) with ErrorFeedbackAllReduce; parameters after every step,
     final worker errors, server error and byte counters."""
     params = make_params(torch.float64)
-    comp = {"scaled_sign": ScaledSign(), "identity": Identity(),
-            "sign": signsgd.compression.Sign()}[compressor]
-    agg = ErrorFeedbackAllReduce()
-    opt = signsgd.EFSGD(params, lr=0.25, compressor=comp, aggregator=agg)
+    agg = ErrorFeedbackAllReduce(group)
+    opt = signsgd.EFSGD(params, lr=0.25, compressor=COMPRESSORS[compressor](),
+                        aggregator=agg)
     traj = []
     for step in range(steps):
         for p, g in zip(params, grads_for(params, rank, step, zeros=False)):
@@ -164,11 +167,12 @@ def ef_run(rank: int, world_size: int, steps: int, compressor: str) -> dict[str,
             "bytes": (agg.bytes_sent, agg.bytes_received)}
 
 
-def identity_vs_allreduce(rank: int, world_size: int, steps: int) -> dict[str, Any]:
+def identity_vs_allreduce(rank: int, group: Any, steps: int) -> dict[str, Any]:
     """EFSGD(Identity) + ErrorFeedbackAllReduce vs torch SGD on AllReduce-averaged grads."""
     a, b = make_params(torch.float64), make_params(torch.float64)
-    oa = signsgd.EFSGD(a, lr=0.25, compressor=Identity(), aggregator=ErrorFeedbackAllReduce())
-    base = AllReduce()
+    agg = ErrorFeedbackAllReduce(group)
+    oa = signsgd.EFSGD(a, lr=0.25, compressor=Identity(), aggregator=agg)
+    base = AllReduce(group)
     ob = torch.optim.SGD(b, lr=0.25)
     for step in range(steps):
         for p, g in zip(a, grads_for(a, rank, step, zeros=False)):
@@ -178,20 +182,19 @@ def identity_vs_allreduce(rank: int, world_size: int, steps: int) -> dict[str, A
         for p, g in zip(b, mean):
             p.grad = g
         ob.step()
-    return {"ef": _snapshot(a), "sgd": _snapshot(b), "bytes": (base.bytes_sent,
-                                                                base.bytes_received)}
+    return {"ef": _snapshot(a), "sgd": _snapshot(b),
+            "bytes": {"allreduce": (base.bytes_sent, base.bytes_received),
+                      "ef_identity": (agg.bytes_sent, agg.bytes_received)}}
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _build(kind: str) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+def _build(kind: str, group: Any) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
     params = make_params(torch.float64)
     if kind == "signum":
-        opt = signsgd.Signum(params, lr=0.01, momentum=0.9, aggregator=MajorityVote(seed=3))
+        opt = signsgd.Signum(params, lr=0.01, momentum=0.9,
+                             aggregator=MajorityVote(group, seed=3))
     else:
         opt = signsgd.EFSGD(params, lr=0.25, compressor=ScaledSign(),
-                            aggregator=ErrorFeedbackAllReduce())
+                            aggregator=ErrorFeedbackAllReduce(group))
     return params, opt
 
 
@@ -203,29 +206,52 @@ def _train(params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, rank: i
         opt.step()
 
 
-def checkpoint_resume(rank: int, world_size: int, kind: str, total: int, at: int
+def checkpoint_resume(rank: int, group: Any, kind: str, total: int, at: int
                       ) -> dict[str, Any]:
     """Uninterrupted run vs run saved at step ``at`` (torch.save of params + optimiser
-    state), restored into fresh objects (the aggregator pickled too) and continued."""
-    pa, oa = _build(kind)
+    state + the pickled aggregator), restored into fresh objects and continued."""
+    pa, oa = _build(kind, group)
     _train(pa, oa, rank, range(total))
-    pb, ob = _build(kind)
+    pb, ob = _build(kind, group)
     _train(pb, ob, rank, range(at))
     buf = io.BytesIO()
     torch.save({"params": _snapshot(pb), "opt": ob.state_dict(),
-                "agg": copy.deepcopy(ob.aggregator)}, buf)
+                "agg": pickle.dumps(ob.aggregator)}, buf)
     _train(pb, ob, rank, range(at, at + 2))  # keep going: the checkpoint must not alias
     buf.seek(0)
     ck = torch.load(buf, weights_only=False)
-    pc, oc = _build(kind)
+    pc, oc = _build(kind, group)
     with torch.no_grad():
         for p, v in zip(pc, ck["params"]):
             p.copy_(v)
-    oc.aggregator = ck["agg"]  # unpickled without its group (None: the default group)
+    unpickled = pickle.loads(ck["agg"])
+    restored_group = unpickled.group  # None: aggregators pickle without their group
     oc.load_state_dict(ck["opt"])
     _train(pc, oc, rank, range(at, total))
     return {"uninterrupted": _snapshot(pa), "resumed": _snapshot(pc),
-            "step": (oa.aggregator.step, oc.aggregator.step)}
+            "step": (oa.aggregator.step, oc.aggregator.step),
+            "unpickled_group": restored_group, "unpickled_step": unpickled.step}
+
+
+def aggregator_suite(rank: int, world_size: int, steps: int) -> dict[str, Any]:
+    """Everything test_aggregators.py checks, in one launch: sub-groups of ranks 0..m-1."""
+    groups = {m: dist.new_group(list(range(m))) for m in range(1, world_size + 1)}
+    out: dict[str, Any] = {}
+    g1, g2, g3 = groups[1], groups[2], groups[3]
+    if rank < 1:
+        out["single"] = signum_single_equivalence(rank, g1, steps)
+        out["ef1"] = ef_run(rank, g1, 5, "scaled_sign")
+    if rank < 2:
+        out["signum2"] = signum_ranks(rank, g2, steps, 0.9, "sharded")
+        out["ef2"] = ef_run(rank, g2, 5, "scaled_sign")
+        out["ckpt_signum"] = checkpoint_resume(rank, g2, "signum", 10, 4)
+    out["signum3"] = signum_ranks(rank, g3, steps, 0.9, "allgather")
+    out["signsgd3"] = signum_ranks(rank, g3, steps, 0.0, "sharded")
+    out["ef3"] = ef_run(rank, g3, 5, "scaled_sign")
+    out["ef3_sign"] = ef_run(rank, g3, 3, "sign")
+    out["identity3"] = identity_vs_allreduce(rank, g3, 4)
+    out["ckpt_ef"] = checkpoint_resume(rank, g3, "ef", 8, 3)
+    return out
 
 
 # ----------------------------------------------------------------------------- failures
