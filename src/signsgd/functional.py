@@ -5,6 +5,12 @@ path (``foreach=False``) and a multi-tensor path (``foreach=True``, ``torch._for
 that give bit-identical results (``tests/test_functional.py``). The optimiser classes in
 :mod:`signsgd.optim` are thin wrappers that hold state and call these.
 
+The multi-tensor path of the sign updates works in batches of about ``2**20`` elements (a
+tensor larger than that is cut into flat views), so the temporaries stay in cache and
+are small enough to be recycled by the allocator: one Signum step then reads the gradient
+twice (once for the finite check, once for the momentum), and the momentum and the
+parameter once each, with no large temporary.
+
 Conventions (DESIGN.md):
 
 * Signum: ``m ← β·m + (1−β)·g`` (computed as ``m.lerp_(g, 1−β)``), ``m`` starts at 0, no
@@ -25,8 +31,8 @@ References:
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -41,12 +47,22 @@ __all__ = [
     "first_nonfinite",
 ]
 
+#: Elements per batch of the multi-tensor sign updates; a multiple of 4096 so that a cut
+#: tensor's views keep the alignment (and so the vectorisation) of the whole tensor.
+_BATCH = 1 << 20
 
-def _by_device_dtype(tensors: Sequence[Tensor]) -> list[list[int]]:
-    """Indices of ``tensors`` grouped by (device, dtype), for the foreach kernels."""
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+
+def _buckets(tensors: Sequence[Tensor]) -> list[list[int]] | None:
+    """Indices of ``tensors`` grouped by (device, dtype); ``None`` if there is one group."""
+    if not tensors:
+        return None
+    first = tensors[0]
+    dtype, device = first.dtype, first.device
+    if all(t.dtype is dtype for t in tensors) and all(t.device == device for t in tensors):
+        return None
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(tensors):
-        groups[(t.device, t.dtype)].append(i)
+        groups.setdefault((t.device, t.dtype), []).append(i)
     return list(groups.values())
 
 
@@ -54,25 +70,107 @@ def _pick(tensors: Sequence[Tensor], idx: list[int]) -> list[Tensor]:
     return [tensors[i] for i in idx]
 
 
+def _by_bucket(*lists: Sequence[Tensor]) -> Iterator[list[list[Tensor]]]:
+    """The aligned ``lists`` split into (device, dtype) buckets of the first list."""
+    buckets = _buckets(lists[0])
+    if buckets is None:
+        yield [list(ts) for ts in lists]
+        return
+    for idx in buckets:
+        yield [_pick(ts, idx) for ts in lists]
+
+
+def _batches(lists: list[list[Tensor]]) -> Iterator[list[list[Tensor]]]:
+    """The aligned tensor ``lists`` in batches of at most about ``_BATCH`` elements.
+
+    A tensor larger than ``_BATCH`` whose aligned tensors are all contiguous is cut into
+    flat views of ``_BATCH`` elements; elementwise results are the same as on the whole.
+    """
+    first = lists[0]
+    sizes = [t.numel() for t in first]
+    if sum(sizes) <= _BATCH:
+        yield lists
+        return
+    n_lists = len(lists)
+    batch: list[list[Tensor]] = [[] for _ in range(n_lists)]
+    filled = 0
+    for i, size in enumerate(sizes):
+        row = [ts[i] for ts in lists]
+        if size > _BATCH and all(t.is_contiguous() for t in row):
+            if filled:
+                yield batch
+                batch, filled = [[] for _ in range(n_lists)], 0
+            flats = [t.view(-1) for t in row]
+            for start in range(0, size, _BATCH):
+                yield [[f[start:start + _BATCH]] for f in flats]
+            continue
+        for b, t in zip(batch, row):
+            b.append(t)
+        filled += size
+        if filled >= _BATCH:
+            yield batch
+            batch, filled = [[] for _ in range(n_lists)], 0
+    if filled or batch[0]:
+        yield batch
+
+
+#: Tensors up to this many elements are screened together, flattened into one buffer.
+_SMALL = 1 << 16
+
+
+def _screen(tensors: Sequence[Tensor]) -> float:
+    """A number that is finite whenever every entry of ``tensors`` (one dtype) is finite.
+
+    The sum of all entries (small tensors flattened together, large ones summed one by
+    one); it is NaN or inf if any entry is, and may overflow on huge finite entries.
+    """
+    acc = torch.float32 if tensors[0].dtype in (torch.float16, torch.bfloat16) else None
+    sums: list[Tensor] = []
+    small: list[Tensor] = []
+    for t in tensors:
+        if t.numel() > _SMALL:
+            sums.append(t.sum(dtype=acc))
+        else:
+            small.append(t)
+    if small:
+        sums.append(torch._utils._flatten_dense_tensors(small).sum(dtype=acc))
+    total = sums[0] if len(sums) == 1 else torch.stack(sums).sum()
+    return total.item()
+
+
 def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:
     """Index of the first tensor holding a NaN or ±inf, or ``None`` if all are finite.
 
-    One reduction pass per tensor (``_foreach_norm`` with ord=inf propagates NaN and inf)
-    and one host synchronisation per (device, dtype) group.
+    A fast screen first: the sum of all entries of each (device, dtype) bucket is finite
+    whenever no entry is NaN or inf. Only if the screen fails does an exact per-tensor
+    ``isfinite`` pass find the index (and clear a false alarm from overflow of huge finite
+    entries). Cost: one read of each tensor and one host synchronisation per bucket.
+
+    Args:
+        tensors: real floating tensors of any dtype and device (empty tensors are fine).
+
+    Returns:
+        The smallest index ``i`` such that ``tensors[i]`` has a NaN or inf entry, or None.
 
     Example:
         >>> first_nonfinite([torch.ones(2), torch.tensor([1.0, float("nan")])])
         1
+        >>> first_nonfinite([torch.ones(2), torch.tensor([3e38, 3e38])]) is None
+        True
     """
-    bad: list[int] = []
-    for idx in _by_device_dtype(tensors):
-        nonempty = [i for i in idx if tensors[i].numel() > 0]
-        if not nonempty:
-            continue
-        norms = torch._foreach_norm(_pick(tensors, nonempty), float("inf"))
-        ok = torch.isfinite(torch.stack(norms)).tolist()
-        bad.extend(i for i, fine in zip(nonempty, ok) if not fine)
-    return min(bad) if bad else None
+    if not tensors:
+        return None
+    buckets = _buckets(tensors)
+    groups = [list(range(len(tensors)))] if buckets is None else buckets
+    suspect: list[int] = []
+    for idx in groups:
+        ts = tensors if buckets is None else _pick(tensors, idx)
+        if not math.isfinite(_screen(ts)):
+            suspect.extend(idx)
+    for i in sorted(suspect):
+        if not bool(torch.isfinite(tensors[i]).all()):
+            return i
+    return None
 
 
 # --------------------------------------------------------------------------- Signum
@@ -104,17 +202,28 @@ def signum_direction(
     """
     if momentum == 0:
         return list(grads)
-    bufs = [b for b in momentum_buffers]
-    if any(b is None for b in bufs):
+    if len(momentum_buffers) != len(grads) or any(b is None for b in momentum_buffers):
         raise ValueError("signum_direction needs a momentum buffer for every gradient")
+    weight = 1.0 - momentum
     if not foreach:
-        return [torch.lerp(b, g, 1.0 - momentum) for b, g in zip(bufs, grads)]  # type: ignore[arg-type]
+        return [torch.lerp(b, g, weight) for b, g in zip(momentum_buffers, grads)]  # type: ignore[arg-type]
+    buckets = _buckets(grads)
+    if buckets is None:
+        return list(torch._foreach_lerp(momentum_buffers, grads, weight))  # type: ignore[arg-type]
     out: list[Tensor | None] = [None] * len(grads)
-    for idx in _by_device_dtype(grads):
-        res = torch._foreach_lerp(_pick(bufs, idx), _pick(grads, idx), 1.0 - momentum)  # type: ignore[arg-type]
+    for idx in buckets:
+        res = torch._foreach_lerp(_pick(momentum_buffers, idx), _pick(grads, idx), weight)  # type: ignore[arg-type]
         for i, r in zip(idx, res):
             out[i] = r
     return out  # type: ignore[return-value]
+
+
+def _sign_apply_batch(xs: list[Tensor], ds: list[Tensor], lr: float, decay: float,
+                      take_sign: bool) -> None:
+    ss = torch._foreach_sign(ds) if take_sign else ds
+    if decay != 1.0:
+        torch._foreach_mul_(xs, decay)
+    torch._foreach_add_(xs, ss, alpha=-lr)
 
 
 def sign_update_(
@@ -137,27 +246,30 @@ def sign_update_(
         take_sign: take ``torch.sign`` of ``directions`` (``False`` for votes).
         foreach: use the multi-tensor kernels.
 
+    Returns:
+        None; ``params`` are updated in place.
+
     Example:
         >>> x = torch.tensor([1.0, 1.0])
         >>> sign_update_([x], [torch.tensor([3.0, -0.5])], lr=0.5, weight_decay=0.0)
         >>> x
         tensor([0.5000, 1.5000])
+
+    Reference: Bernstein et al., signSGD, ICML 2018 (Algorithm 1).
     """
+    if len(directions) != len(params):
+        raise ValueError(f"got {len(params)} params but {len(directions)} directions")
     decay = 1.0 - lr * weight_decay
     if not foreach:
         for x, d in zip(params, directions):
             s = torch.sign(d) if take_sign else d
-            if weight_decay != 0:
+            if decay != 1.0:
                 x.mul_(decay)
             x.add_(s, alpha=-lr)
         return
-    for idx in _by_device_dtype(params):
-        xs = _pick(params, idx)
-        ds = _pick(directions, idx)
-        ss = torch._foreach_sign(ds) if take_sign else ds
-        if weight_decay != 0:
-            torch._foreach_mul_(xs, decay)
-        torch._foreach_add_(xs, ss, alpha=-lr)
+    for xs, ds in _by_bucket(params, directions):
+        for bx, bd in _batches([xs, ds]):
+            _sign_apply_batch(bx, bd, lr, decay, take_sign)
 
 
 def signum(
@@ -170,18 +282,23 @@ def signum(
     weight_decay: float,
     foreach: bool = False,
 ) -> None:
-    """One single-process Signum step (signSGD when ``momentum == 0``), in place.
+    r"""One single-process Signum step (signSGD when ``momentum == 0``), in place.
 
-    ``m ← β·m + (1−β)·g``;  ``x ← x − lr·(sign(m) + wd·x)``.
+    .. math::
+        m \leftarrow \beta m + (1-\beta) g,\qquad
+        x \leftarrow x - \mathrm{lr}\,(\mathrm{sign}(m) + \mathrm{wd}\,x)
 
     Args:
-        params: parameters with gradients.
+        params: parameters with gradients, updated in place.
         grads: their gradients (finite; the optimiser checks).
         momentum_buffers: momentum ``m`` per parameter, updated in place (unused if β = 0).
         lr: learning rate.
         momentum: β in [0, 1).
         weight_decay: decoupled weight decay.
         foreach: use the multi-tensor kernels.
+
+    Returns:
+        None; ``params`` and ``momentum_buffers`` are updated in place.
 
     Example:
         >>> x, m = torch.tensor([1.0]), torch.tensor([0.0])
@@ -191,18 +308,27 @@ def signum(
 
     Reference: Bernstein et al., signSGD, ICML 2018 (Algorithms 1 and 2).
     """
-    if momentum != 0:
-        bufs = list(momentum_buffers)
-        if not foreach:
-            for b, g in zip(bufs, grads):
-                b.lerp_(g, 1.0 - momentum)  # type: ignore[union-attr]
-        else:
-            for idx in _by_device_dtype(grads):
-                torch._foreach_lerp_(_pick(bufs, idx), _pick(grads, idx), 1.0 - momentum)  # type: ignore[arg-type]
-        directions: Sequence[Tensor] = bufs  # type: ignore[assignment]
-    else:
-        directions = grads
-    sign_update_(params, directions, lr=lr, weight_decay=weight_decay, foreach=foreach)
+    if len(grads) != len(params):
+        raise ValueError(f"got {len(params)} params but {len(grads)} gradients")
+    if momentum == 0:
+        sign_update_(params, grads, lr=lr, weight_decay=weight_decay, foreach=foreach)
+        return
+    if len(momentum_buffers) != len(params) or any(b is None for b in momentum_buffers):
+        raise ValueError("signum with momentum needs a momentum buffer for every parameter")
+    weight = 1.0 - momentum
+    decay = 1.0 - lr * weight_decay
+    if not foreach:
+        for x, g, m in zip(params, grads, momentum_buffers):
+            m.lerp_(g, weight)  # type: ignore[union-attr]
+            s = torch.sign(m)  # type: ignore[arg-type]
+            if decay != 1.0:
+                x.mul_(decay)
+            x.add_(s, alpha=-lr)
+        return
+    for xs, gs, ms in _by_bucket(params, grads, momentum_buffers):  # type: ignore[arg-type]
+        for bx, bg, bm in _batches([xs, gs, ms]):
+            torch._foreach_lerp_(bm, bg, weight)
+            _sign_apply_batch(bx, bm, lr, decay, True)
 
 
 # --------------------------------------------------------------------------- EF-SGD
@@ -219,8 +345,21 @@ def ef_compensate(
 ) -> tuple[list[Tensor], list[Tensor]]:
     """The error-compensated vector ``p = lr·(g + wd·x) + e`` (momentum: ``lr·m + e``).
 
-    Out of place: returns ``(p, new_momentum)``; nothing passed in is modified. With
-    ``momentum == 0`` the second list is empty.
+    With momentum β > 0 the new heavy-ball buffer is ``m' = β·m + g + wd·x`` and
+    ``p = lr·m' + e``. Out of place: nothing passed in is modified.
+
+    Args:
+        params: parameters ``x``.
+        grads: gradients ``g``.
+        errors: error buffers ``e``.
+        momentum_buffers: heavy-ball buffers ``m`` (ignored when ``momentum == 0``).
+        lr: learning rate.
+        momentum: β in [0, 1).
+        weight_decay: L2 weight decay added to the gradient.
+        foreach: use the multi-tensor kernels.
+
+    Returns:
+        ``(p, new_momentum)``; the second list is empty when ``momentum == 0``.
 
     Example:
         >>> p, _ = ef_compensate([torch.tensor([1.0])], [torch.tensor([2.0])],
@@ -228,8 +367,15 @@ def ef_compensate(
         ...                      weight_decay=0.0)
         >>> p
         [tensor([1.])]
+
+    Reference: Karimireddy et al., Error Feedback Fixes SignSGD, ICML 2019 (Algorithm 2).
     """
     n = len(params)
+    if len(grads) != n or len(errors) != n:
+        raise ValueError(f"got {n} params, {len(grads)} gradients and {len(errors)} errors")
+    if momentum != 0 and (len(momentum_buffers) != n
+                          or any(b is None for b in momentum_buffers)):
+        raise ValueError("ef_compensate with momentum needs a buffer for every parameter")
     out_p: list[Tensor | None] = [None] * n
     out_m: list[Tensor | None] = [None] * n if momentum != 0 else []
     if not foreach:
@@ -240,7 +386,8 @@ def ef_compensate(
                 out_m[i] = d
             out_p[i] = e.add(d, alpha=lr)
         return out_p, out_m  # type: ignore[return-value]
-    for idx in _by_device_dtype(params):
+    buckets = _buckets(params)
+    for idx in [list(range(n))] if buckets is None else buckets:
         xs, gs, es = _pick(params, idx), _pick(grads, idx), _pick(errors, idx)
         ds = torch._foreach_add(gs, xs, alpha=weight_decay) if weight_decay != 0 else gs
         if momentum != 0:
@@ -265,19 +412,56 @@ def ef_apply_(
 ) -> None:
     """Commit an EF step in place: ``e ← p − C(p)`` and ``x ← x − Δ``.
 
-    ``transmitted`` is this worker's ``C(p)``; ``update`` is the ``Δ`` applied to the
-    parameters (the same tensors in a single process, the aggregate in a distributed run).
+    Args:
+        params: parameters ``x``, updated in place.
+        errors: error buffers ``e``, overwritten in place.
+        compensated: the vectors ``p`` (not modified).
+        transmitted: this worker's ``C(p)``.
+        update: the ``Δ`` applied to the parameters (the same tensors as ``transmitted``
+            in a single process, the aggregate in a distributed run).
+        foreach: use the multi-tensor kernels.
+
+    Returns:
+        None.
+
+    Example:
+        >>> x, e = torch.tensor([1.0]), torch.tensor([0.0])
+        >>> ef_apply_([x], [e], [torch.tensor([0.75])], [torch.tensor([0.5])],
+        ...           [torch.tensor([0.5])])
+        >>> x, e
+        (tensor([0.5000]), tensor([0.2500]))
+
+    Reference: Karimireddy et al., Error Feedback Fixes SignSGD, ICML 2019 (Algorithm 2).
     """
+    n = len(params)
+    if not (len(errors) == len(compensated) == len(transmitted) == len(update) == n):
+        raise ValueError("ef_apply_ needs one error, p, C(p) and update per parameter")
     if not foreach:
         for x, e, p, c, u in zip(params, errors, compensated, transmitted, update):
             torch.sub(p, c, out=e)
             x.sub_(u)
         return
-    for idx in _by_device_dtype(params):
-        torch._foreach_copy_(
-            _pick(errors, idx), torch._foreach_sub(_pick(compensated, idx), _pick(transmitted, idx))
-        )
-        torch._foreach_sub_(_pick(params, idx), _pick(update, idx))
+    for xs, es, ps, cs, us in _by_bucket(params, errors, compensated, transmitted, update):
+        torch._foreach_copy_(es, ps)
+        torch._foreach_sub_(es, cs)
+        torch._foreach_sub_(xs, us)
+
+
+def _compress_all(compressor: Callable[[Tensor], Tensor], ps: Sequence[Tensor]) -> list[Tensor]:
+    """``C(p)`` for each ``p``, checking that ``C`` keeps shape, dtype and device."""
+    out = []
+    for i, p in enumerate(ps):
+        c = compressor(p)
+        if not isinstance(c, Tensor) or c.shape != p.shape or c.dtype != p.dtype \
+                or c.device != p.device:
+            got = (f"{type(c).__name__} {tuple(c.shape)} {c.dtype} on {c.device}"
+                   if isinstance(c, Tensor) else type(c).__name__)
+            raise ValueError(
+                f"compressor {compressor!r} returned {got} for tensor {i} of shape "
+                f"{tuple(p.shape)}, dtype {p.dtype} on {p.device}; it must keep all three"
+            )
+        out.append(c)
+    return out
 
 
 def ef_sgd(
@@ -292,18 +476,29 @@ def ef_sgd(
     compressor: Callable[[Tensor], Tensor],
     foreach: bool = False,
 ) -> None:
-    """One single-process EF-SGD step, in place (EF-signSGD with ``ScaledSign``).
+    r"""One single-process EF-SGD step, in place (EF-signSGD with ``ScaledSign``).
 
-    ``p ← lr·(g + wd·x) + e``;  ``Δ ← C(p)``;  ``e ← p − Δ``;  ``x ← x − Δ``
-    (with momentum β > 0: ``m ← β·m + (g + wd·x)`` and ``p ← lr·m + e``).
+    .. math::
+        p \leftarrow \mathrm{lr}\,(g + \mathrm{wd}\,x) + e,\quad
+        \Delta \leftarrow C(p),\quad e \leftarrow p - \Delta,\quad x \leftarrow x - \Delta
+
+    With momentum β > 0: ``m ← β·m + (g + wd·x)`` and ``p ← lr·m + e``. The compressor
+    runs on every tensor before anything is written, so a compressor that raises leaves
+    parameters and buffers untouched.
 
     Args:
-        params, grads: parameters and their (finite) gradients.
+        params: parameters, updated in place.
+        grads: their (finite) gradients.
         errors: error buffers ``e``, updated in place.
         momentum_buffers: heavy-ball buffers (unused if β = 0), updated in place.
-        lr, momentum, weight_decay: hyper-parameters.
-        compressor: ``C``, applied per tensor.
+        lr: learning rate.
+        momentum: heavy-ball β in [0, 1).
+        weight_decay: L2 weight decay added to the gradient.
+        compressor: ``C``, applied per tensor; must keep shape, dtype and device.
         foreach: use the multi-tensor kernels.
+
+    Returns:
+        None.
 
     Example:
         >>> from signsgd.compression import ScaledSign
@@ -319,8 +514,12 @@ def ef_sgd(
         params, grads, errors, momentum_buffers,
         lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=foreach,
     )
-    deltas = [compressor(p) for p in ps]
+    deltas = _compress_all(compressor, ps)
     if momentum != 0:
-        for b, m in zip(momentum_buffers, ms):
-            b.copy_(m)  # type: ignore[union-attr]
+        if foreach:
+            for bs, ns in _by_bucket(momentum_buffers, ms):  # type: ignore[arg-type]
+                torch._foreach_copy_(bs, ns)
+        else:
+            for b, m in zip(momentum_buffers, ms):
+                b.copy_(m)  # type: ignore[union-attr]
     ef_apply_(params, errors, ps, deltas, deltas, foreach=foreach)

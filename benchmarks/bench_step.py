@@ -1,0 +1,139 @@
+"""Time ``Signum.step`` against ``torch.optim.SGD(momentum=0.9, foreach=True).step``.
+
+Two parameter sets, both float32 on CPU, gradients fixed (set once, never recomputed):
+
+* ``resnet20``: the parameter shapes of a CIFAR ResNet-20 (3 stages x 3 basic blocks,
+  16/32/64 channels, conv + BatchNorm weights/biases, 1x1 projection shortcuts where the
+  stage changes, final linear layer): about 0.27M elements in about 65 tensors;
+* ``flat25m``: one tensor of 25M elements.
+
+For each set the two optimisers are timed in interleaved rounds (so drift of a shared
+machine hits both alike); each round times ``--inner`` back-to-back steps; the script
+prints the median step time of each optimiser and the ratio ours / baseline, all measured
+in this run. With ``--markdown PATH`` it also writes the results as a markdown table.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_step.py
+    .venv/bin/python benchmarks/bench_step.py --rounds 41 --markdown benchmarks/results/step.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+import signsgd
+
+
+def resnet20_shapes(num_classes: int = 10) -> list[tuple[int, ...]]:
+    """Parameter shapes of a CIFAR ResNet-20 (He et al. 2016, section 4.2)."""
+    shapes: list[tuple[int, ...]] = [(16, 3, 3, 3), (16,), (16,)]  # stem conv + BN
+    c_in = 16
+    for c_out in (16, 32, 64):
+        for block in range(3):
+            shapes += [(c_out, c_in, 3, 3), (c_out,), (c_out,)]
+            shapes += [(c_out, c_out, 3, 3), (c_out,), (c_out,)]
+            if block == 0 and c_in != c_out:  # projection shortcut: 1x1 conv + BN
+                shapes += [(c_out, c_in, 1, 1), (c_out,), (c_out,)]
+            c_in = c_out
+    shapes += [(num_classes, 64), (num_classes,)]
+    return shapes
+
+
+def make_params(shapes: list[tuple[int, ...]], seed: int) -> list[torch.nn.Parameter]:
+    """Parameters with fixed random gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for s in shapes:
+        p = torch.nn.Parameter(torch.randn(s, generator=gen))
+        p.grad = torch.randn(s, generator=gen)
+        params.append(p)
+    return params
+
+
+def time_rounds(steps: dict[str, Callable[[], object]], rounds: int,
+                inner: int) -> dict[str, list[float]]:
+    """Per-step seconds of each callable, ``rounds`` interleaved rounds of ``inner`` calls."""
+    out: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                step()
+            out[name].append((time.perf_counter() - t0) / inner)
+    return out
+
+
+def bench(shapes: list[tuple[int, ...]], rounds: int, inner: int,
+          warmup: int) -> dict[str, float]:
+    """Median step seconds of Signum and SGD on the same parameters, and their ratio."""
+    ours_p = make_params(shapes, seed=1)
+    base_p = make_params(shapes, seed=1)
+    ours = signsgd.Signum(ours_p, lr=1e-4, momentum=0.9)
+    base = torch.optim.SGD(base_p, lr=1e-4, momentum=0.9, foreach=True)
+    steps = {"signum": ours.step, "sgd": base.step}
+    time_rounds(steps, rounds=1, inner=warmup)
+    times = time_rounds(steps, rounds=rounds, inner=inner)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    return {"signum": med["signum"], "sgd": med["sgd"], "ratio": med["signum"] / med["sgd"],
+            "numel": sum(p.numel() for p in ours_p), "tensors": len(ours_p)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=31, help="interleaved timing rounds")
+    ap.add_argument("--inner-small", type=int, default=50, help="steps per round, resnet20")
+    ap.add_argument("--inner-large", type=int, default=3, help="steps per round, flat25m")
+    ap.add_argument("--large", type=int, default=25_000_000, help="elements of the big tensor")
+    ap.add_argument("--markdown", default=None, help="also write a markdown report here")
+    args = ap.parse_args(argv)
+
+    cases = [
+        ("resnet20", resnet20_shapes(), args.inner_small, 20),
+        (f"flat{args.large // 1_000_000}m", [(args.large,)], args.inner_large, 2),
+    ]
+    rows = []
+    for name, shapes, inner, warmup in cases:
+        r = bench(shapes, rounds=args.rounds, inner=inner, warmup=warmup)
+        rows.append((name, r))
+        print(f"{name:10s} {r['tensors']:3d} tensors {r['numel']:>11,d} elements  "
+              f"Signum {r['signum'] * 1e3:8.3f} ms  SGD {r['sgd'] * 1e3:8.3f} ms  "
+              f"ratio {r['ratio']:.2f}x", flush=True)
+
+    if args.markdown:
+        cmd = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+        now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        lines = [
+            "# Signum.step vs torch.optim.SGD(momentum=0.9, foreach=True).step",
+            "",
+            f"- command: `{cmd}`",
+            f"- date: {now}",
+            f"- machine: {platform.machine()}, `nproc` = {os.cpu_count()}, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, CPU, float32",
+            "- the machine was shared with other jobs while this ran; medians over "
+            f"{args.rounds} interleaved rounds, gradients fixed",
+            "- target: ratio <= 1.2x",
+            "",
+            "| parameters | tensors | elements | Signum.step (ms) | SGD.step (ms) | ratio |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for name, r in rows:
+            lines.append(f"| {name} | {r['tensors']} | {r['numel']:,} | {r['signum'] * 1e3:.3f} "
+                         f"| {r['sgd'] * 1e3:.3f} | {r['ratio']:.2f}x |")
+        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
