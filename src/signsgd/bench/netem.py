@@ -66,6 +66,7 @@ __all__ = [
     "format_rate",
     "launch",
     "parse_rate",
+    "probe_throughput",
     "read_lo_bytes",
     "shaping_unavailable_reason",
 ]
@@ -423,6 +424,46 @@ class NetworkEmulator:
 
     def __repr__(self) -> str:
         return f"NetworkEmulator({format_rate(self.rate_bps)!r}, name={self.name!r})"
+
+
+_PROBE = """
+import socket, sys, threading, time
+N = int(sys.argv[1])
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
+got = []
+def recv():
+    c, _ = srv.accept(); n = 0
+    while n < N:
+        b = c.recv(1 << 20)
+        if not b:
+            break
+        n += len(b)
+    got.append(n); c.close()
+t = threading.Thread(target=recv); t.start()
+s = socket.create_connection(srv.getsockname())
+buf = b"x" * min(N, 1 << 22); sent = 0
+t0 = time.perf_counter()
+while sent < N:
+    k = min(len(buf), N - sent); s.sendall(buf[:k]); sent += k
+s.close(); t.join()
+print(time.perf_counter() - t0, got[0])
+"""
+
+
+def probe_throughput(emulator: NetworkEmulator, nbytes: int = 2_000_000) -> tuple[float, int]:
+    """Send ``nbytes`` over one TCP connection on the namespace's loopback.
+
+    Returns ``(seconds, bytes received)``; ``8·bytes/seconds`` is the link's throughput for
+    one flow (the tbf burst lets the first 256 kB through at loopback speed).
+    """
+    if not emulator.created:
+        raise ValueError(f"{emulator!r} is not open; use it as a context manager")
+    if not isinstance(nbytes, int) or nbytes < 1:
+        raise ValueError(f"nbytes must be an int >= 1, got {nbytes!r}")
+    out = _run_checked(emulator.prefix + [sys.executable, "-c", _PROBE, str(nbytes)],
+                       "the throughput probe")
+    secs, got = out.split()
+    return float(secs), int(got)
 
 
 # ------------------------------------------------------------------------------- launch

@@ -1,0 +1,400 @@
+"""Per-step aggregation time and bytes of every method, on an emulated network.
+
+For each link rate (unshaped, 10 Gbit/s, 1 Gbit/s, 100 Mbit/s), number of workers M and
+vector size d, M Gloo workers in a fresh network namespace (``signsgd.bench.netem``;
+loopback shaped with ``tc tbf``, i.e. M ranks sharing one link of that rate) time one
+aggregation of a random d-vector with: sharded majority vote, allgather majority vote,
+EF all-reduce (1-bit ScaledSign), fp16 all-reduce and fp32 all-reduce. Every ratio is
+against fp32 all-reduce in the same launch (same rate, M, d). The predicted time is the
+bandwidth model of docs/performance.md: unshaped time of the same cell + 8·M·sent / rate.
+
+Repetitions are adaptive (signsgd.bench.comm): an op slower than 2 s is measured once;
+cells whose wire time is predicted above ``--skip-above`` seconds are skipped and listed.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_comm.py --quick            # about a minute
+    .venv/bin/python benchmarks/bench_comm.py                    # the full grid
+    .venv/bin/python benchmarks/bench_comm.py --render benchmarks/results/comm.json
+
+Writes ``--json`` (raw records, rewritten after every launch), ``--markdown`` and
+``--plot`` (time against bandwidth, one line per method, one panel per (M, d)).
+Needs root and iproute2 to shape; without them it says so and runs unshaped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from signsgd.bench.comm import LABELS, METHODS, comm_worker
+from signsgd.bench.model import predict_time
+from signsgd.bench.netem import (
+    DEFAULT_RATES,
+    NetworkEmulator,
+    check_world_size,
+    format_rate,
+    launch,
+    parse_rate,
+    probe_throughput,
+    shaping_unavailable_reason,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+FULL = {"dims": [1_000_000, 11_000_000, 25_000_000], "workers": [2, 4, 8],
+        "rates": list(DEFAULT_RATES)}
+QUICK = {"dims": [1_000_000], "workers": [4], "rates": ["unshaped", "1gbit", "100mbit"]}
+
+
+def _size(text: str) -> int:
+    t = text.strip().lower()
+    mult = {"k": 10**3, "m": 10**6}.get(t[-1:], 1)
+    try:
+        value = int(float(t[:-1] if mult > 1 else t) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cannot parse size {text!r} (e.g. 1m, 25m)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"size must be >= 1, got {text!r}")
+    return value
+
+
+def _workers(text: str) -> int:
+    try:
+        return check_world_size(int(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (got {text!r})") from None
+
+
+def _rate(text: str) -> str:
+    try:
+        parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def machine() -> dict[str, Any]:
+    """The facts a results file records about where it ran."""
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the grid; return (and keep writing to ``args.json``) the raw results."""
+    reason = shaping_unavailable_reason()
+    data: dict[str, Any] = {
+        "command": args.command_line,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "shaping": reason or "tc tbf on the loopback of a fresh network namespace",
+        "settings": {"dims": args.dims, "workers": args.workers, "rates": args.rates,
+                     "methods": args.methods, "skip_above_s": args.skip_above,
+                     "target_s": args.target_s},
+        "cells": [],
+    }
+    if reason:
+        print(f"NOTE: cannot shape the network here ({reason}); every rate runs unshaped.",
+              file=sys.stderr)
+    else:
+        with NetworkEmulator("unshaped") as probe_ns:
+            secs, got = probe_throughput(probe_ns, 200_000_000)
+        data["loopback_bps"] = 8 * got / secs
+        print(f"unshaped loopback, one TCP flow: {data['loopback_bps'] / 1e9:.2f} Gbit/s",
+              file=sys.stderr)
+    t_start = time.monotonic()
+    for rate in args.rates:
+        rate_bps = parse_rate(rate)
+        emu = NetworkEmulator(rate_bps) if reason is None else None
+        try:
+            if emu is not None:
+                emu.open()
+            for m in args.workers:
+                t0 = time.monotonic()
+                out = launch(
+                    comm_worker, m,
+                    (args.dims, args.methods, rate_bps, args.skip_above, 2.0, args.target_s,
+                     args.min_reps, args.max_reps, emu is not None),
+                    emulator=emu, rate=rate, timeout=args.timeout, pg_timeout=args.timeout,
+                )
+                for rec in out.results[0]:
+                    rec.update(rate=rate, rate_bps=rate_bps, shaped=out.shaped)
+                    data["cells"].append(rec)
+                print(f"[{time.monotonic() - t_start:6.0f}s] {format_rate(rate_bps):>12} "
+                      f"M={m}: {time.monotonic() - t0:.0f}s", file=sys.stderr)
+                _summarise(out.results[0], rate, m)
+                if args.json:
+                    _write_json(args.json, data)
+        finally:
+            if emu is not None:
+                emu.close()
+    data["wall_s"] = round(time.monotonic() - t_start, 1)
+    if args.json:
+        _write_json(args.json, data)
+    return data
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _summarise(records: list[dict[str, Any]], rate: str, m: int) -> None:
+    by_d: dict[int, dict[str, dict[str, Any]]] = {}
+    for r in records:
+        by_d.setdefault(r["d"], {})[r["method"]] = r
+    for d, cells in by_d.items():
+        base = cells.get("fp32_allreduce", {}).get("median_s")
+        parts = []
+        for meth, r in cells.items():
+            if r["median_s"] is None:
+                parts.append(f"{meth}=-")
+            else:
+                ratio = f" ({r['median_s'] / base:.3f}x)" if base else ""
+                parts.append(f"{meth}={r['median_s'] * 1e3:.1f}ms{ratio}")
+        print(f"  {rate} M={m} d={d / 1e6:g}M: " + ", ".join(parts), file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------- report
+def _index(cells: list[dict[str, Any]]) -> dict[tuple[str, int, int, str], dict[str, Any]]:
+    return {(c["rate"], c["world_size"], c["d"], c["method"]): c for c in cells}
+
+
+def predicted(idx: dict[tuple[str, int, int, str], dict[str, Any]], c: dict[str, Any],
+              loopback_bps: float | None) -> float | None:
+    """Bandwidth-model time of cell ``c`` (docs/performance.md).
+
+    ``T0 + 8·W/min(R, R_lo)`` with ``W = M·sent`` (payload, all ranks), ``R_lo`` the
+    unshaped loopback's one-flow throughput measured in the same run, and
+    ``T0 = T_unshaped − 8·W/R_lo`` (at least 0) the part of the step that is not wire time.
+    """
+    if c["rate_bps"] is None or not c.get("shaped"):
+        return None
+    base = idx.get(("unshaped", c["world_size"], c["d"], c["method"]))
+    if base is None or base["median_s"] is None or c["sent"] is None:
+        return None
+    wire = c["world_size"] * c["sent"]
+    rate = c["rate_bps"] if not loopback_bps else min(c["rate_bps"], loopback_bps)
+    t0 = base["median_s"] - (8 * wire / loopback_bps if loopback_bps else 0.0)
+    return predict_time(max(t0, 0.0), wire, rate)
+
+
+def _mb(x: float | None) -> str:
+    return "–" if x is None else f"{x / 1e6:.3g}"
+
+
+def markdown(data: dict[str, Any]) -> str:
+    """The results file: header, goals, full table, what was skipped."""
+    cells = data["cells"]
+    idx = _index(cells)
+    mach = data["machine"]
+    lo_bps = data.get("loopback_bps")
+    lines = [
+        "# Communication benchmark: one aggregation step per method",
+        "",
+        f"- Command: `{data['command']}`",
+        f"- Date: {data['date']}; wall time {data.get('wall_s', '?')} s",
+        f"- Machine: {mach['cpus']} CPU cores ({mach['processor']}), {mach['platform']}, "
+        f"Python {mach['python']}, torch {mach['torch']}, Gloo on CPU, 1 torch thread "
+        "per worker.",
+        "- **The machine was shared with ~7 other agents running builds and tests**: every "
+        "number is noisy (compute-bound cells most), and M workers share its 2 cores.",
+        f"- Network: {data['shaping']}; MTU 1500; `burst 256kb latency 400ms`. All M ranks "
+        "share the one shaped link, so a step's wire time is (bytes all ranks send) / rate "
+        "(see docs/performance.md).",
+        "- Time: median over the repetitions of the slowest rank's time for one step "
+        "(barrier before each step); an op slower than 2 s is measured once (reps = 1).",
+        "- `× fp32`: time / fp32 all-reduce time in the same launch (same rate, M, d). "
+        "`pred.`: bandwidth model (docs/performance.md) T0 + 8·M·sent/min(rate, R_lo), "
+        "T0 = unshaped time of the same cell − 8·M·sent/R_lo, R_lo = the unshaped "
+        "loopback's one-flow TCP throughput measured in this run"
+        + (f" ({lo_bps / 1e9:.2f} Gbit/s)" if lo_bps else "")
+        + "; `pred/meas` its ratio to the measurement.",
+        "- Bytes: `sent`/`recv` = payload of one rank per step (the aggregators' counters; "
+        "ring all-reduce 2(M−1)/M·4d for fp32); `wire` = the namespace's loopback byte "
+        "counter per step, all ranks together, TCP/IP headers included.",
+        "",
+    ]
+    goal = [c for c in cells if c["rate"] in ("1gbit", "1Gbit/s") and c["world_size"] == 4
+            and c["d"] == 25_000_000]
+    if goal:
+        g = {c["method"]: c for c in goal}
+        base = g.get("fp32_allreduce", {}).get("median_s")
+        lines += ["## Goals (1 Gbit/s, M = 4, d = 25M)", "",
+                  "| method | time (ms) | × fp32 all-reduce | goal | met? |",
+                  "|---|---:|---:|---:|---|"]
+        for meth, target in (("sharded_vote", 0.05), ("ef_allreduce", 0.08)):
+            c = g.get(meth)
+            if c is None or c["median_s"] is None or not base:
+                lines.append(f"| {LABELS[meth]} | – | – | ≤ {target} | not measured "
+                             f"({c['status'] if c else 'not run'}) |")
+                continue
+            ratio = c["median_s"] / base
+            lines.append(f"| {LABELS[meth]} | {c['median_s'] * 1e3:.1f} | {ratio:.3f} | "
+                         f"≤ {target} | {'yes' if ratio <= target else 'no'} |")
+        lines += ["", f"fp32 all-reduce: {base * 1e3:.0f} ms." if base else "", ""]
+    # Model agreement summary
+    agree = []
+    for c in cells:
+        p = predicted(idx, c, lo_bps)
+        if p is not None and c["median_s"]:
+            agree.append(p / c["median_s"])
+    if agree:
+        within = sum(1 for a in agree if 0.75 <= a <= 1.25)
+        lines += ["## Bandwidth model vs measurement", "",
+                  f"Shaped cells with a prediction: {len(agree)}; within ±25 %: {within} "
+                  f"({100 * within / len(agree):.0f} %); median pred/meas "
+                  f"{sorted(agree)[len(agree) // 2]:.2f}. Per rate:", "",
+                  "| rate | cells | within ±25 % | median pred/meas | min | max |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for rate in data["settings"]["rates"]:
+            rs = [predicted(idx, c, lo_bps) / c["median_s"] for c in cells
+                  if c["rate"] == rate and predicted(idx, c, lo_bps) is not None and c["median_s"]]
+            if rs:
+                rs.sort()
+                lines.append(f"| {format_rate(parse_rate(rate))} | {len(rs)} | "
+                             f"{sum(1 for a in rs if 0.75 <= a <= 1.25)} | "
+                             f"{rs[len(rs) // 2]:.2f} | {rs[0]:.2f} | {rs[-1]:.2f} |")
+        lines.append("")
+    lines += ["## All cells", "",
+              "| rate | M | d | method | time (ms) | × fp32 | pred. (ms) | pred/meas | "
+              "sent/rank (MB) | recv/rank (MB) | wire/step (MB) | reps |",
+              "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    skipped = []
+    for c in cells:
+        rate = format_rate(c["rate_bps"]) + ("" if c.get("shaped") or c["rate_bps"] is None
+                                             else " (NOT shaped)")
+        if c["median_s"] is None:
+            skipped.append(f"- {rate}, M={c['world_size']}, d={c['d'] / 1e6:g}M, "
+                           f"{LABELS[c['method']]}: {c['status']}")
+            continue
+        base = idx.get((c["rate"], c["world_size"], c["d"], "fp32_allreduce"))
+        ratio = (f"{c['median_s'] / base['median_s']:.3f}"
+                 if base and base["median_s"] else "–")
+        p = predicted(idx, c, lo_bps)
+        pm = "–" if p is None else f"{p / c['median_s']:.2f}"
+        lines.append(
+            f"| {rate} | {c['world_size']} | {c['d'] / 1e6:g}M | {LABELS[c['method']]} | "
+            f"{c['median_s'] * 1e3:.1f} | {ratio} | "
+            f"{'–' if p is None else f'{p * 1e3:.1f}'} | "
+            f"{pm} | "
+            f"{_mb(c['sent'])} | {_mb(c['received'])} | {_mb(c['wire_per_step'])} | "
+            f"{c['reps']} |")
+    if skipped:
+        lines += ["", "## Not measured", "", *skipped]
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict[str, Any], path: str) -> None:
+    """Time against bandwidth, one line per method, one panel per (M, d)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = data["cells"]
+    ms = sorted({c["world_size"] for c in cells})
+    ds = sorted({c["d"] for c in cells})
+    rates = [r for r in data["settings"]["rates"]]
+    # x axis: link rate in Gbit/s, unshaped drawn at the right edge
+    shaped = [parse_rate(r) for r in rates if parse_rate(r) is not None]
+    top = (max(shaped) if shaped else 10**9) * 10
+
+    def x_of(bps: int | None) -> float:
+        return (bps if bps is not None else top) / 1e9
+
+    fig, axes = plt.subplots(len(ms), len(ds), figsize=(4.2 * len(ds), 3.3 * len(ms)),
+                             squeeze=False, sharex=True)
+    for i, m in enumerate(ms):
+        for j, d in enumerate(ds):
+            ax = axes[i][j]
+            for meth in data["settings"]["methods"]:
+                pts = sorted((x_of(c["rate_bps"]), c["median_s"]) for c in cells
+                             if c["world_size"] == m and c["d"] == d and c["method"] == meth
+                             and c["median_s"] is not None)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                            label=LABELS[meth])
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title(f"M = {m}, d = {d / 1e6:g}M", fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+            if i == len(ms) - 1:
+                ax.set_xlabel("link rate (Gbit/s; rightmost = unshaped)")
+            if j == 0:
+                ax.set_ylabel("time per step (s)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"Aggregation time vs bandwidth ({data['date']}, {data['machine']['cpus']} "
+                 "shared cores, Gloo)", fontsize=11)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="a one-minute subset: d=1M, M=4, unshaped / 1gbit / 100mbit")
+    p.add_argument("--dims", type=_size, nargs="+", help="vector sizes (e.g. 1m 11m 25m)")
+    p.add_argument("--workers", type=_workers, nargs="+", help="numbers of workers M")
+    p.add_argument("--rates", type=_rate, nargs="+",
+                   help="link rates: unshaped, 10gbit, 1gbit, 100mbit, 10Gbit/s, ...")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--skip-above", type=float, default=30.0,
+                   help="skip a cell whose wire time is predicted above this many seconds")
+    p.add_argument("--target-s", type=float, default=2.0,
+                   help="seconds of repetitions per fast cell")
+    p.add_argument("--min-reps", type=int, default=3)
+    p.add_argument("--max-reps", type=int, default=15)
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per launch")
+    p.add_argument("--json", default=None, help="raw results (default: next to --markdown)")
+    p.add_argument("--markdown", default=None)
+    p.add_argument("--plot", default=None)
+    p.add_argument("--render", metavar="JSON", help="only re-render markdown/plot from JSON")
+    args = p.parse_args(argv)
+    args.command_line = "python " + " ".join(
+        shlex.quote(a) for a in [os.path.relpath(__file__, ROOT), *(argv or sys.argv[1:])])
+    if args.render:
+        with open(args.render) as f:
+            data = json.load(f)
+    else:
+        preset = QUICK if args.quick else FULL
+        args.dims = args.dims or preset["dims"]
+        args.workers = args.workers or preset["workers"]
+        args.rates = args.rates or preset["rates"]
+        if args.json is None and args.markdown:
+            args.json = str(Path(args.markdown).with_suffix(".json"))
+        data = run(args)
+    text = markdown(data)
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(text)
+    else:
+        print(text)
+    if args.plot:
+        plot(data, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
