@@ -39,8 +39,16 @@ _PACKABLE = (
     torch.int64,
     torch.uint8,
 )
-_UNPACKABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8,
-               torch.int16, torch.int32, torch.int64)
+_UNPACKABLE = (
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+)
 
 # Elements per chunk on CPU (intermediates stay in L2) and on other devices (bounded memory).
 _CPU_CHUNK = 1 << 19
@@ -154,20 +162,30 @@ def pack_signs(t: Tensor, *, out: Tensor | None = None) -> Tensor:
     cmp_buf = _buffer("pack_cmp", chunk, flat.dtype, t.device)
     bool_buf = _buffer("pack_bool", chunk, torch.bool, t.device)
     word_buf = _buffer("pack_word", chunk // 8, torch.int64, t.device)
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        c = stop - start
+    full = n // chunk * chunk
+    if full:
+        # Hot loop over whole chunks: every view is built once, outside the loop.
+        bool_words = bool_buf.view(torch.int64)
+        top_bytes = word_buf.view(torch.uint8)[7::8]
+        for x_part, out_part in zip(
+            flat[:full].split(chunk), out_flat[: full // 8].split(chunk // 8)
+        ):
+            # ``ge`` into the input's own dtype is a vectorised kernel (into bool it is not);
+            # the copy then narrows 1 / 0 to True / False.
+            torch.ge(x_part, 0, out=cmp_buf)
+            bool_buf.copy_(cmp_buf)
+            torch.mul(bool_words, _GATHER, out=word_buf)
+            out_part.copy_(top_bytes)
+    if full < n:
+        c = n - full
         c8 = (c + 7) // 8 * 8
-        # ``ge`` into the input's own dtype is a vectorised kernel (into bool it is not);
-        # the float -> bool copy then narrows 1.0 / 0.0 to True / False.
-        torch.ge(flat[start:stop], 0, out=cmp_buf[:c])
+        torch.ge(flat[full:], 0, out=cmp_buf[:c])
         bools = bool_buf[:c8]
         bools[:c].copy_(cmp_buf[:c])
-        if c8 != c:
-            bools[c:].zero_()
+        bools[c:].zero_()  # pad bits are 0
         words = word_buf[: c8 // 8]
         torch.mul(bools.view(torch.int64), _GATHER, out=words)
-        out_flat[start // 8 : start // 8 + c8 // 8].copy_(words.view(torch.uint8)[7::8])
+        out_flat[full // 8 :].copy_(words.view(torch.uint8)[7::8])
     return out
 
 
@@ -256,16 +274,20 @@ def unpack_signs(
     chunk_bytes = min(_chunk(packed.device) // 8, nbytes)
     idx_buf = _buffer("unpack_idx", chunk_bytes, torch.int32, packed.device)
     word_buf = _buffer("unpack_word", chunk_bytes, torch.int64, packed.device)
-    for start in range(0, nbytes, chunk_bytes):
-        stop = min(nbytes, start + chunk_bytes)
-        c = stop - start
-        idx = idx_buf[:c]
-        idx.copy_(src[start:stop])
-        words = word_buf[:c]
+    whole = numel // 8  # bytes whose 8 bits are all used
+    for src_part, dst_part in zip(
+        src[:whole].split(chunk_bytes), dst[: whole * 8].split(chunk_bytes * 8)
+    ):
+        c = src_part.numel()
+        idx = idx_buf if c == chunk_bytes else idx_buf[:c]
+        words = word_buf if c == chunk_bytes else word_buf[:c]
+        idx.copy_(src_part)  # index_select wants int32 / int64 indices
         torch.index_select(table, 0, idx, out=words)
-        signs = words.view(torch.int8)
-        lo, hi = start * 8, min(numel, stop * 8)
-        dst[lo:hi].copy_(signs[: hi - lo])
+        dst_part.copy_(words.view(torch.int8))  # widen the int8 +-1 to the output dtype
+    if whole < nbytes:
+        rest = numel - whole * 8
+        torch.index_select(table, 0, src[whole:].to(torch.int32), out=word_buf[:1])
+        dst[whole * 8 :].copy_(word_buf[:1].view(torch.int8)[:rest])
     return out
 
 
@@ -399,13 +421,10 @@ def majority_tally(
             raise TypeError(f"tie_bits must be a torch.uint8 tensor, got {what}")
         if tuple(tie_bits.shape) != (nbytes,):
             raise ValueError(
-                f"tie_bits must have shape ({nbytes},) to match packed, "
-                f"got {tuple(tie_bits.shape)}"
+                f"tie_bits must have shape ({nbytes},) to match packed, got {tuple(tie_bits.shape)}"
             )
         if tie_bits.device != packed.device:
-            raise ValueError(
-                f"tie_bits is on {tie_bits.device} but packed is on {packed.device}"
-            )
+            raise ValueError(f"tie_bits is on {tie_bits.device} but packed is on {packed.device}")
         tie_bits = tie_bits.contiguous()
     if out is None:
         out = torch.empty(nbytes, dtype=torch.uint8, device=packed.device)

@@ -1,0 +1,427 @@
+"""pack_signs / unpack_signs / majority_tally against numpy references."""
+
+from __future__ import annotations
+
+import doctest
+import threading
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from signsgd import packing
+from signsgd.packing import majority_tally, pack_signs, packed_nbytes, unpack_signs
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="no CUDA device on this machine"
+        ),
+    ),
+]
+FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+INT_DTYPES = [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8]
+SPECIALS = [0.0, -0.0, float("inf"), float("-inf"), float("nan")]
+# Lengths around the CPU chunk (2**19 elements) and byte boundaries.
+CHUNK = packing._CPU_CHUNK
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def ref_pack(t: torch.Tensor) -> np.ndarray:
+    """numpy.packbits(x >= 0, bitorder="little") of the C-order flattening of ``t``."""
+    a = t.detach().cpu()
+    if a.dtype == torch.bfloat16:
+        a = a.float()  # exact: numpy has no bfloat16
+    return np.packbits(a.numpy().reshape(-1) >= 0, bitorder="little")
+
+
+def ref_signs(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    flat = t.detach().reshape(-1)
+    return torch.where(flat >= 0, 1, -1).to(dtype)
+
+
+def ref_tally(rows: np.ndarray, tie: np.ndarray | None) -> np.ndarray:
+    m = rows.shape[0]
+    count = np.unpackbits(rows, axis=1, bitorder="little").astype(np.int64).sum(axis=0)
+    tie_bits = (
+        np.ones_like(count, dtype=bool)
+        if tie is None
+        else np.unpackbits(tie, bitorder="little").astype(bool)
+    )
+    verdict = (2 * count > m) | ((2 * count == m) & tie_bits)
+    return np.packbits(verdict, bitorder="little")
+
+
+def random_values(n: int, seed: int, special_frac: float) -> np.ndarray:
+    """float32 values with a fraction of +0, -0, +inf, -inf and NaN at random places."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(n).astype(np.float32)
+    mask = rng.random(n) < special_frac
+    x[mask] = rng.choice(np.array(SPECIALS, dtype=np.float32), size=int(mask.sum()))
+    return x
+
+
+# --------------------------------------------------------------------------- pack / unpack
+
+
+@SETTINGS
+@given(
+    n=st.one_of(st.integers(0, 64), st.integers(0, 10**5)),
+    seed=st.integers(0, 2**32 - 1),
+    special_frac=st.sampled_from([0.0, 0.05, 0.5, 1.0]),
+)
+def test_pack_matches_numpy_and_round_trips(n: int, seed: int, special_frac: float) -> None:
+    x = torch.from_numpy(random_values(n, seed, special_frac))
+    packed = pack_signs(x)
+    assert packed.dtype == torch.uint8 and packed.shape == (packed_nbytes(n),)
+    np.testing.assert_array_equal(packed.numpy(), ref_pack(x))
+    assert torch.equal(unpack_signs(packed, n), ref_signs(x))
+
+
+@SETTINGS
+@given(values=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), max_size=80))
+def test_pack_any_float_values(values: list[float]) -> None:
+    x = torch.tensor(values, dtype=torch.float32)
+    np.testing.assert_array_equal(pack_signs(x).numpy(), ref_pack(x))
+
+
+@SETTINGS
+@given(data=st.binary(max_size=200), cut=st.integers(0, 7))
+def test_unpack_matches_numpy_unpackbits(data: bytes, cut: int) -> None:
+    packed = torch.tensor(list(data), dtype=torch.uint8)
+    n = max(0, len(data) * 8 - cut)
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")[:n]
+    expect = torch.from_numpy(bits.astype(np.float32) * 2 - 1)
+    assert torch.equal(unpack_signs(packed, n), expect)
+
+
+@pytest.mark.parametrize(
+    "n", [0, 1, 7, 8, 9, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5, 2 * CHUNK + 8]
+)
+def test_lengths_across_chunks_and_bytes(n: int) -> None:
+    x = torch.from_numpy(random_values(n, seed=n, special_frac=0.01))
+    packed = pack_signs(x)
+    np.testing.assert_array_equal(packed.numpy(), ref_pack(x))
+    assert torch.equal(unpack_signs(packed, n), ref_signs(x))
+
+
+@pytest.mark.parametrize("n", [1, 3, 7, 9, 15, 1001])
+def test_pad_bits_are_zero(n: int) -> None:
+    packed = pack_signs(torch.ones(n))
+    used = n % 8
+    if used:
+        assert int(packed[-1]) == (1 << used) - 1
+
+
+@pytest.mark.parametrize(
+    ("value", "bit", "unpacked"),
+    [
+        (0.0, 1, 1.0),
+        (-0.0, 1, 1.0),
+        (float("inf"), 1, 1.0),
+        (float("-inf"), 0, -1.0),
+        (float("nan"), 0, -1.0),  # NaN >= 0 is False, as in numpy: NaN goes out as -1
+        (-float("nan"), 0, -1.0),
+        (1e-45, 1, 1.0),  # subnormal
+        (-1e-45, 0, -1.0),
+    ],
+)
+def test_special_values(value: float, bit: int, unpacked: float) -> None:
+    x = torch.tensor([value])
+    assert int(pack_signs(x)[0]) == bit
+    assert unpack_signs(pack_signs(x), 1).item() == unpacked
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES + INT_DTYPES)
+@pytest.mark.parametrize("device", DEVICES)
+def test_input_dtypes(dtype: torch.dtype, device: str) -> None:
+    gen = torch.Generator().manual_seed(3)
+    if dtype.is_floating_point:
+        x = torch.randn(5003, generator=gen).to(dtype)
+        x[:5] = torch.tensor(SPECIALS).to(dtype)
+    else:
+        lo = 0 if dtype == torch.uint8 else -100
+        x = torch.randint(lo, 100, (5003,), generator=gen).to(dtype)
+    x = x.to(device)
+    packed = pack_signs(x)
+    assert packed.device == x.device
+    np.testing.assert_array_equal(packed.cpu().numpy(), ref_pack(x))
+
+
+@pytest.mark.parametrize(
+    "dtype", FLOAT_DTYPES + [torch.int8, torch.int16, torch.int32, torch.int64]
+)
+@pytest.mark.parametrize("device", DEVICES)
+def test_unpack_dtypes(dtype: torch.dtype, device: str) -> None:
+    x = torch.randn(1037, generator=torch.Generator().manual_seed(4)).to(device)
+    out = unpack_signs(pack_signs(x), x.numel(), dtype)
+    assert out.dtype == dtype and out.device == x.device
+    assert torch.equal(out, ref_signs(x, dtype))
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (5, 0), (3, 5), (2, 3, 4), (7, 1, 9), (1, 1, 1, 17)])
+def test_shapes_flatten_in_c_order(shape: tuple[int, ...]) -> None:
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    packed = pack_signs(x)
+    np.testing.assert_array_equal(packed.numpy(), ref_pack(x))
+    assert torch.equal(unpack_signs(packed, x.numel()), ref_signs(x))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda b: b.t(), id="transposed"),
+        pytest.param(lambda b: b[:, ::3], id="column-stride"),
+        pytest.param(lambda b: b.reshape(-1)[1::2], id="odd-offset-stride"),
+        pytest.param(lambda b: b[:1].expand(40, -1), id="expanded"),
+        pytest.param(lambda b: b.permute(1, 0)[2:], id="permuted-slice"),
+    ],
+)
+def test_non_contiguous_input(make) -> None:
+    base = torch.randn(61, 67, generator=torch.Generator().manual_seed(6))
+    x = make(base)
+    np.testing.assert_array_equal(pack_signs(x).numpy(), ref_pack(x))
+
+
+def test_non_contiguous_packed_input() -> None:
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(7))
+    holder = torch.zeros(2 * packed_nbytes(1000), dtype=torch.uint8)
+    holder[::2] = pack_signs(x)
+    assert torch.equal(unpack_signs(holder[::2], 1000), ref_signs(x))
+
+
+def test_unpack_ignores_extra_bytes() -> None:
+    packed = torch.tensor([0b101, 0xFF, 0xFF], dtype=torch.uint8)
+    assert unpack_signs(packed, 3).tolist() == [1.0, -1.0, 1.0]
+
+
+@pytest.mark.parametrize("n", [0, 5, 64, 3 * CHUNK + 3])
+def test_out_arguments(n: int) -> None:
+    x = torch.from_numpy(random_values(n, seed=8, special_frac=0.01))
+    buf = torch.full((packed_nbytes(n),), 0xAA, dtype=torch.uint8)
+    assert pack_signs(x, out=buf) is buf
+    np.testing.assert_array_equal(buf.numpy(), ref_pack(x))
+    dst = torch.full((n,), 7.0, dtype=torch.float64)
+    assert unpack_signs(buf, n, out=dst) is dst
+    assert torch.equal(dst, ref_signs(x, torch.float64))
+    dst2 = torch.zeros(n, dtype=torch.float16)
+    assert unpack_signs(buf, n, torch.float16, out=dst2) is dst2
+
+
+def test_threads_use_private_scratch() -> None:
+    inputs = [
+        torch.randn(CHUNK * 2 + 11, generator=torch.Generator().manual_seed(i)) for i in range(4)
+    ]
+    results: dict[int, bool] = {}
+
+    def work(i: int) -> None:
+        ok = True
+        for _ in range(3):
+            packed = pack_signs(inputs[i])
+            ok &= bool(np.array_equal(packed.numpy(), ref_pack(inputs[i])))
+            ok &= torch.equal(unpack_signs(packed, inputs[i].numel()), ref_signs(inputs[i]))
+        results[i] = ok
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert results == {0: True, 1: True, 2: True, 3: True}
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: pack_signs([1.0, -1.0]), TypeError, "torch.Tensor, got list"),
+        (lambda: pack_signs(torch.tensor([True])), TypeError, "torch.bool"),
+        (lambda: pack_signs(torch.ones(2, dtype=torch.complex64)), TypeError, "complex64"),
+        (
+            lambda: pack_signs(torch.ones(9), out=torch.empty(1, dtype=torch.uint8)),
+            ValueError,
+            "must have 2 elements, got 1",
+        ),
+        (
+            lambda: pack_signs(torch.ones(9), out=torch.empty(2, dtype=torch.int8)),
+            TypeError,
+            "torch.int8",
+        ),
+        (
+            lambda: pack_signs(torch.ones(90), out=torch.empty(24, dtype=torch.uint8)[::2]),
+            ValueError,
+            "contiguous",
+        ),
+        (lambda: unpack_signs(torch.ones(2), 3), TypeError, "torch.float32"),
+        (lambda: unpack_signs(torch.zeros(1, dtype=torch.uint8), 9), ValueError, "numel=9"),
+        (lambda: unpack_signs(torch.zeros(1, dtype=torch.uint8), -1), ValueError, "-1"),
+        (lambda: unpack_signs(torch.zeros(1, dtype=torch.uint8), 2.0), ValueError, "2.0"),
+        (lambda: unpack_signs(torch.zeros(1, dtype=torch.uint8), True), ValueError, "True"),
+        (
+            lambda: unpack_signs(torch.zeros(1, dtype=torch.uint8), 3, torch.bool),
+            TypeError,
+            "torch.bool",
+        ),
+        (
+            lambda: unpack_signs(torch.zeros(1, dtype=torch.uint8), 3, torch.uint8),
+            TypeError,
+            "torch.uint8",
+        ),
+        (
+            lambda: unpack_signs(torch.zeros(1, dtype=torch.uint8), 3, out=torch.empty(4)),
+            ValueError,
+            "must have 3 elements, got 4",
+        ),
+        (
+            lambda: unpack_signs(
+                torch.zeros(1, dtype=torch.uint8), 3, torch.float64, out=torch.empty(3)
+            ),
+            TypeError,
+            "torch.float64",
+        ),
+        (lambda: packed_nbytes(-3), ValueError, "-3"),
+    ],
+)
+def test_pack_unpack_errors(call, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        call()
+
+
+# --------------------------------------------------------------------------- majority tally
+
+
+@pytest.mark.parametrize("m", range(1, 10))
+@pytest.mark.parametrize("nbytes", [1, 3, 8, 13, 64, 1001])
+@pytest.mark.parametrize("with_ties", [False, True])
+def test_tally_matches_numpy(m: int, nbytes: int, with_ties: bool) -> None:
+    rng = np.random.default_rng(1000 * m + nbytes)
+    rows = rng.integers(0, 256, (m, nbytes), dtype=np.uint8)
+    tie = rng.integers(0, 256, nbytes, dtype=np.uint8) if with_ties else None
+    got = majority_tally(torch.from_numpy(rows), None if tie is None else torch.from_numpy(tie))
+    np.testing.assert_array_equal(got.numpy(), ref_tally(rows, tie))
+
+
+@pytest.mark.parametrize("m", [10, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100])
+def test_tally_many_rows(m: int) -> None:
+    rng = np.random.default_rng(m)
+    # Rows biased towards exactly-half counts so that ties really happen for even M.
+    bits = (rng.random((m, 8 * 203)) < 0.5).astype(np.uint8)
+    rows = np.packbits(bits, axis=1, bitorder="little")
+    tie = rng.integers(0, 256, rows.shape[1], dtype=np.uint8)
+    got = majority_tally(torch.from_numpy(rows), torch.from_numpy(tie))
+    np.testing.assert_array_equal(got.numpy(), ref_tally(rows, tie))
+    got = majority_tally(torch.from_numpy(rows))
+    np.testing.assert_array_equal(got.numpy(), ref_tally(rows, None))
+
+
+@SETTINGS
+@given(
+    m=st.integers(1, 12),
+    nbytes=st.integers(0, 300),
+    seed=st.integers(0, 2**32 - 1),
+    with_ties=st.booleans(),
+)
+def test_tally_property(m: int, nbytes: int, seed: int, with_ties: bool) -> None:
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, 256, (m, nbytes), dtype=np.uint8)
+    tie = rng.integers(0, 256, nbytes, dtype=np.uint8) if with_ties else None
+    got = majority_tally(torch.from_numpy(rows), None if tie is None else torch.from_numpy(tie))
+    np.testing.assert_array_equal(got.numpy(), ref_tally(rows, tie))
+
+
+@pytest.mark.parametrize(("m", "nbytes"), [(4, 300_003), (2, 1 << 20), (7, 123_457)])
+def test_tally_across_chunks(m: int, nbytes: int) -> None:
+    rng = np.random.default_rng(nbytes)
+    rows = rng.integers(0, 256, (m, nbytes), dtype=np.uint8)
+    tie = rng.integers(0, 256, nbytes, dtype=np.uint8)
+    got = majority_tally(torch.from_numpy(rows), torch.from_numpy(tie))
+    np.testing.assert_array_equal(got.numpy(), ref_tally(rows, tie))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda a: a, id="contiguous"),
+        pytest.param(lambda a: a.t().contiguous().t(), id="column-major"),
+        pytest.param(lambda a: a[:, 1:], id="unaligned-offset"),
+        pytest.param(lambda a: a[1:], id="row-slice"),
+        pytest.param(lambda a: a[:, ::2], id="strided"),
+    ],
+)
+def test_tally_layouts(make) -> None:
+    rng = np.random.default_rng(11)
+    base = torch.from_numpy(rng.integers(0, 256, (6, 97), dtype=np.uint8))
+    rows = make(base)
+    tie_np = rng.integers(0, 256, rows.shape[1], dtype=np.uint8)
+    tie = torch.from_numpy(tie_np)
+    got = majority_tally(rows, tie)
+    np.testing.assert_array_equal(got.numpy(), ref_tally(rows.numpy(), tie_np))
+    got_sliced_tie = majority_tally(rows, torch.cat([torch.zeros(1, dtype=torch.uint8), tie])[1:])
+    np.testing.assert_array_equal(got_sliced_tie.numpy(), ref_tally(rows.numpy(), tie_np))
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("device", DEVICES)
+def test_tally_is_vote_of_packed_signs(m: int, device: str) -> None:
+    gen = torch.Generator().manual_seed(m)
+    n = 1003
+    grads = torch.randn(m, n, generator=gen).to(device)
+    grads[:, :5] = 0.0  # zeros vote +1 on the wire
+    tie_src = torch.randn(n, generator=gen).to(device)
+    rows = torch.stack([pack_signs(g) for g in grads])
+    verdict = majority_tally(rows, pack_signs(tie_src))
+    total = torch.where(grads >= 0, 1, -1).sum(dim=0)
+    expect = torch.where(total > 0, 1.0, torch.where(total < 0, -1.0, ref_signs(tie_src)))
+    assert torch.equal(unpack_signs(verdict, n), expect)
+    if n % 8:  # pad bits stay 0 even though every tie bit could be 1
+        full = majority_tally(rows, torch.full_like(rows[0], 0xFF))
+        assert int(full[-1]) >> (n % 8) == 0
+
+
+def test_tally_out_and_empty() -> None:
+    rows = torch.tensor([[0b1100], [0b1010], [0b0110]], dtype=torch.uint8)
+    buf = torch.zeros(1, dtype=torch.uint8)
+    assert majority_tally(rows, out=buf) is buf
+    assert int(buf[0]) == 0b1110
+    assert majority_tally(torch.zeros(3, 0, dtype=torch.uint8)).shape == (0,)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: majority_tally(torch.zeros(4, dtype=torch.uint8)), ValueError, r"\(4,\)"),
+        (lambda: majority_tally(torch.zeros(2, 4)), ValueError, "torch.float32"),
+        (lambda: majority_tally(torch.zeros(0, 4, dtype=torch.uint8)), ValueError, "M=0"),
+        (lambda: majority_tally([[1]]), TypeError, "list"),
+        (
+            lambda: majority_tally(
+                torch.zeros(2, 4, dtype=torch.uint8), torch.zeros(3, dtype=torch.uint8)
+            ),
+            ValueError,
+            r"shape \(4,\).*\(3,\)",
+        ),
+        (
+            lambda: majority_tally(torch.zeros(2, 4, dtype=torch.uint8), torch.zeros(4)),
+            TypeError,
+            "torch.float32",
+        ),
+        (
+            lambda: majority_tally(
+                torch.zeros(2, 4, dtype=torch.uint8), out=torch.zeros(5, dtype=torch.uint8)
+            ),
+            ValueError,
+            "must have 4 elements, got 5",
+        ),
+    ],
+)
+def test_tally_errors(call, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_docstring_examples_run() -> None:
+    result = doctest.testmod(packing, extraglobs={"torch": torch}, verbose=False)
+    assert result.attempted >= 4 and result.failed == 0
