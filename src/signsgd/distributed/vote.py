@@ -328,10 +328,12 @@ def exchange_header(
             f"{column(0, hex)}); every rank must make the same call in the same order"
         )
     if len({row[10] for row in h}) > 1:
-        raise ValueError(
+        exc = ValueError(
             f"{who}: configuration differs across ranks (mode / aggregator / bucket size / "
-            f"compressor; config CRCs {column(10)}); this rank has {config!r}"
+            f"compressor; config CRCs {column(10)})"
         )
+        exc.add_note(f"rank {rank} has configuration {config!r}")
+        raise exc
     if len({row[8] for row in h}) > 1:
         raise ValueError(f"{who}: step counters differ across ranks ({column(8)})")
     if len({row[9] for row in h}) > 1:
