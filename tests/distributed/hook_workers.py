@@ -126,6 +126,7 @@ def hook_vs_signum(rank: int, world: int, steps: int, bucket_cap_mb: float, mome
         "trace": state.trace,  # type: ignore[attr-defined]
         "steps": state.step,
         "votes": state.votes,
+        "buckets": state.buckets,
         "bytes_per_step": bytes_per_step,
         "total": (state.total_bytes_sent, state.total_bytes_received),
         "momentum_equal": mom_equal,

@@ -77,6 +77,8 @@ def test_byte_counts_equal_formula(suite: list[dict[str, Any]], case: str, mode:
         expected.append((sent, received))
     assert r["bytes_per_step"] == expected
     assert r["total"] == tuple(map(sum, zip(*expected)))
+    assert r["buckets"] == len(per_step[max(per_step)])
+    assert r["votes"] == sum(len(v) for v in per_step.values())
 
 
 # --------------------------------------------------------------------------- state

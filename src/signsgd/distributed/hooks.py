@@ -42,7 +42,8 @@ Tuning guide
   majority vote (each worker votes with the sign of its gradient). Larger β smooths the
   noise each worker votes with; 0.9 is the paper's value.
 * ``weight_decay``: set it on ``SGD``; since the vote is ±1 it acts as decoupled decay.
-* ``bucket_cap_mb`` (a DDP argument): every bucket is one vote, i.e. one
+* ``bucket_cap_mb`` (a DDP argument): every bucket is one vote, i.e. a small header
+  ``all_gather`` (96 bytes per rank: finite flag, layout, step) then one
   ``all_to_all_single`` and one ``all_gather`` in ``mode="sharded"``. Bigger buckets mean
   fewer, larger messages (less latency overhead per byte); smaller buckets start the first
   vote earlier in the backward pass (more overlap). The 25 MB default is a good start;
@@ -120,6 +121,7 @@ class MajorityVoteHookState:
         step: number of complete steps (iterations whose every bucket was voted).
         votes: number of votes issued (one per bucket per step); drives tie-breaking.
         bytes_sent, bytes_received: payload bytes of the last complete step.
+        buckets: number of DDP buckets (votes) in the last complete step.
         total_bytes_sent, total_bytes_received: accumulated over all steps.
 
     Raises:
@@ -155,6 +157,7 @@ class MajorityVoteHookState:
         self.bytes_received = 0
         self.total_bytes_sent = 0
         self.total_bytes_received = 0
+        self.buckets = 0
         self._momentum: dict[int, Tensor] = {}  # id(param) -> momentum, param's shape
         self._restored: dict[str, Tensor] = {}  # name -> momentum, waiting for bind()
         self._module: torch.nn.Module | None = None
@@ -266,6 +269,7 @@ class MajorityVoteHookState:
             "votes": self.votes,
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
+            "buckets": self.buckets,
             "total_bytes_sent": self.total_bytes_sent,
             "total_bytes_received": self.total_bytes_received,
             "momentum_by_name": {
@@ -280,7 +284,7 @@ class MajorityVoteHookState:
         self.mode = state["mode"]
         self.seed = int(state["seed"])
         self.adversary = state.get("adversary")
-        for key in ("step", "votes", "bytes_sent", "bytes_received",
+        for key in ("step", "votes", "buckets", "bytes_sent", "bytes_received",
                     "total_bytes_sent", "total_bytes_received"):
             setattr(self, key, int(state.get(key, 0)))
         self._momentum = {}
@@ -338,6 +342,7 @@ class MajorityVoteHookState:
             for pid, m in self._pending:
                 self._momentum[pid] = m
             self.step += 1
+            self.buckets = self._expected
             self.bytes_sent, self.bytes_received = self._sent, self._received
             self.total_bytes_sent += self._sent
             self.total_bytes_received += self._received
