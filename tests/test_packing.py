@@ -99,10 +99,23 @@ def test_unpack_matches_numpy_unpackbits(data: bytes, cut: int) -> None:
     assert torch.equal(unpack_signs(packed, n), expect)
 
 
-@pytest.mark.parametrize(
-    "n", [0, 1, 7, 8, 9, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5, 2 * CHUNK + 8]
-)
-def test_lengths_across_chunks_and_bytes(n: int) -> None:
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shrink the CPU chunk sizes so that small inputs cross many chunk boundaries."""
+    monkeypatch.setattr(packing, "_CPU_CHUNK", 64)
+    monkeypatch.setattr(packing, "_TALLY_CHUNK_BYTES", 64)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 63, 64, 65, 72, 127, 128, 129, 200, 1001])
+def test_lengths_across_small_chunks(n: int, small_chunks: None) -> None:
+    x = torch.from_numpy(random_values(n, seed=n, special_frac=0.05))
+    packed = pack_signs(x)
+    np.testing.assert_array_equal(packed.numpy(), ref_pack(x))
+    assert torch.equal(unpack_signs(packed, n), ref_signs(x))
+
+
+@pytest.mark.parametrize("n", [CHUNK - 1, CHUNK, 2 * CHUNK + 5])
+def test_lengths_across_real_chunks(n: int) -> None:
     x = torch.from_numpy(random_values(n, seed=n, special_frac=0.01))
     packed = pack_signs(x)
     np.testing.assert_array_equal(packed.numpy(), ref_pack(x))
@@ -199,8 +212,8 @@ def test_unpack_ignores_extra_bytes() -> None:
     assert unpack_signs(packed, 3).tolist() == [1.0, -1.0, 1.0]
 
 
-@pytest.mark.parametrize("n", [0, 5, 64, 3 * CHUNK + 3])
-def test_out_arguments(n: int) -> None:
+@pytest.mark.parametrize("n", [0, 5, 64, 3 * 64 + 3])
+def test_out_arguments(n: int, small_chunks: None) -> None:
     x = torch.from_numpy(random_values(n, seed=8, special_frac=0.01))
     buf = torch.full((packed_nbytes(n),), 0xAA, dtype=torch.uint8)
     assert pack_signs(x, out=buf) is buf
@@ -213,9 +226,7 @@ def test_out_arguments(n: int) -> None:
 
 
 def test_threads_use_private_scratch() -> None:
-    inputs = [
-        torch.randn(CHUNK * 2 + 11, generator=torch.Generator().manual_seed(i)) for i in range(4)
-    ]
+    inputs = [torch.randn(CHUNK + 11, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     results: dict[int, bool] = {}
 
     def work(i: int) -> None:
@@ -332,8 +343,8 @@ def test_tally_property(m: int, nbytes: int, seed: int, with_ties: bool) -> None
     np.testing.assert_array_equal(got.numpy(), ref_tally(rows, tie))
 
 
-@pytest.mark.parametrize(("m", "nbytes"), [(4, 300_003), (2, 1 << 20), (7, 123_457)])
-def test_tally_across_chunks(m: int, nbytes: int) -> None:
+@pytest.mark.parametrize(("m", "nbytes"), [(4, 3003), (2, 1024), (7, 1237), (64, 801)])
+def test_tally_across_small_chunks(m: int, nbytes: int, small_chunks: None) -> None:
     rng = np.random.default_rng(nbytes)
     rows = rng.integers(0, 256, (m, nbytes), dtype=np.uint8)
     tie = rng.integers(0, 256, nbytes, dtype=np.uint8)
@@ -420,6 +431,14 @@ def test_tally_out_and_empty() -> None:
 def test_tally_errors(call, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         call()
+
+
+def test_tally_across_real_chunks() -> None:
+    rng = np.random.default_rng(5)
+    rows = rng.integers(0, 256, (4, 300_003), dtype=np.uint8)
+    tie = rng.integers(0, 256, rows.shape[1], dtype=np.uint8)
+    got = majority_tally(torch.from_numpy(rows), torch.from_numpy(tie))
+    np.testing.assert_array_equal(got.numpy(), ref_tally(rows, tie))
 
 
 def test_docstring_examples_run() -> None:

@@ -441,7 +441,7 @@ def majority_tally(
         ties = tie_bits
     w = rows.shape[1]
     if packed.device.type == "cpu":
-        chunk = max(1024, _TALLY_CHUNK_BYTES // (m * rows.element_size()))
+        chunk = max(1, _TALLY_CHUNK_BYTES // (m * rows.element_size()))
     else:
         chunk = w
     for start in range(0, w, chunk):
