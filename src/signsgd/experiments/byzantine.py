@@ -45,7 +45,7 @@ ATTACKS = ("negate", "random")
 def configs(quick: bool, seed: int) -> list[C.Config]:
     """Every (rule, attack, k) configuration of the experiment."""
     if quick:
-        base = dict(steps=120, batch=8, hidden=32, eval_every=20, seed=seed)
+        base = dict(steps=100, batch=8, hidden=32, eval_every=20, seed=seed)
     else:
         base = dict(steps=300, batch=16, hidden=32, eval_every=30, seed=seed)
     vote = dict(rule="vote", lr=2e-3 if quick else 1e-3, momentum=0.9)

@@ -123,7 +123,7 @@ def problem_c(method: str, steps: int, seed: int, dim: int = 16) -> dict[str, An
 
 def run_experiment(quick: bool = False, seed: int = 0) -> dict[str, Any]:
     """Run the 3 problems × 4 methods; return numbers and verdict."""
-    steps = 1500 if quick else 10_000
+    steps = 1000 if quick else 10_000
     res: dict[str, Any] = {"paper": PAPER, "steps": steps, "eps": EPS, "lr": 0.01,
                            "signum_momentum": 0.9}
     for name, fn in (("a", problem_a), ("b", problem_b), ("c", problem_c)):

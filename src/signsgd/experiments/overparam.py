@@ -92,7 +92,7 @@ def train(method: str, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int,
 
 def run_experiment(quick: bool = False, seed: int = 0) -> dict[str, Any]:
     """Train the four methods on ``datasets`` random draws; return numbers and verdict."""
-    n, steps, datasets = (40, 2000, 2) if quick else (40, 5000, 8)
+    n, steps, datasets = (40, 1500, 1) if quick else (40, 5000, 8)
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
     for k in range(datasets):
         x, y = wilson_data(n, np.random.default_rng(seed + k))
