@@ -114,6 +114,8 @@ def _batches(lists: list[list[Tensor]]) -> Iterator[list[list[Tensor]]]:
         yield batch
 
 
+_REDUCED = (torch.float16, torch.bfloat16)
+
 #: Tensors up to this many elements are screened together, flattened into one buffer.
 _SMALL = 1 << 16
 
@@ -124,7 +126,7 @@ def _screen(tensors: Sequence[Tensor]) -> float:
     The sum of all entries (small tensors flattened together, large ones summed one by
     one); it is NaN or inf if any entry is, and may overflow on huge finite entries.
     """
-    acc = torch.float32 if tensors[0].dtype in (torch.float16, torch.bfloat16) else None
+    acc = torch.float32 if tensors[0].dtype in _REDUCED else None
     sums: list[Tensor] = []
     small: list[Tensor] = []
     for t in tensors:
@@ -222,7 +224,13 @@ def _sign_apply_batch(xs: list[Tensor], ds: list[Tensor], lr: float, decay: floa
                       take_sign: bool) -> None:
     ss = torch._foreach_sign(ds) if take_sign else ds
     if decay != 1.0:
-        torch._foreach_mul_(xs, decay)
+        if xs[0].dtype in _REDUCED:
+            # In-place _foreach_mul_ rounds the scalar to float16 first; Tensor.mul_ does
+            # not. Keep the (more accurate) single-tensor result.
+            for x in xs:
+                x.mul_(decay)
+        else:
+            torch._foreach_mul_(xs, decay)
     torch._foreach_add_(xs, ss, alpha=-lr)
 
 

@@ -37,7 +37,7 @@ __all__ = ["SignSGD", "Signum", "EFSGD", "NonFiniteGradientError"]
 #: Options of ``torch.optim`` optimisers that these classes do not implement. Passing one
 #: with a value that would change the result (e.g. ``maximize=True``) raises ValueError.
 _UNSUPPORTED = {
-    "maximize": False, "differentiable": False, "capturable": False, "fused": None,
+    "maximize": False, "differentiable": False, "capturable": False, "fused": False,
     "nesterov": False, "dampening": 0, "amsgrad": False,
 }
 
@@ -78,7 +78,7 @@ def _check_group(owner: str, group: dict[str, Any], momentum: bool = True) -> No
     if foreach is not None and not isinstance(foreach, bool):
         raise ValueError(f"Invalid foreach value: {foreach!r} (must be True, False or None)")
     for key, neutral in _UNSUPPORTED.items():
-        if key in group and group[key] != neutral and group[key] is not None:
+        if group.get(key) not in (None, neutral):
             raise ValueError(f"{owner} does not support {key}={group[key]!r}")
 
 
@@ -87,7 +87,7 @@ def _reject_options(owner: str, options: dict[str, Any]) -> None:
     for key, value in options.items():
         if key not in _UNSUPPORTED:
             raise TypeError(f"{owner}() got an unexpected keyword argument {key!r}")
-        if value != _UNSUPPORTED[key] and value is not None:
+        if value not in (None, _UNSUPPORTED[key]):
             raise ValueError(f"{owner} does not support {key}={value!r}")
 
 
@@ -206,6 +206,15 @@ class _Base(Optimizer):
             raise
 
     # ------------------------------------------------------------------ checkpoints
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim.Optimizer pickles only defaults, state and param_groups; keep ours.
+        state = super().__getstate__()
+        for key in self._pickled:
+            state[key] = getattr(self, key, None)
+        return state
+
+    _pickled: tuple[str, ...] = ("aggregator",)
+
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim`` state plus the aggregator's state under ``"aggregator"``."""
         sd = super().state_dict()
@@ -348,7 +357,8 @@ class Signum(_Base):
             if beta == 0:
                 directions.append(p.grad)
                 continue
-            buf = self.state[p].get("momentum_buffer")
+            st = self.state.get(p)
+            buf = None if st is None else st.get("momentum_buffer")
             if buf is None:
                 buf = torch.zeros_like(p, memory_format=torch.preserve_format)
                 fresh[id(p)] = buf
@@ -458,6 +468,7 @@ class EFSGD(_Base):
     """
 
     _stages = ("error_feedback", "gradient")
+    _pickled = ("aggregator", "compressor")
 
     def __init__(self, params: Iterable[Any], lr: float | Tensor,
                  compressor: Compressor | Callable[[Tensor], Tensor] | None = None,
@@ -477,8 +488,10 @@ class EFSGD(_Base):
                  fresh: dict[tuple[str, int], tuple[Tensor, Tensor]]) -> list[Tensor]:
         """Existing buffers, or fresh zeros recorded in ``fresh`` to commit on success."""
         out = []
+        state = self.state
         for p in params:
-            buf = self.state[p].get(key)
+            st = state.get(p)
+            buf = None if st is None else st.get(key)
             if buf is None:
                 buf = torch.zeros_like(p, memory_format=torch.preserve_format)
                 fresh[(key, id(p))] = (p, buf)
