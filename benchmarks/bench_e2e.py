@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_comm import _rate, _workers, _write_json, machine
+from bench_comm import _rate, _workers, _write_json, loopback_rate, machine
 
 from signsgd.bench.e2e import E2E_LABELS, E2E_METHODS, step_time_worker, tta_worker
 from signsgd.bench.model import predict_time
@@ -46,7 +46,6 @@ from signsgd.bench.netem import (
     format_rate,
     launch,
     parse_rate,
-    probe_throughput,
     shaping_unavailable_reason,
 )
 
@@ -142,8 +141,8 @@ def markdown(data: dict[str, Any]) -> str:
         f"Python {mach['python']}, torch {mach['torch']}, Gloo on CPU, 1 torch thread per "
         "worker.",
         "- **The machine was shared with ~7 other agents**: compute-bound numbers are "
-        "noisy, and the M = 4 workers share its 2 cores (compute per step is ~2× what one "
-        "worker on its own core would take).",
+        f"noisy, and the M workers share its {mach['cpus']} cores (compute per step is "
+        "several times what one worker on its own core would take).",
         f"- Network: {data['shaping']}; MTU 1500; `burst 256kb latency 400ms`; the M ranks "
         "share one link of the given rate"
         + (f"; unshaped loopback, one TCP flow: {lo / 1e9:.1f} Gbit/s" if lo else "") + ".",
@@ -334,9 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"NOTE: cannot shape the network here ({reason}); running unshaped.",
                   file=sys.stderr)
         else:
-            with NetworkEmulator("unshaped") as probe_ns:
-                secs, got = probe_throughput(probe_ns, 200_000_000)
-            data["loopback_bps"] = 8 * got / secs
+            data["loopback_bps"] = loopback_rate()
         t_start = time.monotonic()
         if args.part in ("steps", "both"):
             run_steps(args, data, reason is None)

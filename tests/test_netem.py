@@ -253,3 +253,21 @@ def test_stale_namespace_of_dead_process_is_swept() -> None:
         assert name not in netem.list_namespaces()
     finally:
         subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+
+
+# ------------------------------------------------------------------------------- the model
+def test_bandwidth_model() -> None:
+    from signsgd.bench.model import bottleneck_bytes, break_even_rate, predict_time
+
+    assert bottleneck_bytes(1e6, 4) == 4e6
+    assert bottleneck_bytes(1e6, 4, shared=False) == 1e6
+    assert predict_time(0.5, 125_000_000, 10**9) == pytest.approx(1.5)  # 1 Gbit at 1 Gbit/s
+    assert predict_time(0.5, 1e9, None) == 0.5
+    # compressed: 0.3 s fixed, 1 MB; baseline: 0.1 s fixed, 101 MB -> equal at 4 Gbit/s
+    assert break_even_rate(0.3, 1e6, 0.1, 101e6) == pytest.approx(4e9)
+    assert break_even_rate(0.1, 1e6, 0.3, 101e6) == float("inf")
+    assert break_even_rate(0.3, 200e6, 0.1, 101e6) == 0.0
+    with pytest.raises(ValueError, match="rate_bps"):
+        predict_time(0.1, 1.0, 0)
+    with pytest.raises(ValueError, match="world_size"):
+        bottleneck_bytes(1.0, 0)

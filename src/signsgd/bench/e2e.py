@@ -172,7 +172,7 @@ class _Trainer:
             for p, g in zip(params, mean):
                 p.grad.copy_(g)
         self.opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     def bytes(self) -> tuple[int, int]:
         """Payload bytes (sent, received) of this rank in the last step."""

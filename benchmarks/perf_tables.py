@@ -1,0 +1,155 @@
+"""Tables of docs/performance.md from the raw benchmark results.
+
+Reads ``benchmarks/results/comm.json`` (``bench_comm.py``) and, if present,
+``benchmarks/results/e2e.json`` (``bench_e2e.py``) and prints markdown:
+
+1. the fixed (non-wire) cost ``T0`` of each method, per (M, d), from the unshaped runs;
+2. predicted against measured times at every shaped rate (the bandwidth model);
+3. the break-even rate above which each compressed method stops beating fp32 all-reduce,
+   on the emulated shared link and on a switched network (per-machine links);
+4. the same for whole ResNet-18 training steps.
+
+Usage::
+
+    .venv/bin/python benchmarks/perf_tables.py [--comm PATH] [--e2e PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench_comm import predicted
+
+from signsgd.bench.comm import LABELS
+from signsgd.bench.e2e import E2E_LABELS
+from signsgd.bench.model import break_even_rate
+from signsgd.bench.netem import format_rate, parse_rate
+
+HERE = Path(__file__).resolve().parent
+
+
+def _t0(median_s: float, wire: float, lo_bps: float | None) -> float:
+    return max(median_s - (8 * wire / lo_bps if lo_bps else 0.0), 0.0)
+
+
+def _rate_text(bps: float) -> str:
+    if bps == math.inf:
+        return "never (always pays)"
+    if bps == 0.0:
+        return "never pays"
+    for div, unit in ((1e9, "Gbit/s"), (1e6, "Mbit/s"), (1e3, "kbit/s")):
+        if bps >= div:
+            return f"{bps / div:.3g} {unit}"
+    return f"{bps:.3g} bit/s"
+
+
+def comm_tables(data: dict[str, Any]) -> str:
+    """Sections 1–3 from the communication benchmark."""
+    cells = data["cells"]
+    lo = data.get("loopback_bps")
+    idx = {(c["rate"], c["world_size"], c["d"], c["method"]): c for c in cells}
+    ms = sorted({c["world_size"] for c in cells})
+    ds = sorted({c["d"] for c in cells})
+    methods = list(data["settings"]["methods"])
+    out = [f"R_lo (unshaped loopback, one TCP flow, best of 3) = "
+           f"{lo / 1e9:.1f} Gbit/s." if lo else "", "",
+           "### Fixed cost T0 per step (s), from the unshaped runs", "",
+           "| M | d | " + " | ".join(LABELS[m] for m in methods) + " |",
+           "|---:|---:|" + "---:|" * len(methods)]
+    t0: dict[tuple[int, int, str], float] = {}
+    for m in ms:
+        for d in ds:
+            row = []
+            for meth in methods:
+                c = idx.get(("unshaped", m, d, meth))
+                if c is None or c["median_s"] is None:
+                    row.append("–")
+                    continue
+                t0[(m, d, meth)] = _t0(c["median_s"], m * c["sent"], lo)
+                row.append(f"{t0[(m, d, meth)]:.3f}")
+            out.append(f"| {m} | {d / 1e6:g}M | " + " | ".join(row) + " |")
+    out += ["", "### Predicted vs measured (s)", "",
+            "| rate | M | d | method | measured | predicted | pred/meas |",
+            "|---|---:|---:|---|---:|---:|---:|"]
+    ratios: dict[str, list[float]] = {}
+    for c in cells:
+        p = predicted(idx, c, lo)
+        if p is None or not c["median_s"]:
+            continue
+        r = p / c["median_s"]
+        ratios.setdefault(c["rate"], []).append(r)
+        out.append(f"| {format_rate(c['rate_bps'])} | {c['world_size']} | {c['d'] / 1e6:g}M | "
+                   f"{LABELS[c['method']]} | {c['median_s']:.3f} | {p:.3f} | {r:.2f} |")
+    out += ["", "| rate | cells | within ±25 % | median pred/meas |", "|---|---:|---:|---:|"]
+    for rate, rs in ratios.items():
+        out.append(f"| {format_rate(parse_rate(rate))} | {len(rs)} | "
+                   f"{sum(1 for r in rs if 0.75 <= r <= 1.25)} | {statistics.median(rs):.2f} |")
+    out += ["", "### Break-even rate: above it the method is slower than fp32 all-reduce", "",
+            "From T0 above and the payload bytes. *shared*: M machines behind one link of "
+            "rate R (what the emulator does; W = M·sent); *switched*: every machine has its "
+            "own link of rate R (W = sent).", "",
+            "| M | d | method | shared link | switched network |", "|---:|---:|---|---:|---:|"]
+    for m in ms:
+        for d in ds:
+            b = idx.get(("unshaped", m, d, "fp32_allreduce"))
+            if b is None or (m, d, "fp32_allreduce") not in t0:
+                continue
+            for meth in methods:
+                if meth == "fp32_allreduce" or (m, d, meth) not in t0:
+                    continue
+                c = idx[("unshaped", m, d, meth)]
+                shared = break_even_rate(t0[(m, d, meth)], m * c["sent"],
+                                         t0[(m, d, "fp32_allreduce")], m * b["sent"])
+                switched = break_even_rate(t0[(m, d, meth)], c["sent"],
+                                           t0[(m, d, "fp32_allreduce")], b["sent"])
+                out.append(f"| {m} | {d / 1e6:g}M | {LABELS[meth]} | {_rate_text(shared)} | "
+                           f"{_rate_text(switched)} |")
+    return "\n".join(out) + "\n"
+
+
+def e2e_tables(data: dict[str, Any]) -> str:
+    """Section 4 from the end-to-end benchmark."""
+    steps = [r for r in data.get("steps", []) if r["rate"] == "unshaped"]
+    base = next((r for r in steps if r["method"] == "sgd_allreduce"), None)
+    if not steps or base is None:
+        return ""
+    lo = data.get("loopback_bps")
+    m = base["world_size"]
+    tb = _t0(base["median_s"], m * base["sent"], lo)
+    out = [f"### ResNet-18 training step, M = {m}: break-even against SGD + fp32 all-reduce",
+           "", "| method | T0 (s) | sent/rank (MB) | shared link | switched network |",
+           "|---|---:|---:|---:|---:|",
+           f"| {E2E_LABELS['sgd_allreduce']} | {tb:.3f} | {base['sent'] / 1e6:.3g} | – | – |"]
+    for r in steps:
+        if r["method"] in ("sgd_allreduce", "local"):
+            continue
+        tc = _t0(r["median_s"], m * r["sent"], lo)
+        shared = break_even_rate(tc, m * r["sent"], tb, m * base["sent"])
+        switched = break_even_rate(tc, r["sent"], tb, base["sent"])
+        out.append(f"| {E2E_LABELS[r['method']]} | {tc:.3f} | {r['sent'] / 1e6:.3g} | "
+                   f"{_rate_text(shared)} | {_rate_text(switched)} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the tables."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--comm", default=str(HERE / "results" / "comm.json"))
+    p.add_argument("--e2e", default=str(HERE / "results" / "e2e.json"))
+    args = p.parse_args(argv)
+    with open(args.comm) as f:
+        print(comm_tables(json.load(f)))
+    if Path(args.e2e).exists():
+        with open(args.e2e) as f:
+            print(e2e_tables(json.load(f)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
