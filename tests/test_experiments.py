@@ -1,0 +1,177 @@
+"""The paper experiments at their --quick size, fixed seeds: each qualitative result is
+asserted on the numbers (never on the verdict string). Also: the vectorised toy update
+against the library optimisers, and the M-worker simulation against real Gloo workers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import signsgd
+from signsgd.experiments import (
+    EXPERIMENTS,
+    byzantine,
+    counterexamples,
+    density,
+    majority,
+    overparam,
+    run,
+    toy,
+)
+from signsgd.experiments import _cluster as C
+from signsgd.experiments.__main__ import main
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- toy
+@pytest.mark.parametrize(("method", "make"), [
+    ("sgd", lambda p, lr: torch.optim.SGD(p, lr=lr)),
+    ("signsgd", lambda p, lr: signsgd.SignSGD(p, lr=lr)),
+])
+def test_toy_vectorised_update_matches_library(method: str, make) -> None:
+    rng = np.random.default_rng(0)
+    x_np = rng.standard_normal(6)
+    x = torch.nn.Parameter(torch.tensor(x_np))
+    opt = make([x], 0.05)
+    for t in range(5):
+        g = x_np + np.where(np.arange(6) == 0, 100.0 * rng.standard_normal(), 0.0)
+        if t == 2:
+            g[3] = 0.0  # sign(0) = 0 in both
+        x.grad = torch.tensor(g)
+        opt.step()
+        x_np = toy.step(method, x_np, g, 0.05)
+        np.testing.assert_allclose(x.detach().numpy(), x_np, rtol=1e-14, atol=1e-15)
+
+
+def test_toy_signsgd_beats_sgd() -> None:
+    r = toy.run_experiment(quick=True)
+    c = r["curves"]
+    assert c["signsgd"]["final_mean"] * 2 <= c["sgd"]["final_mean"]
+    assert c["signsgd"]["best_final_mean"] * 2 <= c["sgd"]["best_final_mean"]
+    assert len(r["sweep"]["sgd"]) == len(r["sweep"]["lr"]) == 11
+
+
+# ----------------------------------------------------------------------------- counterexamples
+def test_counterexamples() -> None:
+    r = counterexamples.run_experiment(quick=True)
+    a, b, c = r["a"], r["b"], r["c"]
+    assert a["signsgd"]["sum_x1_x2"] == pytest.approx([2.0] * len(a["signsgd"]["sum_x1_x2"]))
+    assert a["signsgd"]["final_loss"] > 0.1
+    assert a["ef_signsgd"]["final_loss"] < 1e-3 and a["sgd"]["final_loss"] < 1e-3
+    assert b["signsgd"]["final_loss"] > 0.3
+    assert b["ef_signsgd"]["final_loss"] < 0.1 * b["signsgd"]["loss"][0]
+    assert c["signsgd"]["tail_point"] == pytest.approx(2.0, abs=0.15)
+    assert c["ef_signsgd"]["tail_point"] == pytest.approx(1.0, abs=0.15)
+    assert c["sgd"]["tail_point"] == pytest.approx(1.0, abs=0.15)
+
+
+# ----------------------------------------------------------------------------- overparam
+def test_overparam_sign_methods_leave_span() -> None:
+    f = overparam.run_experiment(quick=True)["final"]
+    for m in ("sgd", "ef_signsgd"):
+        assert f[m]["out_of_span"] < 0.05 and f[m]["train_loss"] < 1e-2
+    good = max(f["sgd"]["test_mse"], f["ef_signsgd"]["test_mse"])
+    for m in ("signsgd", "signum"):
+        assert f[m]["out_of_span"] > 0.3 and f[m]["train_loss"] < 1e-2
+        assert f[m]["test_mse"] >= 3 * good
+
+
+# ----------------------------------------------------------------------------- majority
+@pytest.mark.parametrize("snr", majority.SNRS)
+def test_vote_bound_is_a_bound_and_falls(snr: float) -> None:
+    bounds = [majority.vote_bound(snr, m) for m in range(1, 32)]
+    assert bounds[0] == majority.gauss_bound(snr)
+    assert all(b2 <= b1 + 1e-15 for b1, b2 in zip(bounds, bounds[1:]))
+    # Uniform noise makes Gauss's inequality tight for S <= 2/sqrt(3).
+    if snr <= 2 / np.sqrt(3):
+        assert majority.gauss_bound(snr) == pytest.approx(0.5 - snr / (2 * np.sqrt(3)))
+
+
+def test_majority_vote_error_and_training() -> None:
+    r = majority.run_experiment(quick=True)
+    p1, p2 = r["vote_error"], r["training"]
+    assert p1["max_excess_over_bound"] <= 0
+    g = p1["measured"]["gaussian"]["0.5"]
+    assert g[30] < g[6] < g[0]
+    # Exact binomial value for Gaussian noise at M = 1: P[N(0,1) < -0.5] = 0.3085.
+    assert g[0] == pytest.approx(0.3085, abs=0.02)
+    loss = p2["final_train_loss"]
+    assert loss["7"] < loss["3"] < loss["1"]
+    assert p2["mode"].startswith("simulation")
+
+
+# ----------------------------------------------------------------------------- byzantine
+def test_byzantine_vote_is_robust_and_scaled_mean_breaks() -> None:
+    r = byzantine.run_experiment(quick=True)
+    acc = r["test_acc"]
+    clean = acc["vote"]["negate"][0]
+    assert clean > 0.5
+    for attack in byzantine.ATTACKS:
+        for a in acc["vote"][attack]:
+            assert a - 0.1 >= 0.8 * (clean - 0.1)
+    broken = acc["mean"]["negate_x7"][1]
+    assert broken is None or broken - 0.1 < 0.5 * (acc["mean"]["negate"][0] - 0.1)
+    assert r["mode"].startswith("simulation")
+
+
+def test_simulation_matches_real_gloo_workers() -> None:
+    """The single-process simulation and 3 real Gloo workers take identical steps."""
+    data = C.synthetic_data(256, 64, 64, seed=1, d=12)
+    cfgs = [
+        C.Config(rule="vote", lr=0.01, momentum=0.9, steps=4, batch=8, hidden=8, eval_every=2,
+                 adversaries=1, attack="negate"),
+        C.Config(rule="vote", lr=0.01, momentum=0.0, steps=4, batch=8, hidden=8, eval_every=2,
+                 adversaries=1, attack="random"),
+        C.Config(rule="mean", lr=0.1, steps=4, batch=8, hidden=8, eval_every=2,
+                 adversaries=1, attack="negate", attack_scale=3.0),
+    ]
+    real = C.run_real(3, cfgs, data, timeout=240.0)
+    for cfg, r in zip(cfgs, real):
+        s = C.simulate(3, cfg, data)
+        for a, b in zip(r["params"], s["params"]):
+            if cfg.rule == "vote":
+                assert torch.equal(a, b), cfg.label   # the same bits, the same ±lr steps
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # sum order only
+        assert r["train_loss"] == pytest.approx(s["train_loss"], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- density
+def test_density_quick_gradient_and_noise_dense() -> None:
+    r = density.run_experiment(quick=True)
+    h = r["history"]
+    assert min(h["phi_gradient"]) > 0.1 and min(h["phi_noise"]) > 0.1
+    for k in ("phi_gradient", "phi_noise", "phi_curvature", "phi_curvature_linf"):
+        assert all(r["sparse_limit"] <= v <= 1 for v in h[k])
+    assert r["noise_unit"] == "example"
+
+
+# ----------------------------------------------------------------------------- runner
+def test_run_writes_result_and_figure(tmp_path: Path, capsys) -> None:
+    r = run("toy", quick=True, out=tmp_path)
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["verdict"] in {"reproduced", "not reproduced"}
+    assert saved["verdict"] == r["verdict"] and saved["quick"] is True
+    assert (tmp_path / "toy.png").stat().st_size > 1000
+    assert "paper:" in capsys.readouterr().out
+
+
+def test_main_and_errors(tmp_path: Path) -> None:
+    assert main(["toy", "--quick", "--out", str(tmp_path / "t")]) == 0
+    assert (tmp_path / "t" / "result.json").exists()
+    with pytest.raises(ValueError, match="unknown experiment"):
+        run("nope", quick=True, out=tmp_path)
+    assert EXPERIMENTS == ("toy", "counterexamples", "density", "majority", "byzantine",
+                           "overparam")
