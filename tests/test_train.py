@@ -1,0 +1,206 @@
+"""signsgd.train on tiny real IDX files: outputs and their schema, resume, bad input, crashes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from signsgd import data as D
+from signsgd.distributed.launch import WorkerError
+from signsgd.train import (
+    CheckpointError,
+    ConfigError,
+    TrainConfig,
+    read_metrics,
+    train,
+    validate,
+)
+
+N_TRAIN, N_TEST = 64, 32
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A tiny Fashion-MNIST in the real IDX .gz format; labels depend on the images."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", N_TRAIN), ("t10k", N_TEST)):
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28), dtype=np.uint8)
+        for i, y in enumerate(labels):  # a bright bar whose row encodes the class
+            images[i, 2 + 2 * y] = 250
+        D.write_idx(root / "fashion-mnist" / f"{split}-images-idx3-ubyte.gz", images)
+        D.write_idx(root / "fashion-mnist" / f"{split}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+def cfg(data_dir, out, **kw):
+    base = dict(data="fashion-mnist", data_dir=str(data_dir), model="mlp", optimizer="signum",
+                lr=1e-3, batch_size=16, epochs=2, log_every=2, out=str(out), progress=False,
+                threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())} if folder.exists() else None
+
+
+STEP_KEYS = {"kind", "step", "epoch", "time_s", "loss", "accuracy", "samples_per_s", "lr",
+             "bytes_sent", "bytes_received"}
+EPOCH_KEYS = {"kind", "epoch", "step", "time_s", "train_loss", "train_accuracy", "test_loss",
+              "test_accuracy"}
+SUMMARY_KEYS = {"test_accuracy", "test_loss", "wall_time_s", "bytes_sent_per_step",
+                "bytes_received_per_step", "bytes_per_rank", "config", "optimizer", "workers",
+                "steps", "n_params"}
+
+
+@pytest.mark.parametrize("optimizer", ["signum", "signsgd", "ef-signsgd", "efsgd", "sgd", "adam",
+                                       "adamw"])
+def test_one_worker_outputs_and_schema(data_dir, tmp_path, optimizer):
+    lr = {"sgd": 0.05, "ef-signsgd": 0.05, "efsgd": 0.05}.get(optimizer, 1e-3)
+    s = train(cfg(data_dir, tmp_path / "run", optimizer=optimizer, lr=lr, model="cnn"))
+    out = tmp_path / "run"
+    records = read_metrics(out / "metrics.jsonl")
+    steps = [r for r in records if r["kind"] == "step"]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert len(steps) == 4 * 2 // 2 and len(epochs) == 2  # 4 steps/epoch, logged every 2
+    for r in steps:
+        assert set(r) == STEP_KEYS
+        assert r["bytes_sent"] == 0 and r["loss"] > 0 and 0 <= r["accuracy"] <= 1
+    for r in epochs:
+        assert set(r) == EPOCH_KEYS
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert 0 <= summary["test_accuracy"] <= 1 and summary["test_accuracy"] == s["test_accuracy"]
+    assert summary["test_accuracy"] == epochs[-1]["test_accuracy"]
+    assert summary["bytes_sent_per_step"] == 0 and summary["workers"] == 1
+    assert summary["config"]["optimizer"] == optimizer and summary["config"]["lr"] == lr
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "checkpoint.pt").is_file()
+
+
+def test_resume_is_bit_identical(data_dir, tmp_path):
+    full = train(cfg(data_dir, tmp_path / "full", epochs=3), return_params=True)
+    train(cfg(data_dir, tmp_path / "part", epochs=1))
+    resumed = train(cfg(data_dir, tmp_path / "part", epochs=3, resume=True), return_params=True)
+    assert all(torch.equal(a, b) for a, b in zip(full["params"], resumed["params"]))
+    assert resumed["test_loss"] == full["test_loss"]
+    a = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    b = read_metrics(tmp_path / "part" / "metrics.jsonl")
+    strip = [{k: v for k, v in r.items() if k not in ("time_s", "samples_per_s")} for r in a]
+    assert strip == [{k: v for k, v in r.items() if k not in ("time_s", "samples_per_s")}
+                     for r in b]
+
+
+def test_validation_split_and_subset(data_dir, tmp_path):
+    s = train(cfg(data_dir, tmp_path / "v", validation=16, train_subset=48, epochs=1))
+    assert "val_accuracy" in s and "test_accuracy" not in s
+    assert s["steps"] == 2  # 48 - 16 = 32 examples, batch 16
+
+
+def test_density_is_logged(data_dir, tmp_path):
+    pytest.importorskip("signsgd.diagnostics", reason="diagnostics module not installed")
+    train(cfg(data_dir, tmp_path / "d", density_every=2, epochs=1))
+    dens = [r for r in read_metrics(tmp_path / "d" / "metrics.jsonl") if r["kind"] == "density"]
+    assert [r["step"] for r in dens] == [2, 4]
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(optimizer="lamb"), "valid optimizers: signsgd, signum, ef-signsgd, efsgd, sgd, "
+                                 "adam, adamw"),
+        (dict(model="resnet50"), "valid models: mlp, cnn, resnet20, vgg"),
+        (dict(data="imagenet"), "valid datasets: fashion-mnist, mnist, cifar10"),
+        (dict(workers=0), "--workers must be an integer >= 1, got 0"),
+        (dict(batch_size=0), "--batch-size must be an integer >= 1, got 0"),
+        (dict(workers=N_TRAIN + 1), f"--workers {N_TRAIN + 1} is more than the {N_TRAIN} "
+                                    "training examples"),
+        (dict(epochs=0), "--epochs must be"),
+        (dict(lr=-1.0), "--lr must be"),
+        (dict(momentum=1.0), "--momentum must be in"),
+        (dict(lr_schedule="warmup"), "valid schedules"),
+        (dict(vote="ring"), "valid modes: sharded, allgather"),
+        (dict(attack="flip"), "valid attacks"),
+        (dict(workers=2, adversaries=3), "more than --workers"),
+        (dict(optimizer="ef-signsgd", workers=2, adversaries=1), "not supported"),
+        (dict(optimizer="efsgd", compressor="topk:2"), "ratio must be"),
+        (dict(optimizer="efsgd", compressor="zip"), "valid compressors"),
+        (dict(validation=N_TRAIN), "leaves no training examples"),
+    ],
+)
+def test_bad_input_fails_before_anything_starts(data_dir, tmp_path, change, match):
+    out = tmp_path / "never"
+    with pytest.raises(ConfigError, match=match.replace("(", r"\(").replace(")", r"\)")):
+        train(cfg(data_dir, out, **change))
+    assert not out.exists()
+
+
+def test_missing_data_says_how_to_get_it(tmp_path):
+    with pytest.raises(D.DataError, match="make data"):
+        train(cfg(tmp_path / "empty", tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_validate_fills_defaults():
+    c = validate(TrainConfig(optimizer="ef-signsgd", lr=None, momentum=None))
+    assert c.lr > 0 and c.momentum == 0.0 and c.compressor == "scaled-sign"
+
+
+@pytest.fixture
+def finished_run(data_dir, tmp_path):
+    c = cfg(data_dir, tmp_path / "run", epochs=1)
+    train(c)
+    return c
+
+
+@pytest.mark.parametrize(
+    "how, match",
+    [
+        ("truncate", "corrupt or unreadable"),
+        ("garbage", "corrupt or unreadable"),
+        ("other_lr", "different run .*lr: checkpoint 0.001, now 0.002"),
+        ("other_workers", "different run .*workers: checkpoint 1, now 2"),
+        ("done", "already finished epoch 1 of --epochs 1"),
+        ("foreign", "not a signsgd training checkpoint"),
+        ("missing", "no checkpoint"),
+    ],
+)
+def test_bad_checkpoint_leaves_run_dir_alone(finished_run, how, match):
+    out = finished_run.out
+    from pathlib import Path
+
+    ck = Path(out) / "checkpoint.pt"
+    c = dataclasses.replace(finished_run, epochs=2, resume=True)
+    if how == "truncate":
+        ck.write_bytes(ck.read_bytes()[:1000])
+    elif how == "garbage":
+        ck.write_bytes(b"this is not a checkpoint")
+    elif how == "other_lr":
+        c = dataclasses.replace(c, lr=2e-3)
+    elif how == "other_workers":
+        c = dataclasses.replace(c, workers=2)
+    elif how == "done":
+        c = dataclasses.replace(c, epochs=1)
+    elif how == "foreign":
+        torch.save({"state_dict": {}}, ck)
+    elif how == "missing":
+        ck.unlink()
+    before = snapshot(Path(out))
+    with pytest.raises(CheckpointError, match=match):
+        train(c)
+    assert snapshot(Path(out)) == before
+
+
+def test_crashing_worker_ends_run_with_its_traceback(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SIGNSGD_INJECT_FAULT", "1:1")
+    with pytest.raises(WorkerError) as e:
+        train(cfg(data_dir, tmp_path / "crash", workers=2, timeout_s=120.0))
+    msg = str(e.value)
+    assert "--- rank 1 ---" in msg and "Traceback" in msg
+    assert "injected fault on rank 1 at step 1" in msg
