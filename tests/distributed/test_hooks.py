@@ -98,10 +98,21 @@ def test_checkpoint_keys_are_parameter_names(suite: list[dict[str, Any]]) -> Non
 @pytest.mark.parametrize("rank", [0, 1, 2])
 def test_nonfinite_on_one_rank_raises_everywhere(suite: list[dict[str, Any]], rank: int) -> None:
     r = suite[rank]["nonfinite"]
-    assert r["error"] is not None and r["nonfinite_type"], r["error"]
-    assert "rank(s) [1]" in r["error"]
+    assert [i for i, _ in r["errors"]] == [1], r["errors"]  # the bad step, on every rank
+    text = r["errors"][0][1]
+    assert "NonFiniteGradientError" in text and "rank(s) [1]" in text, text
     assert r["params_unchanged"] and r["momentum_unchanged"]
-    assert r["step"] == 1
+    assert r["step_after_error"] == 1
+
+
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_training_goes_on_after_a_skipped_nonfinite_step(suite: list[dict[str, Any]],
+                                                         rank: int) -> None:
+    r = suite[rank]["nonfinite"]
+    assert r["signum_errors"] == [1]
+    assert r["step"] == 4  # 5 batches, one skipped
+    assert r["equals_signum"]
+    assert all(torch.equal(a, b) for a, b in zip(r["params"], suite[0]["nonfinite"]["params"]))
 
 
 # --------------------------------------------------------------------------- even M

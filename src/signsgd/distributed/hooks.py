@@ -60,10 +60,12 @@ Tuning guide
   :meth:`~MajorityVoteHookState.load_state_dict` save and restore each rank's momentum,
   and the state pickles (without its process group). Momentum is per rank: save one file
   per rank.
-* Non-finite gradients: a NaN or inf in any rank's bucket makes *every* rank raise
-  :class:`~signsgd.distributed.NonFiniteGradientError` from ``backward()`` in that step
-  (the flag travels with the vote's first message), and no momentum changes. Parameters do
-  not change as long as the training loop does not call ``opt.step()`` after the error.
+* Non-finite gradients: a NaN or inf in any rank's bucket makes ``backward()`` raise on
+  *every* rank in that step (the finite flag travels with the vote's first message): a
+  ``RuntimeError`` from DDP whose message carries the
+  :class:`~signsgd.distributed.NonFiniteGradientError` text, naming the bad rank(s). No
+  momentum changes; skip ``opt.step()`` for that batch (as AMP's ``GradScaler`` does) and
+  the next step trains on normally, identical on every rank.
 * Parameters that get no gradient in a step (with ``find_unused_parameters=True``) are
   zero in DDP's bucket; they vote with their decayed momentum ``β·m``, which differs from
   ``Signum``'s aggregator (that one sends zeros and keeps ``m``).
@@ -296,6 +298,9 @@ class MajorityVoteHookState:
 
     # ------------------------------------------------------------------ one step
     def _reset_iteration(self) -> None:
+        # A new generation: callbacks of votes from an earlier (failed) step that finish
+        # late carry the old generation and are ignored.
+        self._generation = getattr(self, "_generation", 0) + 1
         self._open = False
         self._expected: int | None = None
         self._done = 0
@@ -304,8 +309,11 @@ class MajorityVoteHookState:
         self._sent = 0
         self._received = 0
 
-    def _begin_bucket(self, bucket: dist.GradBucket) -> int:
-        """Iteration bookkeeping when the hook starts a bucket; returns the vote counter."""
+    def _begin_bucket(self, bucket: dist.GradBucket) -> tuple[int, int]:
+        """Iteration bookkeeping when the hook starts a bucket.
+
+        Returns ``(generation, vote counter)``.
+        """
         with self._lock:
             # DDP launches the buckets of a step in index order, starting at 0; a new
             # bucket 0 also discards whatever a failed step left behind.
@@ -317,18 +325,23 @@ class MajorityVoteHookState:
             votes = self.votes
             self.votes += 1
             self._maybe_commit()
-            return votes
+            return self._generation, votes
 
-    def _bucket_done(self, new: list[tuple[int, Tensor]], sent: int, received: int) -> None:
+    def _bucket_done(self, generation: int, new: list[tuple[int, Tensor]], sent: int,
+                     received: int) -> None:
         with self._lock:
+            if generation != self._generation:
+                return
             self._pending.extend(new)
             self._sent += sent
             self._received += received
             self._done += 1
             self._maybe_commit()
 
-    def _bucket_failed(self) -> None:
+    def _bucket_failed(self, generation: int) -> None:
         with self._lock:
+            if generation != self._generation:
+                return
             self._failed = True
             self._done += 1
             if self._expected is not None and self._done >= self._expected:
@@ -387,7 +400,7 @@ def majority_vote_hook(
         A future holding the ±1 verdict, flat, with the bucket buffer's dtype and size;
         DDP copies it into the parameters' ``.grad``.
 
-    Raises (from ``backward()``, on every rank):
+    Raises (from ``backward()``, on every rank, wrapped by DDP in a ``RuntimeError``):
         NonFiniteGradientError: some rank's bucket held a NaN or inf.
     """
     state._check_bound()
@@ -415,7 +428,7 @@ def majority_vote_hook(
     vote = _vote_engine()
     group = state.process_group
     world = dist.get_world_size(group)
-    step = state._begin_bucket(bucket)
+    generation, step = state._begin_bucket(bucket)
     # Payload bytes of this vote on this rank (signs, verdicts and the vote's header).
     sent, received = vote.vote_nbytes(buf.numel(), world, state.mode)
     index = bucket.index()
@@ -433,14 +446,14 @@ def majority_vote_hook(
     try:
         fut = vote.vote_async(direction, **kwargs)
     except BaseException:
-        state._bucket_failed()
+        state._bucket_failed(generation)
         raise
 
     def _finish(f: torch.futures.Future[Tensor]) -> Tensor:
         try:
             verdict = f.value()
         except BaseException as exc:
-            state._bucket_failed()
+            state._bucket_failed(generation)
             text = _root_message(exc)
             if bad_names or "finite" in text.lower() or isinstance(exc, NonFiniteGradientError):
                 where = (
@@ -452,7 +465,7 @@ def majority_vote_hook(
                     f"not call optimizer.step() ({text})"
                 ) from exc
             raise
-        state._bucket_done(new, sent, received)
+        state._bucket_done(generation, new, sent, received)
         if verdict.dtype != buf.dtype or verdict.numel() != buf.numel():
             verdict = verdict.reshape(-1).to(buf.dtype)
         return verdict
