@@ -1,10 +1,10 @@
 """The DDP majority-vote comm hook on real Gloo groups (``spawn``), against ``Signum``.
 
-Two launches (each a few seconds): a group of 3 ranks (odd: no ties) runs
+Three launches (each a few seconds): a group of 3 ranks (odd: no ties) runs
 ``hook_workers.hook_suite`` — DDP + hook + SGD against ``Signum(aggregator=MajorityVote())``
 on the same data, a checkpoint round trip, pickling and a NaN on one rank; and a group of 2
-ranks (ties) checks that every rank and both modes agree. The tests below only read the
-results, table-driven.
+ranks (ties) checks that every rank and both modes agree; one rank alone is Signum. The
+tests below only read the results, table-driven.
 """
 
 import pickle
@@ -122,6 +122,14 @@ def test_even_world_ranks_and_modes_agree(even: list[dict[str, Any]], beta: floa
     a, b = (res[f"params/{beta}"] for res in even)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert even[0][f"bytes/{beta}/sharded"][0] > 0
+
+
+# --------------------------------------------------------------------------- M = 1
+def test_world_of_one_is_signum_and_sends_nothing() -> None:
+    """One rank: the vote is the sign of the momentum (zero -> +1); no bytes move."""
+    (r,) = spawn(hw.hook_vs_signum, 1, (4, 0.0002, 0.9, 0.01, "sharded"), timeout=120)
+    assert r["diffs"] == [0.0] * 4 and r["momentum_equal"]
+    assert r["total"] == (0, 0) and r["steps"] == 4
 
 
 # --------------------------------------------------------------------------- no group
