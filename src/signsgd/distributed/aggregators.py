@@ -110,8 +110,9 @@ def _device(tensors: list[Tensor | None]) -> torch.device:
 
 
 def _flatten(tensors: list[Tensor | None], agreed: Agreed, dtype: torch.dtype,
-             device: torch.device, copy: bool = True) -> Tensor:
-    """Concatenate the agreed tensors (zeros where this rank has ``None``) into one buffer."""
+             device: torch.device, copy: bool = True, out: Tensor | None = None) -> Tensor:
+    """Concatenate the agreed tensors (zeros where this rank has ``None``) into one buffer
+    (``out`` when given, unless one tensor can be used as it is and ``copy`` is false)."""
     parts = []
     for t, e in zip(tensors, agreed.entries):
         if e is None:
@@ -122,9 +123,11 @@ def _flatten(tensors: list[Tensor | None], agreed: Agreed, dtype: torch.dtype,
             parts.append(t.reshape(-1).to(dtype))
     if not parts:
         return torch.zeros(0, dtype=dtype, device=device)
-    if len(parts) > 1:
-        return torch.cat(parts)
-    return parts[0].clone() if copy else parts[0]
+    if len(parts) == 1 and not copy:
+        return parts[0]
+    if out is not None:
+        return torch.cat(parts, out=out)
+    return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
 
 
 def _split(flat: Tensor, agreed: Agreed) -> list[Tensor | None]:
@@ -151,10 +154,21 @@ class _Common(Aggregator):
         super().__init__()
         self.group = group
         self.step = 0
+        self._buffers: dict[tuple[Any, ...], Tensor] = {}
+
+    def _buffer(self, name: str, numel: int, dtype: torch.dtype, device: torch.device
+                ) -> Tensor:
+        """A buffer kept across steps (fresh large allocations cost page faults)."""
+        key = (name, dtype, device)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() != numel:
+            buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buf
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["group"] = None
+        state["_buffers"] = {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -201,7 +215,9 @@ class MajorityVote(_Common):
     (``"allgather"``). See :mod:`signsgd.distributed.vote` for the protocol and bytes.
 
     ``None`` entries contribute zeros, which go out as +1; a tensor absent on every rank
-    gets ``None`` (its parameter is not updated anywhere).
+    gets ``None`` (its parameter is not updated anywhere). The returned tensors are views
+    of a buffer the aggregator reuses: valid until its next call (the optimisers apply
+    them at once).
 
     Args:
         group: process group (``None``: the default group, or one process when
@@ -261,18 +277,18 @@ class MajorityVote(_Common):
                                      seed=seed, config=("MajorityVote", mode, bucket),
                                      who="MajorityVote")
             dtype = _flat_dtype(agreed)
-            flat = _flatten(tensors, agreed, dtype, device, copy=False)
+            d = agreed.numel
+            flat = _flatten(tensors, agreed, dtype, device, copy=False,
+                            out=self._buffer("flat", d, dtype, device))
+            verdict = self._buffer("verdict", d, dtype, device)
             sent, received = agreed.sent, agreed.received
-            pieces = []
-            for start in range(0, flat.numel(), bucket):
-                out, s, r = vote_flat(flat[start:start + bucket], group=group, mode=mode,
-                                      seed=seed, step=step, word_offset=start // 64,
-                                      adversary=adversary)
-                pieces.append(out)
+            for start in range(0, d, bucket):
+                end = min(start + bucket, d)
+                _, s, r = vote_flat(flat[start:end], group=group, mode=mode, seed=seed,
+                                    step=step, word_offset=start // 64, adversary=adversary,
+                                    out=verdict[start:end])
                 sent += s
                 received += r
-            verdict = torch.cat(pieces) if len(pieces) > 1 else (
-                pieces[0] if pieces else flat)
             return _split(verdict, agreed), sent, received
 
         result, sent, received = self._run(tensors, job)

@@ -93,7 +93,7 @@ _MASK64 = (1 << 64) - 1
 
 _DTYPES: tuple[torch.dtype, ...] = (
     torch.float32, torch.float64, torch.float16, torch.bfloat16,
-    torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8,
+    torch.int8, torch.int16, torch.int32, torch.int64,
 )
 _DTYPE_CODE = {dt: i for i, dt in enumerate(_DTYPES)}
 
@@ -421,20 +421,22 @@ def vote_flat(
     step: int,
     word_offset: int = 0,
     adversary: Adversary | None = None,
-    dtype: torch.dtype | None = None,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, int, int]:
     """Phases 2–3 of a vote on a flat vector (the header must have run this step).
 
-    Returns ``(verdict, sent, received)``: the ±1 vote as a flat tensor of ``dtype``
-    (default ``flat.dtype``) and the payload bytes moved. ``word_offset`` is the index of
-    the 64-bit word of the step's flat vector where ``flat`` starts (for buckets), so ties
-    do not depend on bucketing.
+    Returns ``(verdict, sent, received)``: the ±1 vote as a flat tensor (written into
+    ``out`` when given — it may be ``flat`` itself — else a new tensor of ``flat``'s dtype)
+    and the payload bytes moved. ``word_offset`` is the index of the 64-bit word of the
+    step's flat vector where ``flat`` starts (for buckets), so ties do not depend on
+    bucketing.
     """
     rank, m = _world(group)
     d = flat.numel()
-    out_dtype = flat.dtype if dtype is None else dtype
+    if out is None:
+        out = torch.empty(d, dtype=flat.dtype, device=flat.device)
     if d == 0:
-        return flat.new_empty(0, dtype=out_dtype), 0, 0
+        return out, 0, 0
     nb = packed_nbytes(d)
     if mode == "sharded" and m > 1:
         s = shard_nbytes(d, m)
@@ -443,13 +445,13 @@ def vote_flat(
         s = 0
         total = 8 * _words(nb)
     send = torch.empty(total, dtype=torch.uint8, device=flat.device)
-    send[:nb] = pack_signs(flat)
+    pack_signs(flat, out=send[:nb])
     if total > nb:
         send[nb:] = 0
     if adversary is not None:
         send = adversary.corrupt_signs(send, step=step, word_offset=word_offset)
     if m == 1:
-        return unpack_signs(send, d, out_dtype), 0, 0
+        return unpack_signs(send, d, out=out), 0, 0
     if mode == "sharded":
         recv = torch.empty(total, dtype=torch.uint8, device=flat.device)
         dist.all_to_all_single(recv, send, group=group)
@@ -459,13 +461,13 @@ def vote_flat(
         gathered = torch.empty(total, dtype=torch.uint8, device=flat.device)
         _all_gather(gathered, verdict, group)
         nbytes = 2 * (m - 1) * s
-        return unpack_signs(gathered, d, out_dtype), nbytes, nbytes
+        return unpack_signs(gathered, d, out=out), nbytes, nbytes
     gathered = torch.empty(m * total, dtype=torch.uint8, device=flat.device)
     _all_gather(gathered, send, group)
     ties = tie_bits(seed, step, word_offset, total // 8, flat.device) if m % 2 == 0 else None
     verdict = majority_tally(gathered.view(m, total), ties)
     nbytes = (m - 1) * total
-    return unpack_signs(verdict, d, out_dtype), nbytes, nbytes
+    return unpack_signs(verdict, d, out=out), nbytes, nbytes
 
 
 # --------------------------------------------------------------------------- engine
@@ -532,9 +534,26 @@ def _check_int(name: str, value: Any) -> int:
 
 
 def _is_finite(t: Tensor) -> bool:
+    """No NaN and no ±inf in ``t``: one ``aminmax`` pass (NaN propagates to both)."""
     if t.numel() == 0 or not t.is_floating_point():
         return True
-    return bool(torch.isfinite(torch.linalg.vector_norm(t, float("inf"))))
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def _check_out(out: Tensor | None, like: Tensor, who: str) -> Tensor | None:
+    if out is None:
+        return None
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{who}: out must be a tensor, got {type(out).__name__}")
+    if (out.numel() != like.numel() or out.dtype != like.dtype or out.device != like.device
+            or not out.is_contiguous()):
+        raise ValueError(
+            f"{who}: out must be a contiguous tensor of {like.numel()} elements, dtype "
+            f"{like.dtype} on {like.device}; got {out.numel()} elements, {out.dtype} on "
+            f"{out.device}{'' if out.is_contiguous() else ', not contiguous'}"
+        )
+    return out.view(-1)
 
 
 def vote_async(
@@ -546,6 +565,7 @@ def vote_async(
     step: int = 0,
     finite: bool = True,
     adversary: Adversary | None = None,
+    out: Tensor | None = None,
 ) -> torch.futures.Future:
     """Start a majority vote of a flat tensor; the future yields the flat ±1 verdict.
 
@@ -568,6 +588,8 @@ def vote_async(
         finite: ``False`` when this rank's input holds a NaN or inf (the caller checks);
             then every rank's future raises :class:`NonFiniteGradientError`.
         adversary: a Byzantine attack applied to the packed signs this rank sends.
+        out: optional contiguous tensor (numel and dtype of ``flat``; may be ``flat``
+            itself) that receives the verdict, to avoid a fresh allocation per call.
 
     Returns:
         ``torch.futures.Future`` of a ±1 tensor shaped like ``flat`` with its dtype,
@@ -587,14 +609,15 @@ def vote_async(
             f"{tuple(flat.shape) if isinstance(flat, Tensor) else type(flat).__name__}"
         )
     entry = entry_of(flat)
+    dst = _check_out(out, flat, "vote_async")
     _world(group)  # fail early (on the caller's thread) for a bad group
 
     def job() -> Tensor:
         exchange_header([entry], group=group, finite=bool(finite), step=step, seed=seed,
                         config=("vote", mode), who="majority_vote")
-        out, _, _ = vote_flat(flat, group=group, mode=mode, seed=seed, step=step,
-                              adversary=adversary)
-        return out
+        verdict, _, _ = vote_flat(flat, group=group, mode=mode, seed=seed, step=step,
+                                  adversary=adversary, out=dst)
+        return verdict
 
     return run_on_engine(group, job, flat.device)
 
@@ -607,6 +630,7 @@ def majority_vote(
     seed: int = 0,
     step: int | None = None,
     adversary: Adversary | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Elementwise majority of the signs of ``t`` across the ranks of ``group``.
 
@@ -627,9 +651,13 @@ def majority_vote(
             ``(group, mode, seed)``, which stays in step when every rank makes the same calls.
         adversary: Byzantine attack on the signs this rank sends
             (:mod:`signsgd.distributed.adversary`).
+        out: optional contiguous tensor of ``t``'s numel and dtype that receives the
+            verdict (it may be ``t`` itself, like an in-place ``all_reduce``); saves the
+            allocation of a fresh result, which dominates for large ``t``.
 
     Returns:
-        A ±1 tensor of ``t``'s shape and dtype, identical on every rank.
+        A ±1 tensor of ``t``'s shape and dtype (``out`` when given, viewed as ``t``'s
+        shape), identical on every rank.
 
     Raises:
         ValueError: ``t``'s numel, shape or dtype (or ``mode``, ``seed``, ``step``) differ
@@ -645,26 +673,28 @@ def majority_vote(
     if not isinstance(t, Tensor):
         raise TypeError(f"majority_vote needs a tensor, got {type(t).__name__}")
     _check_mode(mode)
+    flat = t.reshape(-1)
+    entry = entry_of(t)
+    dst = _check_out(out, t, "majority_vote")
+    _check_int("seed", seed)
+    _world(group)
     if step is None:
         key = (id(group) if group is not None else 0, mode, seed)
         with _ENGINES_LOCK:
             step = _CALLS.get(key, 0)
             _CALLS[key] = step + 1
-    flat = t.reshape(-1)
-    entry = entry_of(t)
-    finite = _is_finite(t)
-    _check_int("seed", seed)
     _check_int("step", step)
-    _world(group)
+    finite = _is_finite(t)
 
     def job() -> Tensor:
         exchange_header([entry], group=group, finite=finite, step=step, seed=seed,
                         config=("vote", mode), who="majority_vote")
-        out, _, _ = vote_flat(flat, group=group, mode=mode, seed=seed, step=step,
-                              adversary=adversary)
-        return out
+        verdict, _, _ = vote_flat(flat, group=group, mode=mode, seed=seed, step=step,
+                                  adversary=adversary, out=dst)
+        return verdict
 
-    return run_on_engine(group, job, t.device).wait().view(t.shape)
+    result = run_on_engine(group, job, t.device).wait()
+    return (out if out is not None else result).view(t.shape)
 
 
 _CALLS: dict[tuple[int, str, int], int] = {}

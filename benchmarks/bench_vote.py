@@ -1,0 +1,154 @@
+"""Benchmark: 1-bit majority vote vs fp32 all-reduce, M Gloo processes on this machine.
+
+For a float32 vector of ``d`` coordinates on every rank it times, in the same run:
+
+* ``dist.all_reduce`` of the fp32 tensor (the baseline),
+* ``majority_vote(x, mode="sharded", out=buf)`` end to end (finite check, header, pack,
+  one ``all_to_all_single``, tally, one ``all_gather``, unpack into a reused buffer, as
+  ``all_reduce`` works in place), and once more returning a fresh tensor (the allocation
+  of ``4·d`` fresh bytes costs page faults),
+* ``majority_vote(x, mode="allgather")``,
+* the local phases of the sharded vote on their own (pack, tally, unpack),
+
+and prints median times over ``--reps`` repetitions (each rep starts after a barrier; a
+rep's time is the slowest rank's), the ratios vote / all-reduce, and the bytes per rank
+each way from :func:`signsgd.distributed.vote.vote_nbytes` as bits per coordinate.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_vote.py --world-size 4 --numel 25000000 --reps 7 \\
+        --markdown benchmarks/results/vote.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from signsgd.distributed.launch import spawn
+from signsgd.distributed.vote import (
+    HEADER_WORDS,
+    majority_vote,
+    shard_nbytes,
+    tie_bits,
+    vote_nbytes,
+)
+from signsgd.packing import majority_tally, pack_signs, unpack_signs
+
+
+def _timed(fn: Any, reps: int, warmup: int = 1) -> list[float]:
+    """Per-rep wall time of ``fn`` (after a barrier); the slowest rank's time per rep."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+        times.append(float(dt))
+    return times
+
+
+def worker(rank: int, world_size: int, numel: int, reps: int) -> dict[str, list[float]]:
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(numel, generator=g)
+    y = x.clone()
+    out: dict[str, list[float]] = {}
+    out["all_reduce fp32"] = _timed(lambda: dist.all_reduce(y), reps)
+    step = iter(range(10**9))
+    dst = torch.empty_like(x)
+    out["vote sharded"] = _timed(
+        lambda: majority_vote(x, mode="sharded", step=next(step), out=dst), reps)
+    out["vote allgather"] = _timed(
+        lambda: majority_vote(x, mode="allgather", step=next(step), out=dst), reps)
+    out["vote sharded, fresh result tensor"] = _timed(
+        lambda: majority_vote(x, mode="sharded", step=next(step)), reps)
+    # local phases of the sharded vote, no communication
+    s = shard_nbytes(numel, world_size)
+    packed = torch.zeros(world_size * s, dtype=torch.uint8)
+    rows = torch.randint(0, 256, (world_size, s), dtype=torch.uint8, generator=g)
+    ties = tie_bits(0, 0, rank * s // 8, s // 8)
+    gathered = torch.randint(0, 256, (world_size * s,), dtype=torch.uint8, generator=g)
+
+    def pack() -> None:
+        packed[: (numel + 7) // 8] = pack_signs(x)
+
+    out["  pack (local)"] = _timed(pack, reps)
+    lo_hi = torch.empty(2)
+    out["  finite check (local)"] = _timed(
+        lambda: lo_hi.copy_(torch.stack(torch.aminmax(x))).isfinite().all(), reps)
+    out["  tally shard (local)"] = _timed(lambda: majority_tally(rows, ties), reps)
+    out["  unpack (local)"] = _timed(lambda: unpack_signs(gathered, numel, out=dst), reps)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--world-size", type=int, default=4)
+    ap.add_argument("--numel", type=int, default=25_000_000)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ap.add_argument("--markdown", default=None, help="write a results table here")
+    args = ap.parse_args(argv)
+    m, d = args.world_size, args.numel
+    started = datetime.datetime.now(datetime.timezone.utc)
+    t0 = time.perf_counter()
+    results = spawn(worker, m, (d, args.reps), timeout=1800, threads=args.threads)
+    wall = time.perf_counter() - t0
+    res = results[0]  # every rank holds the same (max over ranks) times
+    base = statistics.median(res["all_reduce fp32"])
+    lines = ["| what | median s | min s | ratio to fp32 all_reduce |", "|---|---|---|---|"]
+    for name, times in res.items():
+        med = statistics.median(times)
+        lines.append(f"| {name} | {med:.4f} | {min(times):.4f} | {med / base:.3f} |")
+    sent, received = {}, {}
+    for mode in ("sharded", "allgather"):
+        sent[mode], received[mode] = vote_nbytes(d, m, mode)
+    s = shard_nbytes(d, m)
+    leg = (m - 1) * s
+    fp32_ring = 2 * (m - 1) * (-(-d // m)) * 4
+    bytes_lines = [
+        "| what | bytes sent per rank | bytes received per rank | bits / coordinate sent |",
+        "|---|---|---|---|",
+        f"| fp32 all_reduce (ring) | {fp32_ring} | {fp32_ring} | {fp32_ring * 8 / d:.3f} |",
+        f"| vote sharded, total | {sent['sharded']} | {received['sharded']} | "
+        f"{sent['sharded'] * 8 / d:.3f} |",
+        f"| vote sharded, signs leg (all_to_all) | {leg} | {leg} | {leg * 8 / d:.3f} |",
+        f"| vote sharded, verdicts leg (all_gather) | {leg} | {leg} | {leg * 8 / d:.3f} |",
+        f"| vote allgather | {sent['allgather']} | {received['allgather']} | "
+        f"{sent['allgather'] * 8 / d:.3f} |",
+    ]
+    cmd = " ".join([".venv/bin/python", "benchmarks/bench_vote.py"] + sys.argv[1:])
+    header = [
+        f"- command: `{cmd}`",
+        f"- date: {started:%Y-%m-%d %H:%M} UTC; launch wall time {wall:.0f} s",
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"Gloo on 127.0.0.1, M = {m} processes, {args.threads} torch thread(s) each, "
+        f"d = {d:,} float32",
+        f"- load average at start: {os.getloadavg()[0]:.1f} — the machine was shared with "
+        "other jobs, so absolute times are noisy; the ratios are measured in the same run",
+        f"- a rep's time is the slowest rank's; median over {args.reps} reps (1 warm-up); "
+        f"header = {HEADER_WORDS} int64 words per rank",
+    ]
+    text = "\n".join(header + ["", *lines, "", *bytes_lines, ""])
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("# Majority vote vs fp32 all-reduce (benchmarks/bench_vote.py)\n\n")
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
