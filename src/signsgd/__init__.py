@@ -3,6 +3,15 @@
 signSGD and Signum (Bernstein et al., ICML 2018), majority vote across workers with 1 bit
 per coordinate each way, and error feedback (EF-SGD / EF-signSGD, Karimireddy et al.,
 ICML 2019). See DESIGN.md for the conventions.
+
+Example:
+    >>> import torch, signsgd
+    >>> model = torch.nn.Linear(3, 1)
+    >>> opt = signsgd.Signum(model.parameters(), lr=1e-3, momentum=0.9)
+    >>> loss = model(torch.ones(2, 3)).pow(2).mean()
+    >>> loss.backward(); opt.step(); opt.zero_grad()
+    >>> ef = signsgd.EFSGD(model.parameters(), lr=0.1,
+    ...                    compressor=signsgd.compression.TopK(0.1))
 """
 
 from signsgd import compression

@@ -122,8 +122,9 @@ class ScaledSign(Compressor):
     """Scaled sign of EF-signSGD: ``C(v) = (‖v‖₁ / d)·sign(v)`` with ``d = numel(v)``.
 
     δ-approximate with ``δ = φ(v) = ‖v‖₁² / (d·‖v‖₂²) ≥ 1/d``: in fact
-    ``‖C(v) − v‖² = (1 − φ(v))·‖v‖²`` exactly, so the worst case over all ``v`` is δ = 1/d
-    and dense vectors (φ near 1) are compressed almost losslessly. Sent as 1 bit per
+    ``‖C(v) − v‖² = ‖v‖² − (2 − nnz(v)/d)·‖v‖₁²/d ≤ (1 − φ(v))·‖v‖²``, with equality when
+    ``v`` has no zero entry, so the worst case over all ``v`` is δ = 1/d and dense vectors
+    (φ near 1) are compressed almost losslessly. Sent as 1 bit per
     coordinate plus one scale per tensor.
 
     Example:
