@@ -34,6 +34,7 @@ import signsgd
 from signsgd import functional as SF
 from signsgd.compression import Identity
 from signsgd.distributed.adversary import Adversary, Negate, RandomSigns
+from signsgd.distributed.base import NonFiniteGradientError
 from signsgd.packing import pack_signs, unpack_signs
 
 
@@ -104,7 +105,7 @@ def _record(hist: dict[str, list[float]], step: int, model: nn.Module,
 def _finish(hist: dict[str, Any], model: nn.Module, data: dict[str, Tensor]) -> dict[str, Any]:
     loss, acc = _evaluate(model, data["x_test"], data["y_test"])
     hist["test_loss"], hist["test_acc"] = loss, acc
-    hist["diverged"] = not math.isfinite(loss)
+    hist["diverged"] = hist.get("diverged_at") is not None or not math.isfinite(loss)
     return hist
 
 
@@ -129,17 +130,22 @@ def _train_rank(rank: int, world: int, cfg: Config, data: dict[str, Tensor],
     agg = (MajorityVote(seed=cfg.seed, adversary=adv) if cfg.rule == "vote"
            else AllReduce(adversary=adv))
     opt = _make_opt(cfg, model, agg)
-    hist: dict[str, Any] = {"step": [], "train_loss": [], "label": cfg.label}
+    hist: dict[str, Any] = {"step": [], "train_loss": [], "label": cfg.label,
+                            "diverged_at": None}
     for t in range(cfg.steps):
         if report and t % cfg.eval_every == 0:
             _record(hist, t, model, data)
         idx = batch_indices(x.shape[0], cfg.batch, rank, t, cfg.seed)
         opt.zero_grad()
         F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
+        try:
+            opt.step()
+        except NonFiniteGradientError:  # raised on every rank alike: all stop together
+            hist["diverged_at"] = t
+            break
     if not report:
         return {}
-    _record(hist, cfg.steps, model, data)
+    _record(hist, t + 1 if hist["diverged_at"] is None else t, model, data)
     hist["params"] = [p.detach().clone() for p in model.parameters()]
     return _finish(hist, model, data)
 
@@ -172,7 +178,9 @@ def simulate(world: int, cfg: Config, data: dict[str, Tensor]) -> dict[str, Any]
     else:
         opt = signsgd.EFSGD(params, lr=cfg.lr, compressor=Identity(), momentum=cfg.momentum)
     coin = torch.Generator().manual_seed(cfg.seed)
-    hist: dict[str, Any] = {"step": [], "train_loss": [], "label": cfg.label}
+    hist: dict[str, Any] = {"step": [], "train_loss": [], "label": cfg.label,
+                            "diverged_at": None}
+    t = 0
     for t in range(cfg.steps):
         if t % cfg.eval_every == 0:
             _record(hist, t, model, data)
@@ -182,6 +190,9 @@ def simulate(world: int, cfg: Config, data: dict[str, Tensor]) -> dict[str, Any]
             model.zero_grad()
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             grads.append([p.grad.detach().clone() for p in params])
+        if SF.first_nonfinite([g for gs in grads for g in gs]) is not None:
+            hist["diverged_at"] = t  # the real aggregators raise on every rank here
+            break
         if cfg.rule == "vote":
             tally = torch.zeros(sum(p.numel() for p in params))
             for r in range(world):
@@ -219,7 +230,9 @@ def simulate(world: int, cfg: Config, data: dict[str, Tensor]) -> dict[str, Any]
             for p, v in zip(params, mean.split([p.numel() for p in params])):
                 p.grad = v.view_as(p).clone()
         opt.step()
-    _record(hist, cfg.steps, model, data)
+    else:
+        t = cfg.steps - 1
+    _record(hist, t + 1 if hist["diverged_at"] is None else t, model, data)
     hist["params"] = [p.detach().clone() for p in params]
     return _finish(hist, model, data)
 
