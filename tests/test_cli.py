@@ -1,0 +1,162 @@
+"""The ``signsgd`` command on tiny real IDX files: train with 1 and 2 workers, resume across
+workers, compare, reproduce, and every bad-input message."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from signsgd import data as D
+from signsgd.cli import DEFAULT_COMPARE, main, parse_compare
+
+N_TRAIN, N_TEST = 48, 24
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_data")
+    rng = np.random.default_rng(1)
+    for split, n in (("train", N_TRAIN), ("t10k", N_TEST)):
+        D.write_idx(root / "fashion-mnist" / f"{split}-images-idx3-ubyte.gz",
+                    rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        D.write_idx(root / "fashion-mnist" / f"{split}-labels-idx1-ubyte.gz",
+                    rng.integers(0, 10, n, dtype=np.uint8))
+    return root
+
+
+def train_args(data_dir, out, *extra):
+    return ["train", "--data-dir", str(data_dir), "--model", "mlp", "--batch-size", "8",
+            "--log-every", "2", "--no-progress", "--out", str(out), *extra]
+
+
+def test_train_one_worker(data_dir, tmp_path, capsys):
+    rc = main(train_args(data_dir, tmp_path / "r1", "--optimizer", "signsgd", "--lr", "1e-3",
+                         "--epochs", "1"))
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy" in printed and "summary.json" in printed
+    s = json.loads((tmp_path / "r1" / "summary.json").read_text())
+    assert s["workers"] == 1 and s["optimizer"] == "signsgd" and s["steps"] == N_TRAIN // 8
+
+
+def test_two_workers_vote_and_resume_bit_identical(data_dir, tmp_path):
+    """2 workers with majority vote; stopping after epoch 1 and resuming gives the same
+    final parameters (aggregator state, per-rank momentum) as one uninterrupted run."""
+    opts = ("--optimizer", "signum", "--lr", "1e-3", "--workers", "2")
+    assert main(train_args(data_dir, tmp_path / "full", *opts, "--epochs", "2")) == 0
+    assert main(train_args(data_dir, tmp_path / "part", *opts, "--epochs", "1")) == 0
+    assert main(train_args(data_dir, tmp_path / "part", *opts, "--epochs", "2",
+                           "--resume")) == 0
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert len(a["optimizer"]) == 2 and "aggregator" in a["optimizer"][0]
+    s = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert s["workers"] == 2 and s["steps"] == 2 * (N_TRAIN // 2 // 8)
+    # 1 bit per coordinate each way (sharded vote), plus small headers: far below fp32.
+    assert 0 < s["bytes_sent_per_step"] < s["fp32_gradient_bytes"] / 16
+    assert [r["rank"] for r in s["bytes_per_rank"]] == [0, 1]
+
+
+def test_compare_writes_table_and_plot(data_dir, tmp_path, capsys):
+    toml = tmp_path / "cmp.toml"
+    toml.write_text(
+        '[defaults]\nmodel = "mlp"\nepochs = 1\nbatch-size = 8\nlog_every = 2\n\n'
+        '[[run]]\nname = "Adam"\noptimizer = "adam"\nlr = 1e-3\n\n'
+        '[[run]]\nname = "SGD 2w"\noptimizer = "sgd"\nlr = 0.01\nworkers = 2\n'
+    )
+    rc = main(["compare", str(toml), "--out", str(tmp_path / "cmp"), "--data-dir",
+               str(data_dir), "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    table = (tmp_path / "cmp" / "table.md").read_text()
+    assert table in printed and "compare.png" in printed
+    lines = table.strip().splitlines()
+    assert len(lines) == 4 and "| Adam | adam | 1 |" in lines[2]
+    assert "| SGD 2w | sgd | 2 |" in lines[3]
+    assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "cmp" / "sgd-2w" / "summary.json").is_file()
+    runs = json.loads((tmp_path / "cmp" / "table.json").read_text())["runs"]
+    assert runs[1]["bytes_sent_per_step"] > 0 and runs[0]["bytes_sent_per_step"] == 0
+
+
+def test_builtin_default_is_the_demo():
+    runs = parse_compare(DEFAULT_COMPARE)
+    got = [(c.optimizer, c.workers, c.epochs, c.data, c.model) for c in runs]
+    assert got == [("adam", 1, 3, "fashion-mnist", "cnn"), ("sgd", 1, 3, "fashion-mnist", "cnn"),
+                   ("signum", 1, 3, "fashion-mnist", "cnn"),
+                   ("signum", 4, 3, "fashion-mnist", "cnn"),
+                   ("ef-signsgd", 4, 3, "fashion-mnist", "cnn")]
+    assert runs[1].momentum == 0.9
+
+
+def test_crashing_worker_ends_run_with_its_traceback(data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SIGNSGD_INJECT_FAULT", "1:1")
+    rc = main(train_args(data_dir, tmp_path / "crash", "--workers", "2", "--epochs", "1"))
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "a worker failed" in err and "--- rank 1 ---" in err and "Traceback" in err
+    assert "injected fault on rank 1 at step 1" in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--optimizer", "lamb"], "unknown optimizer 'lamb'; valid optimizers: signsgd, signum"),
+        (["--model", "bert"], "unknown model 'bert'; valid models: mlp, cnn, resnet20, vgg"),
+        (["--data", "imagenet"], "valid datasets: fashion-mnist, mnist, cifar10"),
+        (["--workers", "0"], "--workers must be an integer >= 1, got 0"),
+        (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+        (["--workers", str(N_TRAIN + 1)], "more than the 48 training examples"),
+        (["--resume"], "no checkpoint"),
+    ],
+)
+def test_bad_train_input(data_dir, tmp_path, capsys, args, message):
+    out = tmp_path / "never"
+    rc = main(train_args(data_dir, out, *args))
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.startswith("signsgd train: error:")
+    assert not out.exists()
+
+
+def test_missing_data(tmp_path, capsys):
+    rc = main(["train", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not found" in err and "make data" in err
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[defaults]\nepochs = 1\n", "no [[run]] tables"),
+        ("[[run]]\noptimiser = 'adam'\n", "unknown option 'optimiser'"),
+        ("[[run]]\nname = 'a'\n[[run]]\nname = 'a'\n", "two runs are named 'a'"),
+        ("[[run]\n", "invalid TOML"),
+        ("[[run]]\noptimizer = 'lamb'\n", "valid optimizers"),
+    ],
+)
+def test_bad_compare_file(tmp_path, capsys, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    rc = main(["compare", str(path), "--out", str(tmp_path / "o")])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_compare_missing_file(tmp_path, capsys):
+    assert main(["compare", str(tmp_path / "nope.toml")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_reproduce_unknown_lists_experiments(capsys):
+    experiments = pytest.importorskip("signsgd.experiments",
+                                      reason="the experiments package is not installed")
+    assert main(["reproduce", "nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown experiment 'nonsense'" in err
+    for name in experiments.EXPERIMENTS:
+        assert name in err
