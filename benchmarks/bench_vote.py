@@ -45,18 +45,19 @@ from signsgd.distributed.vote import (
 from signsgd.packing import majority_tally, pack_signs, unpack_signs
 
 
-def _timed(fn: Any, reps: int, warmup: int = 1) -> list[float]:
-    """Per-rep wall time of ``fn`` (after a barrier); the slowest rank's time per rep."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-        dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-        times.append(float(dt))
+def _interleaved(ops: dict[str, Any], reps: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Per-rep wall time of each op, the ops taking turns within every rep (so a change in
+    the machine's load hits all of them alike); each time is the slowest rank's."""
+    times: dict[str, list[float]] = {name: [] for name in ops}
+    for rep in range(warmup + reps):
+        for name, fn in ops.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+            if rep >= warmup:
+                times[name].append(float(dt))
     return times
 
 
@@ -64,33 +65,26 @@ def worker(rank: int, world_size: int, numel: int, reps: int) -> dict[str, list[
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(numel, generator=g)
     y = x.clone()
-    out: dict[str, list[float]] = {}
-    out["all_reduce fp32"] = _timed(lambda: dist.all_reduce(y), reps)
-    step = iter(range(10**9))
     dst = torch.empty_like(x)
-    out["vote sharded"] = _timed(
-        lambda: majority_vote(x, mode="sharded", step=next(step), out=dst), reps)
-    out["vote allgather"] = _timed(
-        lambda: majority_vote(x, mode="allgather", step=next(step), out=dst), reps)
-    out["vote sharded, fresh result tensor"] = _timed(
-        lambda: majority_vote(x, mode="sharded", step=next(step)), reps)
+    step = iter(range(10**9))
     # local phases of the sharded vote, no communication
     s = shard_nbytes(numel, world_size)
     packed = torch.zeros(world_size * s, dtype=torch.uint8)
     rows = torch.randint(0, 256, (world_size, s), dtype=torch.uint8, generator=g)
     ties = tie_bits(0, 0, rank * s // 8, s // 8)
     gathered = torch.randint(0, 256, (world_size * s,), dtype=torch.uint8, generator=g)
-
-    def pack() -> None:
-        packed[: (numel + 7) // 8] = pack_signs(x)
-
-    out["  pack (local)"] = _timed(pack, reps)
-    lo_hi = torch.empty(2)
-    out["  finite check (local)"] = _timed(
-        lambda: lo_hi.copy_(torch.stack(torch.aminmax(x))).isfinite().all(), reps)
-    out["  tally shard (local)"] = _timed(lambda: majority_tally(rows, ties), reps)
-    out["  unpack (local)"] = _timed(lambda: unpack_signs(gathered, numel, out=dst), reps)
-    return out
+    ops = {
+        "all_reduce fp32": lambda: dist.all_reduce(y),
+        "vote sharded": lambda: majority_vote(x, mode="sharded", step=next(step), out=dst),
+        "vote allgather": lambda: majority_vote(x, mode="allgather", step=next(step), out=dst),
+        "vote sharded, fresh result tensor":
+            lambda: majority_vote(x, mode="sharded", step=next(step)),
+        "  finite check (local)": lambda: torch.stack(torch.aminmax(x)).isfinite().all(),
+        "  pack (local)": lambda: pack_signs(x, out=packed[: (numel + 7) // 8]),
+        "  tally shard (local)": lambda: majority_tally(rows, ties),
+        "  unpack (local)": lambda: unpack_signs(gathered, numel, out=dst),
+    }
+    return _interleaved(ops, reps)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,10 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     res = results[0]  # every rank holds the same (max over ranks) times
     base = statistics.median(res["all_reduce fp32"])
-    lines = ["| what | median s | min s | ratio to fp32 all_reduce |", "|---|---|---|---|"]
+    lines = ["| what | median s | min s | ratio of medians to fp32 all_reduce | "
+             "median of per-rep ratios |", "|---|---|---|---|---|"]
     for name, times in res.items():
         med = statistics.median(times)
-        lines.append(f"| {name} | {med:.4f} | {min(times):.4f} | {med / base:.3f} |")
+        per_rep = statistics.median(t / b for t, b in zip(times, res["all_reduce fp32"]))
+        lines.append(f"| {name} | {med:.4f} | {min(times):.4f} | {med / base:.3f} | "
+                     f"{per_rep:.3f} |")
     sent, received = {}, {}
     for mode in ("sharded", "allgather"):
         sent[mode], received[mode] = vote_nbytes(d, m, mode)
@@ -138,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         f"d = {d:,} float32",
         f"- load average at start: {os.getloadavg()[0]:.1f} — the machine was shared with "
         "other jobs, so absolute times are noisy; the ratios are measured in the same run",
-        f"- a rep's time is the slowest rank's; median over {args.reps} reps (1 warm-up); "
+        f"- a rep's time is the slowest rank's; the ops take turns within each rep; median "
+        f"over {args.reps} reps (1 warm-up); "
         f"header = {HEADER_WORDS} int64 words per rank",
     ]
     text = "\n".join(header + ["", *lines, "", *bytes_lines, ""])
