@@ -50,10 +50,12 @@ _UNPACKABLE = (
     torch.int64,
 )
 
-# Elements per chunk on CPU (intermediates stay in L2) and on other devices (bounded memory).
+# Elements per chunk and per CPU thread (each thread's share of the intermediates stays in
+# its L2; scaling with the thread count keeps the number of parallel regions, each a
+# barrier, low), and per chunk on other devices (bounded scratch memory).
 _CPU_CHUNK = 1 << 19
 _DEVICE_CHUNK = 1 << 24
-# Target size in bytes of one chunk of the (M, words) tally input on CPU.
+# Bytes per CPU thread in one chunk of the (M, words) tally input.
 _TALLY_CHUNK_BYTES = 1 << 19
 
 # Byte k of (8 bools viewed as a little-endian int64) * _GATHER lands in bit 56 + k.
@@ -97,8 +99,12 @@ def _buffer(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> 
     return buf[:numel]
 
 
+def _threads() -> int:
+    return max(1, min(torch.get_num_threads(), 16))
+
+
 def _chunk(device: torch.device) -> int:
-    return _CPU_CHUNK if device.type == "cpu" else _DEVICE_CHUNK
+    return _CPU_CHUNK * _threads() if device.type == "cpu" else _DEVICE_CHUNK
 
 
 def _check_out(
@@ -441,7 +447,7 @@ def majority_tally(
         ties = tie_bits
     w = rows.shape[1]
     if packed.device.type == "cpu":
-        chunk = max(1, _TALLY_CHUNK_BYTES // (m * rows.element_size()))
+        chunk = max(1, _TALLY_CHUNK_BYTES * _threads() // (m * rows.element_size()))
     else:
         chunk = w
     for start in range(0, w, chunk):
