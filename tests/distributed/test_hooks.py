@@ -170,9 +170,14 @@ def test_state_pickles_and_restores_by_name_without_a_group() -> None:
 def test_load_state_dict_rejects_mismatch(change: dict[str, Any], needle: str) -> None:
     model = hw.Shuffled()
     state = MajorityVoteHookState(momentum=0.9, module=model)
+    state._momentum[id(model.mid.bias)] = torch.ones(16)
+    state.step = 5
     sd = {**state.state_dict(), **change}
     with pytest.raises(ValueError, match=needle):
         state.load_state_dict(sd)
+    # nothing changed
+    assert torch.equal(state.momentum_of(model.mid.bias), torch.ones(16))
+    assert state.step == 5 and len(state._momentum) == 1
 
 
 def test_state_dict_without_names_is_a_clear_error() -> None:

@@ -175,30 +175,41 @@ class MajorityVoteHookState:
 
         ``module`` may be the DDP wrapper (names start with ``module.``) or the module it
         wraps; use the same one when saving and loading. Returns ``self``.
+
+        Raises:
+            ValueError: ``module`` is not a module, or restored momentum names a parameter
+                it does not have or has another shape (nothing changes then).
         """
+        attached = self._resolve(module, self._restored)
+        self._momentum.update(attached)
+        self._restored = {}
+        self._module = module
+        self._names = {id(p): n for n, p in module.named_parameters()}
+        return self
+
+    @staticmethod
+    def _resolve(module: Any, by_name: dict[str, Tensor]) -> dict[int, Tensor]:
+        """Map momentum by name onto ``module``'s parameters (no side effects)."""
         if not isinstance(module, torch.nn.Module):
             raise ValueError(f"Invalid module: {type(module).__name__} (must be a torch.nn.Module)")
-        names = {id(p): n for n, p in module.named_parameters()}
-        by_name = {n: pid for pid, n in names.items()}
-        unknown = sorted(set(self._restored) - set(by_name))
+        params = dict(module.named_parameters())
+        unknown = sorted(set(by_name) - set(params))
         if unknown:
             raise ValueError(
-                f"restored momentum names parameters that {type(module).__name__} does not "
-                f"have: {unknown[:5]} (saved from the DDP wrapper vs the inner module?)"
+                f"momentum names parameters that {type(module).__name__} does not have: "
+                f"{unknown[:5]} (saved from the DDP wrapper, loaded into the inner module, "
+                "or the other way round?)"
             )
-        params = dict(module.named_parameters())
-        for name, m in self._restored.items():
+        out = {}
+        for name, m in by_name.items():
             p = params[name]
             if m.shape != p.shape:
                 raise ValueError(
-                    f"restored momentum for {name!r} has shape {tuple(m.shape)}, the parameter "
-                    f"has shape {tuple(p.shape)}"
+                    f"momentum for {name!r} has shape {tuple(m.shape)}, the parameter has "
+                    f"shape {tuple(p.shape)}"
                 )
-            self._momentum[id(p)] = m.to(device=p.device, dtype=p.dtype).clone()
-        self._restored = {}
-        self._module = module
-        self._names = names
-        return self
+            out[id(p)] = m.to(device=p.device, dtype=p.dtype).clone()
+        return out
 
     # ------------------------------------------------------------------ checkpoints
     def _momentum_by_name(self) -> dict[str, Tensor]:
@@ -249,15 +260,16 @@ class MajorityVoteHookState:
         momentum = {
             str(n): torch.as_tensor(m).detach().clone() for n, m in state["momentum"].items()
         }
-        module = self._module
-        self._momentum = {}
-        self._restored = momentum
-        if module is not None:
-            self.bind(module)
-        self.step = int(state["step"])
-        self.votes = int(state["votes"])
-        self.total_bytes_sent = int(state.get("total_bytes_sent", 0))
-        self.total_bytes_received = int(state.get("total_bytes_received", 0))
+        counters = {k: int(state.get(k, 0)) for k in
+                    ("step", "votes", "total_bytes_sent", "total_bytes_received")}
+        # Validate everything before changing anything.
+        attached = self._resolve(self._module, momentum) if self._module is not None else None
+        if attached is None:
+            self._momentum, self._restored = {}, momentum
+        else:
+            self._momentum, self._restored = attached, {}
+        for key, value in counters.items():
+            setattr(self, key, value)
         self._reset_iteration()
 
     def __getstate__(self) -> dict[str, Any]:
