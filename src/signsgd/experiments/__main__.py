@@ -6,11 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from signsgd.data import DataError
 from signsgd.experiments import EXPERIMENTS, run
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse the command line, run the experiment, return 0."""
+    """Parse the command line and run the experiment; 2 if its data is missing, else 0."""
     parser = argparse.ArgumentParser(
         prog="python -m signsgd.experiments", description="Run one of the paper experiments."
     )
@@ -19,7 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="output directory (default runs/reproduce/NAME)")
     args = parser.parse_args(argv)
-    result = run(args.name, quick=args.quick, out=args.out)
+    try:
+        result = run(args.name, quick=args.quick, out=args.out)
+    except (FileNotFoundError, DataError) as exc:  # Fashion-MNIST absent: say how to get it
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     del result  # the verdict is printed and written; a non-reproduction is not an error
     return 0
 

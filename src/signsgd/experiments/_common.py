@@ -56,6 +56,13 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
+def _load_pair(d: Path, img_name: str, lab_name: str) -> tuple[Tensor, Tensor]:
+    x = torch.from_numpy(_read_idx(d / img_name).copy()).float().div_(255.0)
+    x = (x - 0.2860) / 0.3530
+    y = torch.from_numpy(_read_idx(d / lab_name).astype(np.int64))
+    return x.unsqueeze(1), y
+
+
 def load_fashion_mnist(split: str = "train") -> tuple[Tensor, Tensor]:
     """Fashion-MNIST as ``(x, y)``: x float32 ``(n, 1, 28, 28)`` in [0, 1] standardised, y int64.
 
@@ -68,12 +75,21 @@ def load_fashion_mnist(split: str = "train") -> tuple[Tensor, Tensor]:
     if split not in FASHION_FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     img_name, lab_name = FASHION_FILES[split]
+    try:  # the trainer's search order ($SIGNSGD_DATA, ./data, system folders) comes first
+        from signsgd.data import DataError, locate
+    except ImportError:  # pragma: no cover - signsgd.data ships with the package
+        pass
+    else:
+        try:
+            found = [locate("fashion-mnist")]
+        except DataError:
+            found = []
+        for d in found:
+            if (d / img_name).exists() and (d / lab_name).exists():
+                return _load_pair(d, img_name, lab_name)
     for d in _candidates():
         if (d / img_name).exists() and (d / lab_name).exists():
-            x = torch.from_numpy(_read_idx(d / img_name).copy()).float().div_(255.0)
-            x = (x - 0.2860) / 0.3530
-            y = torch.from_numpy(_read_idx(d / lab_name).astype(np.int64))
-            return x.unsqueeze(1), y
+            return _load_pair(d, img_name, lab_name)
     where = ", ".join(str(d) for d in _candidates())
     raise FashionMNISTMissing(
         f"Fashion-MNIST not found (looked in {where}). Fetch it with `make data`, or: "
