@@ -160,3 +160,32 @@ def test_reproduce_unknown_lists_experiments(capsys):
     assert "unknown experiment 'nonsense'" in err
     for name in experiments.EXPERIMENTS:
         assert name in err
+
+
+@pytest.mark.parametrize(
+    "accs, verdicts",
+    [
+        ((0.90, 0.90, 0.895, 0.886, 0.899), [True, True, True, True]),
+        ((0.885, 0.90, 0.87, 0.875, 0.885), [False, False, True, False]),
+    ],
+)
+def test_quality_bar_checks(accs, verdicts):
+    from signsgd.cli import evaluate_checks, parse_checks
+
+    names = ["Adam", "SGD+momentum", "Signum", "Signum, majority vote", "EF-signSGD"]
+    rows = [dict(name=n, test_accuracy=a) for n, a in zip(names, accs)]
+    got = evaluate_checks(parse_checks(DEFAULT_COMPARE), rows)
+    assert [ok for ok, _ in got] == verdicts
+    assert all(line.startswith("PASS" if ok else "FAIL") for ok, line in got)
+
+
+@pytest.mark.parametrize(
+    "check, message",
+    [("[[check]]\nrun = 'a'\n", "use run + min_accuracy"),
+     ("[[check]]\nrun = 'zz'\nmin_accuracy = 0.5\n", "no run named 'zz'")],
+)
+def test_bad_checks(tmp_path, capsys, check, message):
+    path = tmp_path / "c.toml"
+    path.write_text("[[run]]\nname = 'a'\n" + check)
+    assert main(["compare", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err

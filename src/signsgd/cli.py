@@ -9,7 +9,10 @@
   (:mod:`signsgd.experiments`).
 
 A compare file is TOML: a ``[defaults]`` table with any ``signsgd train`` option (underscore
-or dash spelling) and one ``[[run]]`` table per run, each with a ``name`` and its options::
+or dash spelling), one ``[[run]]`` table per run, each with a ``name`` and its options, and
+optional ``[[check]]`` tables, printed as PASS/FAIL under the table: ``run`` with
+``min_accuracy`` (a fraction), or ``run``, ``reference`` and ``max_gap`` (the run's accuracy
+may be at most ``max_gap`` below the reference's)::
 
     [defaults]
     data = "fashion-mnist"
@@ -38,7 +41,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "DEFAULT_COMPARE", "parse_compare", "compare", "format_table"]
+__all__ = ["main", "DEFAULT_COMPARE", "parse_compare", "parse_checks", "evaluate_checks",
+           "compare", "format_table"]
 
 #: The built-in ``signsgd compare`` configuration: the main demo (see docs/demo.md and
 #: docs/tuning.md for how the learning rates were chosen). One thread per worker: on a
@@ -89,6 +93,26 @@ lr = 0.03
 momentum = 0.9
 batch_size = 32
 workers = 4
+
+# The quality bar of the main job (issue 4), checked and printed after the table.
+[[check]]
+run = "Adam"
+min_accuracy = 0.89
+
+[[check]]
+run = "Signum"
+reference = "Adam"
+max_gap = 0.01
+
+[[check]]
+run = "Signum, majority vote"
+reference = "Signum"
+max_gap = 0.01
+
+[[check]]
+run = "EF-signSGD"
+reference = "SGD+momentum"
+max_gap = 0.01
 """
 
 
@@ -201,7 +225,7 @@ def parse_compare(text: str, source: str = "<built-in default>") -> list[Any]:
     doc = _load_toml(text, source)
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     allowed = sorted(set(fields) - {"out", "resume", "extra", "progress"})
-    unknown_top = set(doc) - {"defaults", "run"}
+    unknown_top = set(doc) - {"defaults", "run", "check"}
     if unknown_top:
         raise UsageError(f"{source}: unknown tables {sorted(unknown_top)}; use [defaults] and "
                          "[[run]]")
@@ -237,6 +261,47 @@ def parse_compare(text: str, source: str = "<built-in default>") -> list[Any]:
     return configs
 
 
+def parse_checks(text: str, source: str = "<built-in default>") -> list[dict[str, Any]]:
+    """The ``[[check]]`` tables of a compare document, validated against its run names."""
+    doc = _load_toml(text, source)
+    names = {r.get("name") for r in doc.get("run", []) if isinstance(r, dict)}
+    checks = doc.get("check", [])
+    if not isinstance(checks, list):
+        raise UsageError(f"{source}: 'check' must be an array of tables ([[check]])")
+    for i, ch in enumerate(checks):
+        keys = set(ch)
+        if keys not in ({"run", "min_accuracy"}, {"run", "reference", "max_gap"}):
+            raise UsageError(
+                f"{source}: check {i + 1} has keys {sorted(keys)}; use run + min_accuracy, or "
+                "run + reference + max_gap"
+            )
+        for key in ("run", "reference"):
+            if key in ch and ch[key] not in names:
+                raise UsageError(f"{source}: check {i + 1}: no run named {ch[key]!r} "
+                                 f"(runs: {', '.join(sorted(map(str, names)))})")
+    return checks
+
+
+def evaluate_checks(checks: list[dict[str, Any]], summaries: list[dict[str, Any]]
+                    ) -> list[tuple[bool, str]]:
+    """``(passed, line)`` for every check, from the runs' held-out accuracies."""
+    ev = "test" if all("test_accuracy" in r for r in summaries) else "val"
+    acc = {r["name"]: r[f"{ev}_accuracy"] for r in summaries}
+    out = []
+    for ch in checks:
+        a = acc[ch["run"]]
+        if "min_accuracy" in ch:
+            ok = a >= ch["min_accuracy"]
+            line = (f"{ch['run']}: {100 * a:.2f}% >= {100 * ch['min_accuracy']:.2f}%")
+        else:
+            b = acc[ch["reference"]]
+            ok = a >= b - ch["max_gap"] - 1e-12
+            line = (f"{ch['run']} ({100 * a:.2f}%) within {100 * ch['max_gap']:.1f} point(s) "
+                    f"of {ch['reference']} ({100 * b:.2f}%): gap {100 * (b - a):+.2f}")
+        out.append((ok, f"{'PASS' if ok else 'FAIL'}  {line}"))
+    return out
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "run"
 
@@ -245,14 +310,15 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     """The Markdown table of ``signsgd compare`` from the runs' summaries."""
     ev = "test" if all("test_accuracy" in r for r in rows) else "val"
     head = (f"| run | optimiser | workers | {ev} accuracy | {ev} loss | wall time (s) "
-            "| bytes sent / worker / step | bytes received / worker / step |")
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|"]
+            "| CPU time (s) | bytes sent / worker / step | bytes received / worker / step |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         acc = r.get(f"{ev}_accuracy", r.get("val_accuracy"))
         loss = r.get(f"{ev}_loss", r.get("val_loss"))
         lines.append(
             f"| {r['name']} | {r['optimizer']} | {r['workers']} | {100 * acc:.2f}% | "
-            f"{loss:.4f} | {r['wall_time_s']:.1f} | {r['bytes_sent_per_step']:,.0f} | "
+            f"{loss:.4f} | {r['wall_time_s']:.1f} | {r.get('cpu_time_s', float('nan')):.1f} | "
+            f"{r['bytes_sent_per_step']:,.0f} | "
             f"{r['bytes_received_per_step']:,.0f} |"
         )
     return "\n".join(lines) + "\n"
@@ -291,7 +357,8 @@ def _overlay_plot(runs: list[tuple[str, list[dict[str, Any]]]], path: Path) -> P
 
 
 def compare(configs: list[Any], out: Path, *, progress: bool = True,
-            data_dir: str | None = None) -> list[dict[str, Any]]:
+            data_dir: str | None = None, checks: list[dict[str, Any]] | None = None
+            ) -> list[dict[str, Any]]:
     """Validate every run (and the data) first, then train them in order; write
     ``out/table.md``, ``out/table.json`` and ``out/compare.png``; return the summaries."""
     from signsgd.data import load
@@ -319,6 +386,9 @@ def compare(configs: list[Any], out: Path, *, progress: bool = True,
         summaries.append(train(c))
     total = time.perf_counter() - t0
     table = format_table(summaries)
+    results = evaluate_checks(checks or [], summaries)
+    if results:
+        table += "\nQuality bar:\n\n" + "".join(f"- {line}\n" for _, line in results)
     (out / "table.md").write_text(table)
     (out / "table.json").write_text(json.dumps(
         {"total_wall_time_s": total, "runs": [{k: v for k, v in s.items() if k != "params"}
@@ -341,24 +411,20 @@ def _cmd_compare(a: argparse.Namespace) -> int:
         print(DEFAULT_COMPARE.strip())
         return 0
     configs = parse_compare(text, source)
+    checks = parse_checks(text, source)
     if a.epochs is not None:
         configs = [dataclasses.replace(c, epochs=a.epochs) for c in configs]
     if a.train_subset is not None:
         configs = [dataclasses.replace(c, train_subset=a.train_subset) for c in configs]
     out = Path(a.out)
     t0 = time.perf_counter()
-    summaries = compare(configs, out, progress=not a.no_progress, data_dir=a.data_dir)
+    summaries = compare(configs, out, progress=not a.no_progress, data_dir=a.data_dir,
+                        checks=checks)
     wall = time.perf_counter() - t0
-    table = format_table(summaries)
-    try:
-        from rich.console import Console
-        from rich.markdown import Markdown
-
-        Console().print(Markdown(table))
-    except Exception:  # noqa: BLE001 - plain text is fine
-        print(table)
-    print(table)
-    print(f"total wall time {wall:.1f}s ({wall / 60:.1f} min)")
+    print()
+    print((out / "table.md").read_text())
+    print(f"total wall time {wall:.1f}s ({wall / 60:.1f} min); CPU time of the training loops "
+          f"{sum(s['cpu_time_s'] for s in summaries):.1f}s")
     print(f"table: {out / 'table.md'}")
     print(f"plot: {out / 'compare.png'}")
     return 0

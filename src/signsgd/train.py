@@ -494,6 +494,7 @@ def _run(rank: int, world: int, c: TrainConfig, train_ds: Dataset, eval_ds: Data
         _atomic_write_text(mpath, "".join(json.dumps(m) + "\n" for m in metrics))
         mfile = open(mpath, "a")  # noqa: SIM115 - closed in finally
     prog = _progress(c.progress and is_main, total_steps, step)
+    cpu0 = time.process_time()
     t0 = time.perf_counter() - time_offset
     try:
         model.train()
@@ -617,11 +618,13 @@ def _run(rank: int, world: int, c: TrainConfig, train_ds: Dataset, eval_ds: Data
             mfile.close()
     final = [p.detach().clone() for p in model.parameters()]
     total = [[bytes_sent, bytes_recv]]
+    cpu = [time.process_time() - cpu0]
     if world > 1:
         gathered = [None] * world
-        dist.all_gather_object(gathered, total[0])
-        total = gathered  # type: ignore[assignment]
-    return {"rank": rank, "wall_time_s": wall, "steps": step, "bytes": total,
+        dist.all_gather_object(gathered, (total[0], cpu[0]))
+        total = [g[0] for g in gathered]  # type: ignore[index]
+        cpu = [g[1] for g in gathered]  # type: ignore[index]
+    return {"rank": rank, "wall_time_s": wall, "steps": step, "bytes": total, "cpu_s": cpu,
             "params": final if is_main else None, "metrics": metrics if is_main else None,
             "n_params": count_parameters(model)}
 
@@ -731,6 +734,9 @@ def train(cfg: TrainConfig, *, return_params: bool = False) -> dict[str, Any]:
         f"{eval_name}_loss": last[f"{eval_name}_loss"],
         "train_loss": last["train_loss"], "train_accuracy": last["train_accuracy"],
         "wall_time_s": res0["wall_time_s"], "launch_wall_time_s": launch_wall,
+        # CPU seconds of the training loops of all workers (this segment, if resumed): on a
+        # machine with free cores the run needs about this much core time.
+        "cpu_time_s": float(sum(res0["cpu_s"])),
         "steps": int(res0["steps"]), "epochs": c.epochs,
         "bytes_sent_per_step": sum(sent) / len(sent),
         "bytes_received_per_step": sum(recv) / len(recv),
