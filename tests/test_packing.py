@@ -207,6 +207,12 @@ def test_non_contiguous_packed_input() -> None:
     assert torch.equal(unpack_signs(holder[::2], 1000), ref_signs(x))
 
 
+def test_numpy_integer_numel() -> None:
+    packed = pack_signs(torch.tensor([1.0, -1.0, 2.0]))
+    assert unpack_signs(packed, np.int64(3)).tolist() == [1.0, -1.0, 1.0]
+    assert packed_nbytes(np.int32(9)) == 2
+
+
 def test_unpack_ignores_extra_bytes() -> None:
     packed = torch.tensor([0b101, 0xFF, 0xFF], dtype=torch.uint8)
     assert unpack_signs(packed, 3).tolist() == [1.0, -1.0, 1.0]

@@ -19,6 +19,7 @@ cache-sized chunks through reused per-thread scratch buffers:
 
 from __future__ import annotations
 
+import operator
 import sys
 import threading
 
@@ -79,9 +80,15 @@ def packed_nbytes(numel: int) -> int:
         >>> packed_nbytes(17)
         3
     """
-    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+    if isinstance(numel, bool):
         raise ValueError(f"numel must be an int >= 0, got {numel!r}")
-    return (numel + 7) // 8
+    try:
+        count = operator.index(numel)
+    except TypeError:
+        raise ValueError(f"numel must be an int >= 0, got {numel!r}") from None
+    if count < 0:
+        raise ValueError(f"numel must be an int >= 0, got {numel!r}")
+    return (count + 7) // 8
 
 
 def _buffer(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -255,6 +262,7 @@ def unpack_signs(
     if packed.dtype != torch.uint8:
         raise TypeError(f"packed must be torch.uint8, got {packed.dtype}")
     nbytes = packed_nbytes(numel)
+    numel = operator.index(numel)
     if nbytes > packed.numel():
         raise ValueError(
             f"cannot unpack numel={numel} signs from {packed.numel()} bytes (need {nbytes})"
