@@ -107,7 +107,7 @@ def _buffer(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> 
 
 
 def _threads() -> int:
-    return max(1, min(torch.get_num_threads(), 16))
+    return max(1, min(torch.get_num_threads(), 8))
 
 
 def _chunk(device: torch.device) -> int:
