@@ -176,7 +176,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         b.plot(r["step"], r["train_loss"], label=f"M = {m}")
     b.set_xlabel("step")
     b.set_ylabel("training loss")
-    b.set_title(f"signSGD + majority vote, batch {p2['batch']}/worker\n({p2['mode'][:40]})",
+    how = "real Gloo processes" if p2["mode"].startswith("real") else "single-process simulation"
+    b.set_title(f"signSGD + majority vote, batch {p2['batch']}/worker\n({how}, {p2['data']})",
                 fontsize=9)
     b.legend()
     fig.tight_layout()
