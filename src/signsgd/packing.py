@@ -388,10 +388,14 @@ def _tally_words(rows: Tensor, tie: Tensor | None, out: Tensor, m: int) -> None:
         elif c is not None:
             gt = _or(gt, c if eq is None else eq & c)
             eq = ~c if eq is None else eq & ~c
-    verdict = gt if gt is not None else torch.zeros_like(rows[0])
-    if m % 2 == 0 and eq is not None:
-        verdict = verdict | (eq if tie is None else eq & tie)
-    out.copy_(verdict.reshape(-1))
+    if m % 2 == 0:  # ties are possible: add the tie-break bits where count == K
+        if eq is None:
+            eq = ~torch.zeros_like(rows[0])
+        gt = _or(gt, eq if tie is None else eq & tie)
+    if gt is None:
+        out.zero_()
+    else:
+        out.copy_(gt.reshape(-1))
 
 
 def majority_tally(
