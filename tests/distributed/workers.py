@@ -11,6 +11,8 @@ import copy
 import io
 import os
 import pickle
+import time
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -251,7 +253,21 @@ def aggregator_suite(rank: int, world_size: int, steps: int) -> dict[str, Any]:
     out["ef3_sign"] = ef_run(rank, g3, 3, "sign")
     out["identity3"] = identity_vs_allreduce(rank, g3, 4)
     out["ckpt_ef"] = checkpoint_resume(rank, g3, "ef", 8, 3)
+    out["bad"] = bad_inputs(rank, world_size)  # last: it leaves the group usable anyway
     return out
+
+
+_SUITE: dict[int, list[dict[str, Any]]] = {}
+
+
+def suite_results(steps: int) -> list[dict[str, Any]]:
+    """Run :func:`aggregator_suite` on 3 ranks once per test session (test_aggregators and
+    test_failures share the launch: each launch costs seconds of process start-up)."""
+    from signsgd.distributed.launch import spawn
+
+    if steps not in _SUITE:
+        _SUITE[steps] = spawn(aggregator_suite, 3, (steps,), timeout=300)
+    return _SUITE[steps]
 
 
 # ----------------------------------------------------------------------------- failures
@@ -329,16 +345,20 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def die_in_vote(rank: int, world_size: int) -> str:
-    """Rank 1 exits abruptly before the vote; the others must fail with a clear error."""
+def die_in_vote(rank: int, world_size: int, timeout_s: float) -> str:
+    """Rank 1 exits abruptly before the vote; the others must fail with a clear error
+    within ``timeout_s``, the timeout of the group they vote on."""
+    group = dist.new_group(list(range(world_size)), timeout=timedelta(seconds=timeout_s))
     if rank == 1:
         os._exit(3)
+    t0 = time.monotonic()
     try:
-        majority_vote(torch.ones(1000))
+        majority_vote(torch.ones(1000), group)
     except NonFiniteGradientError:
         raise
     except Exception as exc:
-        raise RuntimeError(f"rank {rank} saw the dead peer: {type(exc).__name__}: {exc}"
-                           ) from exc
+        raise RuntimeError(
+            f"rank {rank} saw the dead peer after {time.monotonic() - t0:.1f}s: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     return "no error"
-
