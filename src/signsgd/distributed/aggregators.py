@@ -275,7 +275,7 @@ class MajorityVote(_Common):
         def job() -> tuple[list[Tensor | None], int, int]:
             agreed = exchange_header(entries, group=group, finite=bool(finite), step=step,
                                      seed=seed, config=("MajorityVote", mode, bucket),
-                                     who="MajorityVote")
+                                     who="MajorityVote", device=device)
             dtype = _flat_dtype(agreed)
             d = agreed.numel
             flat = _flatten(tensors, agreed, dtype, device, copy=False,
@@ -347,7 +347,8 @@ class AllReduce(_Common):
 
         def job() -> tuple[list[Tensor | None], int, int]:
             agreed = exchange_header(entries, group=group, finite=bool(finite), step=step,
-                                     seed=0, config=("AllReduce",), who="AllReduce")
+                                     seed=0, config=("AllReduce",), who="AllReduce",
+                                     device=device)
             _, m = _world(group)
             dtype = _flat_dtype(agreed)
             flat = _flatten(grads, agreed, dtype, device)
@@ -457,7 +458,7 @@ class ErrorFeedbackAllReduce(_Common):
             agreed = exchange_header(
                 entries, group=group, finite=bool(finite), step=step, seed=0,
                 config=("ErrorFeedbackAllReduce", kind, repr(compressor)),
-                who="ErrorFeedbackAllReduce",
+                who="ErrorFeedbackAllReduce", device=device,
             )
             rank, m = _world(group)
             dtype = _flat_dtype(agreed)

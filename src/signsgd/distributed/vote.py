@@ -228,6 +228,13 @@ def _world(group: Any) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def _header_device(group: Any, device: torch.device | None) -> torch.device:
+    """CPU for Gloo (and others); the data's CUDA device for NCCL."""
+    if device is not None and device.type == "cuda" and dist.get_backend(group) == "nccl":
+        return device
+    return torch.device("cpu")
+
+
 def _all_gather(out: Tensor, inp: Tensor, group: Any) -> None:
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     fn(out, inp, group=group)
@@ -277,12 +284,14 @@ def exchange_header(
     seed: int,
     config: Any,
     who: str,
+    device: torch.device | None = None,
 ) -> Agreed:
     """Run the step's header protocol (module docstring, 1.) and return the agreed layout.
 
     Every rank must call it with the same ``config``, ``step`` and ``seed`` and the same
     number of entries; ``None`` marks a tensor this rank has no value for (its layout then
-    comes from the ranks that have it).
+    comes from the ranks that have it). ``device`` is where the data lives: the header
+    travels on it under NCCL (which needs CUDA tensors), on the CPU otherwise.
 
     Raises:
         ValueError: layouts, steps, seeds or configurations differ across ranks (the
@@ -313,8 +322,9 @@ def exchange_header(
                 f"{who}: non-finite input (NaN or inf) at step {step}; nothing was applied"
             )
         return Agreed(list(entries), False, 0, 0)
-    local = torch.tensor(header, dtype=torch.int64)
-    gathered = torch.empty(m * HEADER_WORDS, dtype=torch.int64)
+    dev = _header_device(group, device)
+    local = torch.tensor(header, dtype=torch.int64, device=dev)
+    gathered = torch.empty(m * HEADER_WORDS, dtype=torch.int64, device=dev)
     _all_gather(gathered, local, group)
     h = gathered.view(m, HEADER_WORDS).tolist()
     sent = received = (m - 1) * 8 * HEADER_WORDS
@@ -346,7 +356,8 @@ def exchange_header(
     slow = not (all(row[6] == 1 for row in h) and len({row[5] for row in h}) == 1)
     agreed: list[Entry | None] = list(entries)
     if slow:
-        agreed, s2 = _exchange_table(entries, h, group=group, rank=rank, m=m, who=who)
+        agreed, s2 = _exchange_table(entries, h, group=group, rank=rank, m=m, who=who,
+                                     device=dev)
         sent += s2
         received += s2
     bad = [r for r in range(m) if h[r][1] != 1]
@@ -360,7 +371,7 @@ def exchange_header(
 
 def _exchange_table(
     entries: Sequence[Entry | None], h: list[list[int]], *, group: Any, rank: int, m: int,
-    who: str,
+    who: str, device: torch.device,
 ) -> tuple[list[Entry | None], int]:
     """Second header round: every rank's (numel, dtype, shape) per tensor; resolve them."""
     n = len(entries)
@@ -376,9 +387,9 @@ def _exchange_table(
             table[i, 2] = len(e.shape)
             if e.shape:
                 table[i, 3:3 + len(e.shape)] = torch.tensor(e.shape, dtype=torch.int64)
-    gathered = torch.empty(m * n * width, dtype=torch.int64)
+    gathered = torch.empty(m * n * width, dtype=torch.int64, device=device)
     if n:
-        _all_gather(gathered, table.reshape(-1), group)
+        _all_gather(gathered, table.reshape(-1).to(device), group)
     rows = gathered.view(m, n, width).tolist() if n else []
     resolved: list[Entry | None] = []
     problems: list[str] = []
@@ -614,7 +625,7 @@ def vote_async(
 
     def job() -> Tensor:
         exchange_header([entry], group=group, finite=bool(finite), step=step, seed=seed,
-                        config=("vote", mode), who="majority_vote")
+                        config=("vote", mode), who="majority_vote", device=flat.device)
         verdict, _, _ = vote_flat(flat, group=group, mode=mode, seed=seed, step=step,
                                   adversary=adversary, out=dst)
         return verdict
@@ -688,7 +699,7 @@ def majority_vote(
 
     def job() -> Tensor:
         exchange_header([entry], group=group, finite=finite, step=step, seed=seed,
-                        config=("vote", mode), who="majority_vote")
+                        config=("vote", mode), who="majority_vote", device=t.device)
         verdict, _, _ = vote_flat(flat, group=group, mode=mode, seed=seed, step=step,
                                   adversary=adversary, out=dst)
         return verdict
