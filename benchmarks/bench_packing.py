@@ -21,7 +21,18 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from signsgd import packing
 from signsgd.packing import majority_tally, pack_signs, packed_nbytes, unpack_signs
+
+
+def torch_kernel(fn: Callable[..., torch.Tensor], *args, **kwargs) -> torch.Tensor:
+    """Call ``fn`` with the numpy CPU pack kernel switched off (pure torch ops only)."""
+    saved = packing._NUMPY_ON_CPU
+    packing._NUMPY_ON_CPU = False
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        packing._NUMPY_ON_CPU = saved
 
 
 def unpack_and_sum_tally(rows: torch.Tensor, numel: int, tie_bits: torch.Tensor) -> torch.Tensor:
@@ -70,8 +81,9 @@ def main() -> None:
     unpacked_out = torch.empty_like(x)
 
     # Correctness of what is timed.
-    if not np.array_equal(packed.numpy(), np.packbits(bools_np, bitorder="little")):
-        raise SystemExit("pack_signs disagrees with numpy.packbits")
+    for got in (packed, torch_kernel(pack_signs, x)):
+        if not np.array_equal(got.numpy(), np.packbits(bools_np, bitorder="little")):
+            raise SystemExit("pack_signs disagrees with numpy.packbits")
     if not torch.equal(unpack_signs(packed, n), torch.where(x >= 0, 1.0, -1.0)):
         raise SystemExit("unpack_signs is not the sign of the input")
 
@@ -80,6 +92,9 @@ def main() -> None:
             "y.copy_(x) (baseline)": lambda: y.copy_(x),
             "pack_signs(x)": lambda: pack_signs(x),
             "pack_signs(x, out=buf)": lambda: pack_signs(x, out=packed_out),
+            "pack_signs(x, out=buf), pure-torch kernel": lambda: torch_kernel(
+                pack_signs, x, out=packed_out
+            ),
             "numpy.packbits(bool array)": lambda: np.packbits(bools_np, bitorder="little"),
             "numpy.packbits(x >= 0)": lambda: np.packbits(x_np >= 0, bitorder="little"),
             "unpack_signs(p, n, out=buf)": lambda: unpack_signs(packed, n, out=unpacked_out),

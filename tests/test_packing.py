@@ -68,6 +68,21 @@ def random_values(n: int, seed: int, special_frac: float) -> np.ndarray:
 # --------------------------------------------------------------------------- pack / unpack
 
 
+@pytest.fixture(params=["numpy", "torch"])
+def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a pack test through the numpy CPU kernel and through the pure-torch kernel."""
+    monkeypatch.setattr(packing, "_NUMPY_ON_CPU", request.param == "numpy")
+    return request.param
+
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shrink the CPU chunk sizes so that small inputs cross many chunk boundaries."""
+    monkeypatch.setattr(packing, "_CPU_CHUNK", 64)
+    monkeypatch.setattr(packing, "_TALLY_CHUNK_BYTES", 64)
+
+
+@pytest.mark.usefixtures("kernel")
 @SETTINGS
 @given(
     n=st.one_of(st.integers(0, 64), st.integers(0, 10**5)),
@@ -82,6 +97,7 @@ def test_pack_matches_numpy_and_round_trips(n: int, seed: int, special_frac: flo
     assert torch.equal(unpack_signs(packed, n), ref_signs(x))
 
 
+@pytest.mark.usefixtures("kernel")
 @SETTINGS
 @given(values=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), max_size=80))
 def test_pack_any_float_values(values: list[float]) -> None:
@@ -99,13 +115,7 @@ def test_unpack_matches_numpy_unpackbits(data: bytes, cut: int) -> None:
     assert torch.equal(unpack_signs(packed, n), expect)
 
 
-@pytest.fixture
-def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Shrink the CPU chunk sizes so that small inputs cross many chunk boundaries."""
-    monkeypatch.setattr(packing, "_CPU_CHUNK", 64)
-    monkeypatch.setattr(packing, "_TALLY_CHUNK_BYTES", 64)
-
-
+@pytest.mark.usefixtures("kernel")
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 63, 64, 65, 72, 127, 128, 129, 200, 1001])
 def test_lengths_across_small_chunks(n: int, small_chunks: None) -> None:
     x = torch.from_numpy(random_values(n, seed=n, special_frac=0.05))
@@ -114,6 +124,7 @@ def test_lengths_across_small_chunks(n: int, small_chunks: None) -> None:
     assert torch.equal(unpack_signs(packed, n), ref_signs(x))
 
 
+@pytest.mark.usefixtures("kernel")
 @pytest.mark.parametrize("n", [CHUNK - 1, CHUNK, 2 * CHUNK + 5])
 def test_lengths_across_real_chunks(n: int) -> None:
     x = torch.from_numpy(random_values(n, seed=n, special_frac=0.01))
@@ -122,6 +133,7 @@ def test_lengths_across_real_chunks(n: int) -> None:
     assert torch.equal(unpack_signs(packed, n), ref_signs(x))
 
 
+@pytest.mark.usefixtures("kernel")
 @pytest.mark.parametrize("n", [1, 3, 7, 9, 15, 1001])
 def test_pad_bits_are_zero(n: int) -> None:
     packed = pack_signs(torch.ones(n))
@@ -130,6 +142,7 @@ def test_pad_bits_are_zero(n: int) -> None:
         assert int(packed[-1]) == (1 << used) - 1
 
 
+@pytest.mark.usefixtures("kernel")
 @pytest.mark.parametrize(
     ("value", "bit", "unpacked"),
     [
@@ -149,6 +162,7 @@ def test_special_values(value: float, bit: int, unpacked: float) -> None:
     assert unpack_signs(pack_signs(x), 1).item() == unpacked
 
 
+@pytest.mark.usefixtures("kernel")
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES + INT_DTYPES)
 @pytest.mark.parametrize("device", DEVICES)
 def test_input_dtypes(dtype: torch.dtype, device: str) -> None:
@@ -176,6 +190,7 @@ def test_unpack_dtypes(dtype: torch.dtype, device: str) -> None:
     assert torch.equal(out, ref_signs(x, dtype))
 
 
+@pytest.mark.usefixtures("kernel")
 @pytest.mark.parametrize("shape", [(), (0,), (5, 0), (3, 5), (2, 3, 4), (7, 1, 9), (1, 1, 1, 17)])
 def test_shapes_flatten_in_c_order(shape: tuple[int, ...]) -> None:
     x = torch.randn(shape, generator=torch.Generator().manual_seed(5))
@@ -184,6 +199,7 @@ def test_shapes_flatten_in_c_order(shape: tuple[int, ...]) -> None:
     assert torch.equal(unpack_signs(packed, x.numel()), ref_signs(x))
 
 
+@pytest.mark.usefixtures("kernel")
 @pytest.mark.parametrize(
     "make",
     [
@@ -218,6 +234,7 @@ def test_unpack_ignores_extra_bytes() -> None:
     assert unpack_signs(packed, 3).tolist() == [1.0, -1.0, 1.0]
 
 
+@pytest.mark.usefixtures("kernel")
 @pytest.mark.parametrize("n", [0, 5, 64, 3 * 64 + 3])
 def test_out_arguments(n: int, small_chunks: None) -> None:
     x = torch.from_numpy(random_values(n, seed=8, special_frac=0.01))
@@ -231,6 +248,7 @@ def test_out_arguments(n: int, small_chunks: None) -> None:
     assert unpack_signs(buf, n, torch.float16, out=dst2) is dst2
 
 
+@pytest.mark.usefixtures("kernel")
 def test_threads_use_private_scratch() -> None:
     inputs = [torch.randn(CHUNK + 11, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     results: dict[int, bool] = {}

@@ -5,12 +5,15 @@ bit = 0 for a value < 0 or NaN (``NaN >= 0`` is false, as in numpy); little-endi
 byte, i.e. byte-for-byte equal to ``numpy.packbits(x >= 0, bitorder="little")``. The pad bits
 of the last byte are 0.
 
-Everything is plain PyTorch ops, so CPU and CUDA tensors both work. On CPU the work runs in
+The kernels are plain PyTorch ops, so CPU and CUDA tensors both work; on CPU they run in
 cache-sized chunks through reused per-thread scratch buffers:
 
 - pack: ``x >= 0`` into a float buffer (the vectorised kernel), narrowed to a bool buffer;
   8 bools viewed as one int64 word; ``word * 0x0102040810204080`` gathers byte ``k``'s bit
-  into bit ``56 + k``, so the top byte of the product is the packed byte.
+  into bit ``56 + k``, so the top byte of the product is the packed byte. CPU float32 /
+  float64 inputs instead go through numpy (a zero-copy view of the tensor): its SIMD
+  compare-to-bool plus ``numpy.packbits`` per chunk is faster than any torch op sequence,
+  because torch's compare-to-bool kernel is not vectorised. Both give identical bytes.
 - unpack: a 256-entry int64 table maps a byte to eight int8 values +1/-1 (byte ``k`` of the
   word is the sign of element ``k``); the int8 view is widened into the output.
 - tally: the M packed rows are added as bit-sliced binary counters (bitwise half/full adders
@@ -23,6 +26,7 @@ import operator
 import sys
 import threading
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -62,6 +66,11 @@ _TALLY_CHUNK_BYTES = 1 << 19
 # Byte k of (8 bools viewed as a little-endian int64) * _GATHER lands in bit 56 + k.
 _GATHER = 0x0102040810204080
 _LITTLE = sys.byteorder == "little"
+# CPU float32/float64 inputs are packed by numpy's vectorised compare + packbits (faster than
+# any torch op sequence on CPU, since torch's compare-to-bool kernel is not vectorised).
+# Set to False to use the pure-torch kernel everywhere.
+_NUMPY_ON_CPU = True
+_NUMPY_DTYPES = (torch.float32, torch.float64)
 
 _scratch = threading.local()
 _TABLES: dict[torch.device, Tensor] = {}
@@ -169,12 +178,42 @@ def pack_signs(t: Tensor, *, out: Tensor | None = None) -> Tensor:
         return out
     out_flat = out.view(-1)
     if not _LITTLE:
-        return _pack_portable(flat, out_flat)
+        _pack_portable(flat, out_flat)
+    elif _NUMPY_ON_CPU and flat.device.type == "cpu" and flat.dtype in _NUMPY_DTYPES:
+        _pack_numpy(flat, out_flat)
+    else:
+        _pack_torch(flat, out_flat)
+    return out
 
-    chunk = min(_chunk(t.device), nbytes * 8)
-    cmp_buf = _buffer("pack_cmp", chunk, flat.dtype, t.device)
-    bool_buf = _buffer("pack_bool", chunk, torch.bool, t.device)
-    word_buf = _buffer("pack_word", chunk // 8, torch.int64, t.device)
+
+def _pack_numpy(flat: Tensor, out_flat: Tensor) -> None:
+    """CPU float32/float64: numpy's SIMD ``>=`` into a bool buffer, then ``numpy.packbits``.
+
+    Single-threaded, in cache-sized chunks; numpy's compare-to-bool is vectorised where
+    torch's is not, so this is the fastest CPU route (see benchmarks/bench_packing.py).
+    """
+    n = flat.numel()
+    x = flat.detach().resolve_neg().numpy()
+    dst = out_flat.numpy()
+    chunk = min(_CPU_CHUNK, (n + 7) // 8 * 8)
+    bools = _buffer("pack_bool", chunk, torch.bool, flat.device).numpy()
+    full = n // chunk * chunk
+    for start in range(0, full, chunk):
+        np.greater_equal(x[start : start + chunk], 0, out=bools)
+        dst[start // 8 : (start + chunk) // 8] = np.packbits(bools, bitorder="little")
+    if full < n:
+        c = n - full
+        np.greater_equal(x[full:], 0, out=bools[:c])
+        dst[full // 8 :] = np.packbits(bools[:c], bitorder="little")  # pads with 0 bits
+
+
+def _pack_torch(flat: Tensor, out_flat: Tensor) -> None:
+    """Any device and dtype: compare, narrow to bools, gather 8 bools per int64 multiply."""
+    n = flat.numel()
+    chunk = min(_chunk(flat.device), (n + 7) // 8 * 8)
+    cmp_buf = _buffer("pack_cmp", chunk, flat.dtype, flat.device)
+    bool_buf = _buffer("pack_bool", chunk, torch.bool, flat.device)
+    word_buf = _buffer("pack_word", chunk // 8, torch.int64, flat.device)
     full = n // chunk * chunk
     if full:
         # Hot loop over whole chunks: every view is built once, outside the loop.
@@ -199,7 +238,6 @@ def pack_signs(t: Tensor, *, out: Tensor | None = None) -> Tensor:
         words = word_buf[: c8 // 8]
         torch.mul(bools.view(torch.int64), _GATHER, out=words)
         out_flat[full // 8 :].copy_(words.view(torch.uint8)[7::8])
-    return out
 
 
 def _pack_portable(flat: Tensor, out: Tensor) -> Tensor:
