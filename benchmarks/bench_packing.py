@@ -98,6 +98,7 @@ def main() -> None:
             "numpy.packbits(bool array)": lambda: np.packbits(bools_np, bitorder="little"),
             "numpy.packbits(x >= 0)": lambda: np.packbits(x_np >= 0, bitorder="little"),
             "unpack_signs(p, n, out=buf)": lambda: unpack_signs(packed, n, out=unpacked_out),
+            "x.clone() (fresh 4n-byte output)": lambda: x.clone(),
             "unpack_signs(p, n) (fresh 4n-byte output)": lambda: unpack_signs(packed, n),
             "numpy.unpackbits(p) (0/1 uint8 only)": lambda: np.unpackbits(
                 packed.numpy(), bitorder="little"
@@ -132,6 +133,14 @@ def main() -> None:
     for name, ts in pack_times.items():
         ratio = paired_ratio(pack_times, name, base)
         lines.append(f"| {name} | {statistics.median(ts) * 1e3:.2f} | {ratio:.3f}x |")
+    fresh = paired_ratio(
+        pack_times, "unpack_signs(p, n) (fresh 4n-byte output)", "x.clone() (fresh 4n-byte output)"
+    )
+    lines += [
+        "",
+        f"unpack_signs with a fresh output / x.clone() (both page-fault a new 4n-byte "
+        f"buffer): {fresh:.3f}x",
+    ]
     lines += [
         "",
         f"Tally of M={m} rows of {packed_nbytes(n)} bytes ({n} coordinates each):",
