@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inner-small", type=int, default=50, help="steps per round, resnet20")
     ap.add_argument("--inner-large", type=int, default=3, help="steps per round, flat25m")
     ap.add_argument("--large", type=int, default=25_000_000, help="elements of the big tensor")
+    ap.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
+                    help="torch intra-op thread counts to run (each gives its own rows)")
     ap.add_argument("--markdown", default=None, help="also write a markdown report here")
     args = ap.parse_args(argv)
 
@@ -102,12 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         (f"flat{args.large // 1_000_000}m", [(args.large,)], args.inner_large, 2),
     ]
     rows = []
-    for name, shapes, inner, warmup in cases:
-        r = bench(shapes, rounds=args.rounds, inner=inner, warmup=warmup)
-        rows.append((name, r))
-        print(f"{name:10s} {r['tensors']:3d} tensors {r['numel']:>11,d} elements  "
-              f"Signum {r['signum'] * 1e3:8.3f} ms  SGD {r['sgd'] * 1e3:8.3f} ms  "
-              f"ratio {r['ratio']:.2f}x", flush=True)
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for name, shapes, inner, warmup in cases:
+            r = bench(shapes, rounds=args.rounds, inner=inner, warmup=warmup)
+            rows.append((name, threads, r))
+            print(f"{name:10s} {threads:2d} threads {r['tensors']:3d} tensors "
+                  f"{r['numel']:>11,d} elements  Signum {r['signum'] * 1e3:8.3f} ms  "
+                  f"SGD {r['sgd'] * 1e3:8.3f} ms  ratio {r['ratio']:.2f}x", flush=True)
 
     if args.markdown:
         cmd = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
@@ -118,17 +122,18 @@ def main(argv: list[str] | None = None) -> int:
             f"- command: `{cmd}`",
             f"- date: {now}",
             f"- machine: {platform.machine()}, `nproc` = {os.cpu_count()}, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, CPU, float32",
+            f"torch {torch.__version__}, CPU, float32",
             "- the machine was shared with other jobs while this ran; medians over "
             f"{args.rounds} interleaved rounds, gradients fixed",
             "- target: ratio <= 1.2x",
             "",
-            "| parameters | tensors | elements | Signum.step (ms) | SGD.step (ms) | ratio |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| parameters | torch threads | tensors | elements | Signum.step (ms) "
+            "| SGD.step (ms) | ratio |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
-        for name, r in rows:
-            lines.append(f"| {name} | {r['tensors']} | {r['numel']:,} | {r['signum'] * 1e3:.3f} "
-                         f"| {r['sgd'] * 1e3:.3f} | {r['ratio']:.2f}x |")
+        for name, threads, r in rows:
+            lines.append(f"| {name} | {threads} | {r['tensors']} | {r['numel']:,} "
+                         f"| {r['signum'] * 1e3:.3f} | {r['sgd'] * 1e3:.3f} | {r['ratio']:.2f}x |")
         os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
         with open(args.markdown, "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")

@@ -5,11 +5,12 @@ path (``foreach=False``) and a multi-tensor path (``foreach=True``, ``torch._for
 that give bit-identical results (``tests/test_functional.py``). The optimiser classes in
 :mod:`signsgd.optim` are thin wrappers that hold state and call these.
 
-The multi-tensor path of the sign updates works in batches of about ``2**20`` elements (a
-tensor larger than that is cut into flat views), so the temporaries stay in cache and
-are small enough to be recycled by the allocator: one Signum step then reads the gradient
-twice (once for the finite check, once for the momentum), and the momentum and the
-parameter once each, with no large temporary.
+On CPU the multi-tensor path of the sign updates works in batches of about ``2**20``
+elements (a tensor larger than that is cut into flat views), so the temporaries stay in
+cache and are small enough to be recycled by the allocator: one Signum step then reads
+the gradient twice (once for the finite check, once for the momentum), and the momentum
+and the parameter once each, with no large temporary. On GPUs the foreach kernels run on
+whole tensors.
 
 Conventions (DESIGN.md):
 
@@ -87,6 +88,11 @@ def _batches(lists: list[list[Tensor]]) -> Iterator[list[list[Tensor]]]:
     flat views of ``_BATCH`` elements; elementwise results are the same as on the whole.
     """
     first = lists[0]
+    if not first:
+        return
+    if first[0].device.type != "cpu":  # GPU: temporaries come from the caching allocator
+        yield lists
+        return
     sizes = [t.numel() for t in first]
     if sum(sizes) <= _BATCH:
         yield lists
