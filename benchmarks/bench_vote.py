@@ -10,9 +10,12 @@ For a float32 vector of ``d`` coordinates on every rank it times, in the same ru
 * ``majority_vote(x, mode="allgather")``,
 * the local phases of the sharded vote on their own (pack, tally, unpack),
 
-and prints median times over ``--reps`` repetitions (each rep starts after a barrier; a
-rep's time is the slowest rank's), the ratios vote / all-reduce, and the bytes per rank
-each way from :func:`signsgd.distributed.vote.vote_nbytes` as bits per coordinate.
+and prints median wall times over ``--reps`` repetitions (each op starts after a barrier;
+the ops take turns within a rep; an op's wall time is the slowest rank's), the ratios
+vote / all-reduce, the CPU time of each op summed over the ranks (``time.process_time``:
+user + system time of every thread, so the kernel's loopback copies count) — on a shared
+machine the CPU time is the steadier measure — and the bytes per rank each way from
+:func:`signsgd.distributed.vote.vote_nbytes` as bits per coordinate.
 
 Usage::
 
@@ -49,15 +52,19 @@ def _interleaved(ops: dict[str, Any], reps: int, warmup: int = 1) -> dict[str, l
     """Per-rep wall time of each op, the ops taking turns within every rep (so a change in
     the machine's load hits all of them alike); each time is the slowest rank's."""
     times: dict[str, list[float]] = {name: [] for name in ops}
+    times.update({"cpu " + name: [] for name in ops})
     for rep in range(warmup + reps):
         for name, fn in ops.items():
             dist.barrier()
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            dc = torch.tensor([time.process_time() - c0], dtype=torch.float64)
             dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+            dist.all_reduce(dc, op=dist.ReduceOp.SUM)
             if rep >= warmup:
                 times[name].append(float(dt))
+                times["cpu " + name].append(float(dc))
     return times
 
 
@@ -102,13 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     res = results[0]  # every rank holds the same (max over ranks) times
     base = statistics.median(res["all_reduce fp32"])
-    lines = ["| what | median s | min s | ratio of medians to fp32 all_reduce | "
-             "median of per-rep ratios |", "|---|---|---|---|---|"]
+    cpu_base = statistics.median(res["cpu all_reduce fp32"])
+    lines = ["| what | wall: median s | wall: min s | wall: ratio of medians to fp32 "
+             "all_reduce | wall: median of per-rep ratios | CPU s, all ranks: median | "
+             "CPU: ratio to fp32 all_reduce |", "|---|---|---|---|---|---|---|"]
     for name, times in res.items():
+        if name.startswith("cpu "):
+            continue
         med = statistics.median(times)
         per_rep = statistics.median(t / b for t, b in zip(times, res["all_reduce fp32"]))
+        cpu = statistics.median(res["cpu " + name])
         lines.append(f"| {name} | {med:.4f} | {min(times):.4f} | {med / base:.3f} | "
-                     f"{per_rep:.3f} |")
+                     f"{per_rep:.3f} | {cpu:.3f} | {cpu / cpu_base:.3f} |")
     sent, received = {}, {}
     for mode in ("sharded", "allgather"):
         sent[mode], received[mode] = vote_nbytes(d, m, mode)
