@@ -87,7 +87,7 @@ def _train_ddp(ddp: DDP, opt: torch.optim.Optimizer,
 
 
 def hook_vs_signum(rank: int, world: int, steps: int, bucket_cap_mb: float, momentum: float,
-                   lr: float, mode: str) -> dict[str, Any]:
+                   lr: float, mode: str, weight_decay: float = 0.0) -> dict[str, Any]:
     """DDP + hook + SGD next to Signum(aggregator=MajorityVote()) on the same batches.
 
     Returns, per step, the largest |difference| between the two models' parameters, the
@@ -97,10 +97,10 @@ def hook_vs_signum(rank: int, world: int, steps: int, bucket_cap_mb: float, mome
 
     base = _model()
     ddp, state = _ddp(copy.deepcopy(base), bucket_cap_mb, momentum, mode, record=True)
-    sgd = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=0.0)
+    sgd = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=0.0, weight_decay=weight_decay)
     ref = copy.deepcopy(base)
     opt = signsgd.Signum(ref.parameters(), lr=lr, momentum=momentum,
-                         aggregator=MajorityVote(mode=mode))
+                         weight_decay=weight_decay, aggregator=MajorityVote(mode=mode))
     diffs = []
     bytes_per_step = []
     for x, y in _batches(rank, steps):
@@ -230,6 +230,7 @@ def hook_suite(rank: int, world: int) -> dict[str, Any]:
     return {
         "vs_signum": hook_vs_signum(rank, world, 6, 0.0002, 0.9, 0.01, "sharded"),
         "vs_signum_allgather": hook_vs_signum(rank, world, 3, 0.0002, 0.5, 0.02, "allgather"),
+        "vs_signum_wd": hook_vs_signum(rank, world, 4, 0.0002, 0.9, 0.01, "sharded", 0.5),
         "checkpoint": hook_checkpoint(rank, world, 6, 3, 0.0002),
         "nonfinite": hook_nonfinite(rank, world, bad_rank=1),
     }

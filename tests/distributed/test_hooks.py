@@ -42,7 +42,14 @@ def test_hook_equals_signum_majority_vote(suite: list[dict[str, Any]], case: str
         assert r["steps"] == len(r["diffs"])
 
 
-@pytest.mark.parametrize("case", ["vs_signum", "vs_signum_allgather"])
+def test_hook_with_sgd_weight_decay_is_decoupled_decay(suite: list[dict[str, Any]]) -> None:
+    """SGD computes x − lr·(v + wd·x), Signum x·(1 − lr·wd) − lr·v: equal up to rounding."""
+    for res in suite:
+        diffs = res["vs_signum_wd"]["diffs"]
+        assert max(diffs) < 1e-6, diffs
+
+
+@pytest.mark.parametrize("case", ["vs_signum", "vs_signum_allgather", "vs_signum_wd"])
 def test_parameters_identical_on_all_ranks(suite: list[dict[str, Any]], case: str) -> None:
     first = suite[0][case]["params"]
     for res in suite[1:]:

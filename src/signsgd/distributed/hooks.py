@@ -42,6 +42,8 @@ Tuning guide
   majority vote (each worker votes with the sign of its gradient). Larger β smooths the
   noise each worker votes with; 0.9 is the paper's value.
 * ``weight_decay``: set it on ``SGD``; since the vote is ±1 it acts as decoupled decay.
+  ``SGD`` computes ``x − lr·(v + wd·x)`` where ``Signum`` computes ``x·(1 − lr·wd) − lr·v``:
+  the same update, equal up to float rounding (bit-identical with ``weight_decay=0``).
 * ``bucket_cap_mb`` (a DDP argument): every bucket is one vote, i.e. a small header
   ``all_gather`` (96 bytes per rank: finite flag, layout, step) then one
   ``all_to_all_single`` and one ``all_gather`` in ``mode="sharded"``. Bigger buckets mean
