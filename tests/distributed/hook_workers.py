@@ -87,20 +87,25 @@ def _train_ddp(ddp: DDP, opt: torch.optim.Optimizer,
 
 
 def hook_vs_signum(rank: int, world: int, steps: int, bucket_cap_mb: float, momentum: float,
-                   lr: float, mode: str, weight_decay: float = 0.0) -> dict[str, Any]:
+                   lr: float, mode: str, weight_decay: float = 0.0,
+                   byzantine_rank: int | None = None) -> dict[str, Any]:
     """DDP + hook + SGD next to Signum(aggregator=MajorityVote()) on the same batches.
 
     Returns, per step, the largest |difference| between the two models' parameters, the
     final DDP parameters, the hook's bucket trace and its byte counters.
     """
     from signsgd.distributed import MajorityVote
+    from signsgd.distributed.adversary import Negate
 
+    bad = Negate() if rank == byzantine_rank else None
     base = _model()
     ddp, state = _ddp(copy.deepcopy(base), bucket_cap_mb, momentum, mode, record=True)
+    state.adversary = bad
     sgd = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=0.0, weight_decay=weight_decay)
     ref = copy.deepcopy(base)
     opt = signsgd.Signum(ref.parameters(), lr=lr, momentum=momentum,
-                         weight_decay=weight_decay, aggregator=MajorityVote(mode=mode))
+                         weight_decay=weight_decay,
+                         aggregator=MajorityVote(mode=mode, adversary=bad))
     diffs = []
     bytes_per_step = []
     for x, y in _batches(rank, steps):
@@ -231,6 +236,8 @@ def hook_suite(rank: int, world: int) -> dict[str, Any]:
         "vs_signum": hook_vs_signum(rank, world, 6, 0.0002, 0.9, 0.01, "sharded"),
         "vs_signum_allgather": hook_vs_signum(rank, world, 3, 0.0002, 0.5, 0.02, "allgather"),
         "vs_signum_wd": hook_vs_signum(rank, world, 4, 0.0002, 0.9, 0.01, "sharded", 0.5),
+        "vs_signum_byzantine": hook_vs_signum(rank, world, 3, 0.0002, 0.9, 0.01, "sharded",
+                                              byzantine_rank=2),
         "checkpoint": hook_checkpoint(rank, world, 6, 3, 0.0002),
         "nonfinite": hook_nonfinite(rank, world, bad_rank=1),
     }

@@ -32,7 +32,8 @@ def even() -> list[dict[str, Any]]:
 
 # --------------------------------------------------------------------------- vs Signum
 @pytest.mark.parametrize("case,mode", [("vs_signum", "sharded"),
-                                       ("vs_signum_allgather", "allgather")])
+                                       ("vs_signum_allgather", "allgather"),
+                                       ("vs_signum_byzantine", "sharded")])
 def test_hook_equals_signum_majority_vote(suite: list[dict[str, Any]], case: str,
                                           mode: str) -> None:
     for rank, res in enumerate(suite):
@@ -49,7 +50,8 @@ def test_hook_with_sgd_weight_decay_is_decoupled_decay(suite: list[dict[str, Any
         assert max(diffs) < 1e-6, diffs
 
 
-@pytest.mark.parametrize("case", ["vs_signum", "vs_signum_allgather", "vs_signum_wd"])
+@pytest.mark.parametrize("case", ["vs_signum", "vs_signum_allgather", "vs_signum_wd",
+                                  "vs_signum_byzantine"])
 def test_parameters_identical_on_all_ranks(suite: list[dict[str, Any]], case: str) -> None:
     first = suite[0][case]["params"]
     for res in suite[1:]:
