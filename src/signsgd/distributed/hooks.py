@@ -61,7 +61,17 @@ Tuning guide
   keyed by parameter name; then :meth:`MajorityVoteHookState.state_dict` /
   :meth:`~MajorityVoteHookState.load_state_dict` save and restore each rank's momentum,
   and the state pickles (without its process group). Momentum is per rank: save one file
-  per rank.
+  per rank, and the resumed run is bit-identical to an uninterrupted one::
+
+      torch.save({"model": ddp.module.state_dict(), "hook": state.state_dict()},
+                 f"ckpt.rank{dist.get_rank()}.pt")
+      ...
+      ckpt = torch.load(f"ckpt.rank{dist.get_rank()}.pt")
+      model.load_state_dict(ckpt["model"]); ddp = DDP(model)
+      state = MajorityVoteHookState(momentum=0.9, module=ddp)
+      state.load_state_dict(ckpt["hook"]); ddp.register_comm_hook(state, majority_vote_hook)
+
+  A step's momentum is committed only once every bucket of the step has voted.
 * Non-finite gradients: a NaN or inf in any rank's bucket makes ``backward()`` raise on
   *every* rank in that step (the finite flag travels with the vote's first message): a
   ``RuntimeError`` from DDP whose message carries the
@@ -109,8 +119,9 @@ class MajorityVoteHookState:
     """Per-rank state of :func:`majority_vote_hook`: Signum momentum, vote counter, bytes.
 
     Args:
-        process_group: the group to vote in (``None``: the default group, looked up at
-            each vote, so the state can be built before ``init_process_group``).
+        process_group: the group to vote in: the same group DDP uses (``None``: the
+            default group, looked up at each vote, so the state can be built before
+            ``init_process_group``).
         momentum: Signum β in [0, 1) (default 0.9); 0 votes with the raw gradient.
         mode: ``"sharded"`` (default) or ``"allgather"``, as in
             :func:`~signsgd.distributed.majority_vote`.
@@ -469,7 +480,7 @@ def majority_vote_hook(
         except BaseException as exc:
             state._bucket_failed(generation)
             text = _root_message(exc)
-            if bad_names or "finite" in text.lower() or isinstance(exc, NonFiniteGradientError):
+            if isinstance(exc, NonFiniteGradientError) or "non-finite" in text.lower():
                 where = (
                     f"; this rank's non-finite gradients: {bad_names}" if bad_names else ""
                 )
