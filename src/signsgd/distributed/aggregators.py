@@ -49,7 +49,7 @@ from signsgd.distributed.vote import (
     _world,
     entry_of,
     exchange_header,
-    run_on_engine,
+    run_now,
     shard_nbytes,
     vote_flat,
 )
@@ -175,7 +175,7 @@ class _Common(Aggregator):
         self.__dict__.update(state)
 
     def _run(self, tensors: list[Tensor | None], job: Any) -> Any:
-        return run_on_engine(self.group, job, _device(tensors)).wait()
+        return run_now(self.group, job, _device(tensors))
 
     def state_dict(self) -> dict[str, Any]:
         """``{"step": int}``: the step counter (tie-breaking and adversary draws use it)."""

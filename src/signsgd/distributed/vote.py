@@ -483,33 +483,89 @@ def vote_flat(
 
 # --------------------------------------------------------------------------- engine
 class _Engine:
-    """One daemon thread per process group that runs votes one at a time, in call order."""
+    """Runs the votes of one process group one at a time, in call order.
+
+    Asynchronous calls (:func:`vote_async`) go to a daemon thread; a synchronous call made
+    while nothing is queued runs at once on the caller's thread (no thread hand-off), and
+    otherwise waits its turn behind the queued ones.
+    """
 
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], torch.futures.Future]] = (
             queue.SimpleQueue()
         )
-        self._thread = threading.Thread(target=self._run, name="signsgd-vote", daemon=True)
-        self._thread.start()
+        self._state = threading.Lock()  # guards _pending
+        self._running = threading.Lock()  # held while a job runs
+        self._pending = 0  # jobs submitted or running inline, not finished
+        self._thread: threading.Thread | None = None
 
     def submit(self, job: Callable[[], Any]) -> torch.futures.Future:
         fut: torch.futures.Future = torch.futures.Future()
-        self._jobs.put((job, fut))
+        with self._state:
+            self._pending += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="signsgd-vote",
+                                                daemon=True)
+                self._thread.start()
+            self._jobs.put((job, fut))
         return fut
 
-    def _run(self) -> None:
+    def call(self, job: Callable[[], Any]) -> Any:
+        """Run ``job`` now on this thread if the queue is empty, else after the queue."""
+        with self._state:
+            inline = self._pending == 0
+            if inline:
+                self._pending += 1
+                self._running.acquire()
+        if not inline:
+            return self.submit(job).wait()
+        try:
+            return job()
+        finally:
+            self._running.release()
+            with self._state:
+                self._pending -= 1
+
+    def _loop(self) -> None:
         while True:
             job, fut = self._jobs.get()
-            try:
-                result = job()
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
-                fut.set_exception(exc)
-                continue
-            fut.set_result(result)
+            with self._running:
+                try:
+                    result = job()
+                except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
+                    error: BaseException | None = exc
+                else:
+                    error = None
+            with self._state:
+                self._pending -= 1
+            if error is None:
+                fut.set_result(result)
+            else:
+                fut.set_exception(error)
 
 
 _ENGINES: dict[int, _Engine] = {}
 _ENGINES_LOCK = threading.Lock()
+
+
+def _engine(group: Any) -> _Engine:
+    key = id(group) if group is not None else 0
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get(key)
+        if engine is None:
+            engine = _ENGINES[key] = _Engine()
+    return engine
+
+
+def _on_stream(job: Callable[[], Any], device: torch.device | None) -> Callable[[], Any]:
+    if device is None or device.type != "cuda":
+        return job
+    stream = torch.cuda.current_stream(device)
+
+    def on_stream() -> Any:
+        with torch.cuda.stream(stream):
+            return job()
+    return on_stream
 
 
 def run_on_engine(group: Any, job: Callable[[], Any], device: torch.device | None = None
@@ -518,19 +574,12 @@ def run_on_engine(group: Any, job: Callable[[], Any], device: torch.device | Non
 
     On CUDA the job runs on the caller's current stream.
     """
-    key = id(group) if group is not None else 0
-    with _ENGINES_LOCK:
-        engine = _ENGINES.get(key)
-        if engine is None:
-            engine = _ENGINES[key] = _Engine()
-    if device is not None and device.type == "cuda":
-        stream = torch.cuda.current_stream(device)
-        inner = job
+    return _engine(group).submit(_on_stream(job, device))
 
-        def job() -> Any:
-            with torch.cuda.stream(stream):
-                return inner()
-    return engine.submit(job)
+
+def run_now(group: Any, job: Callable[[], Any], device: torch.device | None = None) -> Any:
+    """Run ``job()`` in ``group``'s call order and return its result (synchronous)."""
+    return _engine(group).call(_on_stream(job, device))
 
 
 def _check_mode(mode: str) -> None:
@@ -704,7 +753,7 @@ def majority_vote(
                                   adversary=adversary, out=dst)
         return verdict
 
-    result = run_on_engine(group, job, t.device).wait()
+    result = run_now(group, job, t.device)
     return (out if out is not None else result).view(t.shape)
 
 
