@@ -70,7 +70,7 @@ def random_values(n: int, seed: int, special_frac: float) -> np.ndarray:
 
 @pytest.fixture(params=["numpy", "torch"])
 def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a pack test through the numpy CPU kernel and through the pure-torch kernel."""
+    """Run a test through the numpy CPU kernels and through the pure-torch kernels."""
     monkeypatch.setattr(packing, "_NUMPY_ON_CPU", request.param == "numpy")
     return request.param
 
@@ -105,6 +105,7 @@ def test_pack_any_float_values(values: list[float]) -> None:
     np.testing.assert_array_equal(pack_signs(x).numpy(), ref_pack(x))
 
 
+@pytest.mark.usefixtures("kernel")
 @SETTINGS
 @given(data=st.binary(max_size=200), cut=st.integers(0, 7))
 def test_unpack_matches_numpy_unpackbits(data: bytes, cut: int) -> None:
@@ -179,6 +180,7 @@ def test_input_dtypes(dtype: torch.dtype, device: str) -> None:
     np.testing.assert_array_equal(packed.cpu().numpy(), ref_pack(x))
 
 
+@pytest.mark.usefixtures("kernel")
 @pytest.mark.parametrize(
     "dtype", FLOAT_DTYPES + [torch.int8, torch.int16, torch.int32, torch.int64]
 )
@@ -216,6 +218,7 @@ def test_non_contiguous_input(make) -> None:
     np.testing.assert_array_equal(pack_signs(x).numpy(), ref_pack(x))
 
 
+@pytest.mark.usefixtures("kernel")
 def test_non_contiguous_packed_input() -> None:
     x = torch.randn(1000, generator=torch.Generator().manual_seed(7))
     holder = torch.zeros(2 * packed_nbytes(1000), dtype=torch.uint8)
@@ -223,6 +226,7 @@ def test_non_contiguous_packed_input() -> None:
     assert torch.equal(unpack_signs(holder[::2], 1000), ref_signs(x))
 
 
+@pytest.mark.usefixtures("kernel")
 def test_numpy_integer_numel() -> None:
     packed = pack_signs(torch.tensor([1.0, -1.0, 2.0]))
     assert unpack_signs(packed, np.int64(3)).tolist() == [1.0, -1.0, 1.0]
@@ -328,6 +332,7 @@ def test_pack_unpack_errors(call, error: type[Exception], match: str) -> None:
 # --------------------------------------------------------------------------- majority tally
 
 
+@pytest.mark.usefixtures("kernel")
 @pytest.mark.parametrize("m", range(1, 10))
 @pytest.mark.parametrize("nbytes", [1, 3, 8, 13, 64, 1001])
 @pytest.mark.parametrize("with_ties", [False, True])
@@ -339,6 +344,7 @@ def test_tally_matches_numpy(m: int, nbytes: int, with_ties: bool) -> None:
     np.testing.assert_array_equal(got.numpy(), ref_tally(rows, tie))
 
 
+@pytest.mark.usefixtures("kernel")
 @pytest.mark.parametrize("m", [10, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100])
 def test_tally_many_rows(m: int) -> None:
     rng = np.random.default_rng(m)
@@ -352,6 +358,7 @@ def test_tally_many_rows(m: int) -> None:
     np.testing.assert_array_equal(got.numpy(), ref_tally(rows, None))
 
 
+@pytest.mark.usefixtures("kernel")
 @SETTINGS
 @given(
     m=st.integers(1, 12),
@@ -367,6 +374,7 @@ def test_tally_property(m: int, nbytes: int, seed: int, with_ties: bool) -> None
     np.testing.assert_array_equal(got.numpy(), ref_tally(rows, tie))
 
 
+@pytest.mark.usefixtures("kernel")
 @pytest.mark.parametrize(("m", "nbytes"), [(4, 3003), (2, 1024), (7, 1237), (64, 801)])
 def test_tally_across_small_chunks(m: int, nbytes: int, small_chunks: None) -> None:
     rng = np.random.default_rng(nbytes)
@@ -376,6 +384,7 @@ def test_tally_across_small_chunks(m: int, nbytes: int, small_chunks: None) -> N
     np.testing.assert_array_equal(got.numpy(), ref_tally(rows, tie))
 
 
+@pytest.mark.usefixtures("kernel")
 @pytest.mark.parametrize(
     "make",
     [
@@ -398,6 +407,7 @@ def test_tally_layouts(make) -> None:
     np.testing.assert_array_equal(got_sliced_tie.numpy(), ref_tally(rows.numpy(), tie_np))
 
 
+@pytest.mark.usefixtures("kernel")
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("device", DEVICES)
 def test_tally_is_vote_of_packed_signs(m: int, device: str) -> None:
@@ -416,6 +426,7 @@ def test_tally_is_vote_of_packed_signs(m: int, device: str) -> None:
         assert int(full[-1]) >> (n % 8) == 0
 
 
+@pytest.mark.usefixtures("kernel")
 def test_tally_out_and_empty() -> None:
     rows = torch.tensor([[0b1100], [0b1010], [0b0110]], dtype=torch.uint8)
     buf = torch.zeros(1, dtype=torch.uint8)
@@ -457,6 +468,7 @@ def test_tally_errors(call, error: type[Exception], match: str) -> None:
         call()
 
 
+@pytest.mark.usefixtures("kernel")
 def test_tally_across_real_chunks() -> None:
     rng = np.random.default_rng(5)
     rows = rng.integers(0, 256, (4, 300_003), dtype=np.uint8)
@@ -468,3 +480,19 @@ def test_tally_across_real_chunks() -> None:
 def test_docstring_examples_run() -> None:
     result = doctest.testmod(packing, extraglobs={"torch": torch}, verbose=False)
     assert result.attempted >= 4 and result.failed == 0
+
+
+@pytest.mark.parametrize(
+    ("torch_fn", "call"),
+    [
+        ("_pack_torch", lambda: pack_signs(torch.randn(100))),
+        ("_unpack_torch", lambda: unpack_signs(torch.zeros(13, dtype=torch.uint8), 100)),
+    ],
+)
+def test_cpu_float_takes_numpy_kernel(torch_fn: str, call, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object) -> None:
+        raise AssertionError(f"{torch_fn} used although the numpy kernel applies")
+
+    monkeypatch.setattr(packing, "_NUMPY_ON_CPU", True)
+    monkeypatch.setattr(packing, torch_fn, refuse)
+    call()

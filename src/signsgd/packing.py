@@ -322,10 +322,20 @@ def unpack_signs(
     if not src.is_contiguous():
         src = src.contiguous()
     dst = out.view(-1)
-    table = _sign_table(packed.device)
-    chunk_bytes = min(_chunk(packed.device) // 8, nbytes)
-    idx_buf = _buffer("unpack_idx", chunk_bytes, torch.int32, packed.device)
-    word_buf = _buffer("unpack_word", chunk_bytes, torch.int64, packed.device)
+    if _NUMPY_ON_CPU and packed.device.type == "cpu" and dtype in _NUMPY_DTYPES:
+        _unpack_numpy(src, dst, numel)
+    else:
+        _unpack_torch(src, dst, numel)
+    return out
+
+
+def _unpack_torch(src: Tensor, dst: Tensor, numel: int) -> None:
+    """Any device: bytes -> int32 indices -> int64 table words -> int8 view widened into dst."""
+    nbytes = src.numel()
+    table = _sign_table(src.device)
+    chunk_bytes = min(_chunk(src.device) // 8, nbytes)
+    idx_buf = _buffer("unpack_idx", chunk_bytes, torch.int32, src.device)
+    word_buf = _buffer("unpack_word", chunk_bytes, torch.int64, src.device)
     whole = numel // 8  # bytes whose 8 bits are all used
     for src_part, dst_part in zip(
         src[:whole].split(chunk_bytes), dst[: whole * 8].split(chunk_bytes * 8)
@@ -340,7 +350,25 @@ def unpack_signs(
         rest = numel - whole * 8
         torch.index_select(table, 0, src[whole:].to(torch.int32), out=word_buf[:1])
         dst[whole * 8 :].copy_(word_buf[:1].view(torch.int8)[:rest])
-    return out
+
+
+def _unpack_numpy(src: Tensor, dst: Tensor, numel: int) -> None:
+    """CPU float32/float64: the same table lookup with numpy (single-threaded, uint8 indices)."""
+    nbytes = src.numel()
+    s = src.numpy()
+    d = dst.detach().numpy()
+    table = _sign_table(src.device).numpy()
+    chunk_bytes = min(_CPU_CHUNK // 8, nbytes)
+    words = _buffer("unpack_word", chunk_bytes, torch.int64, src.device).numpy()
+    whole = numel // 8  # bytes whose 8 bits are all used
+    for start in range(0, whole, chunk_bytes):
+        stop = min(whole, start + chunk_bytes)
+        w = words[: stop - start]
+        np.take(table, s[start:stop], out=w, mode="clip")  # "clip": no bounds check, unbuffered
+        np.copyto(d[8 * start : 8 * stop], w.view(np.int8), casting="unsafe")
+    if whole < nbytes:
+        rest = numel - whole * 8
+        d[whole * 8 :] = table[s[whole:]].view(np.int8)[:rest]
 
 
 def _word_view(x: Tensor) -> Tensor:
@@ -352,10 +380,12 @@ def _word_view(x: Tensor) -> Tensor:
     return x
 
 
-Bits = list[Tensor | None]  # bit-sliced unsigned number, least significant bit first; None = 0
+# Word arrays of the tally: torch tensors, or numpy views of them on CPU (same operators).
+Words = Tensor | np.ndarray
+Bits = list[Words | None]  # bit-sliced unsigned number, least significant bit first; None = 0
 
 
-def _xor(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+def _xor(a: Words | None, b: Words | None) -> Words | None:
     if a is None:
         return b
     if b is None:
@@ -363,13 +393,13 @@ def _xor(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return a ^ b
 
 
-def _and(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+def _and(a: Words | None, b: Words | None) -> Words | None:
     if a is None or b is None:
         return None
     return a & b
 
 
-def _or(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+def _or(a: Words | None, b: Words | None) -> Words | None:
     if a is None:
         return b
     if b is None:
@@ -380,7 +410,7 @@ def _or(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 def _add(a: Bits, b: Bits, width: int) -> Bits:
     """Ripple-carry sum of two bit-sliced numbers, ``width`` bits out (enough for no overflow)."""
     out: Bits = []
-    carry: Tensor | None = None
+    carry: Words | None = None
     for i in range(width):
         ai = a[i] if i < len(a) else None
         bi = b[i] if i < len(b) else None
@@ -391,8 +421,12 @@ def _add(a: Bits, b: Bits, width: int) -> Bits:
     return out
 
 
-def _tally_words(rows: Tensor, tie: Tensor | None, out: Tensor, m: int) -> None:
-    """Majority of the ``m`` rows (``(m, w)`` integer words) into ``out`` (``(w,)``)."""
+def _tally_words(rows: Words, tie: Words | None, out: Words, m: int) -> None:
+    """Majority of the ``m`` rows (``(m, w)`` integer words) into ``out`` (``(w,)``).
+
+    Only ``^ & | ~``, slicing and ``out[...] =`` are used, so torch tensors and numpy arrays
+    both work.
+    """
     # Pairwise tree: ``level`` holds k numbers (bit planes of shape (k, w)), each <= level_max.
     level: Bits = [rows]
     level_max = 1
@@ -414,13 +448,13 @@ def _tally_words(rows: Tensor, tie: Tensor | None, out: Tensor, m: int) -> None:
 
     # Compare the count with K = m // 2 bit by bit from the top: gt = count > K, eq = count == K.
     half = m // 2
-    gt: Tensor | None = None
-    eq: Tensor | None = None  # None means all ones until the first plane narrows it
+    gt: Words | None = None
+    eq: Words | None = None  # None means all ones until the first plane narrows it
     for i in reversed(range(len(count))):
         c = count[i]
         if (half >> i) & 1:
             if c is None:  # cannot happen for count_max >= K, kept for safety
-                eq = torch.zeros_like(rows[0])
+                eq = rows[0] ^ rows[0]
             else:
                 eq = c if eq is None else eq & c
         elif c is not None:
@@ -428,12 +462,12 @@ def _tally_words(rows: Tensor, tie: Tensor | None, out: Tensor, m: int) -> None:
             eq = ~c if eq is None else eq & ~c
     if m % 2 == 0:  # ties are possible: add the tie-break bits where count == K
         if eq is None:
-            eq = ~torch.zeros_like(rows[0])
+            eq = ~(rows[0] ^ rows[0])
         gt = _or(gt, eq if tie is None else eq & tie)
     if gt is None:
-        out.zero_()
+        out[...] = 0
     else:
-        out.copy_(gt.reshape(-1))
+        out[...] = gt.reshape(-1)
 
 
 def majority_tally(
@@ -496,7 +530,12 @@ def majority_tally(
         rows, words_out = packed.contiguous(), out.view(-1)
         ties = tie_bits
     w = rows.shape[1]
-    if packed.device.type == "cpu":
+    if packed.device.type == "cpu" and _NUMPY_ON_CPU:
+        # numpy's bitwise ufuncs: single-threaded, so no per-op thread barriers.
+        chunk = max(1, _TALLY_CHUNK_BYTES // (m * rows.element_size()))
+        rows, words_out = rows.numpy(), words_out.numpy()
+        ties = ties.numpy() if ties is not None else None
+    elif packed.device.type == "cpu":
         chunk = max(1, _TALLY_CHUNK_BYTES * _threads() // (m * rows.element_size()))
     else:
         chunk = w
