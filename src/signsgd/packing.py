@@ -10,14 +10,17 @@ cache-sized chunks through reused per-thread scratch buffers:
 
 - pack: ``x >= 0`` into a float buffer (the vectorised kernel), narrowed to a bool buffer;
   8 bools viewed as one int64 word; ``word * 0x0102040810204080`` gathers byte ``k``'s bit
-  into bit ``56 + k``, so the top byte of the product is the packed byte. CPU float32 /
-  float64 inputs instead go through numpy (a zero-copy view of the tensor): its SIMD
-  compare-to-bool plus ``numpy.packbits`` per chunk is faster than any torch op sequence,
-  because torch's compare-to-bool kernel is not vectorised. Both give identical bytes.
+  into bit ``56 + k``, so the top byte of the product is the packed byte.
 - unpack: a 256-entry int64 table maps a byte to eight int8 values +1/-1 (byte ``k`` of the
   word is the sign of element ``k``); the int8 view is widened into the output.
 - tally: the M packed rows are added as bit-sliced binary counters (bitwise half/full adders
   on whole words, in a pairwise tree), then the counts are compared with M/2 bitwise.
+
+On CPU, float32/float64 pack and unpack and the tally run the same chunked algorithms with
+numpy ufuncs on zero-copy views of the tensors (``_NUMPY_ON_CPU``): numpy's compare-to-bool
+is vectorised where torch's is not, and numpy is single-threaded, so there is no intra-op
+thread barrier per chunk, which on a loaded machine costs more than the work itself
+(measured in benchmarks/bench_packing.py). The outputs are identical byte for byte.
 """
 
 from __future__ import annotations
@@ -66,9 +69,7 @@ _TALLY_CHUNK_BYTES = 1 << 19
 # Byte k of (8 bools viewed as a little-endian int64) * _GATHER lands in bit 56 + k.
 _GATHER = 0x0102040810204080
 _LITTLE = sys.byteorder == "little"
-# CPU float32/float64 inputs are packed by numpy's vectorised compare + packbits (faster than
-# any torch op sequence on CPU, since torch's compare-to-bool kernel is not vectorised).
-# Set to False to use the pure-torch kernel everywhere.
+# CPU kernels through numpy (see the module docstring); False: pure-torch kernels everywhere.
 _NUMPY_ON_CPU = True
 _NUMPY_DTYPES = (torch.float32, torch.float64)
 
