@@ -26,7 +26,7 @@ from signsgd.packing import majority_tally, pack_signs, packed_nbytes, unpack_si
 
 
 def torch_kernel(fn: Callable[..., torch.Tensor], *args, **kwargs) -> torch.Tensor:
-    """Call ``fn`` with the numpy CPU pack kernel switched off (pure torch ops only)."""
+    """Call ``fn`` with the numpy CPU kernels switched off (pure torch ops only)."""
     saved = packing._NUMPY_ON_CPU
     packing._NUMPY_ON_CPU = False
     try:
@@ -98,6 +98,9 @@ def main() -> None:
             "numpy.packbits(bool array)": lambda: np.packbits(bools_np, bitorder="little"),
             "numpy.packbits(x >= 0)": lambda: np.packbits(x_np >= 0, bitorder="little"),
             "unpack_signs(p, n, out=buf)": lambda: unpack_signs(packed, n, out=unpacked_out),
+            "unpack_signs(p, n, out=buf), pure-torch kernel": lambda: torch_kernel(
+                unpack_signs, packed, n, out=unpacked_out
+            ),
             "x.clone() (fresh 4n-byte output)": lambda: x.clone(),
             "unpack_signs(p, n) (fresh 4n-byte output)": lambda: unpack_signs(packed, n),
             "numpy.unpackbits(p) (0/1 uint8 only)": lambda: np.unpackbits(
@@ -118,6 +121,9 @@ def main() -> None:
             "unpack-and-sum tally (baseline)": lambda: unpack_and_sum_tally(rows, n, tie_bits),
             "majority_tally(rows, tie_bits)": lambda: majority_tally(rows, tie_bits),
             "majority_tally(..., out=buf)": lambda: majority_tally(rows, tie_bits, out=tally_out),
+            "majority_tally(..., out=buf), pure-torch kernel": lambda: torch_kernel(
+                majority_tally, rows, tie_bits, out=tally_out
+            ),
         },
         max(3, args.reps // 3),
     )
