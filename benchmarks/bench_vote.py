@@ -138,6 +138,28 @@ def main(argv: list[str] | None = None) -> int:
         f"| vote allgather | {sent['allgather']} | {received['allgather']} | "
         f"{sent['allgather'] * 8 / d:.3f} |",
     ]
+    def per_rep(name: str) -> float:
+        return statistics.median(t / b for t, b in zip(res[name], res["all_reduce fp32"]))
+
+    def cpu(name: str) -> float:
+        return statistics.median(res["cpu " + name])
+
+    wall_ratio = per_rep("vote sharded")
+    cpu_ratio = cpu("vote sharded") / cpu("all_reduce fp32")
+    local = sum(cpu(n) for n in ("  finite check (local)", "  pack (local)",
+                                 "  tally shard (local)", "  unpack (local)"))
+    bits_leg = leg * 8 / d
+    verdict = [
+        f"- sharded vote / fp32 all_reduce, wall time (median of per-rep ratios): "
+        f"**{wall_ratio:.3f}** — target <= 0.2: **{'met' if wall_ratio <= 0.2 else 'not met'}**",
+        f"- the same by CPU time summed over the ranks: **{cpu_ratio:.3f}**",
+        f"- local work (finite check + pack + tally + unpack) is {local / cpu('vote sharded'):.0%}"
+        f" of the sharded vote's CPU time; the rest is the header and the two collectives",
+        f"- bits per coordinate per rank on each leg of the sharded vote (signs out, verdicts "
+        f"back): **{bits_leg:.3f}** — target <= 1.05: "
+        f"**{'met' if bits_leg <= 1.05 else 'not met'}**; both legs together "
+        f"{2 * bits_leg:.3f} bits sent and as many received, vs 48 for the fp32 ring",
+    ]
     cmd = " ".join([".venv/bin/python", "benchmarks/bench_vote.py"] + sys.argv[1:])
     header = [
         f"- command: `{cmd}`",
@@ -151,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         f"over {args.reps} reps (1 warm-up); "
         f"header = {HEADER_WORDS} int64 words per rank",
     ]
-    text = "\n".join(header + ["", *lines, "", *bytes_lines, ""])
+    text = "\n".join(header + ["", *verdict, "", *lines, "", *bytes_lines, ""])
     print(text)
     if args.markdown:
         with open(args.markdown, "w") as f:
