@@ -156,3 +156,12 @@ def test_density_errors() -> None:
     frozen = torch.nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no parameters"):
         density(frozen, F.cross_entropy, _batches(4, 2, 0))
+
+
+def test_docstring_examples_run() -> None:
+    import doctest
+
+    import signsgd.diagnostics as module
+
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS, verbose=False)
+    assert result.failed == 0 and result.attempted >= 5
