@@ -194,3 +194,14 @@ def test_checkpoint_resume_equals_uninterrupted(suite, key, m, total):
         assert res["step"] == (total, total)
         assert res["unpickled_group"] is None
         assert res["unpickled_step"] > 0
+
+
+def test_ef_allreduce_with_every_rank_negating_moves_the_other_way(suite):
+    results = _ranks(suite, "ef2_negated")
+    assert len(results) == 2
+    for rank, res in enumerate(results):
+        honest, negated = res["honest"], res["negated"]
+        assert any(bool(h.abs().sum() > 0) for h in honest)
+        _assert_equal_lists(negated, [-h for h in honest], f"rank {rank}")
+        # what a Byzantine rank keeps for its own worker error is its honest C(p)
+        _assert_equal_lists(res["negated_sent"], res["honest_sent"], f"rank {rank}")

@@ -235,6 +235,20 @@ def checkpoint_resume(rank: int, group: Any, kind: str, total: int, at: int
             "unpickled_group": restored_group, "unpickled_step": unpickled.step}
 
 
+def ef_negated(rank: int, group: Any) -> dict[str, Any]:
+    """One EF all-reduce (fresh state, ScaledSign) honest and one with every rank negating
+    its signs: the second update must be exactly minus the first (C(-q) = -C(q))."""
+    from signsgd.distributed.adversary import Negate
+
+    p = grads_for(make_params(torch.float64), rank, 0, zeros=False)
+    out = {}
+    for name, adversary in (("honest", None), ("negated", Negate())):
+        agg = ErrorFeedbackAllReduce(group, adversary=adversary)
+        sent, update = agg.reduce_error_feedback([t.clone() for t in p], ScaledSign())
+        out[name], out[name + "_sent"] = update, sent
+    return out
+
+
 def aggregator_suite(rank: int, world_size: int, steps: int) -> dict[str, Any]:
     """Everything test_aggregators.py checks, in one launch: sub-groups of ranks 0..m-1."""
     groups = {m: dist.new_group(list(range(m))) for m in range(1, world_size + 1)}
@@ -247,6 +261,7 @@ def aggregator_suite(rank: int, world_size: int, steps: int) -> dict[str, Any]:
         out["signum2"] = signum_ranks(rank, g2, steps, 0.9, "sharded")
         out["ef2"] = ef_run(rank, g2, 5, "scaled_sign")
         out["ckpt_signum"] = checkpoint_resume(rank, g2, "signum", 10, 4)
+        out["ef2_negated"] = ef_negated(rank, g2)
     out["signum3"] = signum_ranks(rank, g3, steps, 0.9, "allgather")
     out["signsgd3"] = signum_ranks(rank, g3, steps, 0.0, "sharded")
     out["ef3"] = ef_run(rank, g3, 5, "scaled_sign")

@@ -407,8 +407,14 @@ class ErrorFeedbackAllReduce(_Common):
     The server error belongs to the agreed layout (per-tensor numels, dtype, M); if the
     layout changes (e.g. a parameter gets its first gradient) it restarts from zero.
 
+    Byzantine ranks (``adversary=``) corrupt what they send in the worker stage: the packed
+    sign bits (``corrupt_signs``; the scales stay honest) with ScaledSign, the float vector
+    (``corrupt_gradient``) otherwise; with ``M = 1`` the update itself. Their own worker
+    error is computed from the honest ``C(p)``.
+
     Args:
         group: process group (``None``: the default group).
+        adversary: Byzantine attack on what this rank sends (give it only to bad ranks).
 
     Example:
         >>> from signsgd.compression import ScaledSign
@@ -424,8 +430,9 @@ class ErrorFeedbackAllReduce(_Common):
 
     stage = "error_feedback"
 
-    def __init__(self, group: Any = None) -> None:
+    def __init__(self, group: Any = None, adversary: Adversary | None = None) -> None:
         super().__init__(group)
+        self.adversary = _check_adversary(adversary)
         self.server_error: Tensor | None = None
         self._layout: tuple[Any, ...] | None = None
 
@@ -450,7 +457,7 @@ class ErrorFeedbackAllReduce(_Common):
             kind = "identity"
         else:
             kind = "generic"
-        step, group = self.step, self.group
+        step, group, adversary = self.step, self.group, self.adversary
         device = _device(tensors)
         server_error, layout = self.server_error, self._layout
 
@@ -465,10 +472,15 @@ class ErrorFeedbackAllReduce(_Common):
             if m == 1:
                 tx = [None if t is None else compressor(t) for t in tensors]
                 upd = [None if e is None else t for t, e in zip(tx, agreed.entries)]
+                if adversary is not None:
+                    upd = [None if u is None else adversary.corrupt_gradient(u, step=step)
+                           for u in upd]
                 return tx, upd, 0, 0, server_error, layout
             flat = _flatten(tensors, agreed, dtype, device)
             if kind == "identity":
                 mean = flat.clone()
+                if adversary is not None:
+                    mean = adversary.corrupt_gradient(mean, step=step)
                 if mean.numel():
                     dist.all_reduce(mean, group=group)
                     mean.div_(m)
@@ -480,7 +492,8 @@ class ErrorFeedbackAllReduce(_Common):
                                          for e in agreed.entries))
             err = server_error if (layout == key and server_error is not None) else None
             tx_flat, upd_flat, new_err, nbytes = _two_stage(
-                flat, agreed, compressor, kind, err, group=group, rank=rank, m=m)
+                flat, agreed, compressor, kind, err, group=group, rank=rank, m=m,
+                adversary=adversary, step=step)
             tx = [None if t is None else v for t, v in zip(tensors, _split(tx_flat, agreed))]
             return (tx, _split(upd_flat, agreed), agreed.sent + nbytes,
                     agreed.received + nbytes, new_err, key)
@@ -513,7 +526,7 @@ class ErrorFeedbackAllReduce(_Common):
         self._layout = layout
 
     def __repr__(self) -> str:
-        return "ErrorFeedbackAllReduce()"
+        return f"ErrorFeedbackAllReduce(adversary={self.adversary!r})"
 
 
 def _chunks(agreed: Agreed, d: int, c: int, m: int) -> list[list[tuple[int, int]]]:
@@ -541,7 +554,7 @@ def _scaled_sign_chunk(v: Tensor) -> tuple[Tensor, Tensor]:
 
 def _two_stage(
     flat: Tensor, agreed: Agreed, compressor: Compressor, kind: str, err: Tensor | None, *,
-    group: Any, rank: int, m: int,
+    group: Any, rank: int, m: int, adversary: Adversary | None = None, step: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, int]:
     """The worker + server stages; returns (transmitted, update, new server error, bytes)."""
     d = flat.numel()
@@ -558,8 +571,9 @@ def _two_stage(
             for a, b in chunks[r]:
                 tx[a:b] = compressor(padded[a:b])
         recv = torch.empty(m * c, dtype=dtype, device=device)
+        wire = tx if adversary is None else adversary.corrupt_gradient(tx, step=step)
         if d:
-            dist.all_to_all_single(recv, tx, group=group)
+            dist.all_to_all_single(recv, wire, group=group)
         rows = recv.view(m, c)
         q = rows[0].clone()
         for w in range(1, m):
@@ -590,7 +604,10 @@ def _two_stage(
             scale, signs = _scaled_sign_chunk(padded[a:b])
             scales[k] = scale
             tx[a:b] = signs * scale
-        send[r, :sbytes] = pack_signs(seg)
+        pack_signs(seg, out=send[r, :sbytes])
+        if adversary is not None:
+            send[r, :sbytes] = adversary.corrupt_signs(send[r, :sbytes], step=step,
+                                                       word_offset=r * c // 64)
         if kmax:
             send[r, sbytes:sbytes + kmax * item] = scales.view(torch.uint8)
     recv = torch.empty_like(send)
