@@ -49,7 +49,7 @@ def configs(quick: bool, seed: int) -> list[C.Config]:
         base = dict(steps=100, batch=8, hidden=32, eval_every=20, seed=seed)
     else:
         base = dict(steps=300, batch=16, hidden=32, eval_every=30, seed=seed)
-    vote = dict(rule="vote", lr=2e-3 if quick else 1e-3, momentum=0.9)
+    vote = dict(rule="vote", lr=5e-3 if quick else 1e-3, momentum=0.9)
     mean = dict(rule="mean", lr=0.1, momentum=0.0)
     out = []
     for rule, hp in (("vote", vote), ("mean", mean)):
