@@ -42,11 +42,14 @@ and ``M`` ranks with ``S = 8·ceil(ceil(ceil(d/8)/8)/M)``:
 ``allgather``: sent = received = ``(M−1)·P + (M−1)·8·HEADER_WORDS`` with
 ``P = 8·ceil(ceil(d/8)/8)``. With ``M = 1`` nothing moves (0 bytes) and no collective runs.
 
-Concurrency: every vote on a process group runs on that group's single engine thread, in
-the order the calls were made. So :func:`vote_async` can be called from a DDP comm hook
-(several buckets in flight) while the collectives of different votes still go out in the
-same order on every rank — chaining collectives inside ``Future.then`` callbacks would let
-Gloo's worker threads reorder them.
+Concurrency: the votes on one process group run one at a time, in the order the calls
+were made — :func:`vote_async` on the group's engine thread, a synchronous call
+(:func:`majority_vote`, the aggregators) on the caller's thread when nothing is queued,
+else behind the queue. So :func:`vote_async` can be called from a DDP comm hook (several
+buckets in flight) while the collectives of different votes still go out in the same
+order on every rank — chaining collectives inside ``Future.then`` callbacks would let
+Gloo's worker threads reorder them. Other collectives on the same group must not run
+concurrently from other threads.
 
 Reference: Bernstein, Wang, Azizzadenesheli, Anandkumar. signSGD: Compressed Optimisation
 for Non-Convex Problems. ICML 2018 (Algorithm 3); Bernstein, Zhao, Azizzadenesheli,
