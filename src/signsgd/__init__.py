@@ -15,12 +15,15 @@ Example:
 """
 
 from signsgd import compression
-from signsgd.optim import EFSGD, SignSGD, Signum
+from signsgd.optim import EFSGD, NonFiniteGradientError, SignSGD, Signum
 from signsgd.packing import pack_signs, unpack_signs
 
 __version__ = "0.1.0"
 
-__all__ = ["SignSGD", "Signum", "EFSGD", "pack_signs", "unpack_signs", "compression"]
+__all__ = [
+    "SignSGD", "Signum", "EFSGD", "NonFiniteGradientError", "pack_signs", "unpack_signs",
+    "compression",
+]
 
 
 def __getattr__(name: str):  # lazy: importing signsgd does not import torch.distributed glue

@@ -122,28 +122,18 @@ def _batches(lists: list[list[Tensor]]) -> Iterator[list[list[Tensor]]]:
 
 _REDUCED = (torch.float16, torch.bfloat16)
 
-#: Tensors up to this many elements are screened together, flattened into one buffer.
-_SMALL = 1 << 16
-
-
 def _screen(tensors: Sequence[Tensor]) -> float:
     """A number that is finite whenever every entry of ``tensors`` (one dtype) is finite.
 
-    The sum of all entries (small tensors flattened together, large ones summed one by
-    one); it is NaN or inf if any entry is, and may overflow on huge finite entries.
+    The sum of all entries, one reduction per tensor (float16 / bfloat16 accumulate in
+    float32): it is NaN or inf if any entry is, and may overflow on huge finite entries.
+    Summing tensor by tensor rather than over one flattened copy avoids a copy and keeps
+    the number of multi-threaded kernels small, which matters on a busy CPU.
     """
     acc = torch.float32 if tensors[0].dtype in _REDUCED else None
-    sums: list[Tensor] = []
-    small: list[Tensor] = []
-    for t in tensors:
-        if t.numel() > _SMALL:
-            sums.append(t.sum(dtype=acc))
-        else:
-            small.append(t)
-    if small:
-        sums.append(torch._utils._flatten_dense_tensors(small).sum(dtype=acc))
-    total = sums[0] if len(sums) == 1 else torch.stack(sums).sum()
-    return total.item()
+    if len(tensors) == 1:
+        return tensors[0].sum(dtype=acc).item()
+    return torch.stack([t.sum(dtype=acc) for t in tensors]).sum().item()
 
 
 def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:
