@@ -70,4 +70,5 @@ def test_dead_rank_makes_the_others_fail_within_the_group_timeout():
         # each survivor raised on its own (it was not killed by the launcher at the end),
         # from the collective that could not complete
         assert "saw the dead peer" in failures[rank], failures[rank]
+        assert "CollectiveError: all_gather failed on rank" in failures[rank]
         assert "did not finish" not in failures[rank]

@@ -35,7 +35,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from signsgd.compression import Compressor, Identity, ScaledSign
@@ -47,6 +46,8 @@ from signsgd.distributed.vote import (
     Entry,
     _all_gather,
     _world,
+    all_reduce,
+    all_to_all,
     entry_of,
     exchange_header,
     run_now,
@@ -355,7 +356,7 @@ class AllReduce(_Common):
             if adversary is not None:
                 flat = adversary.corrupt_gradient(flat, step=step)
             if m > 1 and flat.numel():
-                dist.all_reduce(flat, group=group)
+                all_reduce(flat, group)
                 flat.div_(m)
             ring = _ring_bytes(flat.numel(), m, flat.element_size()) if flat.numel() else 0
             return _split(flat, agreed), agreed.sent + ring, agreed.received + ring
@@ -482,7 +483,7 @@ class ErrorFeedbackAllReduce(_Common):
                 if adversary is not None:
                     mean = adversary.corrupt_gradient(mean, step=step)
                 if mean.numel():
-                    dist.all_reduce(mean, group=group)
+                    all_reduce(mean, group)
                     mean.div_(m)
                 ring = _ring_bytes(flat.numel(), m, flat.element_size())
                 tx = [None if t is None else t.clone() for t in tensors]
@@ -573,7 +574,7 @@ def _two_stage(
         recv = torch.empty(m * c, dtype=dtype, device=device)
         wire = tx if adversary is None else adversary.corrupt_gradient(tx, step=step)
         if d:
-            dist.all_to_all_single(recv, wire, group=group)
+            all_to_all(recv, wire, group)
         rows = recv.view(m, c)
         q = rows[0].clone()
         for w in range(1, m):
@@ -612,7 +613,7 @@ def _two_stage(
             send[r, sbytes:sbytes + kmax * item] = scales.view(torch.uint8)
     recv = torch.empty_like(send)
     if d:
-        dist.all_to_all_single(recv.view(-1), send.view(-1), group=group)
+        all_to_all(recv.view(-1), send.view(-1), group)
     base = rank * c
     lengths = [b - a for a, b in chunks[rank]]
     n_real = sum(lengths)

@@ -77,6 +77,7 @@ if TYPE_CHECKING:
     from signsgd.distributed.adversary import Adversary
 
 __all__ = [
+    "CollectiveError",
     "HEADER_WORDS",
     "MODES",
     "majority_vote",
@@ -238,9 +239,41 @@ def _header_device(group: Any, device: torch.device | None) -> torch.device:
     return torch.device("cpu")
 
 
+class CollectiveError(RuntimeError):
+    """A collective of a vote or aggregator step failed (a peer died or timed out)."""
+
+
+def _failed(what: str, group: Any, exc: BaseException) -> CollectiveError:
+    rank, m = _world(group)
+    return CollectiveError(
+        f"{what} failed on rank {rank} of {m} ({type(exc).__name__}: {exc}); a peer process "
+        f"probably died, or did not make the same call within the process group's timeout"
+    )
+
+
 def _all_gather(out: Tensor, inp: Tensor, group: Any) -> None:
+    """``all_gather`` into one tensor; a failure raises :class:`CollectiveError`."""
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(out, inp, group=group)
+    try:
+        fn(out, inp, group=group)
+    except RuntimeError as exc:
+        raise _failed("all_gather", group, exc) from exc
+
+
+def all_to_all(out: Tensor, inp: Tensor, group: Any) -> None:
+    """``all_to_all_single`` with equal splits; a failure raises :class:`CollectiveError`."""
+    try:
+        dist.all_to_all_single(out, inp, group=group)
+    except RuntimeError as exc:
+        raise _failed("all_to_all_single", group, exc) from exc
+
+
+def all_reduce(t: Tensor, group: Any) -> None:
+    """Sum ``all_reduce`` in place; a failure raises :class:`CollectiveError`."""
+    try:
+        dist.all_reduce(t, group=group)
+    except RuntimeError as exc:
+        raise _failed("all_reduce", group, exc) from exc
 
 
 # --------------------------------------------------------------------------- layout
@@ -468,7 +501,7 @@ def vote_flat(
         return unpack_signs(send, d, out=out), 0, 0
     if mode == "sharded":
         recv = torch.empty(total, dtype=torch.uint8, device=flat.device)
-        dist.all_to_all_single(recv, send, group=group)
+        all_to_all(recv, send, group)
         ties = (tie_bits(seed, step, word_offset + rank * s // 8, s // 8, flat.device)
                 if m % 2 == 0 else None)
         verdict = majority_tally(recv.view(m, s), ties)
