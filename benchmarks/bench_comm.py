@@ -257,7 +257,17 @@ def markdown(data: dict[str, Any]) -> str:
             ratio = c["median_s"] / base
             lines.append(f"| {LABELS[meth]} | {c['median_s'] * 1e3:.1f} | {ratio:.3f} | "
                          f"≤ {target} | {'yes' if ratio <= target else 'no'} |")
-        lines += ["", f"fp32 all-reduce: {base * 1e3:.0f} ms." if base else "", ""]
+        note = ""
+        b = g.get("fp32_allreduce")
+        v = g.get("sharded_vote")
+        if base and b and v and b.get("rate_bps"):
+            wb = 8 * 4 * b["sent"] / b["rate_bps"]
+            wv = 8 * 4 * v["sent"] / v["rate_bps"]
+            note = (f" Wire time alone (M·sent/rate): fp32 {wb:.2f} s, vote {wv:.3f} s, so "
+                    f"the bytes allow {wv / wb:.3f}×; the rest of the vote's "
+                    f"{v['median_s']:.2f} s is its fixed cost (pack, tally, unpack, "
+                    "latency) on the shared CPU.")
+        lines += ["", (f"fp32 all-reduce: {base * 1e3:.0f} ms." if base else "") + note, ""]
     # Model agreement summary, overall and by the share of predicted time that is wire time
     agree = []
     for c in cells:
