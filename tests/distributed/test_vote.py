@@ -23,7 +23,7 @@ from signsgd.distributed.vote import (
 
 from . import workers as W
 
-NUMELS = [1, 7, 64, 1001, 4099]
+NUMELS = [0, 1, 7, 64, 1001, 4099]
 CASES = [
     (n, dtype, mode, seed, step, 100 + n)
     for n in NUMELS
