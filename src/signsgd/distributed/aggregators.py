@@ -465,7 +465,7 @@ class ErrorFeedbackAllReduce(_Common):
         def job() -> tuple[Any, ...]:
             agreed = exchange_header(
                 entries, group=group, finite=bool(finite), step=step, seed=0,
-                config=("ErrorFeedbackAllReduce", kind, repr(compressor)),
+                config=("ErrorFeedbackAllReduce", kind, type(compressor).__name__),
                 who="ErrorFeedbackAllReduce", device=device,
             )
             rank, m = _world(group)
