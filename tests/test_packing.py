@@ -27,7 +27,7 @@ FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 INT_DTYPES = [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8]
 SPECIALS = [0.0, -0.0, float("inf"), float("-inf"), float("nan")]
 # Lengths around the CPU chunk (2**19 elements) and byte boundaries.
-CHUNK = packing._chunk(torch.device("cpu"))
+CHUNK = max(packing._chunk(torch.device("cpu")), packing._NUMPY_PACK_CHUNK)
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -79,6 +79,7 @@ def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Shrink the CPU chunk sizes so that small inputs cross many chunk boundaries."""
     monkeypatch.setattr(packing, "_CPU_CHUNK", 64)
+    monkeypatch.setattr(packing, "_NUMPY_PACK_CHUNK", 64)
     monkeypatch.setattr(packing, "_TALLY_CHUNK_BYTES", 64)
 
 

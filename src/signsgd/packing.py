@@ -63,6 +63,8 @@ _UNPACKABLE = (
 # barrier, low), and per chunk on other devices (bounded scratch memory).
 _CPU_CHUNK = 1 << 19
 _DEVICE_CHUNK = 1 << 24
+# Elements per chunk of the (single-threaded) numpy pack kernel; its bool buffer fills L2.
+_NUMPY_PACK_CHUNK = 1 << 20
 # Bytes per CPU thread in one chunk of the (M, words) tally input.
 _TALLY_CHUNK_BYTES = 1 << 19
 
@@ -196,7 +198,7 @@ def _pack_numpy(flat: Tensor, out_flat: Tensor) -> None:
     n = flat.numel()
     x = flat.detach().resolve_neg().numpy()
     dst = out_flat.numpy()
-    chunk = min(_CPU_CHUNK, (n + 7) // 8 * 8)
+    chunk = min(_NUMPY_PACK_CHUNK, (n + 7) // 8 * 8)
     bools = _buffer("pack_bool", chunk, torch.bool, flat.device).numpy()
     full = n // chunk * chunk
     for start in range(0, full, chunk):
