@@ -23,7 +23,7 @@ number, ties are broken by the simulation's own coin, not the real tie bits).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -59,7 +59,6 @@ class Config:
     eval_every: int = 20
     seed: int = 0
     label: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def make_model(inputs: int, classes: int, hidden: int, seed: int) -> nn.Module:
