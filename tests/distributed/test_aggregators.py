@@ -4,9 +4,14 @@ checkpoints. One launch of 3 ranks runs everything (sub-groups of 1, 2 and 3 ran
 
 from __future__ import annotations
 
+import pickle
+
+import numpy as np
 import pytest
 import torch
 
+from signsgd.distributed import AllReduce, ErrorFeedbackAllReduce, MajorityVote
+from signsgd.distributed.adversary import Negate, RandomSigns
 from signsgd.distributed.vote import HEADER_WORDS, shard_nbytes
 
 from . import workers as W
@@ -205,3 +210,79 @@ def test_ef_allreduce_with_every_rank_negating_moves_the_other_way(suite):
         _assert_equal_lists(negated, [-h for h in honest], f"rank {rank}")
         # what a Byzantine rank keeps for its own worker error is its honest C(p)
         _assert_equal_lists(res["negated_sent"], res["honest_sent"], f"rank {rank}")
+
+
+# ------------------------------------------------------------------ single process, no group
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: MajorityVote(mode="ring"), "Invalid mode"),
+        (lambda: MajorityVote(bucket_bytes=4), "Invalid bucket_bytes: 4"),
+        (lambda: MajorityVote(seed=1.5), "Invalid seed: 1.5"),
+        (lambda: MajorityVote(adversary="negate"), "adversary must be"),
+        (lambda: AllReduce(adversary=3), "adversary must be"),
+        (lambda: Negate(scale=-1.0), "Invalid scale: -1.0"),
+        (lambda: RandomSigns(seed="x"), "seed must be an int"),
+    ],
+)
+def test_constructor_validation(make, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make()
+
+
+@pytest.mark.parametrize(
+    ("agg", "state", "match"),
+    [
+        (MajorityVote, {}, "needs key 'step'"),
+        (MajorityVote, {"step": -1}, "invalid step -1"),
+        (MajorityVote, {"step": 2, "server_error": None}, "needs key 'step'"),
+        (AllReduce, {"step": "3"}, "invalid step '3'"),
+        (ErrorFeedbackAllReduce, {"step": 1, "server_error": [1.0]}, "server_error must be"),
+        (ErrorFeedbackAllReduce, {"step": 1, "layout": "x"}, "layout must be a tuple"),
+    ],
+)
+def test_load_state_dict_rejects_bad_state_and_changes_nothing(agg, state, match):
+    a = agg()
+    before = a.state_dict()
+    with pytest.raises(ValueError, match=match):
+        a.load_state_dict(state)
+    after = a.state_dict()
+    assert after.keys() == before.keys() and after["step"] == before["step"] == 0
+
+
+@pytest.mark.parametrize("agg", [MajorityVote, AllReduce, ErrorFeedbackAllReduce])
+def test_pickles_without_group_and_keeps_state(agg):
+    a = agg(group=object() if agg is not MajorityVote else None)
+    a.step = 5
+    b = pickle.loads(pickle.dumps(a))
+    assert b.group is None and b.step == 5 and type(b) is agg
+
+
+@pytest.mark.parametrize(
+    ("adversary", "packed", "want"),
+    [
+        (Negate(), [0b1010_0101] + [0] * 7, [0b0101_1010] + [255] * 7),
+        (Negate(scale=3.0), None, None),
+    ],
+)
+def test_negate_flips_every_bit(adversary, packed, want):
+    if packed is None:
+        got = adversary.corrupt_gradient(torch.tensor([1.0, -2.0, 0.0]), step=0)
+        assert got.tolist() == [-3.0, 6.0, -0.0]
+        return
+    got = adversary.corrupt_signs(torch.tensor(packed, dtype=torch.uint8), step=0)
+    assert got.tolist() == want
+
+
+def test_random_signs_are_reproducible_and_balanced():
+    adv = RandomSigns(seed=4)
+    a = adv.corrupt_signs(torch.zeros(8000, dtype=torch.uint8), step=2, word_offset=10)
+    b = RandomSigns(seed=4).corrupt_signs(torch.ones(8000, dtype=torch.uint8), step=2,
+                                          word_offset=10)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, adv.corrupt_signs(a, step=3, word_offset=10))
+    ones = int(torch.tensor(np.unpackbits(a.numpy())).sum())
+    assert 0.48 < ones / 64000 < 0.52
+    g = adv.corrupt_gradient(torch.full((10_000,), -2.0), step=0)
+    assert torch.equal(g.abs(), torch.full((10_000,), 2.0))
+    assert 0.45 < float((g > 0).double().mean()) < 0.55
