@@ -26,7 +26,7 @@ DEVICES = [
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 INT_DTYPES = [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8]
 SPECIALS = [0.0, -0.0, float("inf"), float("-inf"), float("nan")]
-# Lengths around the CPU chunk (2**19 elements) and byte boundaries.
+# The largest CPU chunk (elements) of either kernel family, for lengths around it.
 CHUNK = max(packing._chunk(torch.device("cpu")), packing._NUMPY_PACK_CHUNK)
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
