@@ -445,6 +445,19 @@ def _cmd_reproduce(a: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- main
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (``kill PID``) unwinds like Ctrl-C, so the launcher stops its workers too."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``signsgd``."""
     parser = argparse.ArgumentParser(
@@ -483,6 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    _sigterm_as_interrupt()
     try:
         return int(args.func(args))
     except (UsageError, DataError, CheckpointError, ValueError) as exc:

@@ -306,14 +306,19 @@ def load_checkpoint(out: Path, cfg: TrainConfig) -> dict[str, Any]:
             + "; ".join(diffs)
             + "); use the same options as that run, or another --out to start over"
         )
+    needed = ("model", "optimizer", "grad_reduce", "scheduler", "rng", "bytes", "metrics",
+              "epoch", "step", "wall_time_s")
+    missing = [k for k in needed if k not in ckpt]
+    if missing or any(len(ckpt[k]) != cfg.workers for k in ("optimizer", "rng", "bytes")):
+        raise CheckpointError(
+            f"--resume: checkpoint {path} is incomplete (missing {missing} or not one state "
+            f"per worker); delete it or use another --out to start over"
+        )
     if ckpt["epoch"] >= cfg.epochs:
         raise CheckpointError(
             f"--resume: the checkpoint in {path} already finished epoch {ckpt['epoch']} of "
             f"--epochs {cfg.epochs}; raise --epochs to train further"
         )
-    missing = [k for k in ("model", "optimizer", "rng", "metrics", "epoch") if k not in ckpt]
-    if missing or len(ckpt["optimizer"]) != cfg.workers:
-        raise CheckpointError(f"--resume: checkpoint {path} is incomplete (missing {missing})")
     return ckpt
 
 
