@@ -449,13 +449,16 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _sigterm_as_interrupt() -> None:
-    """SIGTERM (``kill PID``) unwinds like Ctrl-C, so the launcher stops its workers too."""
+def _sigterm_as_interrupt() -> Any:
+    """SIGTERM (``kill PID``) unwinds like Ctrl-C, so the launcher stops its workers too.
+
+    Returns the previous handler (``None`` when not on the main thread)."""
     import signal
     import threading
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+        return signal.signal(signal.SIGTERM, _raise_interrupt)
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -496,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    _sigterm_as_interrupt()
+    previous = _sigterm_as_interrupt()
     try:
         return int(args.func(args))
     except (UsageError, DataError, CheckpointError, ValueError) as exc:
@@ -512,6 +515,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"signsgd {args.command}: a worker failed:\n{exc}", file=sys.stderr)
             return 1
         raise
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
