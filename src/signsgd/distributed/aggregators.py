@@ -32,6 +32,7 @@ group).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -127,7 +128,7 @@ def _flatten(tensors: list[Tensor | None], agreed: Agreed, dtype: torch.dtype,
     if len(parts) == 1 and not copy:
         return parts[0]
     if out is not None:
-        return torch.cat(parts, out=out)
+        return out.copy_(parts[0]) if len(parts) == 1 else torch.cat(parts, out=out)
     return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
 
 
@@ -477,9 +478,9 @@ class ErrorFeedbackAllReduce(_Common):
                     upd = [None if u is None else adversary.corrupt_gradient(u, step=step)
                            for u in upd]
                 return tx, upd, 0, 0, server_error, layout
-            flat = _flatten(tensors, agreed, dtype, device)
             if kind == "identity":
-                mean = flat.clone()
+                flat = _flatten(tensors, agreed, dtype, device)
+                mean = flat
                 if adversary is not None:
                     mean = adversary.corrupt_gradient(mean, step=step)
                 if mean.numel():
@@ -492,9 +493,15 @@ class ErrorFeedbackAllReduce(_Common):
             key = (kind, m, dtype, tuple(None if e is None else e.numel
                                          for e in agreed.entries))
             err = server_error if (layout == key and server_error is not None) else None
+            d = agreed.numel
+            c = 8 * shard_nbytes(d, m)
+            padded = self._buffer("padded", m * c, dtype, device)
+            _flatten(tensors, agreed, dtype, device, out=padded[:d])
+            padded[d:].zero_()
             tx_flat, upd_flat, new_err, nbytes = _two_stage(
-                flat, agreed, compressor, kind, err, group=group, rank=rank, m=m,
-                adversary=adversary, step=step)
+                padded, d, agreed, compressor, kind, err, group=group, rank=rank, m=m,
+                adversary=adversary, step=step,
+                buffer=lambda name, n: self._buffer(name, n, dtype, device))
             tx = [None if t is None else v for t, v in zip(tensors, _split(tx_flat, agreed))]
             return (tx, _split(upd_flat, agreed), agreed.sent + nbytes,
                     agreed.received + nbytes, new_err, key)
@@ -554,19 +561,21 @@ def _scaled_sign_chunk(v: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _two_stage(
-    flat: Tensor, agreed: Agreed, compressor: Compressor, kind: str, err: Tensor | None, *,
-    group: Any, rank: int, m: int, adversary: Adversary | None = None, step: int = 0,
+    padded: Tensor, d: int, agreed: Agreed, compressor: Compressor, kind: str,
+    err: Tensor | None, *, group: Any, rank: int, m: int, adversary: Adversary | None,
+    step: int, buffer: Callable[[str, int], Tensor],
 ) -> tuple[Tensor, Tensor, Tensor, int]:
-    """The worker + server stages; returns (transmitted, update, new server error, bytes)."""
-    d = flat.numel()
-    dtype, device = flat.dtype, flat.device
-    c = 8 * shard_nbytes(d, m)  # coordinates per shard, a multiple of 64
+    """The worker + server stages on ``padded`` (the flat p of ``d`` coordinates, zero
+    padded to ``M·C``); returns (transmitted, update, new server error, bytes). The first
+    two are views of reused buffers."""
+    dtype, device = padded.dtype, padded.device
+    flat = padded[:d]
+    c = padded.numel() // m  # coordinates per shard, a multiple of 64
     chunks = _chunks(agreed, d, c, m)
-    padded = torch.zeros(m * c, dtype=dtype, device=device)
-    padded[:d] = flat
     if err is None:
         err = torch.zeros(c, dtype=dtype, device=device)
-    tx = torch.zeros(m * c, dtype=dtype, device=device)
+    tx = buffer("tx", m * c)
+    tx[d:].zero_()  # chunks cover [0, d)
     if kind == "generic":
         for r in range(m):
             for a, b in chunks[r]:
@@ -586,7 +595,8 @@ def _two_stage(
         for a, b in chunks[rank]:
             mine[a - base:b - base] = compressor(q[a - base:b - base])
         new_err = q - mine
-        upd = torch.empty(m * c, dtype=dtype, device=device)
+        new_err[sum(b - a for a, b in chunks[rank]):] = 0
+        upd = buffer("update", m * c)
         if d:
             _all_gather(upd, mine, group)
         nbytes = 2 * (m - 1) * c * flat.element_size() if d else 0
@@ -643,7 +653,7 @@ def _two_stage(
     gathered = torch.empty(m, block, dtype=torch.uint8, device=device)
     if d:
         _all_gather(gathered.view(-1), out_block, group)
-    upd = torch.zeros(m * c, dtype=dtype, device=device)
+    upd = buffer("update", m * c)  # [0, d) is written below, shard by shard
     for r in range(m):
         lens = [b - a for a, b in chunks[r]]
         if not lens:
