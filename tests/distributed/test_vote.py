@@ -29,13 +29,15 @@ CASES = [
     for n in NUMELS
     for mode in ("sharded", "allgather")
     for dtype, seed, step in ((torch.float32, 0, 0), (torch.float64, 5, 9))
-] + [(20_000, torch.float32, mode, 1, 3, 77) for mode in ("sharded", "allgather")]
-CASE_IDS = [f"n{c[0]}-{c[2]}-{str(c[1])[6:]}-s{c[4]}" for c in CASES]
+] + [(20_000, torch.float32, mode, 1, 3, 77) for mode in ("sharded", "allgather")] + [
+    (333, dtype, "sharded", 2, 1, 5) for dtype in (torch.float16, torch.bfloat16, torch.int32)
+]
+CASE_IDS = [f"n{c[0]}-{c[2]}-{str(c[1])[6:]}-s{c[4]}-{i}" for i, c in enumerate(CASES)]
 
 
 def expected_vote(world_size: int, case: tuple) -> np.ndarray:
     numel, dtype, _, seed, step, data_seed = case
-    x = W.case_inputs(world_size, numel, dtype, data_seed).numpy()
+    x = W.case_inputs(world_size, numel, dtype, data_seed).double().numpy()
     votes = np.where(x >= 0, 1, -1).sum(axis=0)
     words = (numel + 63) // 64
     ties = np.unpackbits(tie_bits(seed, step, 0, words).numpy(), bitorder="little")[:numel]
