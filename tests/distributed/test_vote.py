@@ -55,10 +55,23 @@ def bucket_bytes(world_size: int, numel: int, mode: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def launch():
+def per_rank():
     """One launch of 4 ranks; sub-groups of 1, 2, 3 and 4 ranks vote every case."""
-    per_rank = spawn(W.vote_cases, 4, (CASES,), timeout=180)
+    return spawn(W.vote_cases, 4, (CASES,), timeout=180)
+
+
+@pytest.fixture(scope="module")
+def launch(per_rank):
     return {m: [per_rank[r][m] for r in range(m)] for m in (1, 2, 3, 4)}
+
+
+def test_a_rank_outside_the_group_gets_a_clear_error(per_rank):
+    # rank 3 belongs to no sub-group but the full one: 3 clear errors, no hang
+    errors = per_rank[3]["non_member"]
+    assert len(errors) == 3
+    for e in errors:
+        assert e.startswith("ValueError:") and "not a member of the process group" in e
+    assert "non_member" not in per_rank[0]
 
 
 @pytest.fixture(params=[1, 2, 3, 4], ids=lambda m: f"M{m}")

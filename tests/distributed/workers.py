@@ -42,9 +42,11 @@ def vote_cases(rank: int, world_size: int, cases: list[tuple[Any, ...]]
     buckets) and record ``MajorityVote``'s byte counters. Returns ``{m: results}`` for the
     groups this rank belongs to."""
     groups = {m: dist.new_group(list(range(m))) for m in range(1, world_size + 1)}
-    out: dict[int, dict[str, Any]] = {}
+    out: dict[Any, Any] = {}
     for m, group in groups.items():
         if rank >= m:
+            out.setdefault("non_member", []).append(
+                _error(lambda g=group: majority_vote(torch.ones(3), g, step=0)))
             continue
         votes, asyncs, buckets, counted = [], [], [], []
         for numel, dtype, mode, seed, step, data_seed in cases:

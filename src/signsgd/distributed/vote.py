@@ -229,7 +229,13 @@ def _world(group: Any) -> tuple[int, int]:
     """(rank, world size) of ``group``; (0, 1) without an initialised default group."""
     if group is None and not (dist.is_available() and dist.is_initialized()):
         return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(
+            f"this process (global rank {dist.get_rank()}) is not a member of the process "
+            f"group it was asked to vote in"
+        )
+    return rank, dist.get_world_size(group)
 
 
 def _header_device(group: Any, device: torch.device | None) -> torch.device:
