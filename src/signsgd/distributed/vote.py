@@ -395,7 +395,8 @@ def exchange_header(
             f"{who}: number of tensors differs across ranks ({column(2)}; total numel "
             f"{column(3)})"
         )
-    slow = not (all(row[6] == 1 for row in h) and len({row[5] for row in h}) == 1)
+    slow = not (all(row[6] == 1 for row in h)
+                and len({(row[3], row[4], row[5], row[7]) for row in h}) == 1)
     agreed: list[Entry | None] = list(entries)
     if slow:
         agreed, s2 = _exchange_table(entries, h, group=group, rank=rank, m=m, who=who,
