@@ -110,19 +110,23 @@ SHAPES = [(5,), (3, 4), (0,), (1,), (9000,), (70, 130), (2, 3, 5)]
 DTYPES = {"f32": [torch.float32], "f64": [D], "mixed": [torch.float32, D, torch.bfloat16]}
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("noncontig", [False, True])
 @pytest.mark.parametrize("dtypes", list(DTYPES))
 @pytest.mark.parametrize("batch", [64 * 64, 1 << 20])
 @pytest.mark.parametrize("momentum,wd", [(0.0, 0.0), (0.9, 0.0), (0.5, 0.1)])
-def test_signum_foreach_matches_single(momentum, wd, batch, dtypes, noncontig, monkeypatch):
+def test_signum_foreach_matches_single(momentum, wd, batch, dtypes, noncontig, threads,
+                                       monkeypatch):
     monkeypatch.setattr(F, "_BATCH", batch)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    workspace: dict = {}
     xs = [_tensors(1, SHAPES, DTYPES[dtypes], noncontig) for _ in range(2)]
     ms = [_tensors(2, SHAPES, DTYPES[dtypes], noncontig) for _ in range(2)]
     for step in range(6):
         gs = _tensors(10 + step, SHAPES, DTYPES[dtypes], noncontig)
         for k, foreach in enumerate((False, True)):
             F.signum(xs[k], gs, ms[k], lr=1e-2, momentum=momentum, weight_decay=wd,
-                     foreach=foreach)
+                     foreach=foreach, workspace=workspace if step % 2 else None)
         for a, b in zip(xs[0] + ms[0], xs[1] + ms[1]):
             assert torch.equal(a, b)
 
@@ -156,15 +160,22 @@ def test_ef_sgd_randomk_foreach_matches_single():
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch", [8, 4096])
-@pytest.mark.parametrize("sizes", [[3, 5, 0, 20, 1, 9], [100], [0], [4, 4, 4, 4, 4, 4]])
-def test_batches_cover_every_element_once(sizes, batch, monkeypatch):
+@pytest.mark.parametrize("sizes", [[3, 5, 0, 20, 1, 9], [100], [0], [4, 4, 4, 4, 4, 4],
+                                   [30, 2, 17]])
+def test_batches_cover_every_element_once(sizes, batch, threads, monkeypatch):
     monkeypatch.setattr(F, "_BATCH", batch)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     ts = [torch.zeros(n) for n in sizes]
     seen = 0
-    for (chunk,) in F._batches([ts]):
+    workspace: dict = {}
+    for (chunk,), scratch in F._batches([ts], workspace):
+        if scratch is not None:  # a buffer for the sign of a lone large tensor
+            assert len(chunk) == 1 and scratch.shape == chunk[0].shape
         for t in chunk:
             t += 1
             seen += t.numel()
     assert seen == sum(sizes)
     assert all(bool((t == 1).all()) for t in ts)
+    assert all(b.numel() <= max(sizes) for b in workspace.values())

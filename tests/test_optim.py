@@ -296,12 +296,15 @@ FOREACH_CASES = [
 ]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtypes", [[torch.float32], [torch.float64],
                                     [torch.float32, torch.float64, torch.float16]],
                          ids=["f32", "f64", "mixed"])
 @pytest.mark.parametrize("name,make", FOREACH_CASES, ids=[c[0] for c in FOREACH_CASES])
-def test_foreach_and_single_tensor_paths_are_bit_identical(name, make, dtypes, monkeypatch):
-    monkeypatch.setattr(F, "_BATCH", 4096)  # cut the larger tensors into batches
+def test_foreach_and_single_tensor_paths_are_bit_identical(name, make, dtypes, threads,
+                                                           monkeypatch):
+    monkeypatch.setattr(F, "_BATCH", 4096)  # large tensors: own batch, cut with 1 thread
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     p1, grads = _random_setup(0, dtypes, SHAPES)
     p2 = [torch.nn.Parameter(p.detach().clone()) for p in p1]
     opt1, opt2 = make(p1, False), make(p2, True)
@@ -673,3 +676,18 @@ def test_aggregator_of_wrong_stage_is_rejected():
     x = torch.nn.Parameter(torch.ones(2))
     with pytest.raises(ValueError, match="cannot use aggregator Voter"):
         signsgd.EFSGD([x], lr=0.1, aggregator=Voter())
+
+
+def test_sign_workspace_is_reused_and_never_saved(monkeypatch):
+    monkeypatch.setattr(F, "_BATCH", 64)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    big, small = _params([[0.5] * 100, [0.25, -0.25]])
+    opt = signsgd.Signum([big, small], lr=0.25, momentum=0.5)
+    for _ in range(2):
+        big.grad, small.grad = torch.ones(100, dtype=D), torch.ones(2, dtype=D)
+        opt.step()
+    (buf,) = opt._workspace.values()
+    assert buf.numel() == 100 and buf.dtype == D
+    assert big.tolist() == [0.0] * 100 and small.tolist() == [-0.25, -0.75]
+    assert "_scratch" not in pickle.loads(pickle.dumps(opt)).__dict__
+    assert "_scratch" not in str(opt.state_dict())

@@ -5,12 +5,11 @@ path (``foreach=False``) and a multi-tensor path (``foreach=True``, ``torch._for
 that give bit-identical results (``tests/test_functional.py``). The optimiser classes in
 :mod:`signsgd.optim` are thin wrappers that hold state and call these.
 
-On CPU the multi-tensor path of the sign updates works in batches of about ``2**20``
-elements (a tensor larger than that is cut into flat views), so the temporaries stay in
-cache and are small enough to be recycled by the allocator: one Signum step then reads
-the gradient twice (once for the finite check, once for the momentum), and the momentum
-and the parameter once each, with no large temporary. On GPUs the foreach kernels run on
-whole tensors.
+On CPU the multi-tensor path of the sign updates handles tensors above ``2**20``
+elements one at a time, with their sign written into a buffer the caller keeps between
+steps (``workspace``) instead of a fresh large temporary; with one intra-op thread such
+a tensor is also cut into cache-sized views. On GPUs the foreach kernels run on whole
+lists (the caching allocator recycles temporaries).
 
 Conventions (DESIGN.md):
 
@@ -34,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -58,8 +58,10 @@ def _buckets(tensors: Sequence[Tensor]) -> list[list[int]] | None:
     if not tensors:
         return None
     first = tensors[0]
-    dtype, device = first.dtype, first.device
-    if all(t.dtype is dtype for t in tensors) and all(t.device == device for t in tensors):
+    dtype, index, kind = first.dtype, first.get_device(), first.device.type
+    # get_device() is -1 on CPU and the device index elsewhere (cheaper than .device).
+    if all(t.dtype is dtype and t.get_device() == index for t in tensors) and (
+            index == -1 or all(t.device.type == kind for t in tensors)):
         return None
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(tensors):
@@ -81,59 +83,101 @@ def _by_bucket(*lists: Sequence[Tensor]) -> Iterator[list[list[Tensor]]]:
         yield [_pick(ts, idx) for ts in lists]
 
 
-def _batches(lists: list[list[Tensor]]) -> Iterator[list[list[Tensor]]]:
-    """The aligned tensor ``lists`` in batches of at most about ``_BATCH`` elements.
+def _scratch(workspace: dict[Any, Tensor] | None, like: Tensor, numel: int) -> Tensor:
+    """A flat buffer of ``numel`` elements of ``like``'s dtype and device.
 
-    A tensor larger than ``_BATCH`` whose aligned tensors are all contiguous is cut into
-    flat views of ``_BATCH`` elements; elementwise results are the same as on the whole.
+    Kept in ``workspace`` (keyed by device and dtype, grown as needed) so that repeated
+    steps reuse it; a fresh tensor when ``workspace`` is None.
+    """
+    if workspace is None:
+        return torch.empty(numel, dtype=like.dtype, device=like.device)
+    key = ("sign", like.device, like.dtype)
+    buf = workspace.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = workspace[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buf[:numel]
+
+
+def _batches(lists: list[list[Tensor]], workspace: dict[Any, Tensor] | None
+             ) -> Iterator[tuple[list[list[Tensor]], Tensor | None]]:
+    """The aligned tensor ``lists`` in batches, each with an optional sign buffer.
+
+    On CPU, a tensor larger than ``_BATCH`` elements gets a batch of its own and a buffer
+    from ``workspace`` for its sign (a fresh large temporary costs page faults on every
+    step). With a single intra-op thread such a tensor, when contiguous, is further cut
+    into flat views of ``_BATCH`` elements so that its temporaries stay in cache; with
+    several threads it is not, since each cut adds synchronisation between the threads.
+    Elementwise results are the same either way. Smaller tensors go together in batches
+    of about ``_BATCH`` elements. On GPUs the lists come back whole.
     """
     first = lists[0]
     if not first:
         return
     if first[0].device.type != "cpu":  # GPU: temporaries come from the caching allocator
-        yield lists
+        yield lists, None
         return
     sizes = [t.numel() for t in first]
     if sum(sizes) <= _BATCH:
-        yield lists
+        yield lists, None
         return
+    cut = torch.get_num_threads() == 1
     n_lists = len(lists)
     batch: list[list[Tensor]] = [[] for _ in range(n_lists)]
     filled = 0
     for i, size in enumerate(sizes):
         row = [ts[i] for ts in lists]
-        if size > _BATCH and all(t.is_contiguous() for t in row):
-            if filled:
-                yield batch
+        if size > _BATCH:
+            if filled or batch[0]:
+                yield batch, None
                 batch, filled = [[] for _ in range(n_lists)], 0
-            flats = [t.view(-1) for t in row]
-            for start in range(0, size, _BATCH):
-                yield [[f[start:start + _BATCH]] for f in flats]
+            if cut and all(t.is_contiguous() for t in row):
+                flats = [t.view(-1) for t in row]
+                buf = _scratch(workspace, row[0], _BATCH)
+                for start in range(0, size, _BATCH):
+                    views = [[f[start:start + _BATCH]] for f in flats]
+                    yield views, buf[:views[0][0].numel()]
+            else:
+                yield [[t] for t in row], _scratch(workspace, row[0], size).view(row[0].shape)
             continue
         for b, t in zip(batch, row):
             b.append(t)
         filled += size
         if filled >= _BATCH:
-            yield batch
+            yield batch, None
             batch, filled = [[] for _ in range(n_lists)], 0
     if filled or batch[0]:
-        yield batch
+        yield batch, None
 
 
 _REDUCED = (torch.float16, torch.bfloat16)
 
+#: Tensors up to this many elements (torch's CPU grain size) are screened together, as
+#: one flattened copy; larger ones are summed one by one.
+_SMALL = 1 << 15
+
+
 def _screen(tensors: Sequence[Tensor]) -> float:
     """A number that is finite whenever every entry of ``tensors`` (one dtype) is finite.
 
-    The sum of all entries, one reduction per tensor (float16 / bfloat16 accumulate in
-    float32): it is NaN or inf if any entry is, and may overflow on huge finite entries.
-    Summing tensor by tensor rather than over one flattened copy avoids a copy and keeps
-    the number of multi-threaded kernels small, which matters on a busy CPU.
+    The sum of all entries (float16 / bfloat16 accumulate in float32): it is NaN or inf if
+    any entry is, and may overflow on huge finite entries. Large tensors are summed one by
+    one; the small ones are flattened into one buffer and summed at once, which is cheaper
+    than one reduction each.
     """
     acc = torch.float32 if tensors[0].dtype in _REDUCED else None
-    if len(tensors) == 1:
-        return tensors[0].sum(dtype=acc).item()
-    return torch.stack([t.sum(dtype=acc) for t in tensors]).sum().item()
+    sums: list[Tensor] = []
+    small: list[Tensor] = []
+    for t in tensors:
+        if t.numel() > _SMALL:
+            sums.append(t.sum(dtype=acc))
+        else:
+            small.append(t)
+    if len(small) == 1:
+        sums.append(small[0].sum(dtype=acc))
+    elif small:
+        sums.append(torch._utils._flatten_dense_tensors(small).sum(dtype=acc))
+    total = sums[0] if len(sums) == 1 else torch.stack(sums).sum()
+    return total.item()
 
 
 def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:
@@ -217,8 +261,13 @@ def signum_direction(
 
 
 def _sign_apply_batch(xs: list[Tensor], ds: list[Tensor], lr: float, decay: float,
-                      take_sign: bool) -> None:
-    ss = torch._foreach_sign(ds) if take_sign else ds
+                      take_sign: bool, scratch: Tensor | None) -> None:
+    if not take_sign:
+        ss = ds
+    elif scratch is not None and len(ds) == 1:
+        ss = [torch.sign(ds[0], out=scratch)]
+    else:
+        ss = torch._foreach_sign(ds)
     if decay != 1.0:
         if xs[0].dtype in _REDUCED:
             # In-place _foreach_mul_ rounds the scalar to float16 first; Tensor.mul_ does
@@ -238,6 +287,7 @@ def sign_update_(
     weight_decay: float,
     take_sign: bool = True,
     foreach: bool = False,
+    workspace: dict[Any, Tensor] | None = None,
 ) -> None:
     """Apply ``x ← x·(1 − lr·wd) − lr·s`` in place, with ``s = sign(direction)``.
 
@@ -249,6 +299,9 @@ def sign_update_(
         weight_decay: decoupled weight decay ``wd``, applied after the sign.
         take_sign: take ``torch.sign`` of ``directions`` (``False`` for votes).
         foreach: use the multi-tensor kernels.
+        workspace: a dict the caller keeps between calls; the multi-tensor path caches
+            its large CPU temporaries in it (at most one buffer the size of the largest
+            tensor per dtype) instead of allocating them on every call.
 
     Returns:
         None; ``params`` are updated in place.
@@ -272,8 +325,8 @@ def sign_update_(
             x.add_(s, alpha=-lr)
         return
     for xs, ds in _by_bucket(params, directions):
-        for bx, bd in _batches([xs, ds]):
-            _sign_apply_batch(bx, bd, lr, decay, take_sign)
+        for (bx, bd), scratch in _batches([xs, ds], workspace if take_sign else None):
+            _sign_apply_batch(bx, bd, lr, decay, take_sign, scratch)
 
 
 def signum(
@@ -285,6 +338,7 @@ def signum(
     momentum: float,
     weight_decay: float,
     foreach: bool = False,
+    workspace: dict[Any, Tensor] | None = None,
 ) -> None:
     r"""One single-process Signum step (signSGD when ``momentum == 0``), in place.
 
@@ -300,6 +354,8 @@ def signum(
         momentum: β in [0, 1).
         weight_decay: decoupled weight decay.
         foreach: use the multi-tensor kernels.
+        workspace: a dict the caller keeps between calls for large CPU temporaries (see
+            :func:`sign_update_`); ``None`` allocates them afresh.
 
     Returns:
         None; ``params`` and ``momentum_buffers`` are updated in place.
@@ -315,7 +371,8 @@ def signum(
     if len(grads) != len(params):
         raise ValueError(f"got {len(params)} params but {len(grads)} gradients")
     if momentum == 0:
-        sign_update_(params, grads, lr=lr, weight_decay=weight_decay, foreach=foreach)
+        sign_update_(params, grads, lr=lr, weight_decay=weight_decay, foreach=foreach,
+                     workspace=workspace)
         return
     if len(momentum_buffers) != len(params) or any(b is None for b in momentum_buffers):
         raise ValueError("signum with momentum needs a momentum buffer for every parameter")
@@ -330,9 +387,9 @@ def signum(
             x.add_(s, alpha=-lr)
         return
     for xs, gs, ms in _by_bucket(params, grads, momentum_buffers):  # type: ignore[arg-type]
-        for bx, bg, bm in _batches([xs, gs, ms]):
+        for (bx, bg, bm), scratch in _batches([xs, gs, ms], workspace):
             torch._foreach_lerp_(bm, bg, weight)
-            _sign_apply_batch(bx, bm, lr, decay, True)
+            _sign_apply_batch(bx, bm, lr, decay, True, scratch)
 
 
 # --------------------------------------------------------------------------- EF-SGD

@@ -109,6 +109,14 @@ class _Base(Optimizer):
         super().__init__(params, defaults)
         self.aggregator = aggregator
 
+    @property
+    def _workspace(self) -> dict[Any, Tensor]:
+        """Scratch buffers reused between steps (not state: never saved or pickled)."""
+        ws = self.__dict__.get("_scratch")
+        if ws is None:
+            ws = self.__dict__["_scratch"] = {}
+        return ws
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group; its hyper-parameters are validated before it is added."""
         if not isinstance(param_group, dict):
@@ -327,7 +335,7 @@ class Signum(_Base):
             bufs = self._buffers(params) if momentum != 0 else []
             F.signum(params, grads, bufs, lr=_scalar(group["lr"]), momentum=momentum,
                      weight_decay=_scalar(group["weight_decay"]),
-                     foreach=self._foreach(group))
+                     foreach=self._foreach(group), workspace=self._workspace)
         return loss
 
     def _buffers(self, params: list[Tensor]) -> list[Tensor]:
