@@ -408,6 +408,8 @@ class ErrorFeedbackAllReduce(_Common):
 
     The server error belongs to the agreed layout (per-tensor numels, dtype, M); if the
     layout changes (e.g. a parameter gets its first gradient) it restarts from zero.
+    With ``M > 1`` the returned tensors are views of buffers the aggregator reuses: valid
+    until its next call (the optimiser applies them at once).
 
     Byzantine ranks (``adversary=``) corrupt what they send in the worker stage: the packed
     sign bits (``corrupt_signs``; the scales stay honest) with ScaledSign, the float vector
