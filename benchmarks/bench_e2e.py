@@ -268,6 +268,7 @@ def plots(data: dict[str, Any], prefix: str) -> list[str]:
                     label=f"{E2E_LABELS[r['method']]} (lr {r['lr']:g})")
         ax.axhline(tta[0]["target_acc"], color="grey", ls="--", lw=0.8)
         ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlim(left=0)
         ax.set_xlabel("training time (s, evaluation excluded)")
         ax.set_ylabel("test accuracy (2000 images)")
         ax.set_title(f"Fashion-MNIST, small CNN, M = {tta[0]['world_size']}, "
