@@ -22,7 +22,7 @@ may be at most ``max_gap`` below the reference's)::
     [[run]]
     name = "Adam"
     optimizer = "adam"
-    lr = 1e-3
+    lr = 3e-3
 
 Exit status: 0 on success, 2 for bad input (the message says what to fix), 1 when a run
 fails (a crashed worker's traceback is printed).
@@ -58,14 +58,14 @@ threads = 1
 [[run]]
 name = "Adam"
 optimizer = "adam"
-lr = 1e-3
+lr = 3e-3
 batch_size = 128
 workers = 1
 
 [[run]]
 name = "SGD+momentum"
 optimizer = "sgd"
-lr = 0.03
+lr = 0.1
 momentum = 0.9
 batch_size = 128
 workers = 1
@@ -73,7 +73,7 @@ workers = 1
 [[run]]
 name = "Signum"
 optimizer = "signum"
-lr = 1e-4
+lr = 1e-3
 momentum = 0.9
 batch_size = 128
 workers = 1
@@ -81,7 +81,7 @@ workers = 1
 [[run]]
 name = "Signum, majority vote"
 optimizer = "signum"
-lr = 1e-4
+lr = 1e-3
 momentum = 0.9
 batch_size = 32
 workers = 4
@@ -89,8 +89,8 @@ workers = 4
 [[run]]
 name = "EF-signSGD"
 optimizer = "ef-signsgd"
-lr = 0.03
-momentum = 0.9
+lr = 0.3
+momentum = 0.0
 batch_size = 32
 workers = 4
 

@@ -80,9 +80,11 @@ OPTIMIZERS: tuple[str, ...] = ("signsgd", "signum", "ef-signsgd", "efsgd", "sgd"
 #: Learning-rate schedules of ``--lr-schedule`` (applied per step).
 SCHEDULES: tuple[str, ...] = ("constant", "cosine", "step")
 #: Learning rates used when none is given (tuned on Fashion-MNIST + cnn, see docs/tuning.md).
+#: ``signsgd``, ``efsgd`` and ``adamw`` were not tuned: they take the value of their closest
+#: tuned relative (Signum, EF-signSGD, Adam).
 DEFAULT_LR: dict[str, float] = {
-    "signsgd": 1e-4, "signum": 1e-4, "ef-signsgd": 0.03, "efsgd": 0.03,
-    "sgd": 0.03, "adam": 1e-3, "adamw": 1e-3,
+    "signsgd": 1e-3, "signum": 1e-3, "ef-signsgd": 0.3, "efsgd": 0.3,
+    "sgd": 0.1, "adam": 3e-3, "adamw": 3e-3,
 }
 #: Momentum used when none is given.
 DEFAULT_MOMENTUM: dict[str, float] = {
