@@ -23,6 +23,8 @@ NAN, INF = float("nan"), float("inf")
     ([[1e308, 1e308], [1.0, NAN]], 1),
     ([[0.0] * 70000 + [INF]], 0),         # large tensor, summed on its own
     ([[0.0] * 70000, [1.0], [-INF, 0.0]], 2),
+    ([[1.0] * 20000, [2.0] * 20000, [0.5] * 9, [3.0, INF]], 3),  # several flattened runs
+    ([[1.0] * 20000, [2.0] * 20000, [0.5] * 9, [3.0, 1.0]], None),
 ])
 def test_first_nonfinite(values, expected):
     assert F.first_nonfinite([torch.tensor(v, dtype=D) for v in values]) == expected

@@ -151,8 +151,7 @@ def _batches(lists: list[list[Tensor]], workspace: dict[Any, Tensor] | None
 
 _REDUCED = (torch.float16, torch.bfloat16)
 
-#: Tensors up to this many elements (torch's CPU grain size) are screened together, as
-#: one flattened copy; larger ones are summed one by one.
+#: torch's CPU grain size: kernels on fewer elements run on one thread.
 _SMALL = 1 << 15
 
 
@@ -160,22 +159,33 @@ def _screen(tensors: Sequence[Tensor]) -> float:
     """A number that is finite whenever every entry of ``tensors`` (one dtype) is finite.
 
     The sum of all entries (float16 / bfloat16 accumulate in float32): it is NaN or inf if
-    any entry is, and may overflow on huge finite entries. Large tensors are summed one by
-    one; the small ones are flattened into one buffer and summed at once, which is cheaper
-    than one reduction each.
+    any entry is, and may overflow on huge finite entries. Tensors above ``_SMALL``
+    elements are summed one by one; smaller ones are flattened in runs of at most
+    ``_SMALL`` elements and each run summed at once: fewer kernels than one reduction per
+    tensor, and none that needs several threads for a few thousand elements.
     """
     acc = torch.float32 if tensors[0].dtype in _REDUCED else None
     sums: list[Tensor] = []
-    small: list[Tensor] = []
+    run: list[Tensor] = []
+    filled = 0
+
+    def flush() -> None:
+        if len(run) == 1:
+            sums.append(run[0].sum(dtype=acc))
+        elif run:
+            sums.append(torch._utils._flatten_dense_tensors(run).sum(dtype=acc))
+
     for t in tensors:
-        if t.numel() > _SMALL:
+        n = t.numel()
+        if n > _SMALL:
             sums.append(t.sum(dtype=acc))
-        else:
-            small.append(t)
-    if len(small) == 1:
-        sums.append(small[0].sum(dtype=acc))
-    elif small:
-        sums.append(torch._utils._flatten_dense_tensors(small).sum(dtype=acc))
+            continue
+        if filled + n > _SMALL:
+            flush()
+            run, filled = [], 0
+        run.append(t)
+        filled += n
+    flush()
     total = sums[0] if len(sums) == 1 else torch.stack(sums).sum()
     return total.item()
 
