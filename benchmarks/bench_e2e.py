@@ -287,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="short run: rates unshaped and 100mbit, TTA budget 20 s")
+                   help="a few minutes: unshaped and 1gbit, Signum + vote and SGD + "
+                        "all-reduce only, TTA budget 10 s at --tta-rate")
     p.add_argument("--part", choices=("steps", "tta", "both"), default="both")
     p.add_argument("--workers", type=_workers, default=4)
     p.add_argument("--rates", type=_rate, nargs="+",
@@ -314,9 +315,11 @@ def main(argv: list[str] | None = None) -> int:
             data = json.load(f)
     else:
         if args.quick:
-            args.rates = ["unshaped", "100mbit"]
-            args.tta_budget = 20.0
-            args.target_s = 3.0
+            args.rates = ["unshaped", "1gbit"]
+            args.methods = ["signum_vote", "sgd_allreduce"]
+            args.tta_methods = ["signum_vote", "sgd_allreduce"]
+            args.tta_budget = 10.0
+            args.target_s = 2.0
         if args.json is None and args.markdown:
             args.json = str(Path(args.markdown).with_suffix(".json"))
         reason = shaping_unavailable_reason()
