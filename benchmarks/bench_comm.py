@@ -396,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", default=None)
     p.add_argument("--plot", default=None)
     p.add_argument("--render", metavar="JSON", help="only re-render markdown/plot from JSON")
+    p.add_argument("--extra", metavar="JSON", nargs="+", default=[],
+                   help="other runs' JSON to append to the markdown as 'Additional run' "
+                        "sections (e.g. a focused re-run of the goal cell)")
     args = p.parse_args(argv)
     args.command_line = "python " + " ".join(
         shlex.quote(a) for a in [os.path.relpath(__file__, ROOT), *(argv or sys.argv[1:])])
@@ -411,6 +414,15 @@ def main(argv: list[str] | None = None) -> int:
             args.json = str(Path(args.markdown).with_suffix(".json"))
         data = run(args)
     text = markdown(data)
+    for path in args.extra:
+        with open(path) as f:
+            extra = json.load(f)
+        body = markdown(extra).split("\n", 1)[1]
+        body = "\n".join("#" + line if line.startswith("#") else line
+                         for line in body.splitlines())
+        text += (f"\n## Additional run ({Path(path).name})\n"
+                 "\nA separate launch, with its own command, date and ratios; the grid above "
+                 "is unchanged.\n" + body + "\n")
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(text)
