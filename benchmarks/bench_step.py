@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         ("resnet20", resnet20_shapes(), args.inner_small, 20),
         (f"flat{args.large // 1_000_000}m", [(args.large,)], args.inner_large, 2),
     ]
+    load_before = os.getloadavg()
     rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -136,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
             f"- date: {now}",
             f"- machine: {platform.machine()}, `nproc` = {os.cpu_count()}, "
             f"torch {torch.__version__}, CPU, float32",
-            "- the machine was shared with other jobs while this ran; medians over "
-            f"{args.rounds} interleaved rounds, gradients fixed",
+            "- the machine was shared with other jobs while this ran (1-minute load average "
+            f"{load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} "
+            f"CPUs); medians over {args.rounds} interleaved rounds, gradients fixed",
             "- target: ratio <= 1.2x",
             "",
             "Columns: median wall time per step of each optimiser and their ratio (ours / "

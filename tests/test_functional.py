@@ -26,7 +26,9 @@ NAN, INF = float("nan"), float("inf")
     ([[1.0] * 20000, [2.0] * 20000, [0.5] * 9, [3.0, INF]], 3),  # several flattened runs
     ([[1.0] * 20000, [2.0] * 20000, [0.5] * 9, [3.0, 1.0]], None),
 ])
-def test_first_nonfinite(values, expected):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_first_nonfinite(values, expected, threads, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     assert F.first_nonfinite([torch.tensor(v, dtype=D) for v in values]) == expected
 
 

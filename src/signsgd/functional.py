@@ -175,10 +175,16 @@ def _screen(tensors: Sequence[Tensor]) -> float:
         elif run:
             sums.append(torch._utils._flatten_dense_tensors(run).sum(dtype=acc))
 
+    threaded = torch.get_num_threads() > 1
     for t in tensors:
         n = t.numel()
         if n > _SMALL:
-            sums.append(t.sum(dtype=acc))
+            if threaded and n <= 8 * _SMALL and t.is_contiguous():
+                # A multi-threaded reduction of a few grains costs more in thread
+                # synchronisation than it saves; sum grain-sized pieces on one thread.
+                sums.extend(c.sum(dtype=acc) for c in t.view(-1).split(_SMALL))
+            else:
+                sums.append(t.sum(dtype=acc))
             continue
         if filled + n > _SMALL:
             flush()
