@@ -117,6 +117,14 @@ def test_missing_privilege_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
         launch(_echo, 1, rate="1gbit", strict=True)
 
 
+def test_without_privilege_runs_unshaped_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(netem, "shaping_unavailable_reason", lambda: "need root (uid 1000)")
+    with pytest.warns(netem.ShapingUnavailableWarning, match=r"1 Gbit/s.*need root"):
+        out = launch(_echo, 1, rate="1gbit", timeout=90)
+    assert out.results == [(0, 1)]
+    assert not out.shaped and out.namespace is None and "need root" in out.note
+
+
 def test_reason_mentions_root_or_iproute2(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(netem.os, "geteuid", lambda: 1000)
     reason = netem.shaping_unavailable_reason()
