@@ -564,8 +564,17 @@ def _launch_in(emu: NetworkEmulator, fn: Callable[..., Any], world_size: int,
         t0 = time.monotonic()
         # Own session: a Ctrl-C in the terminal reaches only us; we then end the whole group.
         proc = subprocess.Popen(cmd, start_new_session=True)
+        limit = float(kwargs["timeout"]) + 60.0
         try:
-            rc = proc.wait(timeout=float(kwargs["timeout"]) + 60.0)
+            rc = proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            emu.close()  # kills whatever is left in the namespace
+            raise RuntimeError(
+                f"the worker launcher in namespace {emu.name} did not finish within "
+                f"{limit:g} s (timeout {kwargs['timeout']:g} s + 60 s); killed it and its "
+                "workers"
+            ) from None
         except BaseException:
             _kill_group(proc)
             emu.close()  # kills whatever is left in the namespace
