@@ -70,9 +70,14 @@ def _size(text: str) -> int:
 
 def _workers(text: str) -> int:
     try:
-        return check_world_size(int(text))
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"number of workers M must be an integer >= 1, got {text!r}") from None
+    try:
+        return check_world_size(value)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{exc} (got {text!r})") from None
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _rate(text: str) -> str:
