@@ -251,6 +251,19 @@ def test_interrupt_leaves_no_namespace_or_process(sig: signal.Signals) -> None:
 
 
 @needs_netns
+def test_cli_runs_a_command_behind_the_link(capsys: pytest.CaptureFixture[str]) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "signsgd.bench.netem", "--rate", "10Gbit/s", "--",
+         "sh", "-c", "cat /sys/class/net/lo/mtu; exit 3"],
+        capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3 and out.stdout.strip() == "1500", out
+    assert "10 Gbit/s" in out.stderr
+    with pytest.raises(SystemExit) as info:
+        netem.main(["--rate", "fast", "--", "true"])
+    assert info.value.code == 2 and "'fast'" in capsys.readouterr().err
+
+
+@needs_netns
 def test_stale_namespace_of_dead_process_is_swept() -> None:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)

@@ -606,3 +606,45 @@ def _kill_group(proc: subprocess.Popen[Any]) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+# ------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    """``python -m signsgd.bench.netem --rate 100mbit -- CMD ...``: run CMD behind a link.
+
+    CMD runs inside a fresh namespace whose loopback is shaped to the rate (e.g.
+    ``torchrun --nproc-per-node 4 train.py``; it must use ``127.0.0.1`` / ``localhost``).
+    Returns CMD's exit status; the namespace is removed on every exit path.
+    """
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m signsgd.bench.netem",
+        description="Run a command inside a network namespace whose loopback is "
+                    "rate-limited with tc tbf (needs root and iproute2).")
+    p.add_argument("--rate", default="100mbit",
+                   help="unshaped, 10gbit, 1gbit, 100mbit, 10Gbit/s, ... (default 100mbit)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    args = p.parse_args(argv)
+    cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not cmd:
+        p.error("no command given: python -m signsgd.bench.netem --rate 1gbit -- CMD ...")
+    try:
+        rate_bps = parse_rate(args.rate)
+    except ValueError as exc:
+        p.error(str(exc))
+    reason = shaping_unavailable_reason()
+    if reason is not None:
+        p.error(f"cannot shape the network here: {reason}")
+    with NetworkEmulator(rate_bps) as emu:
+        print(f"[netem] {format_rate(rate_bps)} in namespace {emu.name}", file=sys.stderr)
+        proc = subprocess.Popen(emu.prefix + cmd, start_new_session=True)
+        try:
+            return proc.wait()
+        except BaseException:
+            _kill_group(proc)
+            raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
