@@ -30,6 +30,9 @@ an exception while a namespace is live), and interpreter exit (``atexit``). A na
 left by a process killed with SIGKILL is swept by the next :class:`NetworkEmulator` (names
 carry the creating pid; only names whose pid is dead are removed).
 
+Command line: ``python -m signsgd.bench.netem --rate 100mbit -- CMD ...`` runs any command
+(e.g. ``torchrun --standalone ...`` talking over 127.0.0.1) behind the shaped loopback.
+
 Example:
     >>> from signsgd.bench.netem import launch
     >>> out = launch(my_module.work, 4, rate="100mbit")   # doctest: +SKIP
