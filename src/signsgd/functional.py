@@ -175,7 +175,7 @@ def _screen(tensors: Sequence[Tensor]) -> float:
         elif run:
             sums.append(torch._utils._flatten_dense_tensors(run).sum(dtype=acc))
 
-    threaded = torch.get_num_threads() > 1
+    threaded = tensors[0].device.type == "cpu" and torch.get_num_threads() > 1
     for t in tensors:
         n = t.numel()
         if n > _SMALL:
