@@ -62,6 +62,18 @@ def test_two_workers_vote_and_resume_bit_identical(data_dir, tmp_path):
     assert [r["rank"] for r in s["bytes_per_rank"]] == [0, 1]
 
 
+@pytest.mark.parametrize("attack", ["random"])
+def test_byzantine_workers(data_dir, tmp_path, attack):
+    """3 workers, the last one sends random signs to the vote; the run completes and says so."""
+    rc = main(train_args(data_dir, tmp_path / "byz", "--optimizer", "signum", "--lr", "1e-3",
+                         "--workers", "3", "--adversaries", "1", "--attack", attack,
+                         "--epochs", "1"))
+    assert rc == 0
+    s = json.loads((tmp_path / "byz" / "summary.json").read_text())
+    assert s["config"]["adversaries"] == 1 and s["config"]["attack"] == attack
+    assert s["workers"] == 3 and s["bytes_sent_per_step"] > 0
+
+
 def test_compare_writes_table_and_plot(data_dir, tmp_path, capsys):
     toml = tmp_path / "cmp.toml"
     toml.write_text(

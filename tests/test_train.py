@@ -97,6 +97,43 @@ def test_resume_is_bit_identical(data_dir, tmp_path):
                      for r in b]
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "step"])
+def test_lr_schedules(data_dir, tmp_path, schedule):
+    # 64 examples / batch 16 = 4 steps per epoch, 2 epochs: 8 steps, logged every 2; the
+    # logged lr is the one the last step used (step index s - 1).
+    train(cfg(data_dir, tmp_path / "s", lr_schedule=schedule, lr=0.01))
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "s" / "metrics.jsonl") if r["kind"] == "step"]
+    steps = [2, 4, 6, 8]
+    expect = {
+        "constant": [0.01] * 4,
+        "cosine": [0.01 * 0.5 * (1 + np.cos(np.pi * (s - 1) / 8)) for s in steps],
+        "step": [0.01, 0.01, 0.001, 0.0001],
+    }[schedule]
+    np.testing.assert_allclose(lrs, expect, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("data, model", [("cifar10", "resnet20"), ("cifar10", "vgg"),
+                                         ("mnist", "cnn")])
+def test_other_datasets_and_models(tmp_path, data, model):
+    rng = np.random.default_rng(2)
+    if data == "cifar10":
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            D.write_cifar_batch(tmp_path / "d" / "cifar-10-batches-py" / name,
+                                rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8),
+                                rng.integers(0, 10, 4))
+    else:
+        for split, n in (("train", 20), ("t10k", 8)):
+            D.write_idx(tmp_path / "d" / "mnist" / f"{split}-images-idx3-ubyte.gz",
+                        rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+            D.write_idx(tmp_path / "d" / "mnist" / f"{split}-labels-idx1-ubyte.gz",
+                        rng.integers(0, 10, n, dtype=np.uint8))
+    s = train(cfg(tmp_path / "d", tmp_path / "o", data=data, model=model, epochs=1,
+                  batch_size=8))
+    assert s["data"] == data and s["model"] == model and 0 <= s["test_accuracy"] <= 1
+    if model == "resnet20":
+        assert 0.26e6 < s["n_params"] < 0.28e6
+
+
 def test_validation_split_and_subset(data_dir, tmp_path):
     s = train(cfg(data_dir, tmp_path / "v", validation=16, train_subset=48, epochs=1))
     assert "val_accuracy" in s and "test_accuracy" not in s
@@ -128,6 +165,7 @@ def test_density_is_logged(data_dir, tmp_path):
         (dict(vote="ring"), "valid modes: sharded, allgather"),
         (dict(attack="flip"), "valid attacks"),
         (dict(workers=2, adversaries=3), "more than --workers"),
+        (dict(adversaries=1), "needs --workers >= 2"),
         (dict(optimizer="ef-signsgd", workers=2, adversaries=1), "not supported"),
         (dict(optimizer="efsgd", compressor="topk:2"), "ratio must be"),
         (dict(optimizer="efsgd", compressor="zip"), "valid compressors"),

@@ -246,6 +246,11 @@ def validate(cfg: TrainConfig, *, n_train: int | None = None) -> TrainConfig:
             f"--adversaries {c.adversaries} is more than --workers {c.workers}; "
             "the adversaries are some of the workers"
         )
+    if c.adversaries and c.workers == 1:
+        raise ConfigError(
+            f"--adversaries {c.adversaries} needs --workers >= 2 (the adversaries are some of "
+            "the workers, and a single worker does not communicate)"
+        )
     if c.adversaries and c.optimizer in ("ef-signsgd", "efsgd"):
         raise ConfigError(
             f"--adversaries is not supported with --optimizer {c.optimizer} "
@@ -529,6 +534,7 @@ def _run(rank: int, world: int, c: TrainConfig, train_ds: Dataset, eval_ds: Data
                         if g is not None:
                             p.grad = g.view_as(p).to(p.dtype)
                 opt.step()
+                lr_used = float(opt.param_groups[0]["lr"])
                 sched.step()
                 agg = grad_reduce if grad_reduce is not None else getattr(opt, "aggregator", None)
                 if agg is not None:
@@ -553,7 +559,7 @@ def _run(rank: int, world: int, c: TrainConfig, train_ds: Dataset, eval_ds: Data
                         "epoch": epoch + (step - epoch * steps_per_epoch) / steps_per_epoch,
                         "time_s": now - t0, "loss": s_loss / s_count,
                         "accuracy": s_correct / s_count, "samples_per_s": sps,
-                        "lr": sched.get_last_lr()[0],
+                        "lr": lr_used,
                         "bytes_sent": int(agg.bytes_sent) if agg is not None else 0,
                         "bytes_received": int(agg.bytes_received) if agg is not None else 0,
                     }
