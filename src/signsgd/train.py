@@ -4,7 +4,8 @@
 anything starts, then runs the training loop in one process (``workers=1``), in
 ``workers`` local Gloo processes (:func:`signsgd.distributed.launch.spawn`), or — when the
 ``torchrun`` environment is set (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``) — in the
-process group ``torchrun`` started, so the same command runs across machines.
+process group ``torchrun`` started (Gloo; the trainer computes on CPU), so the same command
+runs across machines.
 
 Each worker reads its own shard of the training set (``DistributedSampler`` semantics:
 :func:`signsgd.data.shard_indices`, seeded with ``seed + epoch``); ``batch_size`` is per
@@ -59,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from signsgd import compression
-from signsgd.data import DATASETS, DataError, Dataset, epoch_batches, load, shard_indices
+from signsgd.data import DATASETS, Dataset, epoch_batches, load, shard_indices
 from signsgd.models import MODELS, build, count_parameters
 
 __all__ = [
@@ -693,21 +694,18 @@ def train(cfg: TrainConfig, *, return_params: bool = False) -> dict[str, Any]:
             )
         cfg = dataclasses.replace(cfg, workers=world)
     c = validate(cfg)
-    try:
-        train_ds, eval_ds, eval_name = _datasets(c)
-    except DataError:
-        raise
+    train_ds, eval_ds, eval_name = _datasets(c)
     c = validate(c, n_train=len(train_ds) + (c.validation if c.validation else 0))
     out = Path(c.out)
     ckpt = load_checkpoint(out, c) if c.resume else None
-    threads = c.threads if c.threads is not None else _default_threads(c.workers)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", c.workers)) if torchrun else c.workers
+    threads = c.threads if c.threads is not None else _default_threads(local)
 
     t_start = time.perf_counter()
     if torchrun:
         rank = int(os.environ["RANK"])
         torch.set_num_threads(threads)
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group("gloo")  # the trainer computes on CPU
         try:
             results = [_run(rank, c.workers, c, train_ds, eval_ds, eval_name, ckpt)]
         finally:
