@@ -497,6 +497,19 @@ class ErrorFeedbackAllReduce(_Common):
             err = server_error if (layout == key and server_error is not None) else None
             d = agreed.numel
             c = 8 * shard_nbytes(d, m)
+            if kind == "scaled_sign":
+                flat = _flatten(tensors, agreed, dtype, device, copy=False,
+                                out=self._buffer("flat", d, dtype, device)
+                                if _needs_copy(tensors, agreed, dtype) else None)
+                if not flat.is_contiguous():
+                    flat = self._buffer("flat", d, dtype, device).copy_(flat)
+                tx_flat, upd_flat, new_err, nbytes = _two_stage_scaled_sign(
+                    flat, c, agreed, err, group=group, rank=rank, m=m,
+                    adversary=adversary, step=step, owner=self)
+                tx = [None if t is None else v
+                      for t, v in zip(tensors, _split(tx_flat, agreed))]
+                return (tx, _split(upd_flat, agreed), agreed.sent + nbytes,
+                        agreed.received + nbytes, new_err, key)
             padded = self._buffer("padded", m * c, dtype, device)
             _flatten(tensors, agreed, dtype, device, out=padded[:d])
             padded[d:].zero_()
@@ -668,3 +681,136 @@ def _two_stage(
     nbytes = 2 * (m - 1) * block if d else 0
     return tx[:d], upd[:d], new_err, nbytes
 
+
+
+def _needs_copy(tensors: list[Tensor | None], agreed: Agreed, dtype: torch.dtype) -> bool:
+    """Whether the step's flat vector must be assembled in a buffer (else: one tensor's view)."""
+    present = [(t, e) for t, e in zip(tensors, agreed.entries) if e is not None]
+    if len(present) != 1:
+        return True
+    t = present[0][0]
+    return t is None or t.dtype != dtype or not t.is_contiguous()
+
+
+def _chunk_scales(v: Tensor, lengths: list[int], scratch: Tensor) -> list[float]:
+    """Per chunk (consecutive segments of ``v`` of the given lengths) the scale ``‖v_c‖₁/|c|``,
+    computed exactly as :func:`_scaled_sign_chunk` does (``|v|`` summed, then divided)."""
+    absv = torch.abs(v, out=scratch[:v.numel()])
+    sums = [part.sum() / n for part, n in zip(absv.split(lengths), lengths)]
+    return torch.stack(sums).tolist() if sums else []
+
+
+def _apply_scales(signs: Tensor, lengths: list[int], scales: list[float]) -> None:
+    """Multiply each segment of the ±1 vector ``signs`` by its scale, in place."""
+    if len(lengths) == 1:
+        signs.mul_(scales[0])
+    elif lengths:
+        torch._foreach_mul_(list(signs.split(lengths)), scales)
+
+
+def _two_stage_scaled_sign(
+    flat: Tensor, c: int, agreed: Agreed, err: Tensor | None, *, group: Any, rank: int,
+    m: int, adversary: Adversary | None, step: int, owner: _Common,
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """The worker + server stages of EF-signSGD on ``flat`` (the contiguous p of ``d``
+    coordinates; shards of ``c``); returns (transmitted, update, new server error, bytes).
+
+    The same arithmetic as the per-chunk definition (``scale = |v|.sum() / n``;
+    ``Δ = ±1·scale``; ``q = ((Σ_w Δ_w) / M) + e_s``), without per-coordinate expansion of
+    the scales: the ±1 signs are unpacked straight into reused buffers and each chunk (a
+    contiguous segment) is scaled through a view. Every large buffer is kept across steps;
+    the new server error goes to the buffer the old one does not occupy, so a step that
+    raises leaves the old one intact.
+    """
+    dtype, device = flat.dtype, flat.device
+    d = flat.numel()
+
+    def buf(name: str, n: int, dt: torch.dtype = dtype) -> Tensor:
+        return owner._buffer(name, n, dt, device)
+
+    chunks = _chunks(agreed, d, c, m)
+    lens = [[b - a for a, b in ch] for ch in chunks]
+    n_of = [sum(ln) for ln in lens]  # real coordinates per shard: min(c, d - r·c)
+    kmax = max((len(ch) for ch in chunks), default=0)
+    item = flat.element_size()
+    sbytes = c // 8
+    block = 8 * -(-(sbytes + kmax * item) // 8)
+    scratch = buf("abs", max(n_of, default=0))
+
+    # Worker stage: per shard, scales and packed signs into its row of ``send``; the
+    # transmitted vector is the honest ±scale (unpacked from the row before any attack).
+    send = buf("send", m * block, torch.uint8).view(m, block)
+    send[:, sbytes:].zero_()
+    tx = buf("tx", d)
+    for r in range(m):
+        n = n_of[r]
+        row = send[r]
+        nb = (n + 7) // 8
+        if n:
+            seg = flat[r * c:r * c + n]
+            scales = _chunk_scales(seg, lens[r], scratch)
+            pack_signs(seg, out=row[:nb])
+            if kmax:
+                row[sbytes:sbytes + len(scales) * item] = torch.tensor(
+                    scales, dtype=dtype).view(torch.uint8)
+            out = tx[r * c:r * c + n]
+            unpack_signs(row[:nb], n, out=out)
+            _apply_scales(out, lens[r], scales)
+        row[nb:sbytes].zero_()
+        if adversary is not None:
+            row[:sbytes] = adversary.corrupt_signs(row[:sbytes], step=step,
+                                                   word_offset=r * c // 64)
+    recv = buf("recv", m * block, torch.uint8).view(m, block)
+    if d:
+        all_to_all(recv.view(-1), send.view(-1), group)
+
+    # Server stage on this rank's shard: q = (Σ_w Δ_w) / M + e_s over its n real coordinates.
+    n = n_of[rank]
+    mine_lens = lens[rank]
+    k = len(mine_lens)
+    nb = (n + 7) // 8
+    q_name = "q0"
+    if err is not None and owner._buffers.get(("q0", dtype, device)) is err:
+        q_name = "q1"
+    q = buf(q_name, c)
+    qn = q[:n]
+    signs = buf("signs", n)
+    for w in range(m):
+        if not n:
+            break
+        unpack_signs(recv[w, :nb], n, out=signs)
+        scales = recv[w, sbytes:sbytes + k * item].view(dtype).tolist()
+        for q_part, s_part, scale in zip(qn.split(mine_lens), signs.split(mine_lens), scales):
+            if w == 0:
+                torch.mul(s_part, scale, out=q_part)
+            else:
+                q_part.add_(s_part, alpha=scale)  # ±scale is exact: same as q += s·scale
+    qn.div_(m)
+    if err is not None:
+        qn.add_(err[:n])
+    out_block = buf("out_block", block, torch.uint8)
+    out_block.zero_()
+    upd = buf("update", m * c)
+    if n:
+        scales = _chunk_scales(qn, mine_lens, scratch)
+        pack_signs(qn, out=out_block[:nb])
+        out_block[sbytes:sbytes + k * item] = torch.tensor(scales, dtype=dtype).view(torch.uint8)
+        mine = upd[rank * c:rank * c + n]
+        unpack_signs(out_block[:nb], n, out=mine)
+        _apply_scales(mine, mine_lens, scales)
+        qn.sub_(mine)  # q becomes the new server error e_s = q - Δ'
+    q[n:].zero_()
+    gathered = buf("gathered", m * block, torch.uint8).view(m, block)
+    if d:
+        _all_gather(gathered.view(-1), out_block, group)
+    for r in range(m):
+        nr = n_of[r]
+        if r == rank or not nr:
+            continue
+        nbr = (nr + 7) // 8
+        scales = gathered[r, sbytes:sbytes + len(lens[r]) * item].view(dtype).tolist()
+        out = upd[r * c:r * c + nr]
+        unpack_signs(gathered[r, :nbr], nr, out=out)
+        _apply_scales(out, lens[r], scales)
+    nbytes = 2 * (m - 1) * block if d else 0
+    return tx[:d], upd[:d], q, nbytes
