@@ -374,6 +374,92 @@ def _unpack_numpy(src: Tensor, dst: Tensor, numel: int) -> None:
         d[whole * 8 :] = table[s[whole:]].view(np.int8)[:rest]
 
 
+_BIT_TABLE: np.ndarray | None = None
+
+
+def _bit_table() -> np.ndarray:
+    """(256, 8) bool: entry ``[b, k]`` is bit ``k`` (little-endian) of byte ``b``."""
+    global _BIT_TABLE
+    if _BIT_TABLE is None:
+        b = np.arange(256, dtype=np.uint8)[:, None]
+        _BIT_TABLE = ((b >> np.arange(8, dtype=np.uint8)) & 1).astype(bool)
+    return _BIT_TABLE
+
+
+def unpack_scaled_signs(
+    packed: Tensor, start: int, numel: int, scale: float, *, out: Tensor
+) -> Tensor:
+    """Write ``±scale`` for the ``numel`` bits ``start, start+1, …`` of ``packed`` into ``out``.
+
+    Bit 1 gives ``+scale``, bit 0 gives ``-scale``: the values of
+    ``unpack_signs(packed, …)[start:start+numel] * scale`` (a ±1 times a scale is exact),
+    in one pass and without a ±1 intermediate. ``start`` need not be a multiple of 8, so the
+    segments of one packed vector can be scaled differently.
+
+    Args:
+        packed: 1-D uint8 tensor holding at least ``ceil((start + numel) / 8)`` bytes.
+        start: index of the first bit (>= 0).
+        numel: number of values to write (>= 0).
+        scale: a Python float exactly representable in ``out.dtype``.
+        out: contiguous floating tensor of ``numel`` elements on ``packed``'s device.
+
+    Returns:
+        ``out``.
+
+    Example:
+        >>> unpack_scaled_signs(torch.tensor([5], dtype=torch.uint8), 1, 2, 0.5,
+        ...                     out=torch.empty(2))
+        tensor([-0.5000,  0.5000])
+    """
+    if not isinstance(packed, Tensor) or packed.dtype != torch.uint8:
+        raise TypeError("packed must be a torch.uint8 tensor")
+    if not isinstance(out, Tensor) or not out.is_floating_point():
+        raise TypeError("out must be a floating torch.Tensor")
+    if start < 0 or numel < 0:
+        raise ValueError(f"need start >= 0 and numel >= 0, got {start}, {numel}")
+    nbytes = (start + numel + 7) // 8
+    if nbytes > packed.numel():
+        raise ValueError(
+            f"cannot read bits [{start}, {start + numel}) from {packed.numel()} bytes"
+        )
+    _check_out(out, numel, out.dtype, packed.device, f"unpack_scaled_signs of {numel} signs")
+    if numel == 0:
+        return out
+    dst = out.view(-1)
+    if _NUMPY_ON_CPU and packed.device.type == "cpu" and out.dtype in _NUMPY_DTYPES:
+        src = packed.reshape(-1)
+        if not src.is_contiguous():
+            src = src.contiguous()
+        _unpack_scaled_numpy(src.numpy(), dst.detach().numpy(), start, numel, scale)
+        return out
+    first = start // 8
+    signs = unpack_signs(packed.reshape(-1)[first:nbytes], (nbytes - first) * 8, out.dtype)
+    torch.mul(signs[start - 8 * first:start - 8 * first + numel], scale, out=dst)
+    return out
+
+
+def _unpack_scaled_numpy(s: np.ndarray, d: np.ndarray, start: int, numel: int,
+                         scale: float) -> None:
+    """numpy: rows of a (256, 8) table of ±scale gathered by byte, in cache-sized chunks."""
+    table = np.where(_bit_table(), d.dtype.type(scale), d.dtype.type(-scale))
+    pos = 0
+    head = start % 8
+    if head:
+        k = min(8 - head, numel)
+        d[:k] = table[s[start // 8], head:head + k]
+        pos = k
+    byte = (start + pos) // 8
+    whole = (numel - pos) // 8
+    chunk = _CPU_CHUNK // 8
+    for i in range(0, whole, chunk):
+        j = min(whole, i + chunk)
+        np.take(table, s[byte + i:byte + j], axis=0, mode="clip",
+                out=d[pos + 8 * i:pos + 8 * j].reshape(j - i, 8))
+    pos += 8 * whole
+    if pos < numel:
+        d[pos:] = table[s[byte + whole], :numel - pos]
+
+
 def _word_view(x: Tensor) -> Tensor:
     """View the last dim of a contiguous uint8 tensor as the widest integer words it allows."""
     n = x.shape[-1]

@@ -55,7 +55,7 @@ from signsgd.distributed.vote import (
     shard_nbytes,
     vote_flat,
 )
-from signsgd.packing import pack_signs, unpack_signs
+from signsgd.packing import pack_signs, unpack_scaled_signs
 
 __all__ = ["MajorityVote", "AllReduce", "ErrorFeedbackAllReduce", "DEFAULT_BUCKET_BYTES"]
 
@@ -580,7 +580,8 @@ def _two_stage(
     err: Tensor | None, *, group: Any, rank: int, m: int, adversary: Adversary | None,
     step: int, buffer: Callable[[str, int], Tensor],
 ) -> tuple[Tensor, Tensor, Tensor, int]:
-    """The worker + server stages on ``padded`` (the flat p of ``d`` coordinates, zero
+    """The worker + server stages for a generic compressor (ScaledSign has its own,
+    :func:`_two_stage_scaled_sign`) on ``padded`` (the flat p of ``d`` coordinates, zero
     padded to ``M·C``); returns (transmitted, update, new server error, bytes). The first
     two are views of reused buffers."""
     dtype, device = padded.dtype, padded.device
@@ -591,96 +592,30 @@ def _two_stage(
         err = torch.zeros(c, dtype=dtype, device=device)
     tx = buffer("tx", m * c)
     tx[d:].zero_()  # chunks cover [0, d)
-    if kind == "generic":
-        for r in range(m):
-            for a, b in chunks[r]:
-                tx[a:b] = compressor(padded[a:b])
-        recv = torch.empty(m * c, dtype=dtype, device=device)
-        wire = tx if adversary is None else adversary.corrupt_gradient(tx, step=step)
-        if d:
-            all_to_all(recv, wire, group)
-        rows = recv.view(m, c)
-        q = rows[0].clone()
-        for w in range(1, m):
-            q += rows[w]
-        q.div_(m)
-        q += err
-        mine = torch.zeros(c, dtype=dtype, device=device)
-        base = rank * c
-        for a, b in chunks[rank]:
-            mine[a - base:b - base] = compressor(q[a - base:b - base])
-        new_err = q - mine
-        new_err[sum(b - a for a, b in chunks[rank]):] = 0
-        upd = buffer("update", m * c)
-        if d:
-            _all_gather(upd, mine, group)
-        nbytes = 2 * (m - 1) * c * flat.element_size() if d else 0
-        return tx[:d], upd[:d], new_err, nbytes
-
-    # ScaledSign: 1 bit per coordinate + one scale per chunk, in one uint8 block per rank.
-    kmax = max((len(ch) for ch in chunks), default=0)
-    item = flat.element_size()
-    sbytes = c // 8
-    block = 8 * -(-(sbytes + kmax * item) // 8)
-    send = torch.zeros(m, block, dtype=torch.uint8, device=device)
     for r in range(m):
-        scales = torch.zeros(kmax, dtype=dtype, device=device)
-        seg = padded[r * c:(r + 1) * c]
-        for k, (a, b) in enumerate(chunks[r]):
-            scale, signs = _scaled_sign_chunk(padded[a:b])
-            scales[k] = scale
-            tx[a:b] = signs * scale
-        pack_signs(seg, out=send[r, :sbytes])
-        if adversary is not None:
-            send[r, :sbytes] = adversary.corrupt_signs(send[r, :sbytes], step=step,
-                                                       word_offset=r * c // 64)
-        if kmax:
-            send[r, sbytes:sbytes + kmax * item] = scales.view(torch.uint8)
-    recv = torch.empty_like(send)
+        for a, b in chunks[r]:
+            tx[a:b] = compressor(padded[a:b])
+    recv = torch.empty(m * c, dtype=dtype, device=device)
+    wire = tx if adversary is None else adversary.corrupt_gradient(tx, step=step)
     if d:
-        all_to_all(recv.view(-1), send.view(-1), group)
-    base = rank * c
-    lengths = [b - a for a, b in chunks[rank]]
-    n_real = sum(lengths)
-    q = torch.zeros(c, dtype=dtype, device=device)
-    lens_t = torch.tensor(lengths, dtype=torch.int64, device=device)
-    for w in range(m):
-        signs = unpack_signs(recv[w, :sbytes], c, dtype)
-        scales = recv[w, sbytes:sbytes + kmax * item].view(dtype)[:len(lengths)]
-        per = torch.zeros(c, dtype=dtype, device=device)
-        if lengths:
-            per[:n_real] = torch.repeat_interleave(scales, lens_t)
-        q += signs * per
+        all_to_all(recv, wire, group)
+    rows = recv.view(m, c)
+    q = rows[0].clone()
+    for w in range(1, m):
+        q += rows[w]
     q.div_(m)
     q += err
     mine = torch.zeros(c, dtype=dtype, device=device)
-    out_block = torch.zeros(block, dtype=torch.uint8, device=device)
-    out_scales = torch.zeros(kmax, dtype=dtype, device=device)
-    for k, (a, b) in enumerate(chunks[rank]):
-        scale, signs = _scaled_sign_chunk(q[a - base:b - base])
-        out_scales[k] = scale
-        mine[a - base:b - base] = signs * scale
+    base = rank * c
+    for a, b in chunks[rank]:
+        mine[a - base:b - base] = compressor(q[a - base:b - base])
     new_err = q - mine
-    new_err[n_real:] = 0
-    out_block[:sbytes] = pack_signs(q)
-    if kmax:
-        out_block[sbytes:sbytes + kmax * item] = out_scales.view(torch.uint8)
-    gathered = torch.empty(m, block, dtype=torch.uint8, device=device)
+    new_err[sum(b - a for a, b in chunks[rank]):] = 0
+    upd = buffer("update", m * c)
     if d:
-        _all_gather(gathered.view(-1), out_block, group)
-    upd = buffer("update", m * c)  # [0, d) is written below, shard by shard
-    for r in range(m):
-        lens = [b - a for a, b in chunks[r]]
-        if not lens:
-            continue
-        signs = unpack_signs(gathered[r, :sbytes], c, dtype)
-        scales = gathered[r, sbytes:sbytes + kmax * item].view(dtype)[:len(lens)]
-        per = torch.repeat_interleave(scales, torch.tensor(lens, dtype=torch.int64,
-                                                            device=device))
-        upd[r * c:r * c + sum(lens)] = signs[:sum(lens)] * per
-    nbytes = 2 * (m - 1) * block if d else 0
+        _all_gather(upd, mine, group)
+    nbytes = 2 * (m - 1) * c * flat.element_size() if d else 0
     return tx[:d], upd[:d], new_err, nbytes
-
 
 
 def _needs_copy(tensors: list[Tensor | None], agreed: Agreed, dtype: torch.dtype) -> bool:
@@ -700,12 +635,14 @@ def _chunk_scales(v: Tensor, lengths: list[int], scratch: Tensor) -> list[float]
     return torch.stack(sums).tolist() if sums else []
 
 
-def _apply_scales(signs: Tensor, lengths: list[int], scales: list[float]) -> None:
-    """Multiply each segment of the ±1 vector ``signs`` by its scale, in place."""
-    if len(lengths) == 1:
-        signs.mul_(scales[0])
-    elif lengths:
-        torch._foreach_mul_(list(signs.split(lengths)), scales)
+def _unpack_scaled(packed: Tensor, lengths: list[int], scales: list[float], out: Tensor
+                   ) -> None:
+    """``out`` (consecutive segments of the given lengths) = ±scale of its segment, from the
+    packed bits of ``out``'s coordinates (the same values as ±1 · scale)."""
+    off = 0
+    for n, scale in zip(lengths, scales):
+        unpack_scaled_signs(packed, off, n, scale, out=out[off:off + n])
+        off += n
 
 
 def _two_stage_scaled_sign(
@@ -753,9 +690,7 @@ def _two_stage_scaled_sign(
             if kmax:
                 row[sbytes:sbytes + len(scales) * item] = torch.tensor(
                     scales, dtype=dtype).view(torch.uint8)
-            out = tx[r * c:r * c + n]
-            unpack_signs(row[:nb], n, out=out)
-            _apply_scales(out, lens[r], scales)
+            _unpack_scaled(row[:nb], lens[r], scales, tx[r * c:r * c + n])
         row[nb:sbytes].zero_()
         if adversary is not None:
             row[:sbytes] = adversary.corrupt_signs(row[:sbytes], step=step,
@@ -778,13 +713,12 @@ def _two_stage_scaled_sign(
     for w in range(m):
         if not n:
             break
-        unpack_signs(recv[w, :nb], n, out=signs)
         scales = recv[w, sbytes:sbytes + k * item].view(dtype).tolist()
-        for q_part, s_part, scale in zip(qn.split(mine_lens), signs.split(mine_lens), scales):
-            if w == 0:
-                torch.mul(s_part, scale, out=q_part)
-            else:
-                q_part.add_(s_part, alpha=scale)  # ±scale is exact: same as q += s·scale
+        if w == 0:
+            _unpack_scaled(recv[w, :nb], mine_lens, scales, qn)
+        else:
+            _unpack_scaled(recv[w, :nb], mine_lens, scales, signs)
+            qn.add_(signs)  # in worker order, as q += Δ_w
     qn.div_(m)
     if err is not None:
         qn.add_(err[:n])
@@ -796,8 +730,7 @@ def _two_stage_scaled_sign(
         pack_signs(qn, out=out_block[:nb])
         out_block[sbytes:sbytes + k * item] = torch.tensor(scales, dtype=dtype).view(torch.uint8)
         mine = upd[rank * c:rank * c + n]
-        unpack_signs(out_block[:nb], n, out=mine)
-        _apply_scales(mine, mine_lens, scales)
+        _unpack_scaled(out_block[:nb], mine_lens, scales, mine)
         qn.sub_(mine)  # q becomes the new server error e_s = q - Δ'
     q[n:].zero_()
     gathered = buf("gathered", m * block, torch.uint8).view(m, block)
@@ -809,8 +742,6 @@ def _two_stage_scaled_sign(
             continue
         nbr = (nr + 7) // 8
         scales = gathered[r, sbytes:sbytes + len(lens[r]) * item].view(dtype).tolist()
-        out = upd[r * c:r * c + nr]
-        unpack_signs(gathered[r, :nbr], nr, out=out)
-        _apply_scales(out, lens[r], scales)
+        _unpack_scaled(gathered[r, :nbr], lens[r], scales, upd[r * c:r * c + nr])
     nbytes = 2 * (m - 1) * block if d else 0
     return tx[:d], upd[:d], q, nbytes
