@@ -708,6 +708,7 @@ def train(cfg: TrainConfig, *, return_params: bool = False) -> dict[str, Any]:
         dist.init_process_group("gloo")  # the trainer computes on CPU
         try:
             results = [_run(rank, c.workers, c, train_ds, eval_ds, eval_name, ckpt)]
+            dist.barrier()  # nobody tears the group down while a peer still uses it
         finally:
             dist.destroy_process_group()
         if rank != 0:
