@@ -201,3 +201,21 @@ def test_bad_checks(tmp_path, capsys, check, message):
     path.write_text("[[run]]\nname = 'a'\n" + check)
     assert main(["compare", str(path), "--out", str(tmp_path / "o")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_same_command_under_torchrun(data_dir, tmp_path):
+    """Under torchrun (RANK/WORLD_SIZE/MASTER_ADDR set) `signsgd train` joins that group."""
+    import subprocess
+    import sys
+
+    from signsgd.distributed.launch import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "-m", "signsgd.cli", *train_args(data_dir, tmp_path / "tr", "--optimizer", "signum",
+                                            "--lr", "1e-3", "--epochs", "1")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "tr" / "summary.json").read_text())
+    assert s["workers"] == 2 and s["bytes_sent_per_step"] > 0
+    assert s["steps"] == N_TRAIN // 2 // 8
