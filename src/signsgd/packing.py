@@ -65,6 +65,8 @@ _CPU_CHUNK = 1 << 19
 _DEVICE_CHUNK = 1 << 24
 # Elements per chunk of the (single-threaded) numpy pack kernel; its bool buffer fills L2.
 _NUMPY_PACK_CHUNK = 1 << 20
+# ... and when it also checks finiteness: the float chunk stays in L2 for its second read.
+_NUMPY_CHECK_CHUNK = 1 << 18
 # Bytes per CPU thread in one chunk of the (M, words) tally input.
 _TALLY_CHUNK_BYTES = 1 << 19
 
@@ -189,25 +191,62 @@ def pack_signs(t: Tensor, *, out: Tensor | None = None) -> Tensor:
     return out
 
 
-def _pack_numpy(flat: Tensor, out_flat: Tensor) -> None:
+def _pack_numpy(flat: Tensor, out_flat: Tensor, check: bool = False) -> bool:
     """CPU float32/float64: numpy's SIMD ``>=`` into a bool buffer, then ``numpy.packbits``.
 
     Single-threaded, in cache-sized chunks; numpy's compare-to-bool is vectorised where
     torch's is not, so this is the fastest CPU route (see benchmarks/bench_packing.py).
+    With ``check``, also returns whether every value is finite: each chunk is summed while
+    it is in cache (a NaN or inf makes the sum non-finite); only a chunk whose sum is not
+    finite (a NaN/inf, or an overflow of finite values) is scanned exactly.
     """
     n = flat.numel()
     x = flat.detach().resolve_neg().numpy()
     dst = out_flat.numpy()
-    chunk = min(_NUMPY_PACK_CHUNK, (n + 7) // 8 * 8)
+    size = _NUMPY_CHECK_CHUNK if check else _NUMPY_PACK_CHUNK
+    chunk = min(size, (n + 7) // 8 * 8)
     bools = _buffer("pack_bool", chunk, torch.bool, flat.device).numpy()
     full = n // chunk * chunk
+    finite = True
     for start in range(0, full, chunk):
-        np.greater_equal(x[start : start + chunk], 0, out=bools)
+        part = x[start : start + chunk]
+        if check and finite and not np.isfinite(np.add.reduce(part)):
+            finite = bool(np.isfinite(part).all())
+        np.greater_equal(part, 0, out=bools)
         dst[start // 8 : (start + chunk) // 8] = np.packbits(bools, bitorder="little")
     if full < n:
         c = n - full
-        np.greater_equal(x[full:], 0, out=bools[:c])
+        part = x[full:]
+        if check and finite and not np.isfinite(np.add.reduce(part)):
+            finite = bool(np.isfinite(part).all())
+        np.greater_equal(part, 0, out=bools[:c])
         dst[full // 8 :] = np.packbits(bools[:c], bitorder="little")  # pads with 0 bits
+    return finite
+
+
+def pack_signs_finite(t: Tensor, *, out: Tensor) -> tuple[Tensor, bool]:
+    """:func:`pack_signs` of ``t`` into ``out``, and whether ``t`` holds no NaN and no inf.
+
+    One pass over ``t`` on CPU for float32/float64 (the check runs on each chunk while it
+    is in cache); elsewhere a :func:`pack_signs` and a separate ``aminmax`` check. Integer
+    tensors are always finite.
+
+    Example:
+        >>> buf = torch.empty(1, dtype=torch.uint8)
+        >>> pack_signs_finite(torch.tensor([1.0, float("nan")]), out=buf)
+        (tensor([1], dtype=torch.uint8), False)
+    """
+    if (_LITTLE and _NUMPY_ON_CPU and isinstance(t, Tensor) and t.device.type == "cpu"
+            and t.dtype in _NUMPY_DTYPES and t.is_contiguous() and t.numel()):
+        n = t.numel()
+        _check_out(out, (n + 7) // 8, torch.uint8, t.device, f"pack_signs of {n} elements")
+        with np.errstate(over="ignore", invalid="ignore"):  # sums of inf / huge values
+            return out, _pack_numpy(t.reshape(-1), out.view(-1), check=True)
+    packed = pack_signs(t, out=out)
+    if t.numel() == 0 or not t.is_floating_point():
+        return packed, True
+    lo, hi = torch.aminmax(t)
+    return packed, bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def _pack_torch(flat: Tensor, out_flat: Tensor) -> None:

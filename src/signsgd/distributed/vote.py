@@ -71,7 +71,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 from signsgd.distributed.base import NonFiniteGradientError
-from signsgd.packing import majority_tally, pack_signs, packed_nbytes, unpack_signs
+from signsgd.packing import _buffer as _scratch
+from signsgd.packing import (
+    majority_tally,
+    pack_signs,
+    pack_signs_finite,
+    packed_nbytes,
+    unpack_signs,
+)
 
 if TYPE_CHECKING:
     from signsgd.distributed.adversary import Adversary
@@ -476,6 +483,7 @@ def vote_flat(
     word_offset: int = 0,
     adversary: Adversary | None = None,
     out: Tensor | None = None,
+    packed: Tensor | None = None,
 ) -> tuple[Tensor, int, int]:
     """Phases 2–3 of a vote on a flat vector (the header must have run this step).
 
@@ -483,7 +491,9 @@ def vote_flat(
     ``out`` when given — it may be ``flat`` itself — else a new tensor of ``flat``'s dtype)
     and the payload bytes moved. ``word_offset`` is the index of the 64-bit word of the
     step's flat vector where ``flat`` starts (for buckets), so ties do not depend on
-    bucketing.
+    bucketing. ``packed``: ``flat``'s signs already packed into the first
+    ``ceil(d/8)`` bytes of a uint8 buffer of :func:`_send_nbytes` bytes (else they are
+    packed here). The wire buffers are per-thread scratch reused across calls.
     """
     rank, m = _world(group)
     d = flat.numel()
@@ -492,14 +502,13 @@ def vote_flat(
     if d == 0:
         return out, 0, 0
     nb = packed_nbytes(d)
-    if mode == "sharded" and m > 1:
-        s = shard_nbytes(d, m)
-        total = m * s
+    total = _send_nbytes(d, m, mode)
+    s = total // m if mode == "sharded" and m > 1 else 0
+    if packed is None:
+        send = _scratch("vote_send", total, torch.uint8, flat.device)
+        pack_signs(flat, out=send[:nb])
     else:
-        s = 0
-        total = 8 * _words(nb)
-    send = torch.empty(total, dtype=torch.uint8, device=flat.device)
-    pack_signs(flat, out=send[:nb])
+        send = packed
     if total > nb:
         send[nb:] = 0
     if adversary is not None:
@@ -507,21 +516,29 @@ def vote_flat(
     if m == 1:
         return unpack_signs(send, d, out=out), 0, 0
     if mode == "sharded":
-        recv = torch.empty(total, dtype=torch.uint8, device=flat.device)
+        recv = _scratch("vote_recv", total, torch.uint8, flat.device)
         all_to_all(recv, send, group)
         ties = (tie_bits(seed, step, word_offset + rank * s // 8, s // 8, flat.device)
                 if m % 2 == 0 else None)
-        verdict = majority_tally(recv.view(m, s), ties)
-        gathered = torch.empty(total, dtype=torch.uint8, device=flat.device)
+        verdict = majority_tally(recv.view(m, s), ties,
+                                 out=_scratch("vote_verdict", s, torch.uint8, flat.device))
+        gathered = _scratch("vote_gathered", total, torch.uint8, flat.device)
         _all_gather(gathered, verdict, group)
         nbytes = 2 * (m - 1) * s
         return unpack_signs(gathered, d, out=out), nbytes, nbytes
-    gathered = torch.empty(m * total, dtype=torch.uint8, device=flat.device)
+    gathered = _scratch("vote_gathered", m * total, torch.uint8, flat.device)
     _all_gather(gathered, send, group)
     ties = tie_bits(seed, step, word_offset, total // 8, flat.device) if m % 2 == 0 else None
     verdict = majority_tally(gathered.view(m, total), ties)
     nbytes = (m - 1) * total
     return unpack_signs(verdict, d, out=out), nbytes, nbytes
+
+
+def _send_nbytes(numel: int, m: int, mode: str) -> int:
+    """Bytes of this rank's packed send buffer: ``M·S`` (sharded) or ``P`` (allgather)."""
+    if mode == "sharded" and m > 1:
+        return m * shard_nbytes(numel, m)
+    return 8 * _words(packed_nbytes(numel))
 
 
 # --------------------------------------------------------------------------- engine
@@ -634,14 +651,6 @@ def _check_int(name: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got {value!r}")
     return value
-
-
-def _is_finite(t: Tensor) -> bool:
-    """No NaN and no ±inf in ``t``: one ``aminmax`` pass (NaN propagates to both)."""
-    if t.numel() == 0 or not t.is_floating_point():
-        return True
-    lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def _check_out(out: Tensor | None, like: Tensor, who: str) -> Tensor | None:
@@ -787,13 +796,18 @@ def majority_vote(
             step = _CALLS.get(key, 0)
             _CALLS[key] = step + 1
     _check_int("step", step)
-    finite = _is_finite(t)
 
     def job() -> Tensor:
+        # Pack first, checking finiteness in the same pass; the flag still travels in the
+        # header, before any payload.
+        _, m = _world(group)
+        send = _scratch("vote_send", _send_nbytes(flat.numel(), m, mode), torch.uint8,
+                        flat.device)
+        _, finite = pack_signs_finite(flat, out=send[:packed_nbytes(flat.numel())])
         exchange_header([entry], group=group, finite=finite, step=step, seed=seed,
                         config=("vote", mode), who="majority_vote", device=t.device)
         verdict, _, _ = vote_flat(flat, group=group, mode=mode, seed=seed, step=step,
-                                  adversary=adversary, out=dst)
+                                  adversary=adversary, out=dst, packed=send)
         return verdict
 
     result = run_now(group, job, t.device)
