@@ -497,3 +497,45 @@ def test_cpu_float_takes_numpy_kernel(torch_fn: str, call, monkeypatch: pytest.M
     monkeypatch.setattr(packing, "_NUMPY_ON_CPU", True)
     monkeypatch.setattr(packing, torch_fn, refuse)
     call()
+
+
+# ------------------------------------------------------------------ fused variants
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES + [torch.int32])
+@pytest.mark.parametrize("n", [0, 1, 7, 9, 1000, packing._NUMPY_CHECK_CHUNK + 3,
+                               3 * packing._NUMPY_CHECK_CHUNK])
+def test_pack_signs_finite_packs_like_numpy_and_flags_nan_inf(dtype, n):
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, generator=g) * 10).to(dtype)
+    out = torch.empty(packed_nbytes(n), dtype=torch.uint8)
+    packed, finite = packing.pack_signs_finite(x, out=out)
+    assert packed is out and finite
+    np.testing.assert_array_equal(packed.numpy(), ref_pack(x))
+    if n == 0 or not dtype.is_floating_point:
+        return
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[int(torch.randint(n, (1,), generator=g))] = bad
+        packed, finite = packing.pack_signs_finite(y, out=out)
+        assert not finite
+        np.testing.assert_array_equal(packed.numpy(), ref_pack(y))
+    # sums that overflow are not a false alarm
+    big = torch.full((n,), torch.finfo(dtype).max, dtype=dtype)
+    assert packing.pack_signs_finite(big, out=out)[1]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_unpack_scaled_signs_equals_unpack_times_scale(dtype):
+    g = torch.Generator().manual_seed(3)
+    for n in (1, 8, 13, 64, 1000, 5000):
+        x = torch.randn(n, generator=g)
+        x[: min(3, n)] = -0.0
+        packed = pack_signs(x)
+        for start, stop in ((0, n), (n // 3, n), (1, max(1, n - 5)), (n - 1, n)):
+            scale = float(torch.rand((), generator=g).to(dtype))
+            out = torch.empty(stop - start, dtype=dtype)
+            packing.unpack_scaled_signs(packed, start, stop - start, scale, out=out)
+            want = unpack_signs(packed, n, dtype)[start:stop] * torch.tensor(scale, dtype=dtype)
+            assert torch.equal(out, want), (n, start, stop)
+    with pytest.raises(ValueError, match="cannot read bits"):
+        packing.unpack_scaled_signs(torch.zeros(1, dtype=torch.uint8), 4, 5, 1.0,
+                                    out=torch.empty(5, dtype=dtype))
