@@ -9,7 +9,10 @@ runs across machines.
 
 Each worker reads its own shard of the training set (``DistributedSampler`` semantics:
 :func:`signsgd.data.shard_indices`, seeded with ``seed + epoch``); ``batch_size`` is per
-worker. Sign optimisers communicate through the library's aggregators
+worker. Models with batch norm (``resnet20``, ``vgg``) keep per-worker running statistics
+during an epoch; at the end of each epoch rank 0's buffers are broadcast before evaluation
+and checkpointing (as DDP's ``broadcast_buffers`` does, once per epoch). No data
+augmentation. Sign optimisers communicate through the library's aggregators
 (``MajorityVote`` for ``signsgd``/``signum``, ``ErrorFeedbackAllReduce`` for
 ``ef-signsgd``/``efsgd``); ``sgd``/``adam``/``adamw`` average their gradients with the fp32
 ``AllReduce`` baseline. The bytes each worker sends and receives per step are logged.
