@@ -539,3 +539,19 @@ def test_unpack_scaled_signs_equals_unpack_times_scale(dtype):
     with pytest.raises(ValueError, match="cannot read bits"):
         packing.unpack_scaled_signs(torch.zeros(1, dtype=torch.uint8), 4, 5, 1.0,
                                     out=torch.empty(5, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_sum_scaled_signs_accumulates_rows_in_order(dtype, monkeypatch):
+    monkeypatch.setattr(packing, "_SUM_BLOCK", 64)  # several blocks, unaligned starts
+    g = torch.Generator().manual_seed(5)
+    for n, m in ((1, 1), (9, 2), (300, 3), (1000, 4)):
+        rows = [pack_signs(torch.randn(n, generator=g)) for _ in range(m)]
+        scales = [float(torch.rand((), generator=g).to(dtype)) for _ in range(m)]
+        for start, stop in ((0, n), (n // 3, n), (n - 1, n)):
+            out = torch.empty(stop - start, dtype=dtype)
+            packing.sum_scaled_signs(rows, start, stop - start, scales, out=out)
+            want = torch.zeros(stop - start, dtype=dtype)
+            for row, scale in zip(rows, scales):
+                want += unpack_signs(row, n, dtype)[start:stop] * torch.tensor(scale, dtype=dtype)
+            assert torch.equal(out, want), (n, m, start, stop)

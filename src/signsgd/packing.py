@@ -67,6 +67,8 @@ _DEVICE_CHUNK = 1 << 24
 _NUMPY_PACK_CHUNK = 1 << 20
 # ... and when it also checks finiteness: the float chunk stays in L2 for its second read.
 _NUMPY_CHECK_CHUNK = 1 << 18
+# Elements per block of sum_scaled_signs (its output and one row's values stay in L2).
+_SUM_BLOCK = 1 << 15
 # Bytes per CPU thread in one chunk of the (M, words) tally input.
 _TALLY_CHUNK_BYTES = 1 << 19
 
@@ -477,10 +479,68 @@ def unpack_scaled_signs(
     return out
 
 
+def sum_scaled_signs(
+    rows: list[Tensor], start: int, numel: int, scales: list[float], *, out: Tensor
+) -> Tensor:
+    """``out = ((±scales[0] + ±scales[1]) + ±scales[2]) + …`` from bits ``start…`` of each row.
+
+    Row ``w`` contributes ``+scales[w]`` where its bit is 1 and ``-scales[w]`` where it is
+    0, added in row order: the values of ``Σ_w unpack_signs(rows[w])[start:…] * scales[w]``
+    accumulated left to right (each ±scale is exact, each addition rounds as ``+=`` does).
+    On CPU (float32/float64) it works in cache-sized blocks, so ``out`` is written once.
+
+    Args:
+        rows: one or more 1-D uint8 tensors (packed signs), each with at least
+            ``ceil((start + numel) / 8)`` bytes.
+        start: index of the first bit; numel: number of values.
+        scales: one Python float per row, exactly representable in ``out.dtype``.
+        out: contiguous floating tensor of ``numel`` elements.
+
+    Returns:
+        ``out``.
+    """
+    if not rows or len(rows) != len(scales):
+        raise ValueError(f"need one scale per row (>= 1 row), got {len(rows)} rows and "
+                         f"{len(scales)} scales")
+    dst = out.view(-1)
+    cpu = (_NUMPY_ON_CPU and out.dtype in _NUMPY_DTYPES and out.device.type == "cpu"
+           and all(r.device.type == "cpu" for r in rows))
+    if not cpu or numel == 0:
+        unpack_scaled_signs(rows[0], start, numel, scales[0], out=dst)
+        if len(rows) > 1:
+            tmp = torch.empty_like(dst)
+            for row, scale in zip(rows[1:], scales[1:]):
+                dst.add_(unpack_scaled_signs(row, start, numel, scale, out=tmp))
+        return out
+    for row in rows:
+        if row.dtype != torch.uint8 or (start + numel + 7) // 8 > row.numel():
+            raise ValueError(f"each row must be uint8 with bits [{start}, {start + numel})")
+    srcs = [r.reshape(-1).contiguous().numpy() for r in rows]
+    d = dst.detach().numpy()
+    tables = [_scaled_table(d.dtype, sc) for sc in scales]
+    block = _SUM_BLOCK
+    tmp = _buffer("sum_scaled", min(block, numel), out.dtype, out.device).numpy()
+    for i in range(0, numel, block):
+        j = min(numel, i + block)
+        part = d[i:j]
+        _unpack_scaled_numpy(srcs[0], part, start + i, j - i, 0.0, tables[0])
+        for src, table in zip(srcs[1:], tables[1:]):
+            t = tmp[:j - i]
+            _unpack_scaled_numpy(src, t, start + i, j - i, 0.0, table)
+            np.add(part, t, out=part)
+    return out
+
+
+def _scaled_table(dtype: np.dtype, scale: float) -> np.ndarray:
+    """(256, 8) table: ``+scale`` where bit ``k`` of byte ``b`` is set, else ``-scale``."""
+    return np.where(_bit_table(), dtype.type(scale), dtype.type(-scale))
+
+
 def _unpack_scaled_numpy(s: np.ndarray, d: np.ndarray, start: int, numel: int,
-                         scale: float) -> None:
+                         scale: float, table: np.ndarray | None = None) -> None:
     """numpy: rows of a (256, 8) table of ±scale gathered by byte, in cache-sized chunks."""
-    table = np.where(_bit_table(), d.dtype.type(scale), d.dtype.type(-scale))
+    if table is None:
+        table = _scaled_table(d.dtype, scale)
     pos = 0
     head = start % 8
     if head:

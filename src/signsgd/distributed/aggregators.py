@@ -55,7 +55,7 @@ from signsgd.distributed.vote import (
     shard_nbytes,
     vote_flat,
 )
-from signsgd.packing import pack_signs, unpack_scaled_signs
+from signsgd.packing import pack_signs, sum_scaled_signs, unpack_scaled_signs
 
 __all__ = ["MajorityVote", "AllReduce", "ErrorFeedbackAllReduce", "DEFAULT_BUCKET_BYTES"]
 
@@ -709,16 +709,13 @@ def _two_stage_scaled_sign(
         q_name = "q1"
     q = buf(q_name, c)
     qn = q[:n]
-    signs = buf("signs", n)
-    for w in range(m):
-        if not n:
-            break
-        scales = recv[w, sbytes:sbytes + k * item].view(dtype).tolist()
-        if w == 0:
-            _unpack_scaled(recv[w, :nb], mine_lens, scales, qn)
-        else:
-            _unpack_scaled(recv[w, :nb], mine_lens, scales, signs)
-            qn.add_(signs)  # in worker order, as q += Δ_w
+    if n:
+        rows = [recv[w, :nb] for w in range(m)]
+        per_w = [recv[w, sbytes:sbytes + k * item].view(dtype).tolist() for w in range(m)]
+        off = 0
+        for i, ln in enumerate(mine_lens):  # in worker order, as q += Δ_w
+            sum_scaled_signs(rows, off, ln, [sc[i] for sc in per_w], out=qn[off:off + ln])
+            off += ln
     qn.div_(m)
     if err is not None:
         qn.add_(err[:n])
