@@ -12,7 +12,9 @@ cache-sized chunks through reused per-thread scratch buffers:
   8 bools viewed as one int64 word; ``word * 0x0102040810204080`` gathers byte ``k``'s bit
   into bit ``56 + k``, so the top byte of the product is the packed byte.
 - unpack: a 256-entry int64 table maps a byte to eight int8 values +1/-1 (byte ``k`` of the
-  word is the sign of element ``k``); the int8 view is widened into the output.
+  word is the sign of element ``k``); the int8 view is widened into the output. With numpy
+  on CPU (float32/float64) a (256, 8) table of ±1 *in the output dtype* is gathered by
+  byte straight into the output (``unpack_scaled_signs`` uses the same with ±scale).
 - tally: the M packed rows are added as bit-sliced binary counters (bitwise half/full adders
   on whole words, in a pairwise tree), then the counts are compared with M/2 bitwise.
 
@@ -69,6 +71,9 @@ _NUMPY_PACK_CHUNK = 1 << 20
 _NUMPY_CHECK_CHUNK = 1 << 18
 # Elements per block of sum_scaled_signs (its output and one row's values stay in L2).
 _SUM_BLOCK = 1 << 15
+# numpy unpack: gather rows of a (256, 8) table of ±1 in the output dtype (one pass; True)
+# or int8 table words widened into the output (two steps; False).
+_UNPACK_FLOAT_TABLE = True
 # Bytes per CPU thread in one chunk of the (M, words) tally input.
 _TALLY_CHUNK_BYTES = 1 << 19
 
@@ -398,6 +403,9 @@ def _unpack_torch(src: Tensor, dst: Tensor, numel: int) -> None:
 
 def _unpack_numpy(src: Tensor, dst: Tensor, numel: int) -> None:
     """CPU float32/float64: the same table lookup with numpy (single-threaded, uint8 indices)."""
+    if _UNPACK_FLOAT_TABLE:
+        _unpack_scaled_numpy(src.numpy(), dst.detach().numpy(), 0, numel, 1.0)
+        return
     nbytes = src.numel()
     s = src.numpy()
     d = dst.detach().numpy()
