@@ -62,10 +62,13 @@ def test_two_workers_vote_and_resume_bit_identical(data_dir, tmp_path):
     assert [r["rank"] for r in s["bytes_per_rank"]] == [0, 1]
 
 
-@pytest.mark.parametrize("attack", ["random"])
-def test_byzantine_workers(data_dir, tmp_path, attack):
-    """3 workers, the last one sends random signs to the vote; the run completes and says so."""
-    rc = main(train_args(data_dir, tmp_path / "byz", "--optimizer", "signum", "--lr", "1e-3",
+@pytest.mark.parametrize(
+    ("optimizer", "lr", "attack"),
+    [("signum", "1e-3", "random"), ("ef-signsgd", "0.1", "negate")],
+)
+def test_byzantine_workers(data_dir, tmp_path, optimizer, lr, attack):
+    """3 workers, the last one attacks (vote or EF all-reduce); the run completes and says so."""
+    rc = main(train_args(data_dir, tmp_path / "byz", "--optimizer", optimizer, "--lr", lr,
                          "--workers", "3", "--adversaries", "1", "--attack", attack,
                          "--epochs", "1"))
     assert rc == 0

@@ -166,7 +166,6 @@ def test_density_is_logged(data_dir, tmp_path):
         (dict(attack="flip"), "valid attacks"),
         (dict(workers=2, adversaries=3), "more than --workers"),
         (dict(adversaries=1), "needs --workers >= 2"),
-        (dict(optimizer="ef-signsgd", workers=2, adversaries=1), "not supported"),
         (dict(optimizer="efsgd", compressor="topk:2"), "ratio must be"),
         (dict(optimizer="efsgd", compressor="zip"), "valid compressors"),
         (dict(validation=N_TRAIN), "leaves no training examples"),

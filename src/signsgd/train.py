@@ -255,11 +255,6 @@ def validate(cfg: TrainConfig, *, n_train: int | None = None) -> TrainConfig:
             f"--adversaries {c.adversaries} needs --workers >= 2 (the adversaries are some of "
             "the workers, and a single worker does not communicate)"
         )
-    if c.adversaries and c.optimizer in ("ef-signsgd", "efsgd"):
-        raise ConfigError(
-            f"--adversaries is not supported with --optimizer {c.optimizer} "
-            "(ErrorFeedbackAllReduce has no attack hook); use signsgd, signum, sgd, adam or adamw"
-        )
     if c.optimizer in ("efsgd", "ef-signsgd"):
         parse_compressor(c.compressor)
     if n_train is not None:
@@ -373,7 +368,7 @@ def _make_optimizer(c: TrainConfig, model: nn.Module, rank: int, world: int
         if world > 1:
             from signsgd.distributed import ErrorFeedbackAllReduce
 
-            agg = ErrorFeedbackAllReduce()
+            agg = ErrorFeedbackAllReduce(adversary=adversary)
         return signsgd.EFSGD(params, lr=lr, compressor=parse_compressor(c.compressor),
                              momentum=mom, weight_decay=wd, aggregator=agg), None
     if world > 1:
