@@ -6,33 +6,23 @@
 * :class:`AllReduce` — the fp32 mean all-reduce baseline.
 * :func:`majority_vote_hook` / :class:`MajorityVoteHookState` — DDP communication hook.
 * :mod:`signsgd.distributed.adversary` — Byzantine workers for fault-tolerance runs.
+* :func:`signsgd.distributed.launch.spawn` — M local Gloo workers on 127.0.0.1.
 
 See :mod:`signsgd.distributed.base` for the aggregator interface the optimisers call.
 """
 
+from signsgd.distributed.aggregators import AllReduce, ErrorFeedbackAllReduce, MajorityVote
 from signsgd.distributed.base import Aggregator, NonFiniteGradientError
+from signsgd.distributed.hooks import MajorityVoteHookState, majority_vote_hook
+from signsgd.distributed.vote import majority_vote
 
-__all__ = ["Aggregator", "NonFiniteGradientError"]
-
-try:  # filled in as the modules land
-    from signsgd.distributed.vote import majority_vote  # noqa: F401
-
-    __all__ += ["majority_vote"]
-except ImportError:  # pragma: no cover
-    pass
-try:
-    from signsgd.distributed.aggregators import (  # noqa: F401
-        AllReduce,
-        ErrorFeedbackAllReduce,
-        MajorityVote,
-    )
-
-    __all__ += ["AllReduce", "ErrorFeedbackAllReduce", "MajorityVote"]
-except ImportError:  # pragma: no cover
-    pass
-try:
-    from signsgd.distributed.hooks import MajorityVoteHookState, majority_vote_hook  # noqa: F401
-
-    __all__ += ["MajorityVoteHookState", "majority_vote_hook"]
-except ImportError:  # pragma: no cover
-    pass
+__all__ = [
+    "Aggregator",
+    "AllReduce",
+    "ErrorFeedbackAllReduce",
+    "MajorityVote",
+    "MajorityVoteHookState",
+    "NonFiniteGradientError",
+    "majority_vote",
+    "majority_vote_hook",
+]

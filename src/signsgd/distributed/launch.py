@@ -18,6 +18,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import signal
 import socket
 import time
 import traceback
@@ -46,6 +47,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGTERM this worker when the launching process dies (even by SIGKILL).
+
+    Without it, a launcher killed from outside would leave its workers orphaned, blocked in a
+    collective until the group's timeout. No-op where ``prctl`` is unavailable.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _worker(
     fn: Callable[..., Any],
     rank: int,
@@ -57,7 +76,9 @@ def _worker(
     threads: int | None,
     env: dict[str, str],
     results: Any,
+    parent_pid: int,
 ) -> None:
+    _die_with_parent(parent_pid)
     os.environ.update(env)
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -127,7 +148,7 @@ def spawn(
             target=_worker,
             args=(fn, rank, world_size, tuple(args), port, backend,
                   float(pg_timeout if pg_timeout is not None else timeout), threads,
-                  dict(env or {}), results),
+                  dict(env or {}), results, os.getpid()),
             daemon=True,
         )
         for rank in range(world_size)

@@ -1,0 +1,36 @@
+"""Module-level worker functions for tests/distributed/test_launch.py (spawn pickles them)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def sum_of_ranks(rank: int, world_size: int) -> float:
+    t = torch.tensor([rank + 1.0])
+    dist.all_reduce(t)
+    return float(t)
+
+
+def raise_on_rank_one(rank: int, world_size: int) -> int:
+    if rank == 1:
+        raise ValueError("rank 1 fails on purpose")
+    t = torch.tensor([1.0])
+    dist.all_reduce(t)  # blocks until the launcher kills it or the peer's exit breaks it
+    return rank
+
+
+def write_pid_and_sleep(rank: int, world_size: int, folder: str) -> None:
+    Path(folder, f"pid{rank}").write_text(str(os.getpid()))
+    time.sleep(300)
+
+
+if __name__ == "__main__":  # the launcher process of test_workers_die_with_a_killed_launcher
+    from signsgd.distributed.launch import spawn
+
+    spawn(write_pid_and_sleep, 2, (sys.argv[1],), timeout=300)
