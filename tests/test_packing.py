@@ -555,3 +555,15 @@ def test_sum_scaled_signs_accumulates_rows_in_order(dtype, monkeypatch):
             for row, scale in zip(rows, scales):
                 want += unpack_signs(row, n, dtype)[start:stop] * torch.tensor(scale, dtype=dtype)
             assert torch.equal(out, want), (n, m, start, stop)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("n", [1, 9, 1000, packing._NUMPY_PACK_CHUNK + 5])
+def test_pack_signs_abs_equals_pack_and_abs(dtype, n):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
+    x[0] = -0.0
+    out = torch.empty(packed_nbytes(n), dtype=torch.uint8)
+    absx = torch.empty(n, dtype=dtype)
+    assert packing.pack_signs_abs(x, out=out, abs_out=absx) is out
+    np.testing.assert_array_equal(out.numpy(), ref_pack(x))
+    assert torch.equal(absx, x.abs())

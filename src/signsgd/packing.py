@@ -198,14 +198,16 @@ def pack_signs(t: Tensor, *, out: Tensor | None = None) -> Tensor:
     return out
 
 
-def _pack_numpy(flat: Tensor, out_flat: Tensor, check: bool = False) -> bool:
+def _pack_numpy(flat: Tensor, out_flat: Tensor, check: bool = False,
+                abs_out: Tensor | None = None) -> bool:
     """CPU float32/float64: numpy's SIMD ``>=`` into a bool buffer, then ``numpy.packbits``.
 
     Single-threaded, in cache-sized chunks; numpy's compare-to-bool is vectorised where
     torch's is not, so this is the fastest CPU route (see benchmarks/bench_packing.py).
     With ``check``, also returns whether every value is finite: each chunk is summed while
     it is in cache (a NaN or inf makes the sum non-finite); only a chunk whose sum is not
-    finite (a NaN/inf, or an overflow of finite values) is scanned exactly.
+    finite (a NaN/inf, or an overflow of finite values) is scanned exactly. With
+    ``abs_out`` (a tensor like ``flat``), also writes ``|flat|`` there in the same pass.
     """
     n = flat.numel()
     x = flat.detach().resolve_neg().numpy()
@@ -215,8 +217,11 @@ def _pack_numpy(flat: Tensor, out_flat: Tensor, check: bool = False) -> bool:
     bools = _buffer("pack_bool", chunk, torch.bool, flat.device).numpy()
     full = n // chunk * chunk
     finite = True
+    absx = abs_out.detach().numpy() if abs_out is not None else None
     for start in range(0, full, chunk):
         part = x[start : start + chunk]
+        if absx is not None:
+            np.abs(part, out=absx[start : start + chunk])
         if check and finite and not np.isfinite(np.add.reduce(part)):
             finite = bool(np.isfinite(part).all())
         np.greater_equal(part, 0, out=bools)
@@ -224,11 +229,30 @@ def _pack_numpy(flat: Tensor, out_flat: Tensor, check: bool = False) -> bool:
     if full < n:
         c = n - full
         part = x[full:]
+        if absx is not None:
+            np.abs(part, out=absx[full:])
         if check and finite and not np.isfinite(np.add.reduce(part)):
             finite = bool(np.isfinite(part).all())
         np.greater_equal(part, 0, out=bools[:c])
         dst[full // 8 :] = np.packbits(bools[:c], bitorder="little")  # pads with 0 bits
     return finite
+
+
+def pack_signs_abs(t: Tensor, *, out: Tensor, abs_out: Tensor) -> Tensor:
+    """:func:`pack_signs` of ``t`` into ``out`` and ``torch.abs(t)`` into ``abs_out``.
+
+    One pass over ``t`` on CPU for a contiguous float32/float64 ``t`` (the values the two
+    separate calls give, bit for bit); elsewhere the two calls.
+    """
+    if (_LITTLE and _NUMPY_ON_CPU and t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES
+            and t.is_contiguous() and t.numel()):
+        n = t.numel()
+        _check_out(out, (n + 7) // 8, torch.uint8, t.device, f"pack_signs of {n} elements")
+        _check_out(abs_out, n, t.dtype, t.device, f"abs of {n} elements")
+        _pack_numpy(t.reshape(-1), out.view(-1), abs_out=abs_out.view(-1))
+        return out
+    torch.abs(t.reshape(-1), out=abs_out.view(-1))
+    return pack_signs(t, out=out)
 
 
 def pack_signs_finite(t: Tensor, *, out: Tensor) -> tuple[Tensor, bool]:

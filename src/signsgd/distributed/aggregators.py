@@ -55,7 +55,7 @@ from signsgd.distributed.vote import (
     shard_nbytes,
     vote_flat,
 )
-from signsgd.packing import pack_signs, sum_scaled_signs, unpack_scaled_signs
+from signsgd.packing import pack_signs_abs, sum_scaled_signs, unpack_scaled_signs
 
 __all__ = ["MajorityVote", "AllReduce", "ErrorFeedbackAllReduce", "DEFAULT_BUCKET_BYTES"]
 
@@ -627,10 +627,14 @@ def _needs_copy(tensors: list[Tensor | None], agreed: Agreed, dtype: torch.dtype
     return t is None or t.dtype != dtype or not t.is_contiguous()
 
 
-def _chunk_scales(v: Tensor, lengths: list[int], scratch: Tensor) -> list[float]:
-    """Per chunk (consecutive segments of ``v`` of the given lengths) the scale ``‖v_c‖₁/|c|``,
-    computed exactly as :func:`_scaled_sign_chunk` does (``|v|`` summed, then divided)."""
-    absv = torch.abs(v, out=scratch[:v.numel()])
+def _pack_and_scales(v: Tensor, lengths: list[int], scratch: Tensor, packed: Tensor
+                     ) -> list[float]:
+    """Pack the signs of ``v`` into ``packed`` and return, per chunk (consecutive segments
+    of ``v`` of the given lengths), the scale ``‖v_c‖₁/|c|`` computed exactly as
+    :func:`_scaled_sign_chunk` does (``|v|`` summed, then divided); ``|v|`` is written
+    into ``scratch`` in the pack's pass."""
+    absv = scratch[:v.numel()]
+    pack_signs_abs(v, out=packed, abs_out=absv)
     sums = [part.sum() / n for part, n in zip(absv.split(lengths), lengths)]
     return torch.stack(sums).tolist() if sums else []
 
@@ -685,8 +689,7 @@ def _two_stage_scaled_sign(
         nb = (n + 7) // 8
         if n:
             seg = flat[r * c:r * c + n]
-            scales = _chunk_scales(seg, lens[r], scratch)
-            pack_signs(seg, out=row[:nb])
+            scales = _pack_and_scales(seg, lens[r], scratch, row[:nb])
             if kmax:
                 row[sbytes:sbytes + len(scales) * item] = torch.tensor(
                     scales, dtype=dtype).view(torch.uint8)
@@ -723,8 +726,7 @@ def _two_stage_scaled_sign(
     out_block.zero_()
     upd = buf("update", m * c)
     if n:
-        scales = _chunk_scales(qn, mine_lens, scratch)
-        pack_signs(qn, out=out_block[:nb])
+        scales = _pack_and_scales(qn, mine_lens, scratch, out_block[:nb])
         out_block[sbytes:sbytes + k * item] = torch.tensor(scales, dtype=dtype).view(torch.uint8)
         mine = upd[rank * c:rank * c + n]
         _unpack_scaled(out_block[:nb], mine_lens, scales, mine)
