@@ -317,7 +317,8 @@ class AllReduce(_Common):
     ``dist.all_reduce`` per step (after the header). Works with every optimiser of this
     library. A ``None`` entry contributes zeros to the mean; a tensor absent on every rank
     gets ``None``. Bytes are counted as a ring all-reduce: ``2·(M−1)·⌈n/M⌉·itemsize`` each
-    way, plus the header.
+    way, plus the header. With ``M > 1`` the returned tensors are views of a buffer the
+    aggregator reuses: valid until its next call (the optimisers use them at once).
 
     Args:
         group: process group (``None``: the default group).
@@ -353,7 +354,10 @@ class AllReduce(_Common):
                                      device=device)
             _, m = _world(group)
             dtype = _flat_dtype(agreed)
-            flat = _flatten(grads, agreed, dtype, device)
+            # M > 1: into a buffer kept across steps (a fresh 4·d-byte tensor per step
+            # costs page faults, more than the loopback all-reduce itself at d = 25M).
+            out = self._buffer("flat", agreed.numel, dtype, device) if m > 1 else None
+            flat = _flatten(grads, agreed, dtype, device, out=out)
             if adversary is not None:
                 flat = adversary.corrupt_gradient(flat, step=step)
             if m > 1 and flat.numel():
