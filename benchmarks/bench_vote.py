@@ -8,6 +8,9 @@ For a float32 vector of ``d`` coordinates on every rank it times, in the same ru
   unpack into a reused buffer, as ``all_reduce`` works in place), and once more returning
   a fresh tensor (the allocation of ``4·d`` fresh bytes costs page faults),
 * ``majority_vote(x, mode="allgather")``,
+* ``MajorityVote().reduce_signs([x])`` (the optimiser's path: the caller has checked
+  finiteness, so no scan) and ``ErrorFeedbackAllReduce().reduce_error_feedback([x],
+  ScaledSign())`` (EF-signSGD's two-stage 1-bit all-reduce, same volume plus the scales),
 * the local phases of the sharded vote on their own (pack + finite check as the vote
   runs it, pack alone, tally, unpack),
 
@@ -38,6 +41,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from signsgd.compression import ScaledSign
+from signsgd.distributed import ErrorFeedbackAllReduce, MajorityVote
 from signsgd.distributed.launch import spawn
 from signsgd.distributed.vote import (
     HEADER_WORDS,
@@ -75,6 +80,7 @@ def worker(rank: int, world_size: int, numel: int, reps: int) -> dict[str, list[
     y = x.clone()
     dst = torch.empty_like(x)
     step = iter(range(10**9))
+    vote_agg, ef_agg = MajorityVote(), ErrorFeedbackAllReduce()
     # local phases of the sharded vote, no communication
     s = shard_nbytes(numel, world_size)
     packed = torch.zeros(world_size * s, dtype=torch.uint8)
@@ -85,6 +91,9 @@ def worker(rank: int, world_size: int, numel: int, reps: int) -> dict[str, list[
         "all_reduce fp32": lambda: dist.all_reduce(y),
         "vote sharded": lambda: majority_vote(x, mode="sharded", step=next(step), out=dst),
         "vote allgather": lambda: majority_vote(x, mode="allgather", step=next(step), out=dst),
+        "MajorityVote.reduce_signs (sharded)": lambda: vote_agg.reduce_signs([x]),
+        "ErrorFeedbackAllReduce (ScaledSign)":
+            lambda: ef_agg.reduce_error_feedback([x], ScaledSign()),
         "vote sharded, fresh result tensor":
             lambda: majority_vote(x, mode="sharded", step=next(step)),
         "  pack + finite check (local)":
