@@ -96,7 +96,16 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "processor": platform.processor() or platform.machine(),
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def _load_text(mach: dict[str, Any]) -> str:
+    """' (load average at start: 1, 5, 15 min)' where the results file recorded it."""
+    load = mach.get("loadavg_start")
+    if not load:
+        return ""
+    return " (load average at start: " + ", ".join(f"{x:.1f}" for x in load) + ")"
 
 
 def loopback_rate(tries: int = 3, nbytes: int = 200_000_000) -> float:
@@ -227,8 +236,9 @@ def markdown(data: dict[str, Any]) -> str:
         f"- Machine: {mach['cpus']} CPU cores ({mach['processor']}), {mach['platform']}, "
         f"Python {mach['python']}, torch {mach['torch']}, Gloo on CPU, 1 torch thread "
         "per worker.",
-        "- **The machine was shared with ~7 other agents running builds and tests**: every "
-        "number is noisy (compute-bound cells most), and M workers share its 2 cores.",
+        "- **The machine may have been shared with other agents' builds and tests**"
+        + _load_text(mach) + ": every number is noisy (compute-bound cells most), and the "
+        f"M workers share its {mach['cpus']} cores.",
         f"- Network: {data['shaping']}; MTU 1500; `burst 256kb latency 400ms`. All M ranks "
         "share the one shaped link, so a step's wire time is (bytes all ranks send) / rate "
         "(see docs/performance.md).",

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_comm import _rate, _workers, _write_json, loopback_rate, machine
+from bench_comm import _load_text, _rate, _workers, _write_json, loopback_rate, machine
 
 from signsgd.bench.e2e import E2E_LABELS, E2E_METHODS, step_time_worker, tta_worker
 from signsgd.bench.model import predict_time
@@ -140,7 +140,8 @@ def markdown(data: dict[str, Any]) -> str:
         f"- Machine: {mach['cpus']} CPU cores ({mach['processor']}), {mach['platform']}, "
         f"Python {mach['python']}, torch {mach['torch']}, Gloo on CPU, 1 torch thread per "
         "worker.",
-        "- **The machine was shared with ~7 other agents**: compute-bound numbers are "
+        "- **The machine may have been shared with other agents' builds and tests**"
+        + _load_text(mach) + ": compute-bound numbers are "
         f"noisy, and the M workers share its {mach['cpus']} cores (compute per step is "
         "several times what one worker on its own core would take).",
         f"- Network: {data['shaping']}; MTU 1500; `burst 256kb latency 400ms`; the M ranks "
