@@ -186,6 +186,7 @@ class _Common(Aggregator):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; raises ``ValueError`` (changing nothing) if malformed."""
         self._load_step(state, set())
+        self.step = int(state["step"])
 
     def _load_step(self, state: dict[str, Any], extra: set[str]) -> None:
         if not isinstance(state, dict):
@@ -298,11 +299,6 @@ class MajorityVote(_Common):
         self._count(sent, received)
         return result
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``{"step": int}``; raises ``ValueError`` (changing nothing) if malformed."""
-        self._load_step(state, set())
-        self.step = int(state["step"])
-
     def __repr__(self) -> str:
         return (f"MajorityVote(mode={self.mode!r}, bucket_bytes={self.bucket_bytes}, "
                 f"seed={self.seed}, adversary={self.adversary!r})")
@@ -370,11 +366,6 @@ class AllReduce(_Common):
         self.step = step + 1
         self._count(sent, received)
         return result
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``{"step": int}``; raises ``ValueError`` (changing nothing) if malformed."""
-        self._load_step(state, set())
-        self.step = int(state["step"])
 
     def __repr__(self) -> str:
         return f"AllReduce(adversary={self.adversary!r})"
