@@ -209,22 +209,16 @@ def validate(cfg: TrainConfig, *, n_train: int | None = None) -> TrainConfig:
     Returns the resolved config (defaults filled in). Raises :class:`ConfigError` whose
     message names the bad value and lists the valid ones.
     """
-    if cfg.optimizer not in OPTIMIZERS:
-        raise ConfigError(
-            f"unknown optimizer {cfg.optimizer!r}; valid optimizers: {', '.join(OPTIMIZERS)}"
-        )
-    if cfg.model not in MODELS:
-        raise ConfigError(f"unknown model {cfg.model!r}; valid models: {', '.join(MODELS)}")
-    if cfg.data not in DATASETS:
-        raise ConfigError(f"unknown dataset {cfg.data!r}; valid datasets: {', '.join(DATASETS)}")
-    if cfg.lr_schedule not in SCHEDULES:
-        raise ConfigError(
-            f"unknown lr schedule {cfg.lr_schedule!r}; valid schedules: {', '.join(SCHEDULES)}"
-        )
-    if cfg.vote not in VOTES:
-        raise ConfigError(f"unknown vote mode {cfg.vote!r}; valid modes: {', '.join(VOTES)}")
-    if cfg.attack not in ATTACKS:
-        raise ConfigError(f"unknown attack {cfg.attack!r}; valid attacks: {', '.join(ATTACKS)}")
+    for value, valid, what, plural in (
+        (cfg.optimizer, OPTIMIZERS, "optimizer", "optimizers"),
+        (cfg.model, MODELS, "model", "models"),
+        (cfg.data, DATASETS, "dataset", "datasets"),
+        (cfg.lr_schedule, SCHEDULES, "lr schedule", "schedules"),
+        (cfg.vote, VOTES, "vote mode", "modes"),
+        (cfg.attack, ATTACKS, "attack", "attacks"),
+    ):
+        if value not in valid:
+            raise ConfigError(f"unknown {what} {value!r}; valid {plural}: {', '.join(valid)}")
     c = cfg.resolved()
     for name, low in (("workers", 1), ("batch_size", 1), ("epochs", 1), ("log_every", 1)):
         v = getattr(c, name)
