@@ -303,7 +303,7 @@ FOREACH_CASES = [
 @pytest.mark.parametrize("name,make", FOREACH_CASES, ids=[c[0] for c in FOREACH_CASES])
 def test_foreach_and_single_tensor_paths_are_bit_identical(name, make, dtypes, threads,
                                                            monkeypatch):
-    monkeypatch.setattr(F, "_BATCH", 4096)  # large tensors: own batch, cut with 1 thread
+    monkeypatch.setattr(F, "_BATCH", 4096)  # large tensors: own batch, cut into slices
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     p1, grads = _random_setup(0, dtypes, SHAPES)
     p2 = [torch.nn.Parameter(p.detach().clone()) for p in p1]
