@@ -7,6 +7,7 @@ import torch
 
 from signsgd import functional as F
 from signsgd.compression import RandomK, ScaledSign, TopK
+from signsgd.scratch import Scratch
 
 D = torch.float64
 NAN, INF = float("nan"), float("inf")
@@ -123,7 +124,7 @@ def test_signum_foreach_matches_single(momentum, wd, batch, dtypes, noncontig, t
                                        monkeypatch):
     monkeypatch.setattr(F, "_BATCH", batch)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    workspace: dict = {}
+    workspace = Scratch()
     xs = [_tensors(1, SHAPES, DTYPES[dtypes], noncontig) for _ in range(2)]
     ms = [_tensors(2, SHAPES, DTYPES[dtypes], noncontig) for _ in range(2)]
     for step in range(6):
@@ -173,7 +174,7 @@ def test_batches_cover_every_element_once(sizes, batch, threads, monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     ts = [torch.zeros(n) for n in sizes]
     seen = 0
-    workspace: dict = {}
+    workspace = Scratch()
     for (chunk,), scratch in F._batches([ts], workspace):
         if scratch is not None:  # a buffer for the sign of a lone large tensor
             assert len(chunk) == 1 and scratch.shape == chunk[0].shape
@@ -182,4 +183,4 @@ def test_batches_cover_every_element_once(sizes, batch, threads, monkeypatch):
             seen += t.numel()
     assert seen == sum(sizes)
     assert all(bool((t == 1).all()) for t in ts)
-    assert all(b.numel() <= max(sizes) for b in workspace.values())
+    assert all(b.numel() <= max(sizes) for b in workspace._buffers.values())

@@ -2,7 +2,8 @@
 
 signSGD and Signum (Bernstein et al., ICML 2018), majority vote across workers with 1 bit
 per coordinate each way, and error feedback (EF-SGD / EF-signSGD, Karimireddy et al.,
-ICML 2019). See DESIGN.md for the conventions.
+ICML 2019); Lion and Distributed Lion (Chen et al. 2023; Liu et al. 2024). The
+conventions are stated in ``docs/design.md``.
 
 Example:
     >>> import torch, signsgd
@@ -15,13 +16,15 @@ Example:
 """
 
 from signsgd import compression
-from signsgd.optim import EFSGD, NonFiniteGradientError, SignSGD, Signum
+from signsgd.errors import NonFiniteGradientError
+from signsgd.optim import EFSGD, Lion, SignSGD, Signum
 from signsgd.packing import pack_signs, unpack_signs
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SignSGD", "Signum", "EFSGD", "NonFiniteGradientError", "pack_signs", "unpack_signs",
+    "SignSGD", "Signum", "Lion", "EFSGD", "NonFiniteGradientError", "pack_signs",
+    "unpack_signs",
     "compression",
 ]
 

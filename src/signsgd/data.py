@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from signsgd.errors import DataError
+
 __all__ = [
     "DATASETS",
     "DataError",
@@ -96,10 +98,6 @@ _HOW_TO_GET = {
         "into ./data/ (giving ./data/cifar-10-batches-py/data_batch_1 ...)"
     ),
 }
-
-
-class DataError(RuntimeError):
-    """A dataset is missing, corrupt or unknown; the message says how to fix it."""
 
 
 def _check_name(name: str) -> str:

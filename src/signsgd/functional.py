@@ -1,4 +1,4 @@
-"""The update math of signSGD, Signum and EF-SGD as pure, keyword-only functions.
+"""The update math of signSGD, Signum, Lion and EF-SGD as pure, keyword-only functions.
 
 Each function works on lists of tensors of one parameter group and has a single-tensor
 path (``foreach=False``) and a multi-tensor path (``foreach=True``, ``torch._foreach_*``)
@@ -11,11 +11,13 @@ steps (``workspace``) instead of a fresh large temporary; with one intra-op thre
 a tensor is also cut into cache-sized views. On GPUs the foreach kernels run on whole
 lists (the caching allocator recycles temporaries).
 
-Conventions (DESIGN.md):
+Conventions (``docs/design.md``):
 
 * Signum: ``m ← β·m + (1−β)·g`` (computed as ``m.lerp_(g, 1−β)``), ``m`` starts at 0, no
   bias correction; ``x ← x − lr·(sign(m) + wd·x)``, computed as
   ``x ← x·(1 − lr·wd) − lr·sign(m)``. SignSGD is Signum with β = 0.
+* Lion: ``c ← lerp(m, g, 1−β1)``; ``x ← x·(1 − lr·wd) − lr·sign(c)``;
+  ``m ← lerp(m, g, 1−β2)`` — ``c`` from the momentum before its update.
 * ``torch.sign(0) = 0`` here; on the wire (distributed) zero counts as +1.
 * EF-SGD: ``p ← lr·(g + wd·x) + e``; ``Δ ← C(p)``; ``e ← p − Δ``; ``x ← x − Δ``.
   With momentum β > 0 the gradient term goes through heavy-ball momentum first, exactly as
@@ -25,6 +27,7 @@ Conventions (DESIGN.md):
 References:
     Bernstein, Wang, Azizzadenesheli, Anandkumar. signSGD: Compressed Optimisation for
     Non-Convex Problems. ICML 2018.
+    Chen et al. Symbolic Discovery of Optimization Algorithms. NeurIPS 2023.
     Karimireddy, Rebjock, Stich, Jaggi. Error Feedback Fixes SignSGD and other Gradient
     Compression Schemes. ICML 2019.
 """
@@ -33,18 +36,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
+
+from signsgd.scratch import Scratch
 
 __all__ = [
     "signum",
     "signum_direction",
     "sign_update_",
+    "lion",
     "ef_sgd",
     "ef_compensate",
     "ef_apply_",
+    "compress_all",
+    "lerp_",
+    "copy_",
     "first_nonfinite",
 ]
 
@@ -83,22 +91,15 @@ def _by_bucket(*lists: Sequence[Tensor]) -> Iterator[list[list[Tensor]]]:
         yield [_pick(ts, idx) for ts in lists]
 
 
-def _scratch(workspace: dict[Any, Tensor] | None, like: Tensor, numel: int) -> Tensor:
-    """A flat buffer of ``numel`` elements of ``like``'s dtype and device.
-
-    Kept in ``workspace`` (keyed by device and dtype, grown as needed) so that repeated
-    steps reuse it; a fresh tensor when ``workspace`` is None.
-    """
+def _scratch(workspace: Scratch | None, like: Tensor, numel: int) -> Tensor:
+    """A flat buffer of ``numel`` elements of ``like``'s dtype and device, kept in
+    ``workspace`` so that repeated steps reuse it (a fresh tensor without one)."""
     if workspace is None:
         return torch.empty(numel, dtype=like.dtype, device=like.device)
-    key = ("sign", like.device, like.dtype)
-    buf = workspace.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = workspace[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
-    return buf[:numel]
+    return workspace.get("sign", numel, like.dtype, like.device)
 
 
-def _batches(lists: list[list[Tensor]], workspace: dict[Any, Tensor] | None
+def _batches(lists: list[list[Tensor]], workspace: Scratch | None
              ) -> Iterator[tuple[list[list[Tensor]], Tensor | None]]:
     """The aligned tensor ``lists`` in batches, each with an optional sign buffer.
 
@@ -238,42 +239,52 @@ def signum_direction(
     *,
     momentum: float,
     foreach: bool = False,
+    out: Sequence[Tensor] | None = None,
 ) -> list[Tensor]:
     """The local vector whose sign a worker sends: ``β·m + (1−β)·g`` (or ``g`` if β = 0).
 
-    Out of place: neither ``grads`` nor ``momentum_buffers`` is modified, so a distributed
-    step can still abort (non-finite gradient on another rank) with state untouched. Commit
-    the new momentum afterwards with ``buf.copy_(direction)``.
+    Computed as ``torch.lerp(m, g, 1−β)``. Out of place: neither ``grads`` nor
+    ``momentum_buffers`` is modified, so a distributed step can still abort (non-finite
+    gradient on another rank) with state untouched. Commit the new momentum afterwards
+    with ``buf.copy_(direction)``. Lion's ``c = β1·m + (1−β1)·g`` is the same function.
 
     Args:
         grads: gradients ``g``.
         momentum_buffers: ``m`` for each gradient (ignored when ``momentum == 0``).
         momentum: β in [0, 1).
         foreach: use the multi-tensor kernels.
+        out: optional tensors (one per gradient, same shapes) to write the directions into.
 
     Returns:
-        New tensors (or ``grads`` themselves when β = 0).
+        New tensors (``out`` when given; ``grads`` themselves when β = 0 and no ``out``).
 
     Example:
         >>> signum_direction([torch.tensor([2.0])], [torch.tensor([4.0])], momentum=0.5)
         [tensor([3.])]
     """
     if momentum == 0:
-        return list(grads)
+        if out is None:
+            return list(grads)
+        copy_(out, grads, foreach=foreach)
+        return list(out)
     if len(momentum_buffers) != len(grads) or any(b is None for b in momentum_buffers):
         raise ValueError("signum_direction needs a momentum buffer for every gradient")
     weight = 1.0 - momentum
+    if out is not None:
+        for b, g, o in zip(momentum_buffers, grads, out):
+            torch.lerp(b, g, weight, out=o)  # type: ignore[arg-type]
+        return list(out)
     if not foreach:
         return [torch.lerp(b, g, weight) for b, g in zip(momentum_buffers, grads)]  # type: ignore[arg-type]
     buckets = _buckets(grads)
     if buckets is None:
         return list(torch._foreach_lerp(momentum_buffers, grads, weight))  # type: ignore[arg-type]
-    out: list[Tensor | None] = [None] * len(grads)
+    result: list[Tensor | None] = [None] * len(grads)
     for idx in buckets:
         res = torch._foreach_lerp(_pick(momentum_buffers, idx), _pick(grads, idx), weight)  # type: ignore[arg-type]
         for i, r in zip(idx, res):
-            out[i] = r
-    return out  # type: ignore[return-value]
+            result[i] = r
+    return result  # type: ignore[return-value]
 
 
 def _sign_apply_batch(xs: list[Tensor], ds: list[Tensor], lr: float, decay: float,
@@ -303,7 +314,7 @@ def sign_update_(
     weight_decay: float,
     take_sign: bool = True,
     foreach: bool = False,
-    workspace: dict[Any, Tensor] | None = None,
+    workspace: Scratch | None = None,
 ) -> None:
     """Apply ``x ← x·(1 − lr·wd) − lr·s`` in place, with ``s = sign(direction)``.
 
@@ -354,7 +365,7 @@ def signum(
     momentum: float,
     weight_decay: float,
     foreach: bool = False,
-    workspace: dict[Any, Tensor] | None = None,
+    workspace: Scratch | None = None,
 ) -> None:
     r"""One single-process Signum step (signSGD when ``momentum == 0``), in place.
 
@@ -406,6 +417,107 @@ def signum(
         for (bx, bg, bm), scratch in _batches([xs, gs, ms], workspace):
             torch._foreach_lerp_(bm, bg, weight)
             _sign_apply_batch(bx, bm, lr, decay, True, scratch)
+
+
+def lion(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    foreach: bool = False,
+    workspace: Scratch | None = None,
+) -> None:
+    r"""One single-process Lion step, in place.
+
+    .. math::
+        c \leftarrow \beta_1 m + (1-\beta_1) g,\quad
+        x \leftarrow x\,(1 - \mathrm{lr}\cdot\mathrm{wd}) - \mathrm{lr}\,\mathrm{sign}(c),
+        \quad m \leftarrow \beta_2 m + (1-\beta_2) g
+
+    ``c`` is computed as ``torch.lerp(m, g, 1−β1)`` from the momentum *before* it is
+    updated, then ``m.lerp_(g, 1−β2)``.
+
+    Args:
+        params: parameters, updated in place.
+        grads: their (finite) gradients.
+        exp_avgs: momentum ``m`` per parameter, updated in place.
+        lr: learning rate.
+        beta1: interpolation weight of the update direction, in [0, 1).
+        beta2: momentum decay, in [0, 1).
+        weight_decay: decoupled weight decay.
+        foreach: use the multi-tensor kernels.
+        workspace: a :class:`~signsgd.scratch.Scratch` the caller keeps between calls for
+            large CPU temporaries (see :func:`sign_update_`).
+
+    Returns:
+        None; ``params`` and ``exp_avgs`` are updated in place.
+
+    Example:
+        >>> x, m = torch.tensor([1.0]), torch.tensor([0.0])
+        >>> lion([x], [torch.tensor([-2.0])], [m], lr=0.5, beta1=0.5, beta2=0.75,
+        ...      weight_decay=0.0)
+        >>> x, m
+        (tensor([1.5000]), tensor([-0.5000]))
+
+    Reference: Chen et al., Symbolic Discovery of Optimization Algorithms, NeurIPS 2023
+    (Program 1).
+    """
+    if not (len(grads) == len(params) == len(exp_avgs)):
+        raise ValueError(f"got {len(params)} params, {len(grads)} gradients and "
+                         f"{len(exp_avgs)} momentum buffers")
+    w1, w2 = 1.0 - beta1, 1.0 - beta2
+    decay = 1.0 - lr * weight_decay
+    if not foreach:
+        for x, g, m in zip(params, grads, exp_avgs):
+            c = torch.lerp(m, g, w1)
+            if decay != 1.0:
+                x.mul_(decay)
+            x.add_(torch.sign(c), alpha=-lr)
+            m.lerp_(g, w2)
+        return
+    for xs, gs, ms in _by_bucket(params, grads, exp_avgs):
+        for (bx, bg, bm), scratch in _batches([xs, gs, ms], workspace):
+            if scratch is not None and len(bm) == 1:
+                cs = [torch.lerp(bm[0], bg[0], w1, out=scratch)]
+            else:
+                cs = list(torch._foreach_lerp(bm, bg, w1))
+            _sign_apply_batch(bx, cs, lr, decay, True, scratch)
+            torch._foreach_lerp_(bm, bg, w2)
+
+
+def lerp_(buffers: Sequence[Tensor], targets: Sequence[Tensor], weight: float, *,
+          foreach: bool = False) -> None:
+    """``b ← b + weight·(t − b)`` in place for each pair (``torch.lerp``'s formula).
+
+    Example:
+        >>> b = [torch.tensor([1.0])]; lerp_(b, [torch.tensor([3.0])], 0.5); b
+        [tensor([2.])]
+    """
+    if not foreach:
+        for b, t in zip(buffers, targets):
+            b.lerp_(t, weight)
+        return
+    for bs, ts in _by_bucket(buffers, targets):
+        torch._foreach_lerp_(bs, ts, weight)
+
+
+def copy_(dst: Sequence[Tensor], src: Sequence[Tensor], *, foreach: bool = False) -> None:
+    """``d.copy_(s)`` for each pair.
+
+    Example:
+        >>> d = [torch.zeros(1)]; copy_(d, [torch.ones(1)]); d
+        [tensor([1.])]
+    """
+    if not foreach:
+        for d, s in zip(dst, src):
+            d.copy_(s)
+        return
+    for ds, ss in _by_bucket(dst, src):
+        torch._foreach_copy_(ds, ss)
 
 
 # --------------------------------------------------------------------------- EF-SGD
@@ -524,8 +636,17 @@ def ef_apply_(
         torch._foreach_sub_(xs, us)
 
 
-def _compress_all(compressor: Callable[[Tensor], Tensor], ps: Sequence[Tensor]) -> list[Tensor]:
-    """``C(p)`` for each ``p``, checking that ``C`` keeps shape, dtype and device."""
+def compress_all(compressor: Callable[[Tensor], Tensor], ps: Sequence[Tensor]) -> list[Tensor]:
+    """``C(p)`` for each ``p``, checking that ``C`` keeps shape, dtype and device.
+
+    Raises:
+        ValueError: ``C`` returned something else than a tensor of ``p``'s shape, dtype
+            and device (naming the tensor and what came back).
+
+    Example:
+        >>> compress_all(torch.sign, [torch.tensor([2.0, -0.5])])
+        [tensor([ 1., -1.])]
+    """
     out = []
     for i, p in enumerate(ps):
         c = compressor(p)
@@ -591,12 +712,7 @@ def ef_sgd(
         params, grads, errors, momentum_buffers,
         lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=foreach,
     )
-    deltas = _compress_all(compressor, ps)
+    deltas = compress_all(compressor, ps)
     if momentum != 0:
-        if foreach:
-            for bs, ns in _by_bucket(momentum_buffers, ms):  # type: ignore[arg-type]
-                torch._foreach_copy_(bs, ns)
-        else:
-            for b, m in zip(momentum_buffers, ms):
-                b.copy_(m)  # type: ignore[union-attr]
+        copy_(momentum_buffers, ms, foreach=foreach)  # type: ignore[arg-type]
     ef_apply_(params, errors, ps, deltas, deltas, foreach=foreach)

@@ -1,13 +1,21 @@
-"""``SignSGD``, ``Signum`` and ``EFSGD``: thin ``torch.optim.Optimizer`` classes over
-:mod:`signsgd.functional`.
+"""``SignSGD``, ``Signum``, ``Lion`` and ``EFSGD``: thin ``torch.optim.Optimizer`` classes
+over :mod:`signsgd.functional`.
 
 The classes hold hyper-parameters and state (momentum, error buffers), check the input,
-and call the functional math. With ``aggregator=`` they run distributed: see
-:mod:`signsgd.distributed.base` for the three points where an aggregator can act.
+and call the functional math. Every step has the same shape:
 
-Every check happens before anything changes: a bad gradient (NaN, inf, sparse, complex)
-raises and leaves every parameter and every state tensor as it was. State is created once,
-on the first step that succeeds.
+1. gather the gradients and check finiteness once (:func:`signsgd.functional.first_nonfinite`);
+2. the local transform, out of place (momentum, error compensation, weight decay as the
+   algorithm says);
+3. reduce: with ``aggregator=`` (a :class:`~signsgd.distributed.reducer.Reducer`) the
+   transformed vectors of every rank become one result, identical on every rank;
+4. commit: parameters and state change only now.
+
+Without an aggregator nothing can fail after step 1, so the four stages run fused and in
+place (one functional call per param group: the fast single-process path). The
+implementation is chosen once, at construction. Every check happens before anything
+changes: a bad gradient (NaN, inf, sparse, complex) raises and leaves every parameter and
+every state tensor as it was. State is created once, on the first step that succeeds.
 
 Example:
     >>> import torch, signsgd
@@ -22,7 +30,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -30,12 +38,17 @@ from torch.optim import Optimizer
 
 from signsgd import functional as F
 from signsgd.compression import Compressor, ScaledSign
-from signsgd.distributed.base import Aggregator, NonFiniteGradientError
+from signsgd.errors import NonFiniteGradientError
+from signsgd.scratch import Scratch
 
-__all__ = ["SignSGD", "Signum", "EFSGD", "NonFiniteGradientError"]
+if TYPE_CHECKING:
+    from signsgd.distributed.reducer import Reducer
+
+__all__ = ["SignSGD", "Signum", "Lion", "EFSGD", "StagedOptimizer", "NonFiniteGradientError",
+           "hyperparameters"]
 
 #: Options of ``torch.optim`` optimisers that these classes do not implement. Passing one
-#: with a value that would change the result (e.g. ``maximize=True``) raises ValueError.
+#: with a value that would change the result (e.g. ``fused=True``) raises ValueError.
 _UNSUPPORTED = {
     "maximize": False, "differentiable": False, "capturable": False, "fused": False,
     "nesterov": False, "dampening": 0, "amsgrad": False,
@@ -43,6 +56,10 @@ _UNSUPPORTED = {
 
 #: (group index, index in the group, parameter) of a parameter with a gradient.
 _Entry = tuple[int, int, Tensor]
+#: per param group: (group, parameters with a gradient, their gradients).
+_Work = list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]
+#: state buffers created in a step, stored when it commits: (key, id) -> (param, buffer).
+_Fresh = dict[tuple[str, int], tuple[Tensor, Tensor]]
 
 
 def _scalar(value: Any) -> float:
@@ -68,11 +85,17 @@ def _check_number(name: str, value: Any, low: float, high: float | None, high_op
         raise ValueError(f"Invalid {name}: {shown} (must be >= {low} and {upper})")
 
 
-def _check_group(owner: str, group: dict[str, Any], momentum: bool = True) -> None:
+def _check_group(owner: str, group: dict[str, Any]) -> None:
     """Validate one param group's hyper-parameters; raise ValueError naming the value."""
     _check_number("learning rate", group["lr"], 0.0, None, False)
-    if momentum:
+    if "momentum" in group:
         _check_number("momentum value", group["momentum"], 0.0, 1.0, True)
+    if "betas" in group:
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
+        for i, beta in enumerate(betas):
+            _check_number(f"beta parameter at index {i}", beta, 0.0, 1.0, True)
     _check_number("weight_decay value", group["weight_decay"], 0.0, None, False)
     foreach = group.get("foreach")
     if foreach is not None and not isinstance(foreach, bool):
@@ -80,6 +103,26 @@ def _check_group(owner: str, group: dict[str, Any], momentum: bool = True) -> No
     for key, neutral in _UNSUPPORTED.items():
         if group.get(key) not in (None, neutral):
             raise ValueError(f"{owner} does not support {key}={group[key]!r}")
+
+
+def hyperparameters(param_groups: list[dict[str, Any]]) -> tuple[Any, ...]:
+    """Every group's hyper-parameters (not its parameters) as plain values, in order: what
+    must be equal on every rank of a distributed step (its digest travels in the header).
+
+    Example:
+        >>> hyperparameters([{"params": [], "lr": 0.1, "foreach": None}])
+        ((('lr', 0.1),),)
+    """
+    def plain(v: Any) -> Any:
+        if isinstance(v, Tensor) and v.numel() == 1:
+            return float(v.item())
+        if isinstance(v, (tuple, list)):
+            return tuple(plain(x) for x in v)
+        return v if isinstance(v, (bool, int, float, str, type(None))) else repr(v)
+
+    return tuple(tuple((k, plain(v)) for k, v in sorted(group.items())
+                       if k not in ("params", "foreach"))
+                 for group in param_groups)
 
 
 def _reject_options(owner: str, options: dict[str, Any]) -> None:
@@ -91,30 +134,60 @@ def _reject_options(owner: str, options: dict[str, Any]) -> None:
             raise ValueError(f"{owner} does not support {key}={value!r}")
 
 
-class _Base(Optimizer):
-    """Shared plumbing: validation, gathering gradients, aggregator state in checkpoints."""
+class StagedOptimizer(Optimizer):
+    """The base of this library's optimisers: validation, gathering, the reduce boundary.
 
-    _stages: tuple[str, ...] = ()
+    Subclasses implement three pieces of one algorithm, each over one param group:
+
+    * ``_local_step(group, params, grads)`` — the fused in-place step without an
+      aggregator;
+    * ``_transform(group, params, grads)`` — the out-of-place local transform; returns
+      ``(sends, plan)``: the tensors to reduce (aligned with ``params``) and whatever
+      ``_commit`` needs;
+    * ``_commit(group, updated, updates, plan, transmitted, signs)`` — apply the reduced
+      ``updates`` to the parameters ``updated`` (every parameter some rank had a gradient
+      for) and commit the state of the parameters in ``plan``.
+
+    ``_compressor()`` is what the optimiser transmits with (``None`` for sign optimisers),
+    handed to the reducer, which refuses at construction what it cannot serve.
+
+    Example:
+        >>> import torch, signsgd
+        >>> isinstance(signsgd.Lion([torch.nn.Parameter(torch.ones(1))]), StagedOptimizer)
+        True
+    """
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any],
-                 aggregator: Aggregator | None) -> None:
-        if aggregator is not None:
-            stage = getattr(aggregator, "stage", None)
-            if stage not in self._stages:
-                raise ValueError(
-                    f"{type(self).__name__} cannot use aggregator {type(aggregator).__name__} "
-                    f"(stage {stage!r}); it accepts stages {list(self._stages)}"
-                )
+                 aggregator: Reducer | None) -> None:
         _check_group(type(self).__name__, defaults)
         super().__init__(params, defaults)
         self.aggregator = aggregator
+        if aggregator is not None:
+            from signsgd.distributed.reducer import Reducer
+
+            name = type(self).__name__
+            if not isinstance(aggregator, Reducer):
+                raise ValueError(
+                    f"{name} cannot use aggregator {type(aggregator).__name__}: not a "
+                    "signsgd.distributed reducer (MajorityVote, ErrorFeedbackAllReduce, "
+                    "AllReduce)"
+                )
+            try:
+                aggregator.check_compressor(self._compressor())
+            except ValueError as exc:
+                raise ValueError(
+                    f"{name} cannot use aggregator {type(aggregator).__name__}: {exc}"
+                ) from None
+
+    def _compressor(self) -> Compressor | None:
+        return None
 
     @property
-    def _workspace(self) -> dict[Any, Tensor]:
+    def _workspace(self) -> Scratch:
         """Scratch buffers reused between steps (not state: never saved or pickled)."""
         ws = self.__dict__.get("_scratch")
         if ws is None:
-            ws = self.__dict__["_scratch"] = {}
+            ws = self.__dict__["_scratch"] = Scratch()
         return ws
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -124,15 +197,91 @@ class _Base(Optimizer):
         _check_group(type(self).__name__, {**self.defaults, **param_group})
         super().add_param_group(param_group)
 
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one step; ``closure`` re-evaluates the model and returns the loss.
+
+        Raises:
+            NonFiniteGradientError: (a ValueError) a gradient holds NaN or inf — here or,
+                with an aggregator, on any rank; names its param group and index;
+                nothing is changed.
+            RuntimeError: a sparse gradient or a complex parameter; nothing is changed.
+            ValueError: EFSGD's compressor changed a tensor's shape, dtype or device;
+                nothing is changed.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work, bad = self._gather()
+        if self.aggregator is None:
+            if bad is not None:
+                raise NonFiniteGradientError(self._nonfinite_error(bad))
+            self._local(work)
+        else:
+            self._reduced_step(work, bad)
+        return loss
+
+    def _local(self, work: _Work) -> None:
+        """The step without an aggregator: one fused functional call per param group."""
+        for group, params, grads in work:
+            if params:
+                self._local_step(group, params, grads)
+
+    def _reduced_step(self, work: _Work, bad: _Entry | None) -> None:
+        """Transform → reduce → commit, with every parameter of every group in one step."""
+        plans = []
+        sends: dict[int, Tensor] = {}
+        for group, params, grads in work:
+            if not params:
+                plans.append(None)
+                continue
+            out, plan = self._transform(group, params, grads)
+            sends.update((id(p), u) for p, u in zip(params, out))
+            plans.append(plan)
+        everything = [p for group in self.param_groups for p in group["params"]]
+        try:
+            red = self.aggregator.reduce(  # type: ignore[union-attr]
+                [sends.get(id(p)) for p in everything], finite=bad is None,
+                compressor=self._compressor(), settings=self._settings())
+        except NonFiniteGradientError as exc:
+            if bad is not None:
+                raise NonFiniteGradientError(f"{self._nonfinite_error(bad)}; {exc}") from None
+            raise
+        update = {id(p): u for p, u in zip(everything, red.update) if u is not None}
+        transmitted = None if red.transmitted is None else {
+            id(p): t for p, t in zip(everything, red.transmitted) if t is not None}
+        for group, plan in zip(self.param_groups, plans):
+            updated = [p for p in group["params"] if id(p) in update]
+            if updated or plan is not None:
+                self._commit(group, updated, [update[id(p)].view_as(p) for p in updated],
+                             plan, transmitted, red.signs)
+
+    def _settings(self) -> tuple[Any, ...]:
+        """The hyper-parameters every rank must share (checked in the step header)."""
+        return hyperparameters(self.param_groups)
+
+    def _local_step(self, group: dict[str, Any], params: list[Tensor],
+                    grads: list[Tensor]) -> None:
+        raise NotImplementedError
+
+    def _transform(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+                   ) -> tuple[list[Tensor], Any]:
+        raise NotImplementedError
+
+    def _commit(self, group: dict[str, Any], updated: list[Tensor], updates: list[Tensor],
+                plan: Any, transmitted: dict[int, Tensor] | None, signs: bool) -> None:
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ gathering
-    def _gather(self) -> tuple[list[tuple[dict[str, Any], list[Tensor], list[Tensor]]],
-                               _Entry | None]:
+    def _gather(self) -> tuple[_Work, _Entry | None]:
         """Per group ``(group, params with a gradient, gradients)``; the first non-finite one.
 
         Raises RuntimeError for a sparse gradient or a complex parameter, before anything
         changes.
         """
-        work = []
+        work: _Work = []
         all_grads: list[Tensor] = []
         for gi, group in enumerate(self.param_groups):
             params: list[Tensor] = []
@@ -184,44 +333,37 @@ class _Base(Optimizer):
         foreach = group.get("foreach")
         return True if foreach is None else bool(foreach)
 
-    def _all_params(self) -> list[_Entry]:
-        return [
-            (gi, pi, p)
-            for gi, group in enumerate(self.param_groups)
-            for pi, p in enumerate(group["params"])
-        ]
+    def _buffers(self, params: list[Tensor], key: str, fresh: _Fresh | None = None
+                 ) -> list[Tensor]:
+        """The state buffer ``key`` of each parameter. A missing one is created as zeros:
+        stored at once (``fresh is None``), or recorded in ``fresh`` for :meth:`_store`."""
+        out = []
+        for p in params:
+            st = self.state.get(p)
+            buf = None if st is None else st.get(key)
+            if buf is None:
+                buf = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if fresh is None:
+                    self.state[p][key] = buf
+                else:
+                    fresh[(key, id(p))] = (p, buf)
+            out.append(buf)
+        return out
 
-    def _reduce_gradients(self, bad: _Entry | None) -> dict[int, Tensor]:
-        """Stage "gradient": the mean gradient of every parameter, keyed by ``id(param)``."""
-        everything = self._all_params()
-        grads = [p.grad for _, _, p in everything]
-        reduced = self._call_aggregator(
-            bad, lambda finite: self.aggregator.reduce_gradients(  # type: ignore[union-attr]
-                list(grads), finite=finite)
-        )
-        if len(reduced) != len(everything):
-            raise RuntimeError(
-                f"aggregator returned {len(reduced)} tensors for {len(everything)} parameters"
-            )
-        return {id(p): g for (_, _, p), g in zip(everything, reduced) if g is not None}
-
-    def _call_aggregator(self, bad: _Entry | None, call: Callable[[bool], Any]) -> Any:
-        try:
-            return call(bad is None)
-        except NonFiniteGradientError as exc:
-            if bad is not None:
-                raise NonFiniteGradientError(f"{self._nonfinite_error(bad)}; {exc}") from None
-            raise
+    def _store(self, fresh: _Fresh) -> None:
+        """Store the buffers :meth:`_buffers` created (on commit: the step succeeded)."""
+        for (key, _), (p, buf) in fresh.items():
+            self.state[p][key] = buf
 
     # ------------------------------------------------------------------ checkpoints
+    _pickled: tuple[str, ...] = ("aggregator",)
+
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer pickles only defaults, state and param_groups; keep ours.
         state = super().__getstate__()
         for key in self._pickled:
             state[key] = getattr(self, key, None)
         return state
-
-    _pickled: tuple[str, ...] = ("aggregator",)
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim`` state plus the aggregator's state under ``"aggregator"``."""
@@ -253,7 +395,7 @@ class _Base(Optimizer):
         return None
 
 
-class Signum(_Base):
+class Signum(StagedOptimizer):
     r"""Signum: sign of momentum (Bernstein et al. 2018, Algorithm 2); 1 bit per coordinate.
 
     .. math::
@@ -262,7 +404,9 @@ class Signum(_Base):
 
     ``m`` starts at 0 with no bias correction; weight decay is decoupled and applied after
     the sign; ``sign(0) = 0``. With ``aggregator=MajorityVote()`` each worker votes with the
-    sign of its own momentum and every worker applies the majority (Algorithm 3).
+    sign of its own momentum and every worker applies the majority (Algorithm 3); with
+    ``AllReduce()`` the workers' momenta are averaged (by linearity, Signum on the mean
+    gradient) and every worker applies the sign of the mean.
 
     Args:
         params: iterable of parameters or param-group dicts.
@@ -271,15 +415,15 @@ class Signum(_Base):
             smaller than for SGD.
         momentum: β in [0, 1) (default 0.9). β = 0 is signSGD.
         weight_decay: decoupled weight decay (>= 0).
-        aggregator: ``None`` (single process), an aggregator of stage ``"sign"``
-            (:class:`~signsgd.distributed.MajorityVote`) or ``"gradient"``
-            (:class:`~signsgd.distributed.AllReduce`).
+        aggregator: ``None`` (single process), :class:`~signsgd.distributed.MajorityVote`
+            or :class:`~signsgd.distributed.AllReduce`.
         foreach: use the multi-tensor kernels (default: yes). Both paths give
             bit-identical results.
 
     Raises:
-        ValueError: a hyper-parameter out of range, or ``maximize=True`` and other
-            ``torch.optim`` options this class does not implement.
+        ValueError: a hyper-parameter out of range, an aggregator that cannot serve a sign
+            optimiser, or ``fused=True`` and other ``torch.optim`` options this class does
+            not implement.
 
     Example:
         >>> import torch, signsgd
@@ -293,107 +437,42 @@ class Signum(_Base):
     Optimisation for Non-Convex Problems. ICML 2018.
     """
 
-    _stages = ("sign", "gradient")
-
     def __init__(self, params: Iterable[Any], lr: float | Tensor, momentum: float = 0.9,
-                 weight_decay: float = 0.0, aggregator: Aggregator | None = None,
+                 weight_decay: float = 0.0, aggregator: Reducer | None = None,
                  *, foreach: bool | None = None, **unsupported: Any) -> None:
         _reject_options(type(self).__name__, unsupported)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=foreach)
         super().__init__(params, defaults, aggregator)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one step; ``closure`` re-evaluates the model and returns the loss.
+    def _local_step(self, group: dict[str, Any], params: list[Tensor],
+                    grads: list[Tensor]) -> None:
+        momentum = _scalar(group["momentum"])
+        bufs = self._buffers(params, "momentum_buffer") if momentum != 0 else []
+        F.signum(params, grads, bufs, lr=_scalar(group["lr"]), momentum=momentum,
+                 weight_decay=_scalar(group["weight_decay"]), foreach=self._foreach(group),
+                 workspace=self._workspace)
 
-        Raises:
-            NonFiniteGradientError: (a ValueError) a gradient holds NaN or inf; names its
-                param group and index; nothing is changed.
-            RuntimeError: a sparse gradient or a complex parameter; nothing is changed.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        work, bad = self._gather()
-        stage = getattr(self.aggregator, "stage", None)
-        if stage == "sign":
-            self._step_vote(work, bad)
-            return loss
-        if stage == "gradient":
-            reduced = self._reduce_gradients(bad)
-            work = []
-            for group in self.param_groups:
-                params = [p for p in group["params"] if id(p) in reduced]
-                work.append((group, params, [reduced[id(p)] for p in params]))
-        elif bad is not None:
-            raise NonFiniteGradientError(self._nonfinite_error(bad))
-        for group, params, grads in work:
-            if not params:
-                continue
-            momentum = _scalar(group["momentum"])
-            bufs = self._buffers(params) if momentum != 0 else []
-            F.signum(params, grads, bufs, lr=_scalar(group["lr"]), momentum=momentum,
-                     weight_decay=_scalar(group["weight_decay"]),
-                     foreach=self._foreach(group), workspace=self._workspace)
-        return loss
+    def _transform(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+                   ) -> tuple[list[Tensor], Any]:
+        momentum = _scalar(group["momentum"])
+        if momentum == 0:
+            return list(grads), None
+        fresh: _Fresh = {}
+        bufs = self._buffers(params, "momentum_buffer", fresh)
+        directions = F.signum_direction(grads, bufs, momentum=momentum,
+                                        foreach=self._foreach(group))
+        return directions, (bufs, directions, fresh)
 
-    def _buffers(self, params: list[Tensor]) -> list[Tensor]:
-        state = self.state
-        bufs = []
-        for p in params:
-            st = state[p]
-            buf = st.get("momentum_buffer")
-            if buf is None:
-                buf = st["momentum_buffer"] = torch.zeros_like(
-                    p, memory_format=torch.preserve_format)
-            bufs.append(buf)
-        return bufs
-
-    def _step_vote(self, work: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]],
-                   bad: _Entry | None) -> None:
-        """Stage "sign": every parameter of every group goes into one vote."""
-        everything = self._all_params()
-        have = {id(p) for _, params, _ in work for p in params}
-        directions: list[Tensor | None] = []
-        fresh: dict[int, Tensor] = {}
-        for gi, _, p in everything:
-            if id(p) not in have:
-                directions.append(None)
-                continue
-            beta = _scalar(self.param_groups[gi]["momentum"])
-            if beta == 0:
-                directions.append(p.grad)
-                continue
-            st = self.state.get(p)
-            buf = None if st is None else st.get("momentum_buffer")
-            if buf is None:
-                buf = torch.zeros_like(p, memory_format=torch.preserve_format)
-                fresh[id(p)] = buf
-            directions.append(F.signum_direction([p.grad], [buf], momentum=beta)[0])  # type: ignore[list-item]
-        votes = self._call_aggregator(
-            bad, lambda finite: self.aggregator.reduce_signs(  # type: ignore[union-attr]
-                directions, finite=finite),
-        )
-        if len(votes) != len(everything):
-            raise RuntimeError(
-                f"aggregator returned {len(votes)} tensors for {len(everything)} parameters"
-            )
-        # The vote succeeded on every rank: commit momentum, then update parameters.
-        for (gi, _, p), d in zip(everything, directions):
-            if d is None or _scalar(self.param_groups[gi]["momentum"]) == 0:
-                continue
-            state = self.state[p]
-            if id(p) in fresh:
-                state["momentum_buffer"] = fresh[id(p)]
-            state["momentum_buffer"].copy_(d)
-        for gi, group in enumerate(self.param_groups):
-            pairs = [(p, v) for (g, _, p), v in zip(everything, votes) if g == gi and v is not None]
-            if not pairs:
-                continue
-            F.sign_update_([p for p, _ in pairs], [v for _, v in pairs],
-                           lr=_scalar(group["lr"]), weight_decay=_scalar(group["weight_decay"]),
-                           take_sign=False, foreach=self._foreach(group))
+    def _commit(self, group: dict[str, Any], updated: list[Tensor], updates: list[Tensor],
+                plan: Any, transmitted: dict[int, Tensor] | None, signs: bool) -> None:
+        if plan is not None:  # momentum ← this rank's direction
+            bufs, directions, fresh = plan
+            self._store(fresh)
+            F.copy_(bufs, directions, foreach=self._foreach(group))
+        if updated:
+            F.sign_update_(updated, updates, lr=_scalar(group["lr"]),
+                           weight_decay=_scalar(group["weight_decay"]), take_sign=not signs,
+                           foreach=self._foreach(group), workspace=self._workspace)
 
 
 class SignSGD(Signum):
@@ -410,7 +489,8 @@ class SignSGD(Signum):
         params: iterable of parameters or param-group dicts.
         lr: learning rate (>= 0; a float or a one-element tensor).
         weight_decay: decoupled weight decay (>= 0).
-        aggregator: ``None``, or an aggregator of stage ``"sign"`` or ``"gradient"``.
+        aggregator: ``None``, :class:`~signsgd.distributed.MajorityVote` or
+            :class:`~signsgd.distributed.AllReduce`.
         foreach: use the multi-tensor kernels (default: yes).
 
     Raises:
@@ -429,7 +509,7 @@ class SignSGD(Signum):
     """
 
     def __init__(self, params: Iterable[Any], lr: float | Tensor, weight_decay: float = 0.0,
-                 aggregator: Aggregator | None = None, *, foreach: bool | None = None,
+                 aggregator: Reducer | None = None, *, foreach: bool | None = None,
                  **unsupported: Any) -> None:
         if "momentum" in unsupported:
             raise TypeError("SignSGD takes no momentum; use signsgd.Signum")
@@ -437,7 +517,95 @@ class SignSGD(Signum):
                          aggregator=aggregator, foreach=foreach, **unsupported)
 
 
-class EFSGD(_Base):
+class Lion(StagedOptimizer):
+    r"""Lion: the sign of an interpolation of momentum and gradient (Chen et al. 2023).
+
+    .. math::
+        c \leftarrow \beta_1 m + (1-\beta_1) g,\quad
+        x \leftarrow x\,(1 - \mathrm{lr}\cdot\mathrm{wd}) - \mathrm{lr}\,\mathrm{sign}(c),\quad
+        m \leftarrow \beta_2 m + (1-\beta_2) g
+
+    ``m`` starts at 0; ``c`` is computed from the momentum *before* it is updated (a Lion
+    that updates ``m`` first is another algorithm); ``sign(0) = 0``; weight decay is
+    decoupled, as in the paper. One state buffer per parameter (AdamW keeps two). With
+    ``aggregator=MajorityVote()`` this is Distributed Lion (Liu et al. 2024): each worker
+    keeps its own ``m``, votes with ``sign(c)`` (zero goes out as +1, ties broken as for
+    Signum), every worker applies the vote, then updates its own ``m`` with its local
+    gradient — 1 bit per coordinate each way.
+
+    Tuning (the paper): a learning rate 3–10× smaller than AdamW's, and a weight decay
+    3–10× larger, keep the effective decay ``lr·wd`` similar; β = (0.9, 0.99) by default,
+    (0.95, 0.98) for stability in large-model training.
+
+    Args:
+        params: iterable of parameters or param-group dicts.
+        lr: learning rate (>= 0; default 1e-4).
+        betas: ``(β1, β2)``, each in [0, 1): β1 interpolates the update direction, β2 is
+            the momentum's decay.
+        weight_decay: decoupled weight decay (>= 0).
+        aggregator: ``None``, :class:`~signsgd.distributed.MajorityVote` (Distributed
+            Lion) or :class:`~signsgd.distributed.AllReduce`.
+        foreach: use the multi-tensor kernels (default: yes); both paths are bit-identical.
+
+    Raises:
+        ValueError: a hyper-parameter out of range or an unsupported ``torch.optim`` option.
+
+    Example:
+        >>> import torch, signsgd
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
+        >>> opt = signsgd.Lion([w], lr=0.5, betas=(0.5, 0.75))
+        >>> w.grad = torch.tensor([2.0, 0.0]); opt.step()
+        >>> w.data, opt.state[w]["exp_avg"]
+        (tensor([ 0.5000, -1.0000]), tensor([0.5000, 0.0000]))
+
+    Reference: Chen et al., Symbolic Discovery of Optimization Algorithms, NeurIPS 2023;
+    Liu et al., Communication Efficient Distributed Training with Distributed Lion,
+    NeurIPS 2024.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float | Tensor = 1e-4,
+                 betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
+                 aggregator: Reducer | None = None, *, foreach: bool | None = None,
+                 **unsupported: Any) -> None:
+        _reject_options(type(self).__name__, unsupported)
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, foreach=foreach)
+        super().__init__(params, defaults, aggregator)
+
+    @staticmethod
+    def _betas(group: dict[str, Any]) -> tuple[float, float]:
+        b1, b2 = group["betas"]
+        return _scalar(b1), _scalar(b2)
+
+    def _local_step(self, group: dict[str, Any], params: list[Tensor],
+                    grads: list[Tensor]) -> None:
+        beta1, beta2 = self._betas(group)
+        F.lion(params, grads, self._buffers(params, "exp_avg"), lr=_scalar(group["lr"]),
+               beta1=beta1, beta2=beta2, weight_decay=_scalar(group["weight_decay"]),
+               foreach=self._foreach(group), workspace=self._workspace)
+
+    def _transform(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+                   ) -> tuple[list[Tensor], Any]:
+        fresh: _Fresh = {}
+        bufs = self._buffers(params, "exp_avg", fresh)
+        beta1, _ = self._betas(group)
+        directions = F.signum_direction(grads, bufs, momentum=beta1,
+                                        foreach=self._foreach(group))
+        return directions, (grads, bufs, fresh)
+
+    def _commit(self, group: dict[str, Any], updated: list[Tensor], updates: list[Tensor],
+                plan: Any, transmitted: dict[int, Tensor] | None, signs: bool) -> None:
+        foreach = self._foreach(group)
+        if updated:
+            F.sign_update_(updated, updates, lr=_scalar(group["lr"]),
+                           weight_decay=_scalar(group["weight_decay"]), take_sign=not signs,
+                           foreach=foreach, workspace=self._workspace)
+        if plan is not None:  # m ← β2·m + (1−β2)·g with this rank's own gradient
+            grads, bufs, fresh = plan
+            self._store(fresh)
+            F.lerp_(bufs, grads, 1.0 - self._betas(group)[1], foreach=foreach)
+
+
+class EFSGD(StagedOptimizer):
     r"""EF-SGD: SGD with a compressor and error feedback (Karimireddy et al. 2019).
 
     .. math::
@@ -455,8 +623,10 @@ class EFSGD(_Base):
             default ``ScaledSign()``. Its state (RandomK's generator) is checkpointed.
         momentum: heavy-ball β in [0, 1) (default 0).
         weight_decay: L2 weight decay added to the gradient (>= 0).
-        aggregator: ``None``, an aggregator of stage ``"error_feedback"``
-            (:class:`~signsgd.distributed.ErrorFeedbackAllReduce`) or ``"gradient"``.
+        aggregator: ``None``, :class:`~signsgd.distributed.ErrorFeedbackAllReduce` (the
+            two-stage compressed all-reduce, worker and server error) or
+            :class:`~signsgd.distributed.AllReduce` (each worker's ``C(p)`` averaged
+            exactly; the worker error stays on each rank).
         foreach: use the multi-tensor kernels (default: yes).
 
     Raises:
@@ -475,13 +645,12 @@ class EFSGD(_Base):
     Gradient Compression Schemes. ICML 2019.
     """
 
-    _stages = ("error_feedback", "gradient")
     _pickled = ("aggregator", "compressor")
 
     def __init__(self, params: Iterable[Any], lr: float | Tensor,
                  compressor: Compressor | Callable[[Tensor], Tensor] | None = None,
                  momentum: float = 0.0, weight_decay: float = 0.0,
-                 aggregator: Aggregator | None = None,
+                 aggregator: Reducer | None = None,
                  *, foreach: bool | None = None, **unsupported: Any) -> None:
         _reject_options(type(self).__name__, unsupported)
         if compressor is None:
@@ -492,105 +661,55 @@ class EFSGD(_Base):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=foreach)
         super().__init__(params, defaults, aggregator)
 
-    def _buffers(self, params: list[Tensor], key: str,
-                 fresh: dict[tuple[str, int], tuple[Tensor, Tensor]]) -> list[Tensor]:
-        """Existing buffers, or fresh zeros recorded in ``fresh`` to commit on success."""
-        out = []
-        state = self.state
-        for p in params:
-            st = state.get(p)
-            buf = None if st is None else st.get(key)
-            if buf is None:
-                buf = torch.zeros_like(p, memory_format=torch.preserve_format)
-                fresh[(key, id(p))] = (p, buf)
-            out.append(buf)
-        return out
+    def _compressor(self) -> Compressor | None:
+        return self.compressor  # type: ignore[return-value]
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one step; ``closure`` re-evaluates the model and returns the loss.
+    def _transform(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+                   ) -> tuple[list[Tensor], Any]:
+        """``p = lr·(g + wd·x) + e`` (or ``lr·m + e``), out of place."""
+        fresh: _Fresh = {}
+        momentum = _scalar(group["momentum"])
+        errors = self._buffers(params, "error", fresh)
+        bufs: list[Tensor | None] = (self._buffers(params, "momentum_buffer", fresh)  # type: ignore[assignment]
+                                     if momentum != 0 else [None] * len(params))
+        comp, new_m = F.ef_compensate(
+            params, grads, errors, bufs, lr=_scalar(group["lr"]), momentum=momentum,
+            weight_decay=_scalar(group["weight_decay"]), foreach=self._foreach(group),
+        )
+        return comp, (params, errors, bufs, comp, new_m, fresh)
 
-        Raises:
-            NonFiniteGradientError: (a ValueError) a gradient holds NaN or inf; names its
-                param group and index; nothing is changed.
-            RuntimeError: a sparse gradient or a complex parameter; nothing is changed.
-            ValueError: the compressor changed a tensor's shape, dtype or device; nothing
-                is changed.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        work, bad = self._gather()
-        stage = getattr(self.aggregator, "stage", None)
-        if stage is None and bad is not None:
-            raise NonFiniteGradientError(self._nonfinite_error(bad))
-        if stage == "gradient":
-            reduced = self._reduce_gradients(bad)
-            work = []
-            for group in self.param_groups:
-                params = [p for p in group["params"] if id(p) in reduced]
-                work.append((group, params, [reduced[id(p)] for p in params]))
+    def _local(self, work: _Work) -> None:
+        """Without an aggregator the "reduction" is ``Δ = C(p)`` itself. Every group's
+        ``C(p)`` is computed before anything is written, so a compressor that raises (or
+        returns a bad shape) leaves every parameter and buffer untouched."""
+        staged = [(group, *self._transform(group, params, grads))
+                  for group, params, grads in work if params]
+        deltas = [F.compress_all(self.compressor, comp) for _, comp, _ in staged]
+        for (group, _, plan), delta in zip(staged, deltas):
+            params = plan[0]
+            self._commit(group, params, delta, plan,
+                         {id(p): d for p, d in zip(params, delta)}, False)
 
-        # Local transform, out of place: p = lr·(g + wd·x) + e (or lr·m + e), per group.
-        fresh: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
-        plan = []  # (group, params, errors, momentum buffers, compensated, new momentum)
-        for group, params, grads in work:
-            if not params:
-                continue
-            momentum = _scalar(group["momentum"])
-            errors = self._buffers(params, "error", fresh)
-            bufs: list[Tensor | None] = (self._buffers(params, "momentum_buffer", fresh)  # type: ignore[assignment]
-                                         if momentum != 0 else [None] * len(params))
-            comp, new_m = F.ef_compensate(
-                params, grads, errors, bufs, lr=_scalar(group["lr"]), momentum=momentum,
-                weight_decay=_scalar(group["weight_decay"]), foreach=self._foreach(group),
-            )
-            plan.append((group, params, errors, bufs, comp, new_m))
-
-        extra_updates: list[tuple[Tensor, Tensor]] = []
-        if stage == "error_feedback":
-            everything = self._all_params()
-            by_id = {id(p): c for _, params, _, _, comp, _ in plan for p, c in zip(params, comp)}
-            flat_in = [by_id.get(id(p)) for _, _, p in everything]
-            sent, upd = self._call_aggregator(
-                bad, lambda finite: self.aggregator.reduce_error_feedback(  # type: ignore[union-attr]
-                    flat_in, self.compressor, finite=finite),
-            )
-            if len(sent) != len(everything) or len(upd) != len(everything):
-                raise RuntimeError(
-                    f"aggregator returned {len(sent)}/{len(upd)} tensors for "
-                    f"{len(everything)} parameters"
-                )
-            sent_by = {id(p): s for (_, _, p), s in zip(everything, sent) if s is not None}
-            upd_by = {id(p): u for (_, _, p), u in zip(everything, upd) if u is not None}
-            # A parameter without a local gradient still takes the common update, so that
-            # every rank keeps identical parameters.
-            extra_updates = [(p, upd_by[id(p)]) for _, _, p in everything
-                             if id(p) not in by_id and id(p) in upd_by]
-            sends = [[sent_by[id(p)] for p in params] for _, params, *_ in plan]
-            updates = [[upd_by[id(p)] for p in params] for _, params, *_ in plan]
-        else:
-            sends = [F._compress_all(self.compressor, comp) for *_, comp, _ in plan]
-            updates = sends
-
-        # Commit: new buffers, momentum, then e ← p − C(p) and x ← x − Δ.
-        for key, pid in fresh:
-            p, buf = fresh[(key, pid)]
-            self.state[p][key] = buf
-        for (group, params, errors, bufs, comp, new_m), sent_g, upd_g in zip(plan, sends,
-                                                                             updates):
-            foreach = self._foreach(group)
+    def _commit(self, group: dict[str, Any], updated: list[Tensor], updates: list[Tensor],
+                plan: Any, transmitted: dict[int, Tensor] | None, signs: bool) -> None:
+        """``m ← m'``, ``e ← p − C(p)`` and ``x ← x − Δ``."""
+        foreach = self._foreach(group)
+        local: set[int] = set()
+        if plan is not None:
+            params, errors, bufs, comp, new_m, fresh = plan
+            self._store(fresh)
             if new_m:
-                if foreach:
-                    torch._foreach_copy_(bufs, new_m)  # type: ignore[arg-type]
-                else:
-                    for b, m in zip(bufs, new_m):
-                        b.copy_(m)  # type: ignore[union-attr]
-            F.ef_apply_(params, errors, comp, sent_g, upd_g, foreach=foreach)
-        for p, u in extra_updates:
-            p.sub_(u)
-        return loss
+                F.copy_(bufs, new_m, foreach=foreach)  # type: ignore[arg-type]
+            by_id = {id(p): u for p, u in zip(updated, updates)}
+            sent = [transmitted[id(p)].view_as(p) for p in params]  # type: ignore[index]
+            F.ef_apply_(params, errors, comp, sent, [by_id[id(p)] for p in params],
+                        foreach=foreach)
+            local = {id(p) for p in params}
+        for p, u in zip(updated, updates):
+            if id(p) not in local:
+                # A parameter without a local gradient still takes the common update, so
+                # that every rank keeps identical parameters.
+                p.sub_(u)
 
     def _pop_extra_state(self, state_dict: dict[str, Any]) -> Any:
         return state_dict.pop("compressor", None)

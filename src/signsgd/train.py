@@ -64,6 +64,7 @@ from torch import nn
 
 from signsgd import compression
 from signsgd.data import DATASETS, Dataset, epoch_batches, load, shard_indices
+from signsgd.errors import CheckpointError, ConfigError
 from signsgd.models import MODELS, build, count_parameters
 
 __all__ = [
@@ -107,14 +108,6 @@ _RESUME_KEYS = (
     "lr_schedule", "seed", "workers", "vote", "adversaries", "attack", "compressor",
     "train_subset", "validation",
 )
-
-
-class ConfigError(ValueError):
-    """A bad training configuration; the message names the value and how to fix it."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed from (corrupt, or from a different run)."""
 
 
 @dataclass
@@ -184,25 +177,6 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def parse_compressor(spec: str) -> compression.Compressor:
-    """``identity`` | ``sign`` | ``scaled-sign`` | ``topk:R`` | ``randomk:R`` → a compressor."""
-    name, _, arg = str(spec).partition(":")
-    if name in ("identity", "sign", "scaled-sign") and not arg:
-        return {"identity": compression.Identity, "sign": compression.Sign,
-                "scaled-sign": compression.ScaledSign}[name]()
-    if name in ("topk", "randomk"):
-        try:
-            ratio = float(arg)
-        except ValueError:
-            ratio = float("nan")
-        if not 0.0 < ratio <= 1.0:
-            raise ConfigError(
-                f"compressor {spec!r}: the ratio must be a number in (0, 1], e.g. {name}:0.1"
-            )
-        return compression.TopK(ratio) if name == "topk" else compression.RandomK(ratio)
-    raise ConfigError(f"unknown compressor {spec!r}; valid compressors: {', '.join(COMPRESSORS)}")
-
-
 def validate(cfg: TrainConfig, *, n_train: int | None = None) -> TrainConfig:
     """Check every field of ``cfg`` (and, given ``n_train``, the sizes against the data).
 
@@ -250,7 +224,7 @@ def validate(cfg: TrainConfig, *, n_train: int | None = None) -> TrainConfig:
             "the workers, and a single worker does not communicate)"
         )
     if c.optimizer in ("efsgd", "ef-signsgd"):
-        parse_compressor(c.compressor)
+        compression.from_spec(c.compressor)
     if n_train is not None:
         n = n_train if c.train_subset is None else min(n_train, c.train_subset)
         n -= c.validation
@@ -306,7 +280,7 @@ def load_checkpoint(out: Path, cfg: TrainConfig) -> dict[str, Any]:
             + "; ".join(diffs)
             + "); use the same options as that run, or another --out to start over"
         )
-    needed = ("model", "optimizer", "grad_reduce", "scheduler", "rng", "bytes", "metrics",
+    needed = ("model", "optimizer", "scheduler", "rng", "bytes", "metrics",
               "epoch", "step", "wall_time_s")
     missing = [k for k in needed if k not in ckpt]
     if missing or any(len(ckpt[k]) != cfg.workers for k in ("optimizer", "rng", "bytes")):
@@ -336,47 +310,24 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 # --------------------------------------------------------------------------- the worker
 def _make_optimizer(c: TrainConfig, model: nn.Module, rank: int, world: int
-                    ) -> tuple[torch.optim.Optimizer, Any]:
-    """Optimiser (with its aggregator when ``world > 1``) and the gradient all-reduce to
-    call before ``step()`` for torch optimisers (``None`` otherwise)."""
-    import signsgd
-    from signsgd.distributed.adversary import Negate, RandomSigns
+                    ) -> torch.optim.Optimizer:
+    """This rank's optimiser from the registry (communicating when ``world > 1``)."""
+    from signsgd import registry
+    from signsgd.distributed.adversary import attack
 
     adversary = None
     if c.adversaries and rank >= world - c.adversaries:
-        adversary = Negate() if c.attack == "negate" else RandomSigns(seed=c.seed * 1000 + rank)
-    params = list(model.parameters())
-    lr, mom, wd = float(c.lr), float(c.momentum), float(c.weight_decay)  # type: ignore[arg-type]
-    grad_reduce = None
-    if c.optimizer in ("signsgd", "signum"):
-        agg = None
-        if world > 1:
-            from signsgd.distributed import MajorityVote
-
-            agg = MajorityVote(mode=c.vote, seed=c.seed, adversary=adversary)
-        if c.optimizer == "signsgd":
-            return signsgd.SignSGD(params, lr=lr, weight_decay=wd, aggregator=agg), None
-        return signsgd.Signum(params, lr=lr, momentum=mom, weight_decay=wd, aggregator=agg), None
-    if c.optimizer in ("ef-signsgd", "efsgd"):
-        agg = None
-        if world > 1:
-            from signsgd.distributed import ErrorFeedbackAllReduce
-
-            agg = ErrorFeedbackAllReduce(adversary=adversary)
-        return signsgd.EFSGD(params, lr=lr, compressor=parse_compressor(c.compressor),
-                             momentum=mom, weight_decay=wd, aggregator=agg), None
-    if world > 1:
-        from signsgd.distributed import AllReduce
-
-        grad_reduce = AllReduce(adversary=adversary)
-    if c.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=mom,
-                                                     weight_decay=wd)
-    elif c.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=lr, betas=(mom, 0.999), weight_decay=wd)
-    else:
-        opt = torch.optim.AdamW(params, lr=lr, betas=(mom, 0.999), weight_decay=wd)
-    return opt, grad_reduce
+        adversary = attack(c.attack, seed=c.seed * 1000 + rank)
+    hp: dict[str, Any] = {"lr": float(c.lr), "weight_decay": float(c.weight_decay)}  # type: ignore[arg-type]
+    takes = registry.METHODS[c.optimizer].defaults
+    if "momentum" in takes:
+        hp["momentum"] = float(c.momentum)  # type: ignore[arg-type]
+    if "betas" in takes:
+        hp["betas"] = (float(c.momentum), takes["betas"][1])  # type: ignore[arg-type]
+    if "compressor" in takes:
+        hp["compressor"] = c.compressor
+    return registry.build(c.optimizer, list(model.parameters()), world_size=world,
+                          adversary=adversary, vote=c.vote, seed=c.seed, **hp)
 
 
 def _schedule(c: TrainConfig, total_steps: int) -> Callable[[int], float]:
@@ -467,7 +418,7 @@ def _run(rank: int, world: int, c: TrainConfig, train_ds: Dataset, eval_ds: Data
     random.seed(c.seed)
     np.random.seed(c.seed % 2**32)
     model = build(c.model, train_ds.shape, train_ds.num_classes)
-    opt, grad_reduce = _make_optimizer(c, model, rank, world)
+    opt = _make_optimizer(c, model, rank, world)
     n_local = math.ceil(len(train_ds) / world)
     steps_per_epoch = math.ceil(n_local / c.batch_size)
     total_steps = steps_per_epoch * c.epochs
@@ -478,8 +429,6 @@ def _run(rank: int, world: int, c: TrainConfig, train_ds: Dataset, eval_ds: Data
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"][rank])
-        if grad_reduce is not None:
-            grad_reduce.load_state_dict(ckpt["grad_reduce"][rank])
         sched.load_state_dict(ckpt["scheduler"])
         rng = ckpt["rng"][rank]
         torch.set_rng_state(rng["torch"])
@@ -517,19 +466,10 @@ def _run(rank: int, world: int, c: TrainConfig, train_ds: Dataset, eval_ds: Data
                 loss = F.cross_entropy(outp, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                if grad_reduce is not None:
-                    params = [p for g in opt.param_groups for p in g["params"]]
-                    finite = all(bool(torch.isfinite(p.grad).all()) for p in params
-                                 if p.grad is not None)
-                    reduced = grad_reduce.reduce_gradients([p.grad for p in params],
-                                                           finite=finite)
-                    for p, g in zip(params, reduced):
-                        if g is not None:
-                            p.grad = g.view_as(p).to(p.dtype)
                 opt.step()
                 lr_used = float(opt.param_groups[0]["lr"])
                 sched.step()
-                agg = grad_reduce if grad_reduce is not None else getattr(opt, "aggregator", None)
+                agg = getattr(opt, "aggregator", None) or getattr(opt, "reducer", None)
                 if agg is not None:
                     bytes_sent += int(agg.bytes_sent)
                     bytes_recv += int(agg.bytes_received)
@@ -590,15 +530,13 @@ def _run(rank: int, world: int, c: TrainConfig, train_ds: Dataset, eval_ds: Data
             }
             states = [opt.state_dict()]
             rngs = [{"torch": torch.get_rng_state()}]
-            reds = [grad_reduce.state_dict() if grad_reduce is not None else {}]
             byts = [[bytes_sent, bytes_recv]]
             if world > 1:
                 gathered: list[Any] = [None] * world
-                dist.all_gather_object(gathered, (states[0], rngs[0], reds[0], byts[0]))
+                dist.all_gather_object(gathered, (states[0], rngs[0], byts[0]))
                 states = [g[0] for g in gathered]
                 rngs = [g[1] for g in gathered]
-                reds = [g[2] for g in gathered]
-                byts = [g[3] for g in gathered]
+                byts = [g[2] for g in gathered]
             if is_main:
                 metrics.append(rec)
                 mfile.write(json.dumps(rec) + "\n")
@@ -606,7 +544,7 @@ def _run(rank: int, world: int, c: TrainConfig, train_ds: Dataset, eval_ds: Data
                 _atomic_save({
                     "format": _FORMAT, "fingerprint": _fingerprint(c), "config": c.to_dict(),
                     "epoch": epoch + 1, "step": step, "wall_time_s": now - t0,
-                    "model": model.state_dict(), "optimizer": states, "grad_reduce": reds,
+                    "model": model.state_dict(), "optimizer": states,
                     "scheduler": sched.state_dict(), "rng": rngs, "bytes": byts,
                     "metrics": metrics,
                 }, out / CHECKPOINT)

@@ -167,7 +167,7 @@ def test_single_process_without_group_is_sign_with_zero_plus_one(values, want):
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_single_process_non_finite_raises(bad):
-    from signsgd.distributed.base import NonFiniteGradientError
+    from signsgd.errors import NonFiniteGradientError
 
     with pytest.raises(NonFiniteGradientError, match="non-finite"):
         majority_vote(torch.tensor([1.0, bad]), step=0)

@@ -21,8 +21,8 @@ import torch.distributed as dist
 import signsgd
 from signsgd.compression import Identity, ScaledSign
 from signsgd.distributed import AllReduce, ErrorFeedbackAllReduce, MajorityVote
-from signsgd.distributed.base import NonFiniteGradientError
 from signsgd.distributed.vote import majority_vote, vote_async
+from signsgd.errors import NonFiniteGradientError
 
 # ----------------------------------------------------------------------------- votes
 
@@ -57,7 +57,7 @@ def vote_cases(rank: int, world_size: int, cases: list[tuple[Any, ...]]
             agg = MajorityVote(group, mode=mode, seed=seed, bucket_bytes=64)
             agg.load_state_dict({"step": step})
             third = numel // 3
-            res = agg.reduce_signs([x[:third].clone(), x[third:].clone()])
+            res = agg.reduce([x[:third].clone(), x[third:].clone()]).update
             buckets.append(torch.cat([o.reshape(-1) for o in res]))
             counted.append((agg.bytes_sent, agg.bytes_received, agg.step))
         out[m] = {"votes": votes, "async": asyncs, "buckets": buckets, "counted": counted}
@@ -182,7 +182,7 @@ def identity_vs_allreduce(rank: int, group: Any, steps: int) -> dict[str, Any]:
         for p, g in zip(a, grads_for(a, rank, step, zeros=False)):
             p.grad = g
         oa.step()
-        mean = base.reduce_gradients(grads_for(b, rank, step, zeros=False))
+        mean = base.reduce(grads_for(b, rank, step, zeros=False)).update
         for p, g in zip(b, mean):
             p.grad = g
         ob.step()
@@ -246,7 +246,8 @@ def ef_negated(rank: int, group: Any) -> dict[str, Any]:
     out = {}
     for name, adversary in (("honest", None), ("negated", Negate())):
         agg = ErrorFeedbackAllReduce(group, adversary=adversary)
-        sent, update = agg.reduce_error_feedback([t.clone() for t in p], ScaledSign())
+        r = agg.reduce([t.clone() for t in p], compressor=ScaledSign())
+        sent, update = r.transmitted, r.update
         out[name], out[name + "_sent"] = update, sent
     return out
 
@@ -316,9 +317,9 @@ def bad_inputs(rank: int, world_size: int) -> dict[str, Any]:
     out["inf_async"] = _error(lambda: vote_async(
         torch.ones(9), finite=(rank != 0)).wait())
     agg = MajorityVote()
-    out["agg_layout"] = _error(lambda: agg.reduce_signs(
+    out["agg_layout"] = _error(lambda: agg.reduce(
         [torch.ones(3), torch.ones(4 if rank == 0 else 5)]))
-    out["agg_count"] = _error(lambda: agg.reduce_signs([torch.ones(3)] * (1 + (rank == 1))))
+    out["agg_count"] = _error(lambda: agg.reduce([torch.ones(3)] * (1 + (rank == 1))))
     out["agg_step_after_errors"] = agg.step
 
     # NaN in one rank's gradient: every rank raises, no parameter or state changes.

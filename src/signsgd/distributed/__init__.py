@@ -1,28 +1,35 @@
-"""Distributed sign methods on ``torch.distributed``: aggregators, DDP hooks, adversaries.
+"""Distributed sign methods on ``torch.distributed``: reducers, DDP hooks, adversaries.
 
-* :func:`majority_vote` — the elementwise majority of signs across ranks, 1 bit each way.
-* :class:`MajorityVote` — aggregator for ``SignSGD`` / ``Signum`` (Algorithm 3).
-* :class:`ErrorFeedbackAllReduce` — two-stage compressed all-reduce for ``EFSGD``.
+* :class:`MajorityVote` — the 1-bit vote, for ``SignSGD`` / ``Signum`` / ``Lion``.
+* :class:`ErrorFeedbackAllReduce` — two-stage compressed all-reduce, for ``EFSGD``.
 * :class:`AllReduce` — the fp32 mean all-reduce baseline.
+* :class:`AverageGradients` — any ``torch.optim`` optimiser on all-reduced gradients.
+* :func:`majority_vote` / :func:`vote_async` — the vote as a function / a future.
 * :func:`majority_vote_hook` / :class:`MajorityVoteHookState` — DDP communication hook.
 * :mod:`signsgd.distributed.adversary` — Byzantine workers for fault-tolerance runs.
 * :func:`signsgd.distributed.launch.spawn` — M local Gloo workers on 127.0.0.1.
 
-See :mod:`signsgd.distributed.base` for the aggregator interface the optimisers call.
+:mod:`signsgd.distributed.reducer` describes the protocol every reducer implements.
 """
 
-from signsgd.distributed.aggregators import AllReduce, ErrorFeedbackAllReduce, MajorityVote
-from signsgd.distributed.base import Aggregator, NonFiniteGradientError
+from signsgd.distributed.average import AverageGradients
+from signsgd.distributed.error_feedback import ErrorFeedbackAllReduce
 from signsgd.distributed.hooks import MajorityVoteHookState, majority_vote_hook
-from signsgd.distributed.vote import majority_vote
+from signsgd.distributed.reducer import AllReduce, Reducer, Reduction
+from signsgd.distributed.vote import MajorityVote, majority_vote, vote_async
+from signsgd.errors import CollectiveError, NonFiniteGradientError
 
 __all__ = [
-    "Aggregator",
     "AllReduce",
+    "AverageGradients",
+    "CollectiveError",
     "ErrorFeedbackAllReduce",
     "MajorityVote",
     "MajorityVoteHookState",
     "NonFiniteGradientError",
+    "Reducer",
+    "Reduction",
     "majority_vote",
     "majority_vote_hook",
+    "vote_async",
 ]

@@ -22,7 +22,7 @@ In a vote a Byzantine rank still sends one bit per coordinate, so ``k`` adversar
 single rank with a large ``scale`` can move the mean anywhere (ICLR 2019, Section 4).
 
 Random draws are a counter-based hash of ``(seed, step, coordinate)``
-(:func:`signsgd.distributed.vote.random_words`): stateless, so checkpoints need nothing and
+(:func:`signsgd.distributed.random_bits.random_words`): stateless, so checkpoints need nothing and
 a resumed run draws the same signs. Give each Byzantine rank its own seed (e.g.
 ``RandomSigns(seed=rank)``) unless they should collude.
 
@@ -37,10 +37,10 @@ import math
 import torch
 from torch import Tensor
 
-from signsgd.distributed.vote import _splitmix64, random_words
+from signsgd.distributed.random_bits import random_words, splitmix64
 from signsgd.packing import unpack_signs
 
-__all__ = ["Adversary", "Negate", "RandomSigns"]
+__all__ = ["Adversary", "Negate", "RandomSigns", "ATTACKS", "attack"]
 
 
 def _check_scale(scale: float) -> float:
@@ -114,7 +114,7 @@ class RandomSigns(Adversary):
         self.scale = _check_scale(scale)
 
     def _key(self, step: int) -> int:
-        return _splitmix64(_splitmix64(self.seed & ((1 << 64) - 1)) ^ int(step) ^ 0x0BAD_5EED)
+        return splitmix64(splitmix64(self.seed & ((1 << 64) - 1)) ^ int(step) ^ 0x0BAD_5EED)
 
     def corrupt_signs(self, packed: Tensor, *, step: int, word_offset: int = 0) -> Tensor:
         if packed.numel() % 8:
@@ -130,3 +130,22 @@ class RandomSigns(Adversary):
 
     def __repr__(self) -> str:
         return f"RandomSigns(seed={self.seed}, scale={self.scale})"
+
+
+#: The attack names of :func:`attack` (``signsgd train --attack``, the experiments).
+ATTACKS: tuple[str, ...] = ("negate", "random")
+
+
+def attack(name: str, *, seed: int = 0, scale: float = 1.0) -> Adversary:
+    """The adversary called ``name``: ``"negate"`` (:class:`Negate`) or ``"random"``
+    (:class:`RandomSigns` with ``seed``); ``scale`` multiplies a corrupted gradient.
+
+    Example:
+        >>> attack("random", seed=3)
+        RandomSigns(seed=3, scale=1.0)
+    """
+    if name == "negate":
+        return Negate(scale=scale)
+    if name == "random":
+        return RandomSigns(seed=seed, scale=scale)
+    raise ValueError(f"unknown attack {name!r}; valid attacks: {', '.join(ATTACKS)}")

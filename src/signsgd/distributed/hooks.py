@@ -23,7 +23,8 @@ What the hook does, per DDP bucket and step:
    ``m ← β·m + (1−β)·g`` (computed as ``torch.lerp(m, g, 1−β)``, exactly as
    :class:`signsgd.Signum` does, so the two agree bit for bit).
 2. The signs of ``m`` (zero → +1) go out packed, 1 bit per coordinate, and the majority
-   comes back, 1 bit per coordinate (:func:`signsgd.distributed.vote.vote_async`).
+   comes back, 1 bit per coordinate: the core of
+   :class:`~signsgd.distributed.MajorityVote`, run on the group's engine thread.
 3. The ±1 verdict becomes the bucket's "gradient". ``torch.optim.SGD`` with
    ``momentum=0`` then applies ``x ← x − lr·(vote + wd·x)``: Algorithm 3 of Bernstein et
    al. with decoupled weight decay applied after the vote (the ICLR 2019 convention), the
@@ -98,21 +99,19 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from signsgd.distributed.base import NonFiniteGradientError
+from signsgd import functional as F
+from signsgd.distributed import engine
+from signsgd.distributed.header import spec_of
+from signsgd.distributed.vote import MajorityVote, check_seed
+from signsgd.errors import NonFiniteGradientError
 
 # No ``from __future__ import annotations`` here: DDP's register_comm_hook compares the
 # hook's annotations with ``dist.GradBucket`` / ``torch.futures.Future[torch.Tensor]``.
 
 __all__ = ["MajorityVoteHookState", "majority_vote_hook"]
 
-_MODES = ("sharded", "allgather")
-
-
-def _vote_engine() -> Any:
-    """Import the async vote engine lazily, so this module imports without it."""
-    from signsgd.distributed import vote
-
-    return vote
+_ONE_BUCKET = 1 << 62
+_COUNTERS = ("step", "votes", "total_bytes_sent", "total_bytes_received")
 
 
 class MajorityVoteHookState:
@@ -125,7 +124,7 @@ class MajorityVoteHookState:
         momentum: Signum β in [0, 1) (default 0.9); 0 votes with the raw gradient.
         mode: ``"sharded"`` (default) or ``"allgather"``, as in
             :func:`~signsgd.distributed.majority_vote`.
-        seed: shared seed of the tie-breaking bits (must be equal on every rank).
+        seed: shared seed of the tie-breaking bits (an int >= 0, equal on every rank).
         module: the model (DDP wrapper or the wrapped module) whose parameter names key
             the momentum in :meth:`state_dict` and in the pickled state. Optional for
             training; needed for checkpoints. Can be given later with :meth:`bind`.
@@ -157,26 +156,27 @@ class MajorityVoteHookState:
             0.0 <= float(momentum) < 1.0
         ):
             raise ValueError(f"Invalid momentum value: {momentum!r} (must be in [0, 1))")
-        if mode not in _MODES:
-            raise ValueError(f"Invalid mode: {mode!r} (must be one of {list(_MODES)})")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"Invalid seed: {seed!r} (must be an int >= 0)")
+        MajorityVote(None, mode, _ONE_BUCKET, check_seed(seed), adversary)  # validates
+        # configuration, equal on every rank
         self.process_group = process_group
         self.momentum = float(momentum)
         self.mode = mode
         self.seed = seed
         self.adversary = adversary
+        # counters (checkpointed) and the last complete step's traffic
         self.step = 0
         self.votes = 0
-        self.bytes_sent = 0
-        self.bytes_received = 0
         self.total_bytes_sent = 0
         self.total_bytes_received = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
         self.buckets = 0
-        self._momentum: dict[int, Tensor] = {}  # id(param) -> momentum, param's shape
-        self._restored: dict[str, Tensor] = {}  # name -> momentum, waiting for bind()
+        # momentum: by parameter id once bound, by name while waiting for bind()
+        self._momentum: dict[int, Tensor] = {}
+        self._restored: dict[str, Tensor] = {}
         self._module: torch.nn.Module | None = None
         self._names: dict[int, str] = {}
+        # the iteration in flight (guarded by the lock; callbacks run on other threads)
         self._lock = threading.Lock()
         self._reset_iteration()
         if module is not None:
@@ -243,13 +243,12 @@ class MajorityVoteHookState:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's state: momentum by parameter name (copies), counters, settings."""
+        """This rank's state: momentum by parameter name (copies), counters, settings.
+
+        The one format: :meth:`load_state_dict` reads it, and pickling uses it."""
         return {
             "momentum": {n: m.detach().clone() for n, m in self._momentum_by_name().items()},
-            "step": self.step,
-            "votes": self.votes,
-            "total_bytes_sent": self.total_bytes_sent,
-            "total_bytes_received": self.total_bytes_received,
+            **{key: getattr(self, key) for key in _COUNTERS},
             "beta": self.momentum,
             "mode": self.mode,
             "seed": self.seed,
@@ -273,8 +272,7 @@ class MajorityVoteHookState:
         momentum = {
             str(n): torch.as_tensor(m).detach().clone() for n, m in state["momentum"].items()
         }
-        counters = {k: int(state.get(k, 0)) for k in
-                    ("step", "votes", "total_bytes_sent", "total_bytes_received")}
+        counters = {k: int(state.get(k, 0)) for k in _COUNTERS}
         # Validate everything before changing anything.
         attached = self._resolve(self._module, momentum) if self._module is not None else None
         if attached is None:
@@ -286,40 +284,17 @@ class MajorityVoteHookState:
         self._reset_iteration()
 
     def __getstate__(self) -> dict[str, Any]:
-        """Everything but the process group, the module and the lock (momentum by name)."""
-        return {
-            "momentum_beta": self.momentum,
-            "mode": self.mode,
-            "seed": self.seed,
-            "adversary": self.adversary,
-            "step": self.step,
-            "votes": self.votes,
-            "bytes_sent": self.bytes_sent,
-            "bytes_received": self.bytes_received,
-            "buckets": self.buckets,
-            "total_bytes_sent": self.total_bytes_sent,
-            "total_bytes_received": self.total_bytes_received,
-            "momentum_by_name": {
-                n: m.detach().clone() for n, m in self._momentum_by_name().items()
-            },
-        }
+        """:meth:`state_dict` plus the adversary and the last step's traffic; no process
+        group, module or lock (momentum by name)."""
+        return {**self.state_dict(), "adversary": self.adversary,
+                "last": (self.bytes_sent, self.bytes_received, self.buckets)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore a pickled state: default process group; call :meth:`bind` to train."""
-        self.process_group = None
-        self.momentum = float(state["momentum_beta"])
-        self.mode = state["mode"]
-        self.seed = int(state["seed"])
-        self.adversary = state.get("adversary")
-        for key in ("step", "votes", "buckets", "bytes_sent", "bytes_received",
-                    "total_bytes_sent", "total_bytes_received"):
-            setattr(self, key, int(state.get(key, 0)))
-        self._momentum = {}
-        self._restored = dict(state.get("momentum_by_name", {}))
-        self._module = None
-        self._names = {}
-        self._lock = threading.Lock()
-        self._reset_iteration()
+        self.__init__(None, state["beta"], state["mode"], state["seed"],  # type: ignore[misc]
+                      adversary=state.get("adversary"))
+        self.load_state_dict(state)
+        self.bytes_sent, self.bytes_received, self.buckets = state.get("last", (0, 0, 0))
 
     # ------------------------------------------------------------------ one step
     def _reset_iteration(self) -> None:
@@ -440,43 +415,33 @@ def majority_vote_hook(
         covered = sum(g.numel() for g in grads)
         direction = torch.empty_like(buf) if covered == buf.numel() else torch.zeros_like(buf)
         base = buf.storage_offset()
-        for p, g in zip(params, grads):
-            off = g.storage_offset() - base
-            out = direction[off : off + g.numel()].view(g.shape)
-            m = state._momentum.get(id(p))
-            if m is None:
-                m = torch.zeros_like(g)
-            # Per parameter, exactly like Signum: torch.lerp(m, g, 1 - β).
-            torch.lerp(m, g, 1.0 - beta, out=out)
-            new.append((id(p), out))
-    finite = bool(torch.isfinite(buf).all())
-    vote = _vote_engine()
+        outs = [direction[g.storage_offset() - base:][:g.numel()].view(g.shape) for g in grads]
+        bufs = [state._momentum.get(id(p)) for p in params]
+        bufs = [torch.zeros_like(g) if m is None else m for m, g in zip(bufs, grads)]
+        # Per parameter, exactly like Signum: lerp(m, g, 1 - β).
+        F.signum_direction(grads, bufs, momentum=beta, out=outs)
+        new = [(id(p), o) for p, o in zip(params, outs)]
+    finite = F.first_nonfinite([buf]) is None
     group = state.process_group
-    world = dist.get_world_size(group)
     generation, step = state._begin_bucket(bucket)
-    # Payload bytes of this vote on this rank (signs, verdicts and the vote's header).
-    sent, received = vote.vote_nbytes(buf.numel(), world, state.mode)
     index = bucket.index()
-    bad_names = []
-    if not finite:
-        bad_names = [
-            state._names.get(id(p), f"shape {tuple(p.shape)}")
-            for p, g in zip(params, grads) if not bool(torch.isfinite(g).all())
-        ]
-    kwargs: dict[str, Any] = dict(
-        group=group, mode=state.mode, seed=state.seed, step=step, finite=finite
-    )
-    if state.adversary is not None:
-        kwargs["adversary"] = state.adversary
+    bad_names = [] if finite else [
+        state._names.get(id(p), f"shape {tuple(p.shape)}")
+        for p, g in zip(params, grads) if F.first_nonfinite([g]) is not None
+    ]
     try:
-        fut = vote.vote_async(direction, **kwargs)
+        voter = MajorityVote(group, state.mode, _ONE_BUCKET, state.seed, state.adversary)
+        verdict = torch.empty_like(direction)
+        job = voter.vote_job(direction, spec_of(direction), step=step, finite=finite,
+                             out=verdict, who="majority_vote")
+        fut = engine.submit(group, job, direction.device)
     except BaseException:
         state._bucket_failed(generation)
         raise
 
-    def _finish(f: torch.futures.Future[Tensor]) -> Tensor:
+    def _finish(f: torch.futures.Future[Any]) -> Tensor:
         try:
-            verdict = f.value()
+            result, sent, received = f.value()
         except BaseException as exc:
             state._bucket_failed(generation)
             text = _root_message(exc)
@@ -491,8 +456,6 @@ def majority_vote_hook(
                 ) from exc
             raise
         state._bucket_done(generation, new, sent, received)
-        if verdict.dtype != buf.dtype or verdict.numel() != buf.numel():
-            verdict = verdict.reshape(-1).to(buf.dtype)
-        return verdict
+        return result
 
     return fut.then(_finish)

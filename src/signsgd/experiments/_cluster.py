@@ -34,7 +34,7 @@ import signsgd
 from signsgd import functional as SF
 from signsgd.compression import Identity
 from signsgd.distributed.adversary import Adversary, Negate, RandomSigns
-from signsgd.distributed.base import NonFiniteGradientError
+from signsgd.errors import NonFiniteGradientError
 from signsgd.packing import pack_signs, unpack_signs
 
 

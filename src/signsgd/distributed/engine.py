@@ -1,0 +1,131 @@
+"""One FIFO of communication jobs per process group, so collectives never interleave.
+
+Every step of a reducer is a job of several collectives. The jobs of one group run one at
+a time, in the order they were submitted: :func:`submit` queues a job on the group's
+daemon thread and returns a future (the DDP hook, which has several buckets in flight);
+:func:`run` runs a job on the caller's thread when nothing is queued, else waits its turn
+(the optimisers). So collectives of different steps go out in the same order on every
+rank — chaining collectives inside ``Future.then`` callbacks would let Gloo's worker
+threads reorder them. Other collectives on the same group must not run concurrently from
+other threads; the DDP hook therefore votes on a group of its own.
+
+On CUDA a job runs on the stream that was current when it was submitted.
+
+Example:
+    >>> run(None, lambda: 1 + 1)
+    2
+    >>> submit(None, lambda: 3).wait()
+    3
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["submit", "run"]
+
+
+class _Engine:
+    """The jobs of one process group: a daemon thread for queued ones, inline otherwise."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], torch.futures.Future]] = (
+            queue.SimpleQueue()
+        )
+        self._state = threading.Lock()   # guards _pending and _thread
+        self._running = threading.Lock()  # held while a job runs
+        self._pending = 0                # jobs submitted or running inline, not finished
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Callable[[], Any]) -> torch.futures.Future:
+        fut: torch.futures.Future = torch.futures.Future()
+        with self._state:
+            self._pending += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="signsgd-engine",
+                                                daemon=True)
+                self._thread.start()
+            self._jobs.put((job, fut))
+        return fut
+
+    def run(self, job: Callable[[], Any]) -> Any:
+        with self._state:
+            inline = self._pending == 0
+            if inline:
+                self._pending += 1
+                self._running.acquire()
+        if not inline:
+            return self.submit(job).wait()
+        try:
+            return job()
+        finally:
+            self._running.release()
+            with self._state:
+                self._pending -= 1
+
+    def _loop(self) -> None:
+        while True:
+            job, fut = self._jobs.get()
+            with self._running:
+                try:
+                    result = job()
+                except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
+                    error: BaseException | None = exc
+                else:
+                    error = None
+            with self._state:
+                self._pending -= 1
+            if error is None:
+                fut.set_result(result)
+            else:
+                fut.set_exception(error)
+
+
+_ENGINES: dict[int, _Engine] = {}
+_LOCK = threading.Lock()
+
+
+def _engine(group: Any) -> _Engine:
+    key = id(group) if group is not None else 0
+    with _LOCK:
+        engine = _ENGINES.get(key)
+        if engine is None:
+            engine = _ENGINES[key] = _Engine()
+    return engine
+
+
+def _on_stream(job: Callable[[], Any], device: torch.device | None) -> Callable[[], Any]:
+    if device is None or device.type != "cuda":
+        return job
+    stream = torch.cuda.current_stream(device)
+
+    def on_stream() -> Any:
+        with torch.cuda.stream(stream):
+            return job()
+    return on_stream
+
+
+def submit(group: Any, job: Callable[[], Any], device: torch.device | None = None
+           ) -> torch.futures.Future:
+    """Queue ``job()`` on ``group``'s engine thread; the future yields its result.
+
+    Example:
+        >>> submit(None, lambda: "done").wait()
+        'done'
+    """
+    return _engine(group).submit(_on_stream(job, device))
+
+
+def run(group: Any, job: Callable[[], Any], device: torch.device | None = None) -> Any:
+    """Run ``job()`` in ``group``'s order (inline when nothing is queued); its result.
+
+    Example:
+        >>> run(None, lambda: 6 * 7)
+        42
+    """
+    return _engine(group).run(_on_stream(job, device))
