@@ -56,9 +56,9 @@ def _failed(what: str, group: Any, exc: BaseException) -> CollectiveError:
 
 
 def all_gather(out: Tensor, inp: Tensor, group: Any) -> None:
-    """``all_gather_into_tensor``: ``out`` holds every rank's ``inp`` in rank order."""
+    """``all_gather_single``: ``out`` holds every rank's ``inp`` in rank order."""
     try:
-        dist.all_gather_into_tensor(out, inp, group=group)
+        dist.all_gather_single(out, inp, group=group)
     except RuntimeError as exc:
         raise _failed("all_gather", group, exc) from exc
 

@@ -308,6 +308,7 @@ class MajorityVoteHookState:
         self._pending: list[tuple[int, Tensor]] = []
         self._sent = 0
         self._received = 0
+        self._votes_before = getattr(self, "votes", 0)  # restored if the iteration fails
 
     def _begin_bucket(self, bucket: dist.GradBucket) -> tuple[int, int]:
         """Iteration bookkeeping when the hook starts a bucket.
@@ -344,8 +345,7 @@ class MajorityVoteHookState:
                 return
             self._failed = True
             self._done += 1
-            if self._expected is not None and self._done >= self._expected:
-                self._open = False
+            self._maybe_commit()
 
     def _maybe_commit(self) -> None:
         """Commit momentum and bytes once every bucket of the iteration voted (lock held)."""
@@ -359,6 +359,8 @@ class MajorityVoteHookState:
             self.bytes_sent, self.bytes_received = self._sent, self._received
             self.total_bytes_sent += self._sent
             self.total_bytes_received += self._received
+        else:  # a failed iteration changes nothing, not even the vote counter
+            self.votes = self._votes_before
         self._pending = []
         self._open = False
 
