@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import doctest
+import importlib.util
+import sys
 import threading
 
 import numpy as np
@@ -13,6 +15,7 @@ from hypothesis import strategies as st
 
 from signsgd import packing
 from signsgd.packing import majority_tally, pack_signs, packed_nbytes, unpack_signs
+from signsgd.scratch import thread_scratch
 
 DEVICES = [
     "cpu",
@@ -499,30 +502,74 @@ def test_cpu_float_takes_numpy_kernel(torch_fn: str, call, monkeypatch: pytest.M
     call()
 
 
+META = torch.device("meta")  # a non-CPU device that exists on every machine
+
+
+@pytest.mark.parametrize(
+    ("numpy_on_cpu", "values", "packed", "expect"),
+    [
+        (True, torch.float32, [], True),
+        (True, torch.float64, [torch.device("cpu")], True),
+        (True, torch.float16, [], False),
+        (True, torch.bfloat16, [], False),
+        (True, torch.int32, [], False),
+        (True, torch.uint8, [], False),  # uint8 *values* are packed by the torch kernel
+        (True, None, [torch.device("cpu")], True),  # the tally's bytes
+        (True, None, [META], False),
+        (True, torch.float32, [META], False),
+        (True, torch.float32, [torch.device("cpu"), META], False),
+        (False, torch.float32, [torch.device("cpu")], False),
+        (False, None, [torch.device("cpu")], False),
+    ],
+)
+def test_numpy_kernel_choice(numpy_on_cpu, values, packed, expect, monkeypatch) -> None:
+    monkeypatch.setattr(packing, "_NUMPY_ON_CPU", numpy_on_cpu)
+    vals = None if values is None else torch.zeros(2, dtype=values)
+    rows = [torch.zeros(1, dtype=torch.uint8, device=d) for d in packed]
+    assert packing._numpy_kernel(vals, *rows) is expect
+    if values is not None:
+        assert packing._numpy_kernel(vals.to(META), *rows) is False
+
+
+def test_big_endian_host_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "byteorder", "big")
+    spec = importlib.util.spec_from_file_location("packing_on_big_endian", packing.__file__)
+    module = importlib.util.module_from_spec(spec)
+    with pytest.raises(ImportError, match="little-endian hosts only; this host is big-endian"):
+        spec.loader.exec_module(module)
+
+
+ZERO_BYTES = torch.zeros(200, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize(
+    ("numpy_on_cpu", "name", "dtype", "call"),
+    [
+        (True, "pack_bool", torch.bool, lambda: pack_signs(torch.ones(1003))),
+        (False, "pack_bool", torch.bool, lambda: pack_signs(torch.ones(1003))),
+        (False, "pack_cmp", torch.float32, lambda: pack_signs(torch.ones(1003))),
+        (False, "unpack_word", torch.int64, lambda: unpack_signs(ZERO_BYTES, 1600)),
+        (
+            True,
+            "sum_scaled",
+            torch.float32,
+            lambda: packing.sum_scaled_signs(
+                [ZERO_BYTES, ZERO_BYTES], 0, 1600, [1.0, 1.0], out=torch.empty(1600)
+            ),
+        ),
+    ],
+)
+def test_cpu_buffers_come_from_the_thread_scratch(
+    numpy_on_cpu: bool, name: str, dtype: torch.dtype, call, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(packing, "_NUMPY_ON_CPU", numpy_on_cpu)
+    buf = thread_scratch().get(f"packing.{name}", 4096, dtype)  # large enough to be reused
+    buf.zero_()
+    call()
+    assert bool(buf[:8].ne(0).all()), f"the kernel did not write into packing.{name}"
+
+
 # ------------------------------------------------------------------ fused variants
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES + [torch.int32])
-@pytest.mark.parametrize("n", [0, 1, 7, 9, 1000, packing._NUMPY_CHECK_CHUNK + 3,
-                               3 * packing._NUMPY_CHECK_CHUNK])
-def test_pack_signs_finite_packs_like_numpy_and_flags_nan_inf(dtype, n):
-    g = torch.Generator().manual_seed(n)
-    x = (torch.randn(n, generator=g) * 10).to(dtype)
-    out = torch.empty(packed_nbytes(n), dtype=torch.uint8)
-    packed, finite = packing.pack_signs_finite(x, out=out)
-    assert packed is out and finite
-    np.testing.assert_array_equal(packed.numpy(), ref_pack(x))
-    if n == 0 or not dtype.is_floating_point:
-        return
-    for bad in (float("nan"), float("inf"), float("-inf")):
-        y = x.clone()
-        y[int(torch.randint(n, (1,), generator=g))] = bad
-        packed, finite = packing.pack_signs_finite(y, out=out)
-        assert not finite
-        np.testing.assert_array_equal(packed.numpy(), ref_pack(y))
-    # sums that overflow are not a false alarm
-    big = torch.full((n,), torch.finfo(dtype).max, dtype=dtype)
-    assert packing.pack_signs_finite(big, out=out)[1]
-
-
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_unpack_scaled_signs_equals_unpack_times_scale(dtype):
     g = torch.Generator().manual_seed(3)

@@ -1,91 +1,101 @@
 """1-bit packing of signs: ``pack_signs`` / ``unpack_signs`` and the packed majority tally.
 
-Wire convention (DESIGN.md): bit = 1 for a value >= 0 (so +0.0, -0.0 and +inf give 1),
-bit = 0 for a value < 0 or NaN (``NaN >= 0`` is false, as in numpy); little-endian within a
-byte, i.e. byte-for-byte equal to ``numpy.packbits(x >= 0, bitorder="little")``. The pad bits
-of the last byte are 0.
+Wire convention: bit = 1 for a value >= 0 (so +0.0, -0.0 and +inf give 1), bit = 0 for a
+value < 0 or NaN (``NaN >= 0`` is false, as in numpy); little-endian within a byte, i.e.
+byte-for-byte equal to ``numpy.packbits(x >= 0, bitorder="little")``. The pad bits of the
+last byte are 0. Only little-endian hosts are supported: importing this module on any other
+raises ImportError (the torch kernels view 8 bytes as one int64 word).
 
-The kernels are plain PyTorch ops, so CPU and CUDA tensors both work; on CPU they run in
-cache-sized chunks through reused per-thread scratch buffers:
+Two kernel families give identical outputs byte for byte; :func:`_numpy_kernel` is the one
+place that chooses between them:
 
-- pack: ``x >= 0`` into a float buffer (the vectorised kernel), narrowed to a bool buffer;
-  8 bools viewed as one int64 word; ``word * 0x0102040810204080`` gathers byte ``k``'s bit
-  into bit ``56 + k``, so the top byte of the product is the packed byte.
-- unpack: a 256-entry int64 table maps a byte to eight int8 values +1/-1 (byte ``k`` of the
-  word is the sign of element ``k``); the int8 view is widened into the output. With numpy
-  on CPU (float32/float64) a (256, 8) table of ±1 *in the output dtype* is gathered by
-  byte straight into the output (``unpack_scaled_signs`` uses the same with ±scale).
-- tally: the M packed rows are added as bit-sliced binary counters (bitwise half/full adders
-  on whole words, in a pairwise tree), then the counts are compared with M/2 bitwise.
+- numpy (CPU, float32/float64 values, and the tally's bytes): numpy ufuncs on zero-copy
+  views, in cache-sized chunks. numpy's compare-to-bool is vectorised where torch's is not,
+  and numpy is single-threaded, so there is no intra-op thread barrier per chunk, which on
+  a loaded machine costs more than the work itself (benchmarks/bench_packing.py). Pack is
+  ``x >= 0`` into a bool buffer and ``numpy.packbits``; unpack gathers rows of a (256, 8)
+  table of ±1 *in the output dtype* by byte straight into the output (``unpack_scaled_signs``
+  uses the same with ±scale).
+- torch (any device and dtype): pack is ``x >= 0`` into a buffer of the input dtype (the
+  vectorised kernel), narrowed to bools; 8 bools viewed as one int64 word;
+  ``word * 0x0102040810204080`` gathers byte ``k``'s bit into bit ``56 + k``, so the top
+  byte of the product is the packed byte. Unpack maps a byte through a 256-entry int64
+  table to eight int8 values ±1 (byte ``k`` of the word is the sign of element ``k``),
+  widened into the output.
 
-On CPU, float32/float64 pack and unpack and the tally run the same chunked algorithms with
-numpy ufuncs on zero-copy views of the tensors (``_NUMPY_ON_CPU``): numpy's compare-to-bool
-is vectorised where torch's is not, and numpy is single-threaded, so there is no intra-op
-thread barrier per chunk, which on a loaded machine costs more than the work itself
-(measured in benchmarks/bench_packing.py). The outputs are identical byte for byte.
+The tally adds the M packed rows as bit-sliced binary counters (bitwise half/full adders on
+whole words, in a pairwise tree), then compares the counts with M/2 bitwise. CPU scratch
+buffers come from :func:`signsgd.scratch.thread_scratch`.
+
+Example:
+    >>> import torch
+    >>> x = torch.tensor([1.0, -2.0, 0.0])
+    >>> unpack_signs(pack_signs(x), 3)
+    tensor([ 1., -1.,  1.])
 """
 
 from __future__ import annotations
 
 import operator
 import sys
-import threading
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["pack_signs", "unpack_signs", "packed_nbytes", "majority_tally"]
+from signsgd.scratch import thread_scratch
 
-# Input dtypes whose ``x >= 0`` is well defined and that the kernels below support.
-_PACKABLE = (
-    torch.float16,
-    torch.bfloat16,
-    torch.float32,
-    torch.float64,
-    torch.int8,
-    torch.int16,
-    torch.int32,
-    torch.int64,
-    torch.uint8,
-)
-_UNPACKABLE = (
-    torch.float16,
-    torch.bfloat16,
-    torch.float32,
-    torch.float64,
-    torch.int8,
-    torch.int16,
-    torch.int32,
-    torch.int64,
-)
+if sys.byteorder != "little":
+    raise ImportError(
+        f"signsgd.packing supports little-endian hosts only; this host is {sys.byteorder}-endian"
+    )
 
-# Elements per chunk and per CPU thread (each thread's share of the intermediates stays in
-# its L2; scaling with the thread count keeps the number of parallel regions, each a
-# barrier, low), and per chunk on other devices (bounded scratch memory).
+__all__ = ["pack_signs", "unpack_signs", "packed_nbytes", "majority_tally", "pack_signs_abs",
+           "unpack_scaled_signs", "sum_scaled_signs"]
+
+# Input dtypes whose ``x >= 0`` is well defined, and the output dtypes of unpack_signs.
+_PACKABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64,
+             torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+_UNPACKABLE = _PACKABLE[:-1]
+
+# Elements per chunk and per CPU thread of the torch kernels (each thread's share of the
+# intermediates stays in its L2; scaling with the thread count keeps the number of parallel
+# regions, each a barrier, low), and per chunk on other devices (bounded scratch memory).
 _CPU_CHUNK = 1 << 19
 _DEVICE_CHUNK = 1 << 24
 # Elements per chunk of the (single-threaded) numpy pack kernel; its bool buffer fills L2.
 _NUMPY_PACK_CHUNK = 1 << 20
-# ... and when it also checks finiteness: the float chunk stays in L2 for its second read.
-_NUMPY_CHECK_CHUNK = 1 << 18
 # Elements per block of sum_scaled_signs (its output and one row's values stay in L2).
 _SUM_BLOCK = 1 << 15
-# numpy unpack: gather rows of a (256, 8) table of ±1 in the output dtype (one pass; True)
-# or int8 table words widened into the output (two steps; False).
-_UNPACK_FLOAT_TABLE = True
 # Bytes per CPU thread in one chunk of the (M, words) tally input.
 _TALLY_CHUNK_BYTES = 1 << 19
 
 # Byte k of (8 bools viewed as a little-endian int64) * _GATHER lands in bit 56 + k.
 _GATHER = 0x0102040810204080
-_LITTLE = sys.byteorder == "little"
-# CPU kernels through numpy (see the module docstring); False: pure-torch kernels everywhere.
+# CPU kernels through numpy (see the module docstring); False: the torch kernels everywhere.
 _NUMPY_ON_CPU = True
+# Value dtypes of the numpy pack / unpack kernels.
 _NUMPY_DTYPES = (torch.float32, torch.float64)
-
-_scratch = threading.local()
+# (256, 8) bool: entry ``[b, k]`` is bit ``k`` (little-endian) of byte ``b``.
+_BIT_TABLE = ((np.arange(256, dtype=np.uint8)[:, None] >> np.arange(8, dtype=np.uint8)) & 1
+              ).astype(bool)
 _TABLES: dict[torch.device, Tensor] = {}
+
+
+def _numpy_kernel(values: Tensor | None, *packed: Tensor) -> bool:
+    """Whether the numpy kernels run (else the torch ones): the one place that chooses.
+
+    True when ``_NUMPY_ON_CPU`` is set, ``values`` (the unpacked side; None for the tally)
+    is float32/float64 and every tensor given is on the CPU.
+    """
+    tensors = packed if values is None else (values, *packed)
+    return (_NUMPY_ON_CPU and (values is None or values.dtype in _NUMPY_DTYPES)
+            and all(t.device.type == "cpu" for t in tensors))
+
+
+def _scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """This thread's scratch buffer ``packing.<name>`` (a fresh tensor off the CPU)."""
+    return thread_scratch().get(f"packing.{name}", numel, dtype, device)
 
 
 def packed_nbytes(numel: int) -> int:
@@ -112,19 +122,9 @@ def packed_nbytes(numel: int) -> int:
     return (count + 7) // 8
 
 
-def _buffer(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A reused per-thread CPU scratch tensor of at least ``numel`` elements (fresh elsewhere)."""
-    if device.type != "cpu":
-        return torch.empty(numel, dtype=dtype, device=device)
-    cache: dict[tuple[str, torch.dtype], Tensor] | None = getattr(_scratch, "buffers", None)
-    if cache is None:
-        cache = {}
-        _scratch.buffers = cache
-    buf = cache.get((name, dtype))
-    if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=dtype)
-        cache[(name, dtype)] = buf
-    return buf[:numel]
+def _describe(x: object) -> str:
+    """A tensor's dtype, else the type name (for error messages)."""
+    return str(x.dtype) if isinstance(x, Tensor) else type(x).__name__
 
 
 def _threads() -> int:
@@ -188,54 +188,29 @@ def pack_signs(t: Tensor, *, out: Tensor | None = None) -> Tensor:
         _check_out(out, nbytes, torch.uint8, t.device, f"pack_signs of {n} elements")
     if n == 0:
         return out
-    out_flat = out.view(-1)
-    if not _LITTLE:
-        _pack_portable(flat, out_flat)
-    elif _NUMPY_ON_CPU and flat.device.type == "cpu" and flat.dtype in _NUMPY_DTYPES:
-        _pack_numpy(flat, out_flat)
-    else:
-        _pack_torch(flat, out_flat)
+    (_pack_numpy if _numpy_kernel(flat) else _pack_torch)(flat, out.view(-1))
     return out
 
 
-def _pack_numpy(flat: Tensor, out_flat: Tensor, check: bool = False,
-                abs_out: Tensor | None = None) -> bool:
+def _pack_numpy(flat: Tensor, out_flat: Tensor, abs_out: Tensor | None = None) -> None:
     """CPU float32/float64: numpy's SIMD ``>=`` into a bool buffer, then ``numpy.packbits``.
 
-    Single-threaded, in cache-sized chunks; numpy's compare-to-bool is vectorised where
-    torch's is not, so this is the fastest CPU route (see benchmarks/bench_packing.py).
-    With ``check``, also returns whether every value is finite: each chunk is summed while
-    it is in cache (a NaN or inf makes the sum non-finite); only a chunk whose sum is not
-    finite (a NaN/inf, or an overflow of finite values) is scanned exactly. With
-    ``abs_out`` (a tensor like ``flat``), also writes ``|flat|`` there in the same pass.
+    Single-threaded, in cache-sized chunks. With ``abs_out`` (a tensor like ``flat``), also
+    writes ``|flat|`` there in the same pass.
     """
     n = flat.numel()
     x = flat.detach().resolve_neg().numpy()
     dst = out_flat.numpy()
-    size = _NUMPY_CHECK_CHUNK if check else _NUMPY_PACK_CHUNK
-    chunk = min(size, (n + 7) // 8 * 8)
-    bools = _buffer("pack_bool", chunk, torch.bool, flat.device).numpy()
-    full = n // chunk * chunk
-    finite = True
-    absx = abs_out.detach().numpy() if abs_out is not None else None
-    for start in range(0, full, chunk):
-        part = x[start : start + chunk]
+    absx = None if abs_out is None else abs_out.detach().numpy()
+    chunk = min(_NUMPY_PACK_CHUNK, (n + 7) // 8 * 8)  # a multiple of 8
+    bools = _scratch("pack_bool", chunk, torch.bool, flat.device).numpy()
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        part, b = x[start:stop], bools[: stop - start]
         if absx is not None:
-            np.abs(part, out=absx[start : start + chunk])
-        if check and finite and not np.isfinite(np.add.reduce(part)):
-            finite = bool(np.isfinite(part).all())
-        np.greater_equal(part, 0, out=bools)
-        dst[start // 8 : (start + chunk) // 8] = np.packbits(bools, bitorder="little")
-    if full < n:
-        c = n - full
-        part = x[full:]
-        if absx is not None:
-            np.abs(part, out=absx[full:])
-        if check and finite and not np.isfinite(np.add.reduce(part)):
-            finite = bool(np.isfinite(part).all())
-        np.greater_equal(part, 0, out=bools[:c])
-        dst[full // 8 :] = np.packbits(bools[:c], bitorder="little")  # pads with 0 bits
-    return finite
+            np.abs(part, out=absx[start:stop])
+        np.greater_equal(part, 0, out=b)
+        dst[start // 8 : (stop + 7) // 8] = np.packbits(b, bitorder="little")  # pads with 0
 
 
 def pack_signs_abs(t: Tensor, *, out: Tensor, abs_out: Tensor) -> Tensor:
@@ -243,50 +218,38 @@ def pack_signs_abs(t: Tensor, *, out: Tensor, abs_out: Tensor) -> Tensor:
 
     One pass over ``t`` on CPU for a contiguous float32/float64 ``t`` (the values the two
     separate calls give, bit for bit); elsewhere the two calls.
-    """
-    if (_LITTLE and _NUMPY_ON_CPU and t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES
-            and t.is_contiguous() and t.numel()):
-        n = t.numel()
-        _check_out(out, (n + 7) // 8, torch.uint8, t.device, f"pack_signs of {n} elements")
-        _check_out(abs_out, n, t.dtype, t.device, f"abs of {n} elements")
-        _pack_numpy(t.reshape(-1), out.view(-1), abs_out=abs_out.view(-1))
-        return out
-    torch.abs(t.reshape(-1), out=abs_out.view(-1))
-    return pack_signs(t, out=out)
 
+    Args:
+        t: a tensor :func:`pack_signs` accepts.
+        out: contiguous uint8 tensor of ``ceil(t.numel()/8)`` elements on ``t``'s device.
+        abs_out: contiguous tensor of ``t.numel()`` elements and ``t``'s dtype and device.
 
-def pack_signs_finite(t: Tensor, *, out: Tensor) -> tuple[Tensor, bool]:
-    """:func:`pack_signs` of ``t`` into ``out``, and whether ``t`` holds no NaN and no inf.
-
-    One pass over ``t`` on CPU for float32/float64 (the check runs on each chunk while it
-    is in cache); elsewhere a :func:`pack_signs` and a separate ``aminmax`` check. Integer
-    tensors are always finite.
+    Returns:
+        ``out``.
 
     Example:
-        >>> buf = torch.empty(1, dtype=torch.uint8)
-        >>> pack_signs_finite(torch.tensor([1.0, float("nan")]), out=buf)
-        (tensor([1], dtype=torch.uint8), False)
+        >>> a = torch.empty(3)
+        >>> pack_signs_abs(torch.tensor([1.5, -2.0, 0.0]), out=torch.empty(1, dtype=torch.uint8),
+        ...                abs_out=a), a
+        (tensor([5], dtype=torch.uint8), tensor([1.5000, 2.0000, 0.0000]))
     """
-    if (_LITTLE and _NUMPY_ON_CPU and isinstance(t, Tensor) and t.device.type == "cpu"
-            and t.dtype in _NUMPY_DTYPES and t.is_contiguous() and t.numel()):
-        n = t.numel()
-        _check_out(out, (n + 7) // 8, torch.uint8, t.device, f"pack_signs of {n} elements")
-        with np.errstate(over="ignore", invalid="ignore"):  # sums of inf / huge values
-            return out, _pack_numpy(t.reshape(-1), out.view(-1), check=True)
-    packed = pack_signs(t, out=out)
-    if t.numel() == 0 or not t.is_floating_point():
-        return packed, True
-    lo, hi = torch.aminmax(t)
-    return packed, bool(torch.isfinite(lo) & torch.isfinite(hi))
+    if not (_numpy_kernel(t) and t.is_contiguous() and t.numel()):
+        torch.abs(t.reshape(-1), out=abs_out.view(-1))
+        return pack_signs(t, out=out)
+    n = t.numel()
+    _check_out(out, (n + 7) // 8, torch.uint8, t.device, f"pack_signs of {n} elements")
+    _check_out(abs_out, n, t.dtype, t.device, f"abs of {n} elements")
+    _pack_numpy(t.reshape(-1), out.view(-1), abs_out.view(-1))
+    return out
 
 
 def _pack_torch(flat: Tensor, out_flat: Tensor) -> None:
     """Any device and dtype: compare, narrow to bools, gather 8 bools per int64 multiply."""
     n = flat.numel()
     chunk = min(_chunk(flat.device), (n + 7) // 8 * 8)
-    cmp_buf = _buffer("pack_cmp", chunk, flat.dtype, flat.device)
-    bool_buf = _buffer("pack_bool", chunk, torch.bool, flat.device)
-    word_buf = _buffer("pack_word", chunk // 8, torch.int64, flat.device)
+    cmp_buf = _scratch("pack_cmp", chunk, flat.dtype, flat.device)
+    bool_buf = _scratch("pack_bool", chunk, torch.bool, flat.device)
+    word_buf = _scratch("pack_word", chunk // 8, torch.int64, flat.device)
     full = n // chunk * chunk
     if full:
         # Hot loop over whole chunks: every view is built once, outside the loop.
@@ -313,16 +276,6 @@ def _pack_torch(flat: Tensor, out_flat: Tensor) -> None:
         out_flat[full // 8 :].copy_(words.view(torch.uint8)[7::8])
 
 
-def _pack_portable(flat: Tensor, out: Tensor) -> Tensor:
-    """Endianness-independent (slower) packing used on big-endian hosts."""
-    n = flat.numel()
-    bits = torch.zeros(out.numel() * 8, dtype=torch.uint8, device=flat.device)
-    bits[:n] = (flat >= 0).to(torch.uint8)
-    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=flat.device)
-    out.copy_((bits.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8))
-    return out
-
-
 def _sign_table(device: torch.device) -> Tensor:
     """(256,) int64: byte ``k`` of entry ``b`` is int8 +1 if bit ``k`` of ``b`` is set, else -1."""
     table = _TABLES.get(device)
@@ -330,12 +283,7 @@ def _sign_table(device: torch.device) -> Tensor:
         b = torch.arange(256, dtype=torch.int64).unsqueeze(1)
         bits = (b >> torch.arange(8, dtype=torch.int64)) & 1
         signs = (bits * 2 - 1).to(torch.int8).contiguous()  # (256, 8), row-major
-        if _LITTLE:
-            table = signs.view(torch.int64).reshape(256)
-        else:
-            table = signs.flip(1).contiguous().view(torch.int64).reshape(256)
-        table = table.to(device)
-        _TABLES[device] = table
+        table = _TABLES[device] = signs.view(torch.int64).reshape(256).to(device)
     return table
 
 
@@ -395,8 +343,8 @@ def unpack_signs(
     if not src.is_contiguous():
         src = src.contiguous()
     dst = out.view(-1)
-    if _NUMPY_ON_CPU and packed.device.type == "cpu" and dtype in _NUMPY_DTYPES:
-        _unpack_numpy(src, dst, numel)
+    if _numpy_kernel(dst, src):
+        _unpack_scaled_numpy(src.numpy(), dst.detach().numpy(), 0, numel, 1.0)
     else:
         _unpack_torch(src, dst, numel)
     return out
@@ -407,8 +355,8 @@ def _unpack_torch(src: Tensor, dst: Tensor, numel: int) -> None:
     nbytes = src.numel()
     table = _sign_table(src.device)
     chunk_bytes = min(_chunk(src.device) // 8, nbytes)
-    idx_buf = _buffer("unpack_idx", chunk_bytes, torch.int32, src.device)
-    word_buf = _buffer("unpack_word", chunk_bytes, torch.int64, src.device)
+    idx_buf = _scratch("unpack_idx", chunk_bytes, torch.int32, src.device)
+    word_buf = _scratch("unpack_word", chunk_bytes, torch.int64, src.device)
     whole = numel // 8  # bytes whose 8 bits are all used
     for src_part, dst_part in zip(
         src[:whole].split(chunk_bytes), dst[: whole * 8].split(chunk_bytes * 8)
@@ -423,40 +371,6 @@ def _unpack_torch(src: Tensor, dst: Tensor, numel: int) -> None:
         rest = numel - whole * 8
         torch.index_select(table, 0, src[whole:].to(torch.int32), out=word_buf[:1])
         dst[whole * 8 :].copy_(word_buf[:1].view(torch.int8)[:rest])
-
-
-def _unpack_numpy(src: Tensor, dst: Tensor, numel: int) -> None:
-    """CPU float32/float64: the same table lookup with numpy (single-threaded, uint8 indices)."""
-    if _UNPACK_FLOAT_TABLE:
-        _unpack_scaled_numpy(src.numpy(), dst.detach().numpy(), 0, numel, 1.0)
-        return
-    nbytes = src.numel()
-    s = src.numpy()
-    d = dst.detach().numpy()
-    table = _sign_table(src.device).numpy()
-    chunk_bytes = min(_CPU_CHUNK // 8, nbytes)
-    words = _buffer("unpack_word", chunk_bytes, torch.int64, src.device).numpy()
-    whole = numel // 8  # bytes whose 8 bits are all used
-    for start in range(0, whole, chunk_bytes):
-        stop = min(whole, start + chunk_bytes)
-        w = words[: stop - start]
-        np.take(table, s[start:stop], out=w, mode="clip")  # "clip": no bounds check, unbuffered
-        np.copyto(d[8 * start : 8 * stop], w.view(np.int8), casting="unsafe")
-    if whole < nbytes:
-        rest = numel - whole * 8
-        d[whole * 8 :] = table[s[whole:]].view(np.int8)[:rest]
-
-
-_BIT_TABLE: np.ndarray | None = None
-
-
-def _bit_table() -> np.ndarray:
-    """(256, 8) bool: entry ``[b, k]`` is bit ``k`` (little-endian) of byte ``b``."""
-    global _BIT_TABLE
-    if _BIT_TABLE is None:
-        b = np.arange(256, dtype=np.uint8)[:, None]
-        _BIT_TABLE = ((b >> np.arange(8, dtype=np.uint8)) & 1).astype(bool)
-    return _BIT_TABLE
 
 
 def unpack_scaled_signs(
@@ -485,9 +399,9 @@ def unpack_scaled_signs(
         tensor([-0.5000,  0.5000])
     """
     if not isinstance(packed, Tensor) or packed.dtype != torch.uint8:
-        raise TypeError("packed must be a torch.uint8 tensor")
+        raise TypeError(f"packed must be a torch.uint8 tensor, got {_describe(packed)}")
     if not isinstance(out, Tensor) or not out.is_floating_point():
-        raise TypeError("out must be a floating torch.Tensor")
+        raise TypeError(f"out must be a floating torch.Tensor, got {_describe(out)}")
     if start < 0 or numel < 0:
         raise ValueError(f"need start >= 0 and numel >= 0, got {start}, {numel}")
     nbytes = (start + numel + 7) // 8
@@ -499,7 +413,7 @@ def unpack_scaled_signs(
     if numel == 0:
         return out
     dst = out.view(-1)
-    if _NUMPY_ON_CPU and packed.device.type == "cpu" and out.dtype in _NUMPY_DTYPES:
+    if _numpy_kernel(out, packed):
         src = packed.reshape(-1)
         if not src.is_contiguous():
             src = src.contiguous()
@@ -530,14 +444,17 @@ def sum_scaled_signs(
 
     Returns:
         ``out``.
+
+    Example:
+        >>> rows = [torch.tensor([5], dtype=torch.uint8), torch.tensor([1], dtype=torch.uint8)]
+        >>> sum_scaled_signs(rows, 0, 3, [0.5, 0.25], out=torch.empty(3))
+        tensor([ 0.7500, -0.7500,  0.2500])
     """
     if not rows or len(rows) != len(scales):
         raise ValueError(f"need one scale per row (>= 1 row), got {len(rows)} rows and "
                          f"{len(scales)} scales")
     dst = out.view(-1)
-    cpu = (_NUMPY_ON_CPU and out.dtype in _NUMPY_DTYPES and out.device.type == "cpu"
-           and all(r.device.type == "cpu" for r in rows))
-    if not cpu or numel == 0:
+    if not _numpy_kernel(out, *rows) or numel == 0:
         unpack_scaled_signs(rows[0], start, numel, scales[0], out=dst)
         if len(rows) > 1:
             tmp = torch.empty_like(dst)
@@ -551,7 +468,7 @@ def sum_scaled_signs(
     d = dst.detach().numpy()
     tables = [_scaled_table(d.dtype, sc) for sc in scales]
     block = _SUM_BLOCK
-    tmp = _buffer("sum_scaled", min(block, numel), out.dtype, out.device).numpy()
+    tmp = _scratch("sum_scaled", min(block, numel), out.dtype, out.device).numpy()
     for i in range(0, numel, block):
         j = min(numel, i + block)
         part = d[i:j]
@@ -565,7 +482,7 @@ def sum_scaled_signs(
 
 def _scaled_table(dtype: np.dtype, scale: float) -> np.ndarray:
     """(256, 8) table: ``+scale`` where bit ``k`` of byte ``b`` is set, else ``-scale``."""
-    return np.where(_bit_table(), dtype.type(scale), dtype.type(-scale))
+    return np.where(_BIT_TABLE, dtype.type(scale), dtype.type(-scale))
 
 
 def _unpack_scaled_numpy(s: np.ndarray, d: np.ndarray, start: int, numel: int,
@@ -727,8 +644,7 @@ def majority_tally(
         raise ValueError(f"packed must have at least one row (M >= 1), got M={m}")
     if tie_bits is not None:
         if not isinstance(tie_bits, Tensor) or tie_bits.dtype != torch.uint8:
-            what = tie_bits.dtype if isinstance(tie_bits, Tensor) else type(tie_bits).__name__
-            raise TypeError(f"tie_bits must be a torch.uint8 tensor, got {what}")
+            raise TypeError(f"tie_bits must be a torch.uint8 tensor, got {_describe(tie_bits)}")
         if tuple(tie_bits.shape) != (nbytes,):
             raise ValueError(
                 f"tie_bits must have shape ({nbytes},) to match packed, got {tuple(tie_bits.shape)}"
@@ -750,7 +666,7 @@ def majority_tally(
         rows, words_out = packed.contiguous(), out.view(-1)
         ties = tie_bits
     w = rows.shape[1]
-    if packed.device.type == "cpu" and _NUMPY_ON_CPU:
+    if _numpy_kernel(None, packed):
         # numpy's bitwise ufuncs: single-threaded, so no per-op thread barriers.
         chunk = max(1, _TALLY_CHUNK_BYTES // (m * rows.element_size()))
         rows, words_out = rows.numpy(), words_out.numpy()
