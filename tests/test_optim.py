@@ -1,6 +1,7 @@
-"""SignSGD, Signum and EFSGD against hand-computed float64 trajectories, and their plumbing.
+"""SignSGD, Signum, Lion and EFSGD against hand-computed float64 trajectories, and their
+plumbing.
 
-Expected values come from the formulas of DESIGN.md written out below in plain Python
+Expected values come from the formulas of docs/design.md written out below in plain Python
 floats (``_ref_*``), never from the code under test. All inputs are dyadic (0.5, 0.25,
 β = 0.5, ...) so every intermediate value is exact in float64 and ``==`` is the right
 comparison. A few cases also pin literal numbers worked out by hand.
@@ -35,6 +36,26 @@ def _ref_signum(x, grads, lr, beta, wd):
     for g in grads:
         m = [beta * mi + (1 - beta) * gi for mi, gi in zip(m, g)]
         x = [xi - lr * (_sign(mi) + wd * xi) for xi, mi in zip(x, m)]
+        out.append(list(x))
+    return out, m
+
+
+def _ref_lion(x, grads, lr, beta1, beta2, wd, *, m_first=False):
+    """c ← β1·m + (1−β1)·g ; x ← x·(1 − lr·wd) − lr·sign(c) ; m ← β2·m + (1−β2)·g.
+
+    ``m_first=True`` is the wrong order (m updated before c): another algorithm, which the
+    tests check Lion is *not*. ``None`` gradients leave x and m alone."""
+    x, m, out = list(x), [0.0] * len(x), []
+    for g in grads:
+        if g is None:
+            out.append(list(x))
+            continue
+        if m_first:
+            m = [beta2 * mi + (1 - beta2) * gi for mi, gi in zip(m, g)]
+        c = [beta1 * mi + (1 - beta1) * gi for mi, gi in zip(m, g)]
+        x = [xi * (1 - lr * wd) - lr * _sign(ci) for xi, ci in zip(x, c)]
+        if not m_first:
+            m = [beta2 * mi + (1 - beta2) * gi for mi, gi in zip(m, g)]
         out.append(list(x))
     return out, m
 
@@ -168,6 +189,57 @@ def test_signsgd_literal_values_zero_gradient_does_not_move(foreach):
                                            [1.0, -0.5, 0.25]]
 
 
+LION_CASES = [  # (lr_a, lr_b, beta1, beta2, weight_decay)
+    (0.5, 0.25, 0.5, 0.75, 0.0),
+    (0.5, 0.25, 0.5, 0.75, 0.5),
+    (0.25, 0.5, 0.75, 0.5, 0.25),
+    (0.5, 0.125, 0.0, 0.5, 0.0),
+    (0.25, 0.25, 0.5, 0.0, 0.5),
+]
+# Group B's gradient is missing at step 2: x and m stay as they are.
+G_B_GAPPED = [G_B[0], None, G_B[2], G_B[3]]
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("lr_a,lr_b,beta1,beta2,wd", LION_CASES)
+def test_lion_trajectories_two_groups_and_a_missing_gradient(lr_a, lr_b, beta1, beta2, wd,
+                                                             foreach):
+    a, b, c = _params([X_A, X_B, [0.5, -0.25]])
+    groups = [{"params": [a, c]}, {"params": [b], "lr": lr_b}]
+    opt = signsgd.Lion(groups, lr=lr_a, betas=(beta1, beta2), weight_decay=wd,
+                       foreach=foreach)
+    traj = _run(opt, [a, b, c], [(ga, gb, None) for ga, gb in zip(G_A, G_B_GAPPED)])
+    exp_a, m_a = _ref_lion(X_A, G_A, lr_a, beta1, beta2, wd)
+    exp_b, m_b = _ref_lion(X_B, G_B_GAPPED, lr_b, beta1, beta2, wd)
+    for t, (xa, xb, xc) in enumerate(traj):
+        assert xa.tolist() == exp_a[t], f"group 0, step {t + 1}"
+        assert xb.tolist() == exp_b[t], f"group 1, step {t + 1}"
+        assert xc.tolist() == [0.5, -0.25]  # no gradient: no update, no weight decay
+    assert opt.state[a]["exp_avg"].tolist() == m_a
+    assert opt.state[b]["exp_avg"].tolist() == m_b
+    assert c not in opt.state
+    wrong, _ = _ref_lion(X_A, G_A, lr_a, beta1, beta2, wd, m_first=True)
+    if beta1 not in (0.0,) and beta2 != 0.0:
+        assert wrong != exp_a  # the order of the two momentum uses is visible in the data
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_lion_literal_values_momentum_used_before_its_update(foreach):
+    # lr = 0.5, β1 = 0.5, β2 = 0.75, wd = 0.5 (decay 1 − 0.25 = 0.75), x0 = [1, 1].
+    # step 1: g = [ 2, -1]  c = [1, -0.5]        x = [0.25, 1.25]  m = [0.5, -0.25]
+    # step 2: g = [-0.5, 0] c = [0, -0.125]      x = [0.1875, 1.4375] m = [0.25, -0.1875]
+    #         (updating m first: m = [0.25, -0.1875], c = [-0.125, -0.09375],
+    #          x = [0.6875, ...]: coordinate 0 would move up, not stay)
+    # step 3: g = [-1, 1]   c = [-0.375, 0.40625] x = [0.640625, 0.578125]
+    x = torch.nn.Parameter(torch.tensor([1.0, 1.0], dtype=D))
+    opt = signsgd.Lion([x], lr=0.5, betas=(0.5, 0.75), weight_decay=0.5, foreach=foreach)
+    traj = _run(opt, [x], [[[2.0, -1.0]], [[-0.5, 0.0]], [[-1.0, 1.0]]])
+    assert traj[0][0].tolist() == [0.25, 1.25]
+    assert traj[1][0].tolist() == [0.1875, 1.4375]
+    assert traj[2][0].tolist() == [0.640625, 0.578125]
+    assert opt.state[x]["exp_avg"].tolist() == [-0.0625, 0.109375]
+
+
 EF_COMPRESSORS = [
     ("identity", Identity, _c_identity),
     ("sign", Sign, _c_sign),
@@ -229,6 +301,8 @@ def test_efsgd_literal_values_scaled_sign_two_groups():
 
 OPTIMIZERS = {
     "signsgd": lambda ps, **kw: signsgd.SignSGD(ps, lr=0.5, weight_decay=0.25, **kw),
+    "lion": lambda ps, **kw: signsgd.Lion(ps, lr=0.5, betas=(0.5, 0.75), weight_decay=0.25,
+                                          **kw),
     "signum": lambda ps, **kw: signsgd.Signum(ps, lr=0.5, momentum=0.5, weight_decay=0.25,
                                               **kw),
     "efsgd": lambda ps, **kw: signsgd.EFSGD(ps, lr=0.5, momentum=0.5, weight_decay=0.25, **kw),
@@ -287,6 +361,8 @@ FOREACH_CASES = [
     ("signsgd", lambda ps, fe: signsgd.SignSGD(ps, lr=1e-2, weight_decay=0.1, foreach=fe)),
     ("signum", lambda ps, fe: signsgd.Signum(ps, lr=1e-2, momentum=0.9, weight_decay=0.1,
                                              foreach=fe)),
+    ("lion", lambda ps, fe: signsgd.Lion(ps, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1,
+                                         foreach=fe)),
     ("efsgd_scaled", lambda ps, fe: signsgd.EFSGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1,
                                                   foreach=fe)),
     ("efsgd_topk", lambda ps, fe: signsgd.EFSGD(ps, lr=0.1, compressor=TopK(0.3),
@@ -326,6 +402,8 @@ CKPT_CASES = {
     "signum": lambda ps: signsgd.Signum([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.25}],
                                         lr=0.5, momentum=0.5, weight_decay=0.25),
     "signsgd": lambda ps: signsgd.SignSGD(ps, lr=0.5),
+    "lion": lambda ps: signsgd.Lion([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.25}],
+                                    lr=0.5, betas=(0.5, 0.75), weight_decay=0.25),
     "efsgd_scaled": lambda ps: signsgd.EFSGD(ps, lr=0.5, momentum=0.5, weight_decay=0.25),
     "efsgd_identity": lambda ps: signsgd.EFSGD(ps, lr=0.5, compressor=Identity()),
     "efsgd_topk": lambda ps: signsgd.EFSGD(ps, lr=0.5, compressor=TopK(0.5)),
@@ -611,15 +689,33 @@ BAD_HPARAMS = [
 CLASSES = {
     "signsgd": signsgd.SignSGD,
     "signum": signsgd.Signum,
+    "lion": signsgd.Lion,
     "efsgd": signsgd.EFSGD,
 }
+BAD_BETAS = [
+    ((1.0, 0.99), r"beta parameter at index 0: 1.0"),
+    ((0.9, -0.1), r"beta parameter at index 1: -0.1"),
+    ((0.9, float("nan")), r"beta parameter at index 1: nan"),
+    ((0.9,), r"betas: \(0.9,\)"),
+    ("0.9", r"betas: '0.9'"),
+]
+
+
+@pytest.mark.parametrize("betas,message", BAD_BETAS)
+def test_lion_bad_betas_raise_naming_the_value(betas, message):
+    x = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match=message):
+        signsgd.Lion([x], lr=0.1, betas=betas)
+    opt = signsgd.Lion([x], lr=0.1)
+    with pytest.raises(ValueError, match=message):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(1))], "betas": betas})
 
 
 @pytest.mark.parametrize("cls", list(CLASSES))
 @pytest.mark.parametrize("key,value,message", BAD_HPARAMS)
 def test_bad_hyperparameters_raise_naming_the_value(cls, key, value, message):
-    if cls == "signsgd" and key == "momentum":
-        pytest.skip("SignSGD takes no momentum argument")
+    if cls in ("signsgd", "lion") and key == "momentum":
+        pytest.skip(f"{cls} takes no momentum argument (Lion takes betas)")
     make = CLASSES[cls]
     x = torch.nn.Parameter(torch.ones(2))
     kwargs = {"lr": 0.1, key: value}

@@ -63,9 +63,10 @@ def _recording_hook(
 
 
 def _ddp(model: nn.Module, bucket_cap_mb: float, momentum: float, mode: str,
-         record: bool = False) -> tuple[DDP, MajorityVoteHookState]:
+         record: bool = False, betas: tuple[float, float] | None = None
+         ) -> tuple[DDP, MajorityVoteHookState]:
     ddp = DDP(model, bucket_cap_mb=bucket_cap_mb)
-    state = MajorityVoteHookState(momentum=momentum, mode=mode, module=ddp)
+    state = MajorityVoteHookState(momentum=momentum, mode=mode, module=ddp, betas=betas)
     if record:
         state.trace = []  # type: ignore[attr-defined]
         ddp.register_comm_hook(state, _recording_hook)
@@ -88,8 +89,10 @@ def _train_ddp(ddp: DDP, opt: torch.optim.Optimizer,
 
 def hook_vs_signum(rank: int, world: int, steps: int, bucket_cap_mb: float, momentum: float,
                    lr: float, mode: str, weight_decay: float = 0.0,
-                   byzantine_rank: int | None = None) -> dict[str, Any]:
-    """DDP + hook + SGD next to Signum(aggregator=MajorityVote()) on the same batches.
+                   byzantine_rank: int | None = None,
+                   betas: tuple[float, float] | None = None) -> dict[str, Any]:
+    """DDP + hook + SGD next to Signum(aggregator=MajorityVote()) on the same batches (with
+    ``betas``: next to Lion(aggregator=MajorityVote()), the hook in its Lion mode).
 
     Returns, per step, the largest |difference| between the two models' parameters, the
     final DDP parameters, the hook's bucket trace and its byte counters.
@@ -99,13 +102,20 @@ def hook_vs_signum(rank: int, world: int, steps: int, bucket_cap_mb: float, mome
 
     bad = Negate() if rank == byzantine_rank else None
     base = _model()
-    ddp, state = _ddp(copy.deepcopy(base), bucket_cap_mb, momentum, mode, record=True)
+    ddp, state = _ddp(copy.deepcopy(base), bucket_cap_mb, momentum, mode, record=True,
+                      betas=betas)
     state.adversary = bad
     sgd = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=0.0, weight_decay=weight_decay)
     ref = copy.deepcopy(base)
-    opt = signsgd.Signum(ref.parameters(), lr=lr, momentum=momentum,
-                         weight_decay=weight_decay,
-                         aggregator=MajorityVote(mode=mode, adversary=bad))
+    vote = MajorityVote(mode=mode, adversary=bad)
+    if betas is None:
+        opt: torch.optim.Optimizer = signsgd.Signum(
+            ref.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
+            aggregator=vote)
+    else:
+        opt = signsgd.Lion(ref.parameters(), lr=lr, betas=betas, weight_decay=weight_decay,
+                           aggregator=vote)
+    key = "momentum_buffer" if betas is None else "exp_avg"
     diffs = []
     bytes_per_step = []
     for x, y in _batches(rank, steps):
@@ -122,9 +132,9 @@ def hook_vs_signum(rank: int, world: int, steps: int, bucket_cap_mb: float, mome
         ))
     # Momentum: the hook's per-parameter momentum equals Signum's buffers bit for bit.
     mom_equal = all(
-        torch.equal(state.momentum_of(p), opt.state[q]["momentum_buffer"])
+        torch.equal(state.momentum_of(p), opt.state[q][key])
         for p, q in zip(ddp.module.parameters(), ref.parameters())
-    ) if momentum else True
+    ) if momentum or betas else True
     return {
         "diffs": diffs,
         "params": [p.detach().clone() for p in ddp.module.parameters()],
@@ -238,6 +248,10 @@ def hook_suite(rank: int, world: int) -> dict[str, Any]:
         "vs_signum_wd": hook_vs_signum(rank, world, 4, 0.0002, 0.9, 0.01, "sharded", 0.5),
         "vs_signum_byzantine": hook_vs_signum(rank, world, 3, 0.0002, 0.9, 0.01, "sharded",
                                               byzantine_rank=2),
+        "vs_lion": hook_vs_signum(rank, world, 5, 0.0002, 0.9, 0.01, "sharded",
+                                  betas=(0.9, 0.99)),
+        "vs_lion_allgather": hook_vs_signum(rank, world, 3, 0.0002, 0.9, 0.02, "allgather",
+                                            betas=(0.5, 0.75)),
         "checkpoint": hook_checkpoint(rank, world, 6, 3, 0.0002),
         "nonfinite": hook_nonfinite(rank, world, bad_rank=1),
     }

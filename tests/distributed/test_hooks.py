@@ -33,7 +33,9 @@ def even() -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- vs Signum
 @pytest.mark.parametrize("case,mode", [("vs_signum", "sharded"),
                                        ("vs_signum_allgather", "allgather"),
-                                       ("vs_signum_byzantine", "sharded")])
+                                       ("vs_signum_byzantine", "sharded"),
+                                       ("vs_lion", "sharded"),
+                                       ("vs_lion_allgather", "allgather")])
 def test_hook_equals_signum_majority_vote(suite: list[dict[str, Any]], case: str,
                                           mode: str) -> None:
     for rank, res in enumerate(suite):
@@ -51,7 +53,7 @@ def test_hook_with_sgd_weight_decay_is_decoupled_decay(suite: list[dict[str, Any
 
 
 @pytest.mark.parametrize("case", ["vs_signum", "vs_signum_allgather", "vs_signum_wd",
-                                  "vs_signum_byzantine"])
+                                  "vs_signum_byzantine", "vs_lion", "vs_lion_allgather"])
 def test_parameters_identical_on_all_ranks(suite: list[dict[str, Any]], case: str) -> None:
     first = suite[0][case]["params"]
     for res in suite[1:]:
@@ -147,6 +149,8 @@ def test_world_of_one_is_signum_and_sends_nothing() -> None:
     ({"momentum": -0.1}, "momentum"),
     ({"mode": "ring"}, "mode"),
     ({"seed": -1}, "seed"),
+    ({"betas": (1.0, 0.5)}, "beta1"),
+    ({"betas": (0.9,)}, "betas"),
     ({"module": "model"}, "module"),
 ])
 def test_state_validates_arguments(kwargs: dict[str, Any], needle: str) -> None:
@@ -172,6 +176,7 @@ def test_state_pickles_and_restores_by_name_without_a_group() -> None:
 
 @pytest.mark.parametrize("change,needle", [
     ({"beta": 0.5}, "beta"),
+    ({"betas": (0.9, 0.99)}, "betas"),
     ({"seed": 9}, "seed"),
     ({"momentum": {"nope": torch.zeros(1)}}, "nope"),
     ({"momentum": {"head.bias": torch.zeros(7)}}, "shape"),

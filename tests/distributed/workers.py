@@ -191,9 +191,42 @@ def identity_vs_allreduce(rank: int, group: Any, steps: int) -> dict[str, Any]:
                       "ef_identity": (agg.bytes_sent, agg.bytes_received)}}
 
 
+LION = dict(lr=0.125, betas=(0.5, 0.75), weight_decay=0.5)
+
+
+def lion_ranks(rank: int, group: Any, steps: int, mode: str) -> dict[str, Any]:
+    """Distributed Lion (float64, dyadic hyper-parameters, gradients on a 1/4 grid with
+    zeros): parameters after every step and this rank's final momentum."""
+    params = make_params(torch.float64)
+    opt = signsgd.Lion(params, **LION, aggregator=MajorityVote(group, mode, seed=5))
+    traj = []
+    for step in range(steps):
+        for p, g in zip(params, grads_for(params, rank, step, zeros=True)):
+            p.grad = g
+        opt.step()
+        traj.append(_snapshot(params))
+    return {"traj": traj, "m": [opt.state[p]["exp_avg"].clone() for p in params]}
+
+
+def lion_single(rank: int, group: Any, steps: int) -> dict[str, Any]:
+    """M = 1: Distributed Lion against single-process Lion on gradients without zeros."""
+    a, b = make_params(torch.float64), make_params(torch.float64)
+    voted = signsgd.Lion(a, **LION, aggregator=MajorityVote(group))
+    plain = signsgd.Lion(b, **LION)
+    for step in range(steps):
+        for p, q, g in zip(a, b, grads_for(a, rank, step, zeros=False)):
+            p.grad, q.grad = g, g.clone()
+        voted.step()
+        plain.step()
+    return {"voted": _snapshot(a), "plain": _snapshot(b)}
+
+
 def _build(kind: str, group: Any) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
     params = make_params(torch.float64)
-    if kind == "signum":
+    if kind == "lion":
+        opt: torch.optim.Optimizer = signsgd.Lion(params, **LION,
+                                                  aggregator=MajorityVote(group, seed=3))
+    elif kind == "signum":
         opt = signsgd.Signum(params, lr=0.01, momentum=0.9,
                              aggregator=MajorityVote(group, seed=3))
     else:
@@ -276,6 +309,20 @@ def aggregator_suite(rank: int, world_size: int, steps: int) -> dict[str, Any]:
 
 
 _SUITE: dict[int, list[dict[str, Any]]] = {}
+
+
+def lion_suite(rank: int, world_size: int, steps: int) -> dict[str, Any]:
+    """Distributed Lion on sub-groups of 1, 3 and 4 ranks (ties at M = 4), one launch."""
+    groups = {m: dist.new_group(list(range(m))) for m in (1, 3, 4)}
+    out: dict[str, Any] = {}
+    if rank < 1:
+        out["single"] = lion_single(rank, groups[1], steps)
+        out["lion1"] = lion_ranks(rank, groups[1], steps, "sharded")
+    if rank < 3:
+        out["lion3"] = lion_ranks(rank, groups[3], steps, "allgather")
+        out["ckpt_lion"] = checkpoint_resume(rank, groups[3], "lion", 8, 3)
+    out["lion4"] = lion_ranks(rank, groups[4], steps, "sharded")
+    return out
 
 
 def suite_results(steps: int) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-r"""DDP communication hook for signSGD / Signum with majority vote (Algorithm 3).
+r"""DDP communication hook for signSGD / Signum / Lion with majority vote (Algorithm 3).
 
 Register it on a :class:`~torch.nn.parallel.DistributedDataParallel` model and train with
 plain ``torch.optim.SGD(lr, momentum=0)``::
@@ -29,6 +29,11 @@ What the hook does, per DDP bucket and step:
    ``momentum=0`` then applies ``x ← x − lr·(vote + wd·x)``: Algorithm 3 of Bernstein et
    al. with decoupled weight decay applied after the vote (the ICLR 2019 convention), the
    same update as ``signsgd.Signum(..., aggregator=MajorityVote())``.
+
+With ``betas=(β1, β2)`` the hook is Distributed Lion instead: each rank votes with
+``c = β1·m + (1−β1)·g`` and keeps ``m ← β2·m + (1−β2)·g`` with its own gradient (both
+``torch.lerp``, as :class:`signsgd.Lion` computes them), the same update as
+``signsgd.Lion(..., aggregator=MajorityVote())`` when SGD's weight decay is 0.
 
 The hook returns the vote's future without waiting, so the collectives of one bucket run
 while autograd still computes the gradients of the next (communication overlaps backward).
@@ -122,6 +127,7 @@ class MajorityVoteHookState:
             default group, looked up at each vote, so the state can be built before
             ``init_process_group``).
         momentum: Signum β in [0, 1) (default 0.9); 0 votes with the raw gradient.
+        betas: ``(β1, β2)`` for Distributed Lion (then ``momentum`` is not used).
         mode: ``"sharded"`` (default) or ``"allgather"``, as in
             :func:`~signsgd.distributed.majority_vote`.
         seed: shared seed of the tie-breaking bits (an int >= 0, equal on every rank).
@@ -151,15 +157,20 @@ class MajorityVoteHookState:
         *,
         module: torch.nn.Module | None = None,
         adversary: Any = None,
+        betas: tuple[float, float] | None = None,
     ) -> None:
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not (
-            0.0 <= float(momentum) < 1.0
-        ):
-            raise ValueError(f"Invalid momentum value: {momentum!r} (must be in [0, 1))")
+        for name, beta in [("momentum", momentum)] + list(zip(
+                ("beta1", "beta2"), betas if isinstance(betas, (tuple, list)) else ())):
+            if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (
+                    0.0 <= float(beta) < 1.0):
+                raise ValueError(f"Invalid {name} value: {beta!r} (must be in [0, 1))")
+        if betas is not None and (not isinstance(betas, (tuple, list)) or len(betas) != 2):
+            raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
         MajorityVote(None, mode, _ONE_BUCKET, check_seed(seed), adversary)  # validates
         # configuration, equal on every rank
         self.process_group = process_group
         self.momentum = float(momentum)
+        self.betas = None if betas is None else (float(betas[0]), float(betas[1]))
         self.mode = mode
         self.seed = seed
         self.adversary = adversary
@@ -250,6 +261,7 @@ class MajorityVoteHookState:
             "momentum": {n: m.detach().clone() for n, m in self._momentum_by_name().items()},
             **{key: getattr(self, key) for key in _COUNTERS},
             "beta": self.momentum,
+            "betas": self.betas,
             "mode": self.mode,
             "seed": self.seed,
         }
@@ -258,16 +270,21 @@ class MajorityVoteHookState:
         """Restore what :meth:`state_dict` returned (momentum, counters; settings checked).
 
         Raises:
-            ValueError: missing keys, or ``beta`` / ``mode`` / ``seed`` differ from this
-                state's (a resumed run must vote the same way).
+            ValueError: missing keys, or ``beta`` / ``betas`` / ``mode`` / ``seed`` differ
+                from this state's (a resumed run must vote the same way).
         """
         missing = sorted({"momentum", "step", "votes"} - set(state))
         if missing:
             raise ValueError(f"MajorityVoteHookState.load_state_dict: missing keys {missing}")
-        for key, mine in (("beta", self.momentum), ("mode", self.mode), ("seed", self.seed)):
-            if key in state and state[key] != mine:
+        betas = state.get("betas")
+        for key, mine, theirs in (
+                ("beta", self.momentum, state.get("beta", self.momentum)),
+                ("betas", self.betas, None if betas is None else tuple(betas)),
+                ("mode", self.mode, state.get("mode", self.mode)),
+                ("seed", self.seed, state.get("seed", self.seed))):
+            if theirs != mine:
                 raise ValueError(
-                    f"checkpoint has {key}={state[key]!r} but this state has {key}={mine!r}"
+                    f"checkpoint has {key}={theirs!r} but this state has {key}={mine!r}"
                 )
         momentum = {
             str(n): torch.as_tensor(m).detach().clone() for n, m in state["momentum"].items()
@@ -292,7 +309,7 @@ class MajorityVoteHookState:
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Restore a pickled state: default process group; call :meth:`bind` to train."""
         self.__init__(None, state["beta"], state["mode"], state["seed"],  # type: ignore[misc]
-                      adversary=state.get("adversary"))
+                      adversary=state.get("adversary"), betas=state.get("betas"))
         self.load_state_dict(state)
         self.bytes_sent, self.bytes_received, self.buckets = state.get("last", (0, 0, 0))
 
@@ -409,9 +426,9 @@ def majority_vote_hook(
     buf = bucket.buffer()
     params = bucket.parameters()
     grads = bucket.gradients()
-    beta = state.momentum
+    beta = state.momentum if state.betas is None else state.betas[0]
     new: list[tuple[int, Tensor]] = []
-    if beta == 0:
+    if beta == 0 and state.betas is None:
         direction = buf
     else:
         covered = sum(g.numel() for g in grads)
@@ -420,9 +437,13 @@ def majority_vote_hook(
         outs = [direction[g.storage_offset() - base:][:g.numel()].view(g.shape) for g in grads]
         bufs = [state._momentum.get(id(p)) for p in params]
         bufs = [torch.zeros_like(g) if m is None else m for m, g in zip(bufs, grads)]
-        # Per parameter, exactly like Signum: lerp(m, g, 1 - β).
+        # Per parameter, exactly like Signum / Lion: lerp(m, g, 1 - β) (β1 for Lion).
         F.signum_direction(grads, bufs, momentum=beta, out=outs)
-        new = [(id(p), o) for p, o in zip(params, outs)]
+        if state.betas is None:  # Signum: the new momentum is the direction
+            new = [(id(p), o) for p, o in zip(params, outs)]
+        else:  # Lion: m ← lerp(m, g, 1 − β2), from this rank's gradient
+            new = [(id(p), torch.lerp(m, g, 1.0 - state.betas[1]))
+                   for p, m, g in zip(params, bufs, grads)]
     finite = F.first_nonfinite([buf]) is None
     group = state.process_group
     generation, step = state._begin_bucket(bucket)
