@@ -1,14 +1,14 @@
 """Per-step aggregation time and bytes of every method, on an emulated network.
 
 For each link rate (unshaped, 10 Gbit/s, 1 Gbit/s, 100 Mbit/s), number of workers M and
-vector size d, M Gloo workers in a fresh network namespace (``signsgd.bench.netem``;
+vector size d, M Gloo workers in a fresh network namespace (``signsgd.netem``;
 loopback shaped with ``tc tbf``, i.e. M ranks sharing one link of that rate) time one
 aggregation of a random d-vector with: sharded majority vote, allgather majority vote,
 EF all-reduce (1-bit ScaledSign), fp16 all-reduce and fp32 all-reduce. Every ratio is
 against fp32 all-reduce in the same launch (same rate, M, d). The predicted time is the
 bandwidth model of docs/performance.md: unshaped time of the same cell + 8·M·sent / rate.
 
-Repetitions are adaptive (signsgd.bench.comm): an op slower than 2 s is measured once;
+Repetitions are adaptive (``benchmarks/workers.py``): an op slower than 2 s is measured once;
 cells whose wire time is predicted above ``--skip-above`` seconds are skipped and listed.
 
 Usage::
@@ -25,97 +25,39 @@ Needs root and iproute2 to shape; without them it says so and runs unshaped.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
-import os
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from signsgd.bench.comm import LABELS, METHODS, comm_worker
-from signsgd.bench.model import predict_time
-from signsgd.bench.netem import (
+from bandwidth import predicted
+from common import (
     DEFAULT_RATES,
+    command_line,
+    load_text,
+    loopback_rate,
+    machine,
+    rate_arg,
+    read_results,
+    size_arg,
+    utc_now,
+    workers_arg,
+    write_json,
+    write_text,
+)
+from workers import COMM_LABELS, comm_worker
+
+from signsgd.netem import (
     NetworkEmulator,
-    check_world_size,
     format_rate,
     launch,
     parse_rate,
-    probe_throughput,
     shaping_unavailable_reason,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 FULL = {"dims": [1_000_000, 11_000_000, 25_000_000], "workers": [2, 4, 8],
         "rates": list(DEFAULT_RATES)}
 QUICK = {"dims": [1_000_000], "workers": [4], "rates": ["unshaped", "1gbit", "100mbit"]}
-
-
-def _size(text: str) -> int:
-    t = text.strip().lower()
-    mult = {"k": 10**3, "m": 10**6}.get(t[-1:], 1)
-    try:
-        value = int(float(t[:-1] if mult > 1 else t) * mult)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"cannot parse size {text!r} (e.g. 1m, 25m)") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"size must be >= 1, got {text!r}")
-    return value
-
-
-def _workers(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"number of workers M must be an integer >= 1, got {text!r}") from None
-    try:
-        return check_world_size(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _rate(text: str) -> str:
-    try:
-        parse_rate(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
-def machine() -> dict[str, Any]:
-    """The facts a results file records about where it ran."""
-    return {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "processor": platform.processor() or platform.machine(),
-        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
-def _load_text(mach: dict[str, Any]) -> str:
-    """' (load average at start: 1, 5, 15 min)' where the results file recorded it."""
-    load = mach.get("loadavg_start")
-    if not load:
-        return ""
-    return " (load average at start: " + ", ".join(f"{x:.1f}" for x in load) + ")"
-
-
-def loopback_rate(tries: int = 3, nbytes: int = 200_000_000) -> float:
-    """Best of ``tries`` one-flow TCP transfers on an unshaped namespace loopback, bits/s."""
-    best = 0.0
-    with NetworkEmulator("unshaped") as ns:
-        for _ in range(tries):
-            secs, got = probe_throughput(ns, nbytes)
-            best = max(best, 8 * got / secs)
-    return best
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -123,7 +65,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     reason = shaping_unavailable_reason()
     data: dict[str, Any] = {
         "command": args.command_line,
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": utc_now(),
         "machine": machine(),
         "shaping": reason or "tc tbf on the loopback of a fresh network namespace",
         "settings": {"dims": args.dims, "workers": args.workers, "rates": args.rates,
@@ -160,22 +102,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       f"M={m}: {time.monotonic() - t0:.0f}s", file=sys.stderr)
                 _summarise(out.results[0], rate, m)
                 if args.json:
-                    _write_json(args.json, data)
+                    write_json(args.json, data)
         finally:
             if emu is not None:
                 emu.close()
     data["wall_s"] = round(time.monotonic() - t_start, 1)
     if args.json:
-        _write_json(args.json, data)
+        write_json(args.json, data)
     return data
-
-
-def _write_json(path: str, data: dict[str, Any]) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _summarise(records: list[dict[str, Any]], rate: str, m: int) -> None:
@@ -183,7 +117,7 @@ def _summarise(records: list[dict[str, Any]], rate: str, m: int) -> None:
     for r in records:
         by_d.setdefault(r["d"], {})[r["method"]] = r
     for d, cells in by_d.items():
-        base = cells.get("fp32_allreduce", {}).get("median_s")
+        base = cells.get("fp32-allreduce", {}).get("median_s")
         parts = []
         for meth, r in cells.items():
             if r["median_s"] is None:
@@ -199,23 +133,11 @@ def _index(cells: list[dict[str, Any]]) -> dict[tuple[str, int, int, str], dict[
     return {(c["rate"], c["world_size"], c["d"], c["method"]): c for c in cells}
 
 
-def predicted(idx: dict[tuple[str, int, int, str], dict[str, Any]], c: dict[str, Any],
-              loopback_bps: float | None) -> float | None:
-    """Bandwidth-model time of cell ``c`` (docs/performance.md).
-
-    ``T0 + 8·W/min(R, R_lo)`` with ``W = M·sent`` (payload, all ranks), ``R_lo`` the
-    unshaped loopback's one-flow throughput measured in the same run, and
-    ``T0 = T_unshaped − 8·W/R_lo`` (at least 0) the part of the step that is not wire time.
-    """
-    if c["rate_bps"] is None or not c.get("shaped"):
-        return None
-    base = idx.get(("unshaped", c["world_size"], c["d"], c["method"]))
-    if base is None or base["median_s"] is None or c["sent"] is None:
-        return None
-    wire = c["world_size"] * c["sent"]
-    rate = c["rate_bps"] if not loopback_bps else min(c["rate_bps"], loopback_bps)
-    t0 = base["median_s"] - (8 * wire / loopback_bps if loopback_bps else 0.0)
-    return predict_time(max(t0, 0.0), wire, rate)
+def _predicted(idx: dict[tuple[str, int, int, str], dict[str, Any]], c: dict[str, Any],
+               loopback_bps: float | None) -> float | None:
+    """Bandwidth-model time of cell ``c`` from the unshaped cell of the same (M, d, method)."""
+    return predicted(c, idx.get(("unshaped", c["world_size"], c["d"], c["method"])),
+                     loopback_bps)
 
 
 def _mb(x: float | None) -> str:
@@ -237,7 +159,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"Python {mach['python']}, torch {mach['torch']}, Gloo on CPU, 1 torch thread "
         "per worker.",
         "- **The machine may have been shared with other agents' builds and tests**"
-        + _load_text(mach) + ": every number is noisy (compute-bound cells most), and the "
+        + load_text(mach) + ": every number is noisy (compute-bound cells most), and the "
         f"M workers share its {mach['cpus']} cores.",
         f"- Network: {data['shaping']}; MTU 1500; `burst 256kb latency 400ms`. All M ranks "
         "share the one shaped link, so a step's wire time is (bytes all ranks send) / rate "
@@ -259,22 +181,22 @@ def markdown(data: dict[str, Any]) -> str:
             and c["d"] == 25_000_000]
     if goal:
         g = {c["method"]: c for c in goal}
-        base = g.get("fp32_allreduce", {}).get("median_s")
+        base = g.get("fp32-allreduce", {}).get("median_s")
         lines += ["## Goals (1 Gbit/s, M = 4, d = 25M)", "",
                   "| method | time (ms) | × fp32 all-reduce | goal | met? |",
                   "|---|---:|---:|---:|---|"]
-        for meth, target in (("sharded_vote", 0.05), ("ef_allreduce", 0.08)):
+        for meth, target in (("majority-vote", 0.05), ("ef-allreduce", 0.08)):
             c = g.get(meth)
             if c is None or c["median_s"] is None or not base:
-                lines.append(f"| {LABELS[meth]} | – | – | ≤ {target} | not measured "
+                lines.append(f"| {COMM_LABELS[meth]} | – | – | ≤ {target} | not measured "
                              f"({c['status'] if c else 'not run'}) |")
                 continue
             ratio = c["median_s"] / base
-            lines.append(f"| {LABELS[meth]} | {c['median_s'] * 1e3:.1f} | {ratio:.3f} | "
+            lines.append(f"| {COMM_LABELS[meth]} | {c['median_s'] * 1e3:.1f} | {ratio:.3f} | "
                          f"≤ {target} | {'yes' if ratio <= target else 'no'} |")
         note = ""
-        b = g.get("fp32_allreduce")
-        v = g.get("sharded_vote")
+        b = g.get("fp32-allreduce")
+        v = g.get("majority-vote")
         if base and b and v and b.get("rate_bps"):
             wb = 8 * 4 * b["sent"] / b["rate_bps"]
             wv = 8 * 4 * v["sent"] / v["rate_bps"]
@@ -286,7 +208,7 @@ def markdown(data: dict[str, Any]) -> str:
     # Model agreement summary, overall and by the share of predicted time that is wire time
     agree = []
     for c in cells:
-        p = predicted(idx, c, lo_bps)
+        p = _predicted(idx, c, lo_bps)
         if p is not None and c["median_s"]:
             rate = min(c["rate_bps"], lo_bps) if lo_bps else c["rate_bps"]
             share = 8 * c["world_size"] * c["sent"] / rate / p if p > 0 else 1.0
@@ -323,15 +245,15 @@ def markdown(data: dict[str, Any]) -> str:
                                              else " (NOT shaped)")
         if c["median_s"] is None:
             skipped.append(f"- {rate}, M={c['world_size']}, d={c['d'] / 1e6:g}M, "
-                           f"{LABELS[c['method']]}: {c['status']}")
+                           f"{COMM_LABELS[c['method']]}: {c['status']}")
             continue
-        base = idx.get((c["rate"], c["world_size"], c["d"], "fp32_allreduce"))
+        base = idx.get((c["rate"], c["world_size"], c["d"], "fp32-allreduce"))
         ratio = (f"{c['median_s'] / base['median_s']:.3f}"
                  if base and base["median_s"] else "–")
-        p = predicted(idx, c, lo_bps)
+        p = _predicted(idx, c, lo_bps)
         pm = "–" if p is None else f"{p / c['median_s']:.2f}"
         lines.append(
-            f"| {rate} | {c['world_size']} | {c['d'] / 1e6:g}M | {LABELS[c['method']]} | "
+            f"| {rate} | {c['world_size']} | {c['d'] / 1e6:g}M | {COMM_LABELS[c['method']]} | "
             f"{c['median_s'] * 1e3:.1f} | {ratio} | "
             f"{'–' if p is None else f'{p * 1e3:.1f}'} | "
             f"{pm} | "
@@ -371,7 +293,7 @@ def plot(data: dict[str, Any], path: str) -> None:
                              and c["median_s"] is not None)
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                            label=LABELS[meth])
+                            label=COMM_LABELS[meth])
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_title(f"M = {m}, d = {d / 1e6:g}M", fontsize=10)
@@ -395,11 +317,11 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="a one-minute subset: d=1M, M=4, unshaped / 1gbit / 100mbit")
-    p.add_argument("--dims", type=_size, nargs="+", help="vector sizes (e.g. 1m 11m 25m)")
-    p.add_argument("--workers", type=_workers, nargs="+", help="numbers of workers M")
-    p.add_argument("--rates", type=_rate, nargs="+",
+    p.add_argument("--dims", type=size_arg, nargs="+", help="vector sizes (e.g. 1m 11m 25m)")
+    p.add_argument("--workers", type=workers_arg, nargs="+", help="numbers of workers M")
+    p.add_argument("--rates", type=rate_arg, nargs="+",
                    help="link rates: unshaped, 10gbit, 1gbit, 100mbit, 10Gbit/s, ...")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=list(COMM_LABELS), default=list(COMM_LABELS))
     p.add_argument("--skip-above", type=float, default=30.0,
                    help="skip a cell whose wire time is predicted above this many seconds")
     p.add_argument("--target-s", type=float, default=2.0,
@@ -415,11 +337,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="other runs' JSON to append to the markdown as 'Additional run' "
                         "sections (e.g. a focused re-run of the goal cell)")
     args = p.parse_args(argv)
-    args.command_line = "python " + " ".join(
-        shlex.quote(a) for a in [os.path.relpath(__file__, ROOT), *(argv or sys.argv[1:])])
+    args.command_line = command_line(__file__, argv)
     if args.render:
-        with open(args.render) as f:
-            data = json.load(f)
+        data = read_results(args.render)
     else:
         preset = QUICK if args.quick else FULL
         args.dims = args.dims or preset["dims"]
@@ -430,17 +350,14 @@ def main(argv: list[str] | None = None) -> int:
         data = run(args)
     text = markdown(data)
     for path in args.extra:
-        with open(path) as f:
-            extra = json.load(f)
-        body = markdown(extra).split("\n", 1)[1]
+        body = markdown(read_results(path)).split("\n", 1)[1]
         body = "\n".join("#" + line if line.startswith("#") else line
                          for line in body.splitlines())
         text += (f"\n## Additional run ({Path(path).name})\n"
                  "\nA separate launch, with its own command, date and ratios; the grid above "
                  "is unchanged.\n" + body + "\n")
     if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(text)
+        write_text(args.markdown, text)
     else:
         print(text)
     if args.plot:

@@ -1,12 +1,12 @@
 """End-to-end training on an emulated network: step time and time-to-accuracy.
 
 Part 1 (``--part steps``): M = 4 Gloo workers in a fresh network namespace
-(``signsgd.bench.netem``, loopback shaped with ``tc tbf``: the M ranks share one link of
-the given rate) each run whole training steps — forward, backward, aggregation, update — of
-a ResNet-18 (11.7M parameters; ``signsgd.bench.e2e.resnet18``) on a fixed batch of random
-32×32 images, for every method of ``signsgd.bench.e2e.E2E_METHODS`` and every rate. Ratios
-are against ``SGD + fp32 all-reduce`` (one flat all-reduce after backward) measured in the
-same launch; ``SGD + DDP`` (bucketed, overlapping backward) is there too.
+(``signsgd.netem``, loopback shaped with ``tc tbf``: the M ranks share one link of the
+given rate) each run whole training steps — forward, backward, aggregation, update — of a
+ResNet-18 (11.7M parameters; ``benchmarks/workers.py``, ``resnet18``) on a fixed batch of
+random 32×32 images, for every method of ``workers.E2E_LABELS`` and every rate. Ratios are
+against ``sgd`` (SGD + fp32 all-reduce: one flat all-reduce after backward) measured in the
+same launch; ``sgd-ddp`` (bucketed, overlapping backward) is there too.
 
 Part 2 (``--part tta``): time-to-accuracy on Fashion-MNIST at 100 Mbit/s, M = 4, the small
 CNN of ``signsgd.models`` (``cnn``), batch 32 per worker: Signum + majority vote against
@@ -28,20 +28,28 @@ is read by ``signsgd.data.load`` (``./data`` or Debian's ``dataset-fashion-mnist
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
-import os
-import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench_comm import _load_text, _rate, _workers, _write_json, loopback_rate, machine
+from bandwidth import predicted
+from common import (
+    DEFAULT_RATES,
+    command_line,
+    load_text,
+    loopback_rate,
+    machine,
+    rate_arg,
+    read_results,
+    utc_now,
+    workers_arg,
+    write_json,
+    write_text,
+)
+from workers import E2E_LABELS, step_time_worker, tta_worker
 
-from signsgd.bench.e2e import E2E_LABELS, E2E_METHODS, step_time_worker, tta_worker
-from signsgd.bench.model import predict_time
-from signsgd.bench.netem import (
+from signsgd.netem import (
     NetworkEmulator,
     format_rate,
     launch,
@@ -49,8 +57,7 @@ from signsgd.bench.netem import (
     shaping_unavailable_reason,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
-TTA_METHODS = {"signum_vote": 1e-3, "sgd_allreduce": 0.05, "signum_ddp_hook": 1e-3}
+TTA_METHODS = {"signum": 1e-3, "sgd": 0.05, "signum-ddp-hook": 1e-3}
 
 
 def run_steps(args: argparse.Namespace, data: dict[str, Any], emu_ok: bool) -> None:
@@ -74,13 +81,13 @@ def run_steps(args: argparse.Namespace, data: dict[str, Any], emu_ok: bool) -> N
             rec.update(rate=rate, rate_bps=rate_bps, shaped=out.shaped)
             data["steps"].append(rec)
         base = next((r["median_s"] for r in out.results[0]
-                     if r["method"] == "sgd_allreduce"), None)
+                     if r["method"] == "sgd"), None)
         print(f"[{time.monotonic() - t0:5.0f}s] {format_rate(rate_bps)}: " + ", ".join(
             f"{r['method']}={r['median_s']:.3f}s"
             + (f" ({r['median_s'] / base:.3f}x)" if base else "")
             for r in out.results[0]), file=sys.stderr)
         if args.json:
-            _write_json(args.json, data)
+            write_json(args.json, data)
 
 
 def run_tta(args: argparse.Namespace, data: dict[str, Any], emu_ok: bool) -> None:
@@ -106,7 +113,7 @@ def run_tta(args: argparse.Namespace, data: dict[str, Any], emu_ok: bool) -> Non
                   f"acc={last[2]:.3f} at {last[0]:.1f}s, reached "
                   f"{res['target_acc']:.0%}: {res['reached_s']}", file=sys.stderr)
             if args.json:
-                _write_json(args.json, data)
+                write_json(args.json, data)
     finally:
         if emu is not None:
             emu.close()
@@ -115,17 +122,9 @@ def run_tta(args: argparse.Namespace, data: dict[str, Any], emu_ok: bool) -> Non
 # ------------------------------------------------------------------------------- report
 def _pred(data: dict[str, Any], rec: dict[str, Any]) -> float | None:
     """Bandwidth model (docs/performance.md) for a shaped step-time record."""
-    if rec["rate_bps"] is None or not rec.get("shaped") or rec["sent"] is None:
-        return None
     base = next((r for r in data["steps"] if r["rate"] == "unshaped"
                  and r["method"] == rec["method"]), None)
-    if base is None:
-        return None
-    lo = data.get("loopback_bps")
-    wire = rec["world_size"] * rec["sent"]
-    t0 = base["median_s"] - (8 * wire / lo if lo else 0.0)
-    rate = min(rec["rate_bps"], lo) if lo else rec["rate_bps"]
-    return predict_time(max(t0, 0.0), wire, rate)
+    return predicted(rec, base, data.get("loopback_bps"))
 
 
 def markdown(data: dict[str, Any]) -> str:
@@ -141,7 +140,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"Python {mach['python']}, torch {mach['torch']}, Gloo on CPU, 1 torch thread per "
         "worker.",
         "- **The machine may have been shared with other agents' builds and tests**"
-        + _load_text(mach) + ": compute-bound numbers are "
+        + load_text(mach) + ": compute-bound numbers are "
         f"noisy, and the M workers share its {mach['cpus']} cores (compute per step is "
         "several times what one worker on its own core would take).",
         f"- Network: {data['shaping']}; MTU 1500; `burst 256kb latency 400ms`; the M ranks "
@@ -167,20 +166,20 @@ def markdown(data: dict[str, Any]) -> str:
         goal = [r for r in steps if r["rate"] == "100mbit"]
         if goal:
             g = {r["method"]: r for r in goal}
-            if "signum_vote" in g and "sgd_allreduce" in g:
-                ratio = g["signum_vote"]["median_s"] / g["sgd_allreduce"]["median_s"]
+            if "signum" in g and "sgd" in g:
+                ratio = g["signum"]["median_s"] / g["sgd"]["median_s"]
                 lines += [
                     f"**Goal** (100 Mbit/s, M = 4, ResNet-18): Signum + majority vote step "
-                    f"= {g['signum_vote']['median_s']:.2f} s vs SGD + fp32 all-reduce "
-                    f"{g['sgd_allreduce']['median_s']:.2f} s: **{ratio:.3f}×** (goal ≤ 0.25: "
+                    f"= {g['signum']['median_s']:.2f} s vs SGD + fp32 all-reduce "
+                    f"{g['sgd']['median_s']:.2f} s: **{ratio:.3f}×** (goal ≤ 0.25: "
                     f"{'met' if ratio <= 0.25 else 'not met'}).", ""]
         lines += ["| rate | method | step (s) | × SGD + all-reduce | × SGD + DDP | pred. (s) | "
                   "pred/meas | sent/rank/step (MB) | wire/step (MB) | steps timed |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in steps:
             same = {x["method"]: x for x in steps if x["rate"] == r["rate"]}
-            b1 = same.get("sgd_allreduce", {}).get("median_s")
-            b2 = same.get("sgd_ddp", {}).get("median_s")
+            b1 = same.get("sgd", {}).get("median_s")
+            b2 = same.get("sgd-ddp", {}).get("median_s")
             p = _pred(data, r)
             rate = format_rate(r["rate_bps"]) + ("" if r.get("shaped") or r["rate_bps"] is None
                                                  else " (NOT shaped)")
@@ -206,7 +205,7 @@ def markdown(data: dict[str, Any]) -> str:
             "checked every 25 steps; the clock counts training steps only (evaluation "
             f"excluded); budget {data['settings']['tta_budget']:g} s of training per method. "
             "Learning rates were set once by hand, not tuned per method. Training loop: a "
-            "minimal loop in `signsgd.bench.e2e.tta_worker` over the library pieces.",
+            "minimal loop in `benchmarks/workers.py` (`tta_worker`) over the library pieces.",
             "",
             "| method | lr | time to target (s) | steps | final acc | at (s) | "
             "s/step | sent/rank/step (kB) |",
@@ -219,8 +218,8 @@ def markdown(data: dict[str, Any]) -> str:
                 f"| {E2E_LABELS[r['method']]} | {r['lr']:g} | {reached} | {r['steps']} | "
                 f"{last[2]:.3f} | {last[0]:.1f} | {last[0] / max(r['steps'], 1):.3f} | "
                 f"{r['bytes_sent_per_step'] / 1e3:.1f} |")
-        base = next((r for r in tta if r["method"] == "sgd_allreduce"), None)
-        vote = next((r for r in tta if r["method"] == "signum_vote"), None)
+        base = next((r for r in tta if r["method"] == "sgd"), None)
+        vote = next((r for r in tta if r["method"] == "signum"), None)
         if base and vote and base["reached_s"] and vote["reached_s"]:
             lines += ["", f"Signum + majority vote reached the target in "
                       f"{vote['reached_s'] / base['reached_s']:.3f}× the time of SGD + fp32 "
@@ -291,14 +290,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="a few minutes: unshaped and 1gbit, Signum + vote and SGD + "
                         "all-reduce only, TTA budget 10 s at --tta-rate")
     p.add_argument("--part", choices=("steps", "tta", "both"), default="both")
-    p.add_argument("--workers", type=_workers, default=4)
-    p.add_argument("--rates", type=_rate, nargs="+",
-                   default=["unshaped", "10gbit", "1gbit", "100mbit"])
-    p.add_argument("--methods", nargs="+", choices=E2E_METHODS, default=list(E2E_METHODS))
+    p.add_argument("--workers", type=workers_arg, default=4)
+    p.add_argument("--rates", type=rate_arg, nargs="+", default=list(DEFAULT_RATES))
+    p.add_argument("--methods", nargs="+", choices=list(E2E_LABELS), default=list(E2E_LABELS))
     p.add_argument("--batch", type=int, default=16, help="images per worker per step")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--target-s", type=float, default=6.0)
-    p.add_argument("--tta-rate", type=_rate, default="100mbit")
+    p.add_argument("--tta-rate", type=rate_arg, default="100mbit")
     p.add_argument("--tta-methods", nargs="+", choices=list(TTA_METHODS),
                    default=list(TTA_METHODS))
     p.add_argument("--tta-batch", type=int, default=32)
@@ -312,22 +310,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--render", metavar="JSON", help="only re-render from JSON")
     args = p.parse_args(argv)
     if args.render:
-        with open(args.render) as f:
-            data = json.load(f)
+        data = read_results(args.render)
     else:
         if args.quick:
             args.rates = ["unshaped", "1gbit"]
-            args.methods = ["signum_vote", "sgd_allreduce"]
-            args.tta_methods = ["signum_vote", "sgd_allreduce"]
+            args.methods = ["signum", "sgd"]
+            args.tta_methods = ["signum", "sgd"]
             args.tta_budget = 10.0
             args.target_s = 2.0
         if args.json is None and args.markdown:
             args.json = str(Path(args.markdown).with_suffix(".json"))
         reason = shaping_unavailable_reason()
         data = {
-            "command": "python " + " ".join(shlex.quote(a) for a in [
-                os.path.relpath(__file__, ROOT), *(argv or sys.argv[1:])]),
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": command_line(__file__, argv),
+            "date": utc_now(),
             "machine": machine(),
             "shaping": reason or "tc tbf on the loopback of a fresh network namespace",
             "settings": {"rates": args.rates, "methods": args.methods,
@@ -346,11 +342,10 @@ def main(argv: list[str] | None = None) -> int:
             run_tta(args, data, reason is None)
         data["wall_s"] = round(time.monotonic() - t_start, 1)
         if args.json:
-            _write_json(args.json, data)
+            write_json(args.json, data)
     text = markdown(data)
     if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(text)
+        write_text(args.markdown, text)
     else:
         print(text)
     if args.plot_prefix:

@@ -22,17 +22,16 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
 import torch
+from common import command_line, utc_now, write_text
 
-import signsgd
+from signsgd import registry
 
 
 def resnet20_shapes(num_classes: int = 10) -> list[tuple[int, ...]]:
@@ -85,7 +84,7 @@ def bench(shapes: list[tuple[int, ...]], rounds: int, inner: int,
     """
     ours_p = make_params(shapes, seed=1)
     base_p = make_params(shapes, seed=1)
-    ours = signsgd.Signum(ours_p, lr=1e-4, momentum=0.9)
+    ours = registry.build("signum", ours_p, lr=1e-4, momentum=0.9)
     base = torch.optim.SGD(base_p, lr=1e-4, momentum=0.9, foreach=True)
     steps = {"signum": ours.step, "sgd": base.step}
     time_rounds(steps, rounds=1, inner=warmup)
@@ -128,13 +127,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['ratio_min']:.2f}x | median CPU time {r['ratio_cpu']:.2f}x", flush=True)
 
     if args.markdown:
-        cmd = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
-        now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         lines = [
             "# Signum.step vs torch.optim.SGD(momentum=0.9, foreach=True).step",
             "",
-            f"- command: `{cmd}`",
-            f"- date: {now}",
+            f"- command: `{command_line(__file__, argv)}`",
+            f"- date: {utc_now()}",
             f"- machine: {platform.machine()}, `nproc` = {os.cpu_count()}, "
             f"torch {torch.__version__}, CPU, float32",
             "- the machine was shared with other jobs while this ran (1-minute load average "
@@ -156,9 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"| {r['signum_wall'] * 1e3:.3f} | {r['sgd_wall'] * 1e3:.3f} "
                          f"| {r['ratio_wall']:.2f}x | {r['ratio_min']:.2f}x "
                          f"| {r['ratio_cpu']:.2f}x |")
-        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
-        with open(args.markdown, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
+        write_text(args.markdown, "\n".join(lines) + "\n")
     return 0
 
 

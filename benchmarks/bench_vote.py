@@ -3,16 +3,17 @@
 For a float32 vector of ``d`` coordinates on every rank it times, in the same run:
 
 * ``dist.all_reduce`` of the fp32 tensor (the baseline),
-* ``majority_vote(x, mode="sharded", out=buf)`` end to end (pack with the finite check
-  fused into the same pass, header, one ``all_to_all_single``, tally, one ``all_gather``,
-  unpack into a reused buffer, as ``all_reduce`` works in place), and once more returning
-  a fresh tensor (the allocation of ``4·d`` fresh bytes costs page faults),
+* ``majority_vote(x, mode="sharded", out=buf)`` end to end (the finite check, header,
+  pack, one ``all_to_all_single``, tally, one ``all_gather``, unpack into a reused buffer,
+  as ``all_reduce`` works in place), and once more returning a fresh tensor (the
+  allocation of ``4·d`` fresh bytes costs page faults),
 * ``majority_vote(x, mode="allgather")``,
-* ``MajorityVote().reduce_signs([x])`` (the optimiser's path: the caller has checked
-  finiteness, so no scan) and ``ErrorFeedbackAllReduce().reduce_error_feedback([x],
-  ScaledSign())`` (EF-signSGD's two-stage 1-bit all-reduce, same volume plus the scales),
-* the local phases of the sharded vote on their own (pack + finite check as the vote
-  runs it, pack alone, tally, unpack),
+* ``MajorityVote().reduce([x])`` (the optimiser's path: the caller has checked
+  finiteness, so no scan) and ``ErrorFeedbackAllReduce().reduce([x],
+  compressor=ScaledSign())`` (EF-signSGD's two-stage 1-bit all-reduce, same volume plus
+  the scales),
+* the local phases of the sharded vote on their own (the finite check
+  ``signsgd.functional.first_nonfinite``, pack alone, tally, unpack),
 
 and prints median wall times over ``--reps`` repetitions (each op starts after a barrier;
 the ops take turns within a rep; an op's wall time is the slowest rank's), the ratios
@@ -30,16 +31,15 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
 import statistics
-import sys
 import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from common import command_line, timed, utc_now, write_text
 
 from signsgd.compression import ScaledSign
 from signsgd.distributed import ErrorFeedbackAllReduce, MajorityVote
@@ -51,7 +51,8 @@ from signsgd.distributed.vote import (
     tie_bits,
     vote_nbytes,
 )
-from signsgd.packing import majority_tally, pack_signs, pack_signs_finite, unpack_signs
+from signsgd.functional import first_nonfinite
+from signsgd.packing import majority_tally, pack_signs, unpack_signs
 
 
 def _interleaved(ops: dict[str, Any], reps: int, warmup: int = 1) -> dict[str, list[float]]:
@@ -61,16 +62,10 @@ def _interleaved(ops: dict[str, Any], reps: int, warmup: int = 1) -> dict[str, l
     times.update({"cpu " + name: [] for name in ops})
     for rep in range(warmup + reps):
         for name, fn in ops.items():
-            dist.barrier()
-            c0, t0 = time.process_time(), time.perf_counter()
-            fn()
-            dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-            dc = torch.tensor([time.process_time() - c0], dtype=torch.float64)
-            dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-            dist.all_reduce(dc, op=dist.ReduceOp.SUM)
+            wall, cpu = timed(fn, cpu=True)
             if rep >= warmup:
-                times[name].append(float(dt))
-                times["cpu " + name].append(float(dc))
+                times[name].append(wall)
+                times["cpu " + name].append(cpu)
     return times
 
 
@@ -91,13 +86,12 @@ def worker(rank: int, world_size: int, numel: int, reps: int) -> dict[str, list[
         "all_reduce fp32": lambda: dist.all_reduce(y),
         "vote sharded": lambda: majority_vote(x, mode="sharded", step=next(step), out=dst),
         "vote allgather": lambda: majority_vote(x, mode="allgather", step=next(step), out=dst),
-        "MajorityVote.reduce_signs (sharded)": lambda: vote_agg.reduce_signs([x]),
+        "MajorityVote().reduce (sharded)": lambda: vote_agg.reduce([x]),
         "ErrorFeedbackAllReduce (ScaledSign)":
-            lambda: ef_agg.reduce_error_feedback([x], ScaledSign()),
+            lambda: ef_agg.reduce([x], compressor=ScaledSign()),
         "vote sharded, fresh result tensor":
             lambda: majority_vote(x, mode="sharded", step=next(step)),
-        "  pack + finite check (local)":
-            lambda: pack_signs_finite(x, out=packed[: (numel + 7) // 8]),
+        "  finite check (first_nonfinite)": lambda: first_nonfinite([x]),
         "  pack alone (local)": lambda: pack_signs(x, out=packed[: (numel + 7) // 8]),
         "  tally shard (local)": lambda: majority_tally(rows, ties),
         "  unpack (local)": lambda: unpack_signs(gathered, numel, out=dst),
@@ -114,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", default=None, help="write a results table here")
     args = ap.parse_args(argv)
     m, d = args.world_size, args.numel
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = utc_now()
     t0 = time.perf_counter()
     results = spawn(worker, m, (d, args.reps), timeout=1800, threads=args.threads)
     wall = time.perf_counter() - t0
@@ -157,24 +151,23 @@ def main(argv: list[str] | None = None) -> int:
 
     wall_ratio = per_rep("vote sharded")
     cpu_ratio = cpu("vote sharded") / cpu("all_reduce fp32")
-    local = sum(cpu(n) for n in ("  pack + finite check (local)",
+    local = sum(cpu(n) for n in ("  finite check (first_nonfinite)", "  pack alone (local)",
                                  "  tally shard (local)", "  unpack (local)"))
     bits_leg = leg * 8 / d
     verdict = [
         f"- sharded vote / fp32 all_reduce, wall time (median of per-rep ratios): "
         f"**{wall_ratio:.3f}** — target <= 0.2: **{'met' if wall_ratio <= 0.2 else 'not met'}**",
         f"- the same by CPU time summed over the ranks: **{cpu_ratio:.3f}**",
-        f"- local work (pack + finite check + tally + unpack) is {local / cpu('vote sharded'):.0%}"
+        f"- local work (finite check + pack + tally + unpack) is {local / cpu('vote sharded'):.0%}"
         f" of the sharded vote's CPU time; the rest is the header and the two collectives",
         f"- bits per coordinate per rank on each leg of the sharded vote (signs out, verdicts "
         f"back): **{bits_leg:.3f}** — target <= 1.05: "
         f"**{'met' if bits_leg <= 1.05 else 'not met'}**; both legs together "
         f"{2 * bits_leg:.3f} bits sent and as many received, vs 48 for the fp32 ring",
     ]
-    cmd = " ".join([".venv/bin/python", "benchmarks/bench_vote.py"] + sys.argv[1:])
     header = [
-        f"- command: `{cmd}`",
-        f"- date: {started:%Y-%m-%d %H:%M} UTC; launch wall time {wall:.0f} s",
+        f"- command: `{command_line(__file__, argv)}`",
+        f"- date: {started}; launch wall time {wall:.0f} s",
         f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"Gloo on 127.0.0.1, M = {m} processes, {args.threads} torch thread(s) each, "
         f"d = {d:,} float32",
@@ -187,9 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(header + ["", *verdict, "", *lines, "", *bytes_lines, ""])
     print(text)
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write("# Majority vote vs fp32 all-reduce (benchmarks/bench_vote.py)\n\n")
-            f.write(text)
+        write_text(args.markdown,
+                   "# Majority vote vs fp32 all-reduce (benchmarks/bench_vote.py)\n\n" + text)
     return 0
 
 

@@ -18,25 +18,19 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
-from bench_comm import predicted
+from bandwidth import break_even_rate, fixed_cost, predicted
+from common import read_results
+from workers import COMM_LABELS, E2E_LABELS
 
-from signsgd.bench.comm import LABELS
-from signsgd.bench.e2e import E2E_LABELS
-from signsgd.bench.model import break_even_rate
-from signsgd.bench.netem import format_rate, parse_rate
+from signsgd.netem import format_rate, parse_rate
 
 HERE = Path(__file__).resolve().parent
-
-
-def _t0(median_s: float, wire: float, lo_bps: float | None) -> float:
-    return max(median_s - (8 * wire / lo_bps if lo_bps else 0.0), 0.0)
 
 
 def _rate_text(bps: float) -> str:
@@ -61,7 +55,7 @@ def comm_tables(data: dict[str, Any], pred_m: int | None = None) -> str:
     out = [f"R_lo (unshaped loopback, one TCP flow, best of 3) = "
            f"{lo / 1e9:.1f} Gbit/s." if lo else "", "",
            "### Fixed cost T0 per step (s), from the unshaped runs", "",
-           "| M | d | " + " | ".join(LABELS[m] for m in methods) + " |",
+           "| M | d | " + " | ".join(COMM_LABELS[m] for m in methods) + " |",
            "|---:|---:|" + "---:|" * len(methods)]
     t0: dict[tuple[int, int, str], float] = {}
     for m in ms:
@@ -72,7 +66,7 @@ def comm_tables(data: dict[str, Any], pred_m: int | None = None) -> str:
                 if c is None or c["median_s"] is None:
                     row.append("–")
                     continue
-                t0[(m, d, meth)] = _t0(c["median_s"], m * c["sent"], lo)
+                t0[(m, d, meth)] = fixed_cost(c["median_s"], m * c["sent"], None, lo)
                 row.append(f"{t0[(m, d, meth)]:.3f}")
             out.append(f"| {m} | {d / 1e6:g}M | " + " | ".join(row) + " |")
     out += ["", "### Predicted vs measured (s)", "",
@@ -80,7 +74,7 @@ def comm_tables(data: dict[str, Any], pred_m: int | None = None) -> str:
             "|---|---:|---:|---|---:|---:|---:|"]
     ratios: dict[str, list[float]] = {}
     for c in cells:
-        p = predicted(idx, c, lo)
+        p = predicted(c, idx.get(("unshaped", c["world_size"], c["d"], c["method"])), lo)
         if p is None or not c["median_s"]:
             continue
         r = p / c["median_s"]
@@ -88,7 +82,7 @@ def comm_tables(data: dict[str, Any], pred_m: int | None = None) -> str:
         if pred_m is not None and c["world_size"] != pred_m:
             continue
         out.append(f"| {format_rate(c['rate_bps'])} | {c['world_size']} | {c['d'] / 1e6:g}M | "
-                   f"{LABELS[c['method']]} | {c['median_s']:.3f} | {p:.3f} | {r:.2f} |")
+                   f"{COMM_LABELS[c['method']]} | {c['median_s']:.3f} | {p:.3f} | {r:.2f} |")
     out += ["", "| rate | cells | within ±25 % | median pred/meas |", "|---|---:|---:|---:|"]
     for rate, rs in ratios.items():
         out.append(f"| {format_rate(parse_rate(rate))} | {len(rs)} | "
@@ -100,15 +94,13 @@ def comm_tables(data: dict[str, Any], pred_m: int | None = None) -> str:
     for c in cells:
         if c["median_s"] is None or c["sent"] is None:
             continue
-        wire = c["world_size"] * c["sent"]
-        rate = lo if c["rate_bps"] is None else min(c["rate_bps"], lo or c["rate_bps"])
-        resid = max(c["median_s"] - (8 * wire / rate if rate else 0.0), 0.0)
+        resid = fixed_cost(c["median_s"], c["world_size"] * c["sent"], c["rate_bps"], lo)
         key = (c["world_size"], c["d"], c["method"])
         best[key] = min(best.get(key, math.inf), resid)
     out += ["", "### Best observed fixed cost T0 per step (s)", "",
             "Per cell, the smallest (measured − 8·M·sent/min(rate, R_lo)) over the four "
             "rates.", "",
-            "| M | d | " + " | ".join(LABELS[m] for m in methods) + " |",
+            "| M | d | " + " | ".join(COMM_LABELS[m] for m in methods) + " |",
             "|---:|---:|" + "---:|" * len(methods)]
     for m in ms:
         for d in ds:
@@ -122,17 +114,17 @@ def comm_tables(data: dict[str, Any], pred_m: int | None = None) -> str:
             "| M | d | method | shared link | switched network |", "|---:|---:|---|---:|---:|"]
     for m in ms:
         for d in ds:
-            b = idx.get(("unshaped", m, d, "fp32_allreduce"))
-            if b is None or (m, d, "fp32_allreduce") not in best:
+            b = idx.get(("unshaped", m, d, "fp32-allreduce"))
+            if b is None or (m, d, "fp32-allreduce") not in best:
                 continue
-            tb = best[(m, d, "fp32_allreduce")]
+            tb = best[(m, d, "fp32-allreduce")]
             for meth in methods:
-                if meth == "fp32_allreduce" or (m, d, meth) not in best:
+                if meth == "fp32-allreduce" or (m, d, meth) not in best:
                     continue
                 c = idx[("unshaped", m, d, meth)]
                 shared = break_even_rate(best[(m, d, meth)], m * c["sent"], tb, m * b["sent"])
                 switched = break_even_rate(best[(m, d, meth)], c["sent"], tb, b["sent"])
-                out.append(f"| {m} | {d / 1e6:g}M | {LABELS[meth]} | {_rate_text(shared)} | "
+                out.append(f"| {m} | {d / 1e6:g}M | {COMM_LABELS[meth]} | {_rate_text(shared)} | "
                            f"{_rate_text(switched)} |")
     return "\n".join(out) + "\n"
 
@@ -147,12 +139,10 @@ def e2e_tables(data: dict[str, Any]) -> str:
     best: dict[str, float] = {}
     sent: dict[str, int] = {}
     for r in steps:
-        wire = m * r["sent"]
-        rate = lo if r["rate_bps"] is None else min(r["rate_bps"], lo or r["rate_bps"])
-        resid = max(r["median_s"] - (8 * wire / rate if rate else 0.0), 0.0)
+        resid = fixed_cost(r["median_s"], m * r["sent"], r["rate_bps"], lo)
         best[r["method"]] = min(best.get(r["method"], math.inf), resid)
         sent[r["method"]] = r["sent"]
-    if "sgd_allreduce" not in best:
+    if "sgd" not in best:
         return ""
     out = [f"### ResNet-18 training step, M = {m}: break-even rates", "",
            "T0 = best observed fixed cost: per method, the smallest (measured step − "
@@ -162,11 +152,11 @@ def e2e_tables(data: dict[str, Any]) -> str:
            "| method | T0 (s) | sent/rank (MB) | vs SGD + all-reduce: shared | switched | "
            "vs SGD + DDP: shared | switched |",
            "|---|---:|---:|---:|---:|---:|---:|"]
-    bases = [(b, best[b], sent[b]) for b in ("sgd_allreduce", "sgd_ddp") if b in best]
+    bases = [(b, best[b], sent[b]) for b in ("sgd", "sgd-ddp") if b in best]
     for meth, t0 in best.items():
         cols = []
         for _name, tb, wb in bases:
-            if meth in ("sgd_allreduce", "sgd_ddp", "local"):
+            if meth in ("sgd", "sgd-ddp", "sgd-local"):
                 cols += ["–", "–"]
                 continue
             cols += [_rate_text(break_even_rate(t0, m * sent[meth], tb, m * wb)),
@@ -184,11 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pred-m", type=int, default=None,
                    help="list predicted vs measured only for this M (summary: all)")
     args = p.parse_args(argv)
-    with open(args.comm) as f:
-        print(comm_tables(json.load(f), args.pred_m))
+    print(comm_tables(read_results(args.comm), args.pred_m))
     if Path(args.e2e).exists():
-        with open(args.e2e) as f:
-            print(e2e_tables(json.load(f)))
+        print(e2e_tables(read_results(args.e2e)))
     return 0
 
 

@@ -1,7 +1,11 @@
-"""Tests of the loopback network emulator :mod:`signsgd.bench.netem`."""
+"""Tests of the loopback network emulator :mod:`signsgd.netem`, and of the benchmarks'
+bandwidth model and results files (``benchmarks/bandwidth.py``, ``benchmarks/common.py``)."""
 
 from __future__ import annotations
 
+import doctest
+import importlib
+import json
 import os
 import signal
 import subprocess
@@ -12,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from signsgd.bench import netem
-from signsgd.bench.netem import (
+from signsgd import netem
+from signsgd.netem import (
     NetworkEmulator,
     ShapingUnavailableError,
     check_world_size,
@@ -27,6 +31,9 @@ needs_netns = pytest.mark.skipif(
     REASON is not None, reason=f"cannot create shaped namespaces here: {REASON}"
 )
 TESTS_DIR = str(Path(__file__).resolve().parent)
+BENCHMARKS_DIR = str(Path(__file__).resolve().parent.parent / "benchmarks")
+if BENCHMARKS_DIR not in sys.path:  # the benchmarks' modules import each other by name
+    sys.path.append(BENCHMARKS_DIR)
 
 
 # ------------------------------------------------------------------------------- rates
@@ -210,7 +217,7 @@ _SIGINT_SCRIPT = textwrap.dedent(
     """
     import sys
     sys.path.insert(0, {tests!r})
-    from signsgd.bench.netem import launch
+    from signsgd.netem import launch
     from test_netem import _sleeper
     launch(_sleeper, 2, (120.0,), rate="100mbit", timeout=150)
     """
@@ -253,7 +260,7 @@ def test_interrupt_leaves_no_namespace_or_process(sig: signal.Signals) -> None:
 @needs_netns
 def test_cli_runs_a_command_behind_the_link(capsys: pytest.CaptureFixture[str]) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "signsgd.bench.netem", "--rate", "10Gbit/s", "--",
+        [sys.executable, "-m", "signsgd.netem", "--rate", "10Gbit/s", "--",
          "sh", "-c", "cat /sys/class/net/lo/mtu; exit 3"],
         capture_output=True, text=True, timeout=60)
     assert out.returncode == 3 and out.stdout.strip() == "1500", out
@@ -278,7 +285,7 @@ def test_stale_namespace_of_dead_process_is_swept() -> None:
 
 # ------------------------------------------------------------------------------- the model
 def test_bandwidth_model() -> None:
-    from signsgd.bench.model import bottleneck_bytes, break_even_rate, predict_time
+    from bandwidth import bottleneck_bytes, break_even_rate, predict_time
 
     assert bottleneck_bytes(1e6, 4) == 4e6
     assert bottleneck_bytes(1e6, 4, shared=False) == 1e6
@@ -292,3 +299,92 @@ def test_bandwidth_model() -> None:
         predict_time(0.1, 1.0, 0)
     with pytest.raises(ValueError, match="world_size"):
         bottleneck_bytes(1.0, 0)
+
+
+@pytest.mark.parametrize(
+    ("rate_bps", "loopback_bps", "effective"),
+    [(10e9, 6e9, 6e9), (1e9, 6e9, 1e9), (None, 6e9, 6e9), (1e9, None, 1e9), (None, None, None)],
+)
+def test_effective_rate_is_capped_by_the_loopback(rate_bps: float | None,
+                                                  loopback_bps: float | None,
+                                                  effective: float | None) -> None:
+    from bandwidth import effective_rate, fixed_cost
+
+    assert effective_rate(rate_bps, loopback_bps) == effective
+    # 1 Gbit of wire at the effective rate, on top of 0.5 s (no rate: nothing to subtract)
+    wire = 125_000_000
+    measured = 0.5 + (8 * wire / effective if effective else 0.0)
+    assert fixed_cost(measured, wire, rate_bps, loopback_bps) == pytest.approx(0.5)
+    assert fixed_cost(0.1, 10 * wire, 1e9) == 0.0  # never below zero
+
+
+@pytest.mark.parametrize(
+    ("cell", "unshaped", "expected"),
+    [
+        ({"rate_bps": 10**9, "shaped": True, "sent": 31_250_000, "world_size": 4}, 0.5, 1.5),
+        ({"rate_bps": 10**9, "shaped": False, "sent": 31_250_000, "world_size": 4}, 0.5, None),
+        ({"rate_bps": None, "shaped": False, "sent": 31_250_000, "world_size": 4}, 0.5, None),
+        ({"rate_bps": 10**9, "shaped": True, "sent": None, "world_size": 4}, 0.5, None),
+        ({"rate_bps": 10**9, "shaped": True, "sent": 31_250_000, "world_size": 4}, None, None),
+    ],
+)
+def test_prediction_from_the_unshaped_record(cell: dict, unshaped: float | None,
+                                             expected: float | None) -> None:
+    from bandwidth import predicted
+
+    base = None if unshaped is None else {"median_s": unshaped}
+    got = predicted(cell, base, None)
+    assert got == (None if expected is None else pytest.approx(expected))
+
+
+# ------------------------------------------------------------------------------- results
+@pytest.mark.parametrize(
+    ("key", "old", "new"),
+    [("cells", "sharded_vote", "majority-vote"),
+     ("cells", "allgather_vote", "majority-vote-allgather"),
+     ("cells", "fp32_allreduce", "fp32-allreduce"),
+     ("steps", "signum_vote", "signum"),
+     ("steps", "sgd_allreduce", "sgd"),
+     ("steps", "local", "sgd-local"),
+     ("tta", "signum_ddp_hook", "signum-ddp-hook"),
+     ("cells", "majority-vote", "majority-vote")],  # today's names pass unchanged
+)
+def test_old_results_files_are_read_with_todays_method_names(
+        tmp_path: Path, key: str, old: str, new: str) -> None:
+    from common import read_results
+
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({key: [{"method": old}], "settings": {"methods": [old]}}))
+    data = read_results(path)
+    assert data[key][0]["method"] == new and data["settings"]["methods"] == [new]
+
+
+def test_every_legacy_name_maps_to_a_method_the_benchmarks_run() -> None:
+    from common import LEGACY_METHODS
+    from workers import COMM_LABELS, E2E_LABELS
+
+    assert set(LEGACY_METHODS.values()) == set(COMM_LABELS) | set(E2E_LABELS)
+
+
+# ------------------------------------------------------------------------------- docs
+@pytest.mark.parametrize("name", ["signsgd.netem", "bandwidth", "common", "workers"])
+def test_docstring_examples_run(name: str) -> None:
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS, verbose=False)
+    assert result.failed == 0 and result.attempted > 0, result
+
+
+@pytest.mark.parametrize("name", netem.__all__)
+def test_every_public_name_is_documented_with_an_example(name: str) -> None:
+    obj = getattr(netem, name)
+    assert (obj.__doc__ or "").strip(), f"signsgd.netem.{name} has no docstring"
+    if not (isinstance(obj, type) and issubclass(obj, Warning | Exception)):
+        assert ">>>" in obj.__doc__, f"signsgd.netem.{name} has no runnable example"
+
+
+def test_child_mode_without_a_job_file_fails_cleanly(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "signsgd.netem", "--child",
+                          str(tmp_path / "missing.pkl"), str(tmp_path / "out.pkl")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "missing.pkl" in out.stderr
+    assert not (tmp_path / "out.pkl").exists()

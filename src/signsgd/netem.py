@@ -1,4 +1,4 @@
-"""Network emulator: run M Gloo workers behind a rate-limited loopback.
+"""Network emulator: run M Gloo workers (or any command) behind a rate-limited loopback.
 
 :func:`launch` runs ``fn(rank, world_size, *args)`` in ``world_size`` worker processes (via
 :func:`signsgd.distributed.launch.spawn`, Gloo on ``127.0.0.1``) inside a fresh Linux
@@ -30,17 +30,19 @@ an exception while a namespace is live), and interpreter exit (``atexit``). A na
 left by a process killed with SIGKILL is swept by the next :class:`NetworkEmulator` (names
 carry the creating pid; only names whose pid is dead are removed).
 
-Command line: ``python -m signsgd.bench.netem --rate 100mbit -- CMD ...`` runs any command
+Command line: ``python -m signsgd.netem --rate 100mbit -- CMD ...`` runs any command
 (e.g. ``torchrun --standalone ...`` talking over 127.0.0.1) behind the shaped loopback.
+:func:`launch` runs its workers through the same entry point
+(``python -m signsgd.netem --child JOB OUT`` inside the namespace).
 
 Example:
-    >>> from signsgd.bench.netem import launch
-    >>> out = launch(my_module.work, 4, rate="100mbit")   # doctest: +SKIP
-    >>> out.results, out.shaped, out.rate_bps             # doctest: +SKIP
+    >>> format_rate(parse_rate("2.5 Gbit/s"))
+    '2.5 Gbit/s'
 """
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import itertools
 import os
@@ -55,12 +57,11 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
 __all__ = [
-    "DEFAULT_RATES",
     "LaunchResult",
     "NetworkEmulator",
     "ShapingUnavailableError",
@@ -68,14 +69,15 @@ __all__ = [
     "check_world_size",
     "format_rate",
     "launch",
+    "list_namespaces",
+    "main",
+    "namespace_pids",
     "parse_rate",
     "probe_throughput",
     "read_lo_bytes",
     "shaping_unavailable_reason",
+    "sweep_stale_namespaces",
 ]
-
-#: The rates the benchmarks sweep, fastest first.
-DEFAULT_RATES: tuple[str, ...] = ("unshaped", "10gbit", "1gbit", "100mbit")
 
 NS_PREFIX = "signsgd-"
 
@@ -105,10 +107,17 @@ def parse_rate(rate: str | int | float | None) -> int | None:
     (decimal prefixes, as ``tc``: 1 kbit = 1000 bit), case-insensitive, spaces allowed:
     ``"10gbit"``, ``"10Gbit/s"``, ``"1 Gbits/s"``, ``"100Mbit"``, ``"2.5gbit"``.
 
+    Returns:
+        The rate in bits per second, or ``None`` for unshaped.
+
     Raises:
         ValueError: the value cannot be parsed (``"fast"``, ``"10 parsecs"``), is not
             positive, is below 8 kbit/s (tc's token bucket cannot shape that with a 256 kB
             burst in useful time), or uses ``bps`` (tc reads ``bps`` as *bytes*/s).
+
+    Example:
+        >>> parse_rate("100mbit"), parse_rate("10Gbit/s"), parse_rate("unshaped")
+        (100000000, 10000000000, None)
     """
     if rate is None:
         return None
@@ -147,7 +156,12 @@ def parse_rate(rate: str | int | float | None) -> int | None:
 
 
 def format_rate(bps: int | None) -> str:
-    """Human form of a rate in bits/s: ``None`` → ``"unshaped"``, 1e9 → ``"1 Gbit/s"``."""
+    """Human form of a rate in bits/s: ``None`` → ``"unshaped"``, 1e9 → ``"1 Gbit/s"``.
+
+    Example:
+        >>> format_rate(10**9), format_rate(None)
+        ('1 Gbit/s', 'unshaped')
+    """
     if bps is None:
         return "unshaped"
     for div, name in ((10**12, "T"), (10**9, "G"), (10**6, "M"), (10**3, "k")):
@@ -156,20 +170,27 @@ def format_rate(bps: int | None) -> str:
     return f"{bps:g} bit/s"
 
 
-def _tc_rate(bps: int) -> str:
-    return f"{bps}bit"
-
-
 def check_world_size(world_size: Any) -> int:
-    """Return ``world_size`` if it is an int >= 1, else raise ``ValueError`` naming it."""
+    """Return ``world_size`` if it is an int >= 1, else raise ``ValueError`` naming it.
+
+    Example:
+        >>> check_world_size(4)
+        4
+    """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"number of workers M must be an integer >= 1, got {world_size!r}")
     return world_size
 
 
-# ------------------------------------------------------------------------------- privilege
+# ------------------------------------------------------------------------------- the tools
 def shaping_unavailable_reason() -> str | None:
-    """Why this machine cannot shape a namespace's loopback, or ``None`` if it can."""
+    """Why this machine cannot shape a namespace's loopback, or ``None`` if it can.
+
+    Example:
+        >>> reason = shaping_unavailable_reason()   # None with root and iproute2
+        >>> reason is None or "root" in reason or "iproute2" in reason or "Linux" in reason
+        True
+    """
     if not sys.platform.startswith("linux"):
         return f"network namespaces need Linux (this is {sys.platform})"
     missing = [tool for tool in ("ip", "tc") if _which(tool) is None]
@@ -187,12 +208,8 @@ def _which(tool: str) -> str | None:
          if os.access(p := os.path.join(d, tool), os.X_OK)), None)
 
 
-def _ip() -> str:
-    return _which("ip") or "ip"
-
-
-def _tc() -> str:
-    return _which("tc") or "tc"
+def _tool(tool: str) -> str:
+    return _which(tool) or tool
 
 
 def _run_checked(cmd: list[str], what: str) -> str:
@@ -205,17 +222,32 @@ def _run_checked(cmd: list[str], what: str) -> str:
     return proc.stdout
 
 
+def _ip_netns(*args: str) -> str:
+    """stdout of ``ip netns ARGS`` ('' without iproute2)."""
+    if _which("ip") is None:
+        return ""
+    return subprocess.run([_tool("ip"), "netns", *args], capture_output=True, text=True,
+                          timeout=30).stdout
+
+
 def list_namespaces() -> list[str]:
-    """Names of the network namespaces on this machine (``ip netns list``)."""
-    out = subprocess.run([_ip(), "netns", "list"], capture_output=True, text=True, timeout=30)
-    return [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
+    """Names of the network namespaces on this machine (``ip netns list``).
+
+    Example:
+        >>> isinstance(list_namespaces(), list)
+        True
+    """
+    return [line.split()[0] for line in _ip_netns("list").splitlines() if line.strip()]
 
 
 def namespace_pids(name: str) -> list[int]:
-    """Pids of the processes inside namespace ``name`` (``ip netns pids``)."""
-    out = subprocess.run([_ip(), "netns", "pids", name], capture_output=True, text=True,
-                         timeout=30)
-    return [int(x) for x in out.stdout.split() if x.isdigit()]
+    """Pids of the processes inside namespace ``name`` (``ip netns pids``).
+
+    Example:
+        >>> namespace_pids("signsgd-no-such-namespace")
+        []
+    """
+    return [int(x) for x in _ip_netns("pids", name).split() if x.isdigit()]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -233,6 +265,10 @@ def read_lo_bytes() -> tuple[int, int]:
     Inside a namespace of :class:`NetworkEmulator` all traffic is the workers' own, so the
     difference of two readings is the wire volume (TCP/IP headers included) in between.
     Every byte sent over loopback is also received on it: rx == tx.
+
+    Example:
+        >>> min(read_lo_bytes()) >= 0
+        True
     """
     with open("/proc/net/dev") as f:
         for line in f:
@@ -295,13 +331,18 @@ def _cleanup_all() -> None:
 
 
 def sweep_stale_namespaces() -> list[str]:
-    """Delete ``signsgd-<pid>-<n>`` namespaces whose creating process is dead; return them."""
+    """Delete ``signsgd-<pid>-<n>`` namespaces whose creating process is dead; return them.
+
+    Example:
+        >>> isinstance(sweep_stale_namespaces(), list)
+        True
+    """
     removed = []
     for name in list_namespaces():
         m = re.fullmatch(re.escape(NS_PREFIX) + r"(\d+)-(\d+)", name)
         if m and not _pid_alive(int(m.group(1))):
             _kill_namespace_processes(name)
-            subprocess.run([_ip(), "netns", "delete", name], capture_output=True, timeout=30)
+            _ip_netns("delete", name)
             removed.append(name)
     return removed
 
@@ -322,6 +363,19 @@ def _kill_namespace_processes(name: str, grace: float = 2.0) -> None:
             time.sleep(0.05)
 
 
+def _kill_group(proc: subprocess.Popen[Any]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(timeout=3.0)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 # ------------------------------------------------------------------------------- emulator
 class NetworkEmulator:
     """A fresh network namespace with a rate-limited loopback; a context manager.
@@ -335,13 +389,19 @@ class NetworkEmulator:
         mtu: loopback MTU in the namespace.
 
     Raises:
+        ValueError: a bad ``rate`` or ``mtu``.
         ShapingUnavailableError: on entering, if :func:`shaping_unavailable_reason` says so.
         RuntimeError: an ``ip`` / ``tc`` command failed (the message holds its stderr).
 
     Attributes:
         name: the namespace name, ``signsgd-<pid>-<n>``.
         rate_bps: the parsed rate (``None`` unshaped).
-        prefix: the argv prefix that runs a command inside the namespace.
+        created: whether the namespace exists now.
+
+    Example:
+        >>> emu = NetworkEmulator("1gbit")      # nothing is created until it is entered
+        >>> emu.rate_bps, emu.created, emu.name.startswith("signsgd-")
+        (1000000000, False, True)
     """
 
     def __init__(
@@ -364,7 +424,7 @@ class NetworkEmulator:
     @property
     def prefix(self) -> list[str]:
         """``["ip", "netns", "exec", name]``: prepend it to run a command in the namespace."""
-        return [_ip(), "netns", "exec", self.name]
+        return [_tool("ip"), "netns", "exec", self.name]
 
     def open(self) -> NetworkEmulator:
         """Create the namespace and shape its loopback (idempotent)."""
@@ -378,14 +438,15 @@ class NetworkEmulator:
             sweep_stale_namespaces()
             _LIVE[self.name] = self
             self.created = True
+        ip, tc = _tool("ip"), _tool("tc")
         try:
-            _run_checked([_ip(), "netns", "add", self.name], "creating the namespace")
-            _run_checked([_ip(), "-n", self.name, "link", "set", "lo", "mtu", str(self.mtu),
+            _run_checked([ip, "netns", "add", self.name], "creating the namespace")
+            _run_checked([ip, "-n", self.name, "link", "set", "lo", "mtu", str(self.mtu),
                           "up"], "bringing up loopback")
             if self.rate_bps is not None:
                 _run_checked(
-                    [_tc(), "-n", self.name, "qdisc", "add", "dev", "lo", "root", "tbf",
-                     "rate", _tc_rate(self.rate_bps), "burst", self.burst,
+                    [tc, "-n", self.name, "qdisc", "add", "dev", "lo", "root", "tbf",
+                     "rate", f"{self.rate_bps}bit", "burst", self.burst,
                      "latency", self.latency],
                     "shaping loopback with tc tbf",
                 )
@@ -404,7 +465,7 @@ class NetworkEmulator:
             except Exception:  # noqa: BLE001 - clean-up must go on
                 pass
             for _ in range(5):
-                proc = subprocess.run([_ip(), "netns", "delete", self.name],
+                proc = subprocess.run([_tool("ip"), "netns", "delete", self.name],
                                       capture_output=True, text=True, timeout=30)
                 if proc.returncode == 0 or self.name not in list_namespaces():
                     break
@@ -416,7 +477,7 @@ class NetworkEmulator:
 
     def qdisc(self) -> str:
         """``tc qdisc show dev lo`` inside the namespace (to check the shaping)."""
-        return _run_checked([_tc(), "-n", self.name, "qdisc", "show", "dev", "lo"],
+        return _run_checked([_tool("tc"), "-n", self.name, "qdisc", "show", "dev", "lo"],
                             "reading the qdisc").strip()
 
     def __enter__(self) -> NetworkEmulator:
@@ -456,8 +517,18 @@ print(time.perf_counter() - t0, got[0])
 def probe_throughput(emulator: NetworkEmulator, nbytes: int = 2_000_000) -> tuple[float, int]:
     """Send ``nbytes`` over one TCP connection on the namespace's loopback.
 
-    Returns ``(seconds, bytes received)``; ``8·bytes/seconds`` is the link's throughput for
-    one flow (the tbf burst lets the first 256 kB through at loopback speed).
+    Returns:
+        ``(seconds, bytes received)``; ``8·bytes/seconds`` is the link's throughput for one
+        flow (the tbf burst lets the first 256 kB through at loopback speed).
+
+    Raises:
+        ValueError: ``emulator`` is not open, or ``nbytes`` is not an int >= 1.
+
+    Example:
+        >>> probe_throughput(NetworkEmulator("1gbit"))     # open it first (needs root)
+        Traceback (most recent call last):
+        ...
+        ValueError: NetworkEmulator('1 Gbit/s', name=...) is not open; use it as a context manager
     """
     if not emulator.created:
         raise ValueError(f"{emulator!r} is not open; use it as a context manager")
@@ -472,7 +543,12 @@ def probe_throughput(emulator: NetworkEmulator, nbytes: int = 2_000_000) -> tupl
 # ------------------------------------------------------------------------------- launch
 @dataclass
 class LaunchResult:
-    """What :func:`launch` returns."""
+    """What :func:`launch` returns.
+
+    Example:
+        >>> LaunchResult([0], None, False, None).shaped
+        False
+    """
 
     results: list[Any]
     """``fn``'s return value per rank."""
@@ -486,12 +562,6 @@ class LaunchResult:
     """Why the run is not shaped as asked, if it is not."""
     wall_s: float = 0.0
     """Seconds from start to the last worker's result, process start-up included."""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _spawn_kwargs(timeout: float, pg_timeout: float | None, threads: int | None,
-                  env: dict[str, str] | None) -> dict[str, Any]:
-    return {"timeout": timeout, "pg_timeout": pg_timeout, "threads": threads, "env": env}
 
 
 def launch(
@@ -509,9 +579,10 @@ def launch(
 ) -> LaunchResult:
     """Run ``fn(rank, world_size, *args)`` in M Gloo workers behind a link of ``rate``.
 
-    The workers run in a child process ``ip netns exec NS python -m signsgd.bench._runner``
+    The workers run in a child process ``ip netns exec NS python -m signsgd.netem --child``
     that calls :func:`signsgd.distributed.launch.spawn`; ``fn`` and ``args`` are pickled to
-    it (``fn`` must be module-level and importable with this process's ``sys.path``).
+    it together with this process's ``sys.path`` (``fn`` must be module-level and
+    importable with it).
 
     Args:
         fn: the worker function.
@@ -524,35 +595,42 @@ def launch(
             this machine cannot shape.
         timeout, pg_timeout, threads, env: passed to ``spawn``.
 
+    Returns:
+        A :class:`LaunchResult`: every rank's result, and whether the link was shaped.
+
     Raises:
-        ValueError: a bad ``rate`` or ``world_size``.
+        ValueError: a bad ``rate`` or ``world_size``, or ``emulator`` is not open.
         ShapingUnavailableError: ``strict`` and no root / iproute2.
         signsgd.distributed.launch.WorkerError: a worker failed (re-raised from the child).
         KeyboardInterrupt: Ctrl-C / SIGTERM; the namespace and all workers are gone first.
+
+    Example:
+        >>> import operator
+        >>> launch(operator.add, 1).results       # rank + world_size on the one rank
+        [1]
     """
     check_world_size(world_size)
     rate_bps = emulator.rate_bps if emulator is not None else parse_rate(rate)
-    kwargs = _spawn_kwargs(timeout, pg_timeout, threads, env)
-    if emulator is None:
-        reason = shaping_unavailable_reason()
-        if reason is not None:
-            if strict:
-                raise ShapingUnavailableError(reason)
-            note = f"running unshaped on the host loopback: {reason}"
-            if rate_bps is not None:
-                warnings.warn(f"cannot shape to {format_rate(rate_bps)}: {note}",
-                              ShapingUnavailableWarning, stacklevel=2)
-            from signsgd.distributed.launch import spawn
-
-            t0 = time.monotonic()
-            results = spawn(fn, world_size, args, **kwargs)
-            return LaunchResult(results, rate_bps, False, None, note,
-                                time.monotonic() - t0)
+    kwargs = {"timeout": timeout, "pg_timeout": pg_timeout, "threads": threads, "env": env}
+    if emulator is not None:
+        if not emulator.created:
+            raise ValueError(f"{emulator!r} is not open; use it as a context manager")
+        return _launch_in(emulator, fn, world_size, args, kwargs)
+    reason = shaping_unavailable_reason()
+    if reason is None:
         with NetworkEmulator(rate_bps) as emu:
             return _launch_in(emu, fn, world_size, args, kwargs)
-    if not emulator.created:
-        raise ValueError(f"{emulator!r} is not open; use it as a context manager")
-    return _launch_in(emulator, fn, world_size, args, kwargs)
+    if strict:
+        raise ShapingUnavailableError(reason)
+    note = f"running unshaped on the host loopback: {reason}"
+    if rate_bps is not None:
+        warnings.warn(f"cannot shape to {format_rate(rate_bps)}: {note}",
+                      ShapingUnavailableWarning, stacklevel=2)
+    from signsgd.distributed.launch import spawn
+
+    t0 = time.monotonic()
+    results = spawn(fn, world_size, args, **kwargs)
+    return LaunchResult(results, rate_bps, False, None, note, time.monotonic() - t0)
 
 
 def _launch_in(emu: NetworkEmulator, fn: Callable[..., Any], world_size: int,
@@ -563,24 +641,21 @@ def _launch_in(emu: NetworkEmulator, fn: Callable[..., Any], world_size: int,
         with open(job, "wb") as f:
             pickle.dump(list(sys.path), f)
             pickle.dump((fn, world_size, tuple(args), kwargs), f)
-        cmd = emu.prefix + [sys.executable, "-m", "signsgd.bench._runner", job, out]
+        cmd = emu.prefix + [sys.executable, "-m", "signsgd.netem", "--child", job, out]
         t0 = time.monotonic()
         # Own session: a Ctrl-C in the terminal reaches only us; we then end the whole group.
         proc = subprocess.Popen(cmd, start_new_session=True)
         limit = float(kwargs["timeout"]) + 60.0
         try:
             rc = proc.wait(timeout=limit)
-        except subprocess.TimeoutExpired:
+        except BaseException as exc:
             _kill_group(proc)
             emu.close()  # kills whatever is left in the namespace
-            raise RuntimeError(
-                f"the worker launcher in namespace {emu.name} did not finish within "
-                f"{limit:g} s (timeout {kwargs['timeout']:g} s + 60 s); killed it and its "
-                "workers"
-            ) from None
-        except BaseException:
-            _kill_group(proc)
-            emu.close()  # kills whatever is left in the namespace
+            if isinstance(exc, subprocess.TimeoutExpired):
+                raise RuntimeError(
+                    f"the worker launcher in namespace {emu.name} did not finish within "
+                    f"{limit:g} s (timeout {kwargs['timeout']:g} s + 60 s); killed it and "
+                    "its workers") from None
             raise
         wall = time.monotonic() - t0
         if not os.path.exists(out):
@@ -598,40 +673,74 @@ def _launch_in(emu: NetworkEmulator, fn: Callable[..., Any], world_size: int,
     return LaunchResult(payload, emu.rate_bps, emu.rate_bps is not None, emu.name, "", wall)
 
 
-def _kill_group(proc: subprocess.Popen[Any]) -> None:
-    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
+def _child(job_path: str, out_path: str) -> int:
+    """The launcher inside the namespace: run the pickled job, pickle its outcome.
+
+    ``job_path`` holds the parent's ``sys.path`` then ``(fn, world_size, args, kwargs)``;
+    ``out_path`` receives ``(True, results)``, ``(False, exception)`` or
+    ``(False, ("WorkerError", message, failures))``.
+    """
+    # SIGTERM unwinds through spawn's finally (which terminates the workers), then exits.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    with open(job_path, "rb") as f:
+        for p in reversed(pickle.load(f)):
+            if p not in sys.path:
+                sys.path.insert(0, p)
+        fn, world_size, args, kwargs = pickle.load(f)
+    from signsgd.distributed.launch import WorkerError, spawn
+
+    try:
+        outcome: tuple[bool, object] = (True, spawn(fn, world_size, args, **kwargs))
+    except WorkerError as exc:  # its __init__ takes two arguments: send them
+        outcome = (False, ("WorkerError", str(exc), exc.failures))
+    except Exception as exc:  # noqa: BLE001 - handed to the parent, which re-raises it
         try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            pickle.loads(pickle.dumps(exc))
+        except Exception:  # noqa: BLE001
+            exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+        outcome = (False, exc)
+    with open(out_path, "wb") as f:
+        pickle.dump(outcome, f)
+    return 0
 
 
 # ------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
-    """``python -m signsgd.bench.netem --rate 100mbit -- CMD ...``: run CMD behind a link.
+    """``python -m signsgd.netem --rate 100mbit -- CMD ...``: run CMD behind a shaped link.
 
     CMD runs inside a fresh namespace whose loopback is shaped to the rate (e.g.
     ``torchrun --nproc-per-node 4 train.py``; it must use ``127.0.0.1`` / ``localhost``).
-    Returns CMD's exit status; the namespace is removed on every exit path.
-    """
-    import argparse
+    The namespace is removed on every exit path.
 
+    Args:
+        argv: the arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        CMD's exit status.
+
+    Raises:
+        SystemExit: a bad rate, no command, or no root / iproute2 (status 2, with a message).
+
+    Example:
+        >>> main(["--rate", "fast", "--", "true"])
+        Traceback (most recent call last):
+        ...
+        SystemExit: 2
+    """
     p = argparse.ArgumentParser(
-        prog="python -m signsgd.bench.netem",
+        prog="python -m signsgd.netem",
         description="Run a command inside a network namespace whose loopback is "
                     "rate-limited with tc tbf (needs root and iproute2).")
     p.add_argument("--rate", default="100mbit",
                    help="unshaped, 10gbit, 1gbit, 100mbit, 10Gbit/s, ... (default 100mbit)")
+    p.add_argument("--child", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     args = p.parse_args(argv)
+    if args.child:
+        return _child(*args.child)
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not cmd:
-        p.error("no command given: python -m signsgd.bench.netem --rate 1gbit -- CMD ...")
+        p.error("no command given: python -m signsgd.netem --rate 1gbit -- CMD ...")
     try:
         rate_bps = parse_rate(args.rate)
     except ValueError as exc:
