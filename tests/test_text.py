@@ -1,0 +1,153 @@
+"""signsgd.text (character corpora) and signsgd.transformer (the GPT): small and fast.
+
+The data pipeline (held-out works, vocabulary, the reserved id for unseen characters,
+deterministic batches), clear errors for bad ``text:`` files, the model's causality and its
+untrained loss, and seeded generation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from signsgd import text as T
+from signsgd.errors import DataError
+from signsgd.transformer import GPT, SIZES, generate
+
+POEM = ("Shall I compare thee to a summer's day?\nThou art more lovely and more temperate:\n"
+        "Rough winds do shake the darling buds of May,\n") * 8
+
+
+@pytest.fixture
+def works(tmp_path):
+    """A fake Shakespeare folder: 42 small works with the real names of the held-out ones."""
+    folder = tmp_path / "shakespeare"
+    folder.mkdir()
+    names = list(T.VALIDATION_WORKS + T.TUNING_WORKS)
+    names += [f"work_{i:02d}_gut" for i in range(42 - len(names))]
+    for i, name in enumerate(names):  # each work starts with its index, in digits
+        (folder / f"{name}.txt").write_text(f"<{i:02d}>\n" + POEM[i:] + ("Z" if
+                                            name == "hamlet_gut" else ""))
+    return tmp_path, names
+
+
+def test_validation_holds_out_whole_works(works):
+    root, names = works
+    tag = {name: f"<{i:02d}>" for i, name in enumerate(names)}
+    c = T.load_text("shakespeare", root)
+    val, train = c.decode(c.val), c.decode(c.train)
+    assert all(tag[w] in val and tag[w] not in train for w in T.VALIDATION_WORKS)
+    assert all(tag[w] in train for w in T.TUNING_WORKS)
+    assert sum(tag[w] in train for w in names) == 42 - len(T.VALIDATION_WORKS)
+    tuning = T.load_text("shakespeare", root, split="tuning")
+    tv, tt = tuning.decode(tuning.val), tuning.decode(tuning.train)
+    assert all(tag[w] in tv and tag[w] not in tt for w in T.TUNING_WORKS)
+    assert not any(tag[w] in tt or tag[w] in tv for w in T.VALIDATION_WORKS)
+
+
+def test_vocabulary_from_training_split_and_unseen_characters(works):
+    c = T.load_text("shakespeare", works[0])
+    assert c.chars == sorted(set(c.decode(c.train)))
+    assert c.vocab_size == len(c.chars) + 1 and T.UNSEEN == 0
+    # "Z" occurs only in hamlet (held out): unseen in training, it encodes as id 0.
+    assert "Z" not in c.chars and int((c.val == T.UNSEEN).sum()) == 1
+    assert c.decode(c.encode("Zr")) == "\ufffdr"
+
+
+@pytest.mark.parametrize("rank,step", [(0, 0), (1, 0), (0, 1), (3, 7)])
+def test_batches_are_a_function_of_seed_rank_and_step(rank, step):
+    c = T.Corpus.from_texts([POEM], [POEM[:200]])
+    x1, y1 = c.batch(batch_size=4, block=16, seed=3, rank=rank, step=step)
+    x2, y2 = c.batch(batch_size=4, block=16, seed=3, rank=rank, step=step)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert torch.equal(x1[:, 1:], y1[:, :-1])  # targets are the next characters
+    other, _ = c.batch(batch_size=4, block=16, seed=3, rank=rank + 1, step=step)
+    assert not torch.equal(x1, other)
+    evals = c.eval_batches(count=3, batch_size=2, block=16)
+    assert len(evals) == 3 and all(x.shape == (2, 16) for x, _ in evals)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(evals, c.eval_batches(
+        count=3, batch_size=2, block=16)))
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"", "is empty"),
+    (b"   \n\n", "is empty"),
+    (b"\x00\x01\x02binary", "looks binary"),
+    (b"caf\xe9 latin-1", "not UTF-8"),
+])
+def test_bad_text_files_get_a_clear_error(tmp_path, content, needle):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=needle):
+        T.load_text(f"text:{path}")
+
+
+def test_text_file_split_and_too_short(tmp_path):
+    path = tmp_path / "poem.txt"
+    path.write_text(POEM)
+    c = T.load_text(f"text:{path}")
+    assert c.train.numel() + c.val.numel() == len(POEM)
+    assert c.train.numel() == math.floor(0.9 * len(POEM))
+    c.check(block=16)
+    with pytest.raises(DataError, match="fewer than one window"):
+        c.check(block=len(POEM))
+    with pytest.raises(DataError, match="no file"):
+        T.load_text(f"text:{tmp_path / 'missing.txt'}")
+    with pytest.raises(DataError, match="unknown text dataset"):
+        T.load_text("poems")
+
+
+def test_missing_shakespeare_says_how_to_get_it(tmp_path):
+    with pytest.raises(DataError, match="make data"):
+        T.load_text("shakespeare", tmp_path)
+
+
+def _tiny(vocab: int = 11) -> GPT:
+    torch.manual_seed(0)
+    return GPT(vocab_size=vocab, n_layer=2, n_head=2, d_model=16, block_size=12)
+
+
+def test_changing_a_later_token_never_changes_an_earlier_logit():
+    model = _tiny()
+    x = torch.randint(0, 11, (2, 12), generator=torch.Generator().manual_seed(1))
+    base = model(x)
+    for t in range(12):
+        y = x.clone()
+        y[:, t] = (y[:, t] + 1) % 11
+        out = model(y)
+        assert torch.equal(out[:, :t], base[:, :t]), t
+        assert not torch.equal(out[:, t:], base[:, t:])
+
+
+def test_untrained_loss_is_about_log_vocabulary():
+    model = _tiny(vocab=85)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randint(0, 85, (2, 16, 12), generator=g)
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    assert abs(float(loss) - math.log(85)) < 0.05
+
+
+def test_tied_embeddings_and_named_sizes():
+    model = _tiny()
+    assert all(p is not model.tok.weight for n, p in model.named_parameters()
+               if n != "tok.weight")
+    torch.manual_seed(0)
+    big = GPT(85, **vars(SIZES["gpt-10m"]))
+    assert 10.5e6 < sum(p.numel() for p in big.parameters()) < 11e6
+    with pytest.raises(ValueError, match="must divide"):
+        GPT(10, 1, 3, 16, 8)
+    with pytest.raises(ValueError, match="longer than block_size"):
+        _tiny()(torch.zeros(1, 13, dtype=torch.long))
+
+
+def test_generation_is_deterministic_with_a_seed():
+    model = _tiny()
+    prompt = torch.tensor([1, 2, 3])
+    a = generate(model, prompt, 20, temperature=0.8, generator=torch.Generator().manual_seed(4))
+    b = generate(model, prompt, 20, temperature=0.8, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and a.numel() == 23 and torch.equal(a[:3], prompt)
+    greedy = generate(model, prompt, 20, temperature=0)
+    assert torch.equal(greedy, generate(model, prompt, 20, temperature=0))
