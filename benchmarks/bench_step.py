@@ -1,4 +1,10 @@
-"""Time ``Signum.step`` against ``torch.optim.SGD(momentum=0.9, foreach=True).step``.
+"""Time our optimisers' ``step`` against the torch optimiser each one replaces.
+
+Pairs (ours / baseline), each timed in the same run:
+
+* ``Signum(momentum=0.9).step`` / ``torch.optim.SGD(momentum=0.9, foreach=True).step``;
+* ``Lion(betas=(0.9, 0.99)).step`` / ``torch.optim.AdamW(foreach=True).step`` (Lion keeps
+  one buffer per parameter where AdamW keeps two).
 
 Two parameter sets, both float32 on CPU, gradients fixed (set once, never recomputed):
 
@@ -7,8 +13,8 @@ Two parameter sets, both float32 on CPU, gradients fixed (set once, never recomp
   stage changes, final linear layer): about 0.27M elements in about 65 tensors;
 * ``flat25m``: one tensor of 25M elements.
 
-For each set the two optimisers are timed in interleaved rounds (so drift of a shared
-machine hits both alike); each round times ``--inner`` back-to-back steps; the script
+For each set and pair the two optimisers are timed in interleaved rounds (so drift of a
+shared machine hits both alike); each round times ``--inner`` back-to-back steps; the script
 prints the median step time of each optimiser and the ratios ours / baseline (of median
 wall time, of the fastest round, and of median process CPU time), all measured in this
 run. With ``--markdown PATH`` it also writes the results as a markdown table.
@@ -74,19 +80,29 @@ def time_rounds(steps: dict[str, Callable[[], object]], rounds: int,
     return out
 
 
-def bench(shapes: list[tuple[int, ...]], rounds: int, inner: int,
-          warmup: int) -> dict[str, float]:
-    """Step times of Signum and SGD on the same parameters, and their ratios.
+#: (ours, baseline): registry name and hyper-parameters, and the torch baseline.
+PAIRS: dict[str, tuple[str, dict[str, object], Callable[..., torch.optim.Optimizer]]] = {
+    "Signum / SGD": ("signum", {"lr": 1e-4, "momentum": 0.9},
+                     lambda ps: torch.optim.SGD(ps, lr=1e-4, momentum=0.9, foreach=True)),
+    "Lion / AdamW": ("lion", {"lr": 1e-4, "betas": (0.9, 0.99)},
+                     lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True)),
+}
+
+
+def bench(shapes: list[tuple[int, ...]], rounds: int, inner: int, warmup: int,
+          pair: str) -> dict[str, float]:
+    """Step times of one pair on the same parameters, and their ratios.
 
     ``wall`` is the median wall time per step; ``min`` the fastest round (least disturbed
     by other jobs); ``cpu`` the median process CPU time per step (time this process ran,
     all its threads together, so time spent waiting for a busy CPU does not count).
     """
+    method, hyper, baseline = PAIRS[pair]
     ours_p = make_params(shapes, seed=1)
     base_p = make_params(shapes, seed=1)
-    ours = registry.build("signum", ours_p, lr=1e-4, momentum=0.9)
-    base = torch.optim.SGD(base_p, lr=1e-4, momentum=0.9, foreach=True)
-    steps = {"signum": ours.step, "sgd": base.step}
+    ours = registry.build(method, ours_p, **hyper)
+    base = baseline(base_p)
+    steps = {"ours": ours.step, "base": base.step}
     time_rounds(steps, rounds=1, inner=warmup)
     times = time_rounds(steps, rounds=rounds, inner=inner)
     r: dict[str, float] = {"numel": sum(p.numel() for p in ours_p), "tensors": len(ours_p)}
@@ -95,7 +111,7 @@ def bench(shapes: list[tuple[int, ...]], rounds: int, inner: int,
         r[f"{name}_min"] = min(wall)
         r[f"{name}_cpu"] = statistics.median(cpu)
     for kind in ("wall", "min", "cpu"):
-        r[f"ratio_{kind}"] = r[f"signum_{kind}"] / r[f"sgd_{kind}"]
+        r[f"ratio_{kind}"] = r[f"ours_{kind}"] / r[f"base_{kind}"]
     return r
 
 
@@ -107,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--large", type=int, default=25_000_000, help="elements of the big tensor")
     ap.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
                     help="torch intra-op thread counts to run (each gives its own rows)")
+    ap.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS),
+                    help="which (ours / baseline) pairs to time")
     ap.add_argument("--markdown", default=None, help="also write a markdown report here")
     args = ap.parse_args(argv)
 
@@ -116,19 +134,23 @@ def main(argv: list[str] | None = None) -> int:
     ]
     load_before = os.getloadavg()
     rows = []
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        for name, shapes, inner, warmup in cases:
-            r = bench(shapes, rounds=args.rounds, inner=inner, warmup=warmup)
-            rows.append((name, threads, r))
-            print(f"{name:9s} {threads:2d} thr {r['tensors']:3d} tensors {r['numel']:>11,d} el | "
-                  f"median wall Signum {r['signum_wall'] * 1e3:8.3f} ms SGD "
-                  f"{r['sgd_wall'] * 1e3:8.3f} ms ratio {r['ratio_wall']:.2f}x | best round "
-                  f"{r['ratio_min']:.2f}x | median CPU time {r['ratio_cpu']:.2f}x", flush=True)
+    for pair in args.pairs:
+        ours, base = pair.split(" / ")
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for name, shapes, inner, warmup in cases:
+                r = bench(shapes, rounds=args.rounds, inner=inner, warmup=warmup, pair=pair)
+                rows.append((pair, name, threads, r))
+                print(f"{pair:13s} {name:9s} {threads:2d} thr {r['tensors']:3d} tensors "
+                      f"{r['numel']:>11,d} el | median wall {ours} {r['ours_wall'] * 1e3:8.3f} "
+                      f"ms {base} {r['base_wall'] * 1e3:8.3f} ms ratio {r['ratio_wall']:.2f}x | "
+                      f"best round {r['ratio_min']:.2f}x | median CPU time "
+                      f"{r['ratio_cpu']:.2f}x", flush=True)
 
     if args.markdown:
         lines = [
-            "# Signum.step vs torch.optim.SGD(momentum=0.9, foreach=True).step",
+            "# Optimiser step: Signum.step vs torch.optim.SGD(momentum=0.9, foreach=True).step,"
+            " Lion.step vs torch.optim.AdamW(foreach=True).step",
             "",
             f"- command: `{command_line(__file__, argv)}`",
             f"- date: {utc_now()}",
@@ -137,20 +159,21 @@ def main(argv: list[str] | None = None) -> int:
             "- the machine was shared with other jobs while this ran (1-minute load average "
             f"{load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} "
             f"CPUs); medians over {args.rounds} interleaved rounds, gradients fixed",
-            "- target: ratio <= 1.2x",
+            "- targets: Signum / SGD <= 1.2x; Lion / AdamW <= 1.0x",
             "",
             "Columns: median wall time per step of each optimiser and their ratio (ours / "
             "baseline); the ratio of the fastest rounds (least disturbed by other jobs); the "
             "ratio of median process CPU time per step (time spent waiting for a busy CPU "
             "excluded).",
             "",
-            "| parameters | torch threads | tensors | elements | Signum.step (ms) "
-            "| SGD.step (ms) | ratio (median wall) | ratio (best round) | ratio (median CPU) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| pair | parameters | torch threads | tensors | elements | ours.step (ms) "
+            "| baseline.step (ms) | ratio (median wall) | ratio (best round) "
+            "| ratio (median CPU) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for name, threads, r in rows:
-            lines.append(f"| {name} | {threads} | {r['tensors']} | {r['numel']:,} "
-                         f"| {r['signum_wall'] * 1e3:.3f} | {r['sgd_wall'] * 1e3:.3f} "
+        for pair, name, threads, r in rows:
+            lines.append(f"| {pair} | {name} | {threads} | {r['tensors']} | {r['numel']:,} "
+                         f"| {r['ours_wall'] * 1e3:.3f} | {r['base_wall'] * 1e3:.3f} "
                          f"| {r['ratio_wall']:.2f}x | {r['ratio_min']:.2f}x "
                          f"| {r['ratio_cpu']:.2f}x |")
         write_text(args.markdown, "\n".join(lines) + "\n")
