@@ -153,3 +153,33 @@ def test_batches():
     assert [b.tolist() for b in D.epoch_batches(torch.arange(5), 2)] == [[0, 1], [2, 3], [4]]
     with pytest.raises(ValueError, match="batch_size"):
         D.epoch_batches(torch.arange(5), 0)
+
+
+@pytest.mark.parametrize("shape, classes, noise", [((1, 1, 32), 10, 1.0), ((1, 28, 28), 10, 2.0),
+                                                   ((3, 4, 4), 2, 0.0)])
+def test_gaussian_mixture(shape, classes, noise):
+    ds = D.gaussian_mixture(300, shape, classes=classes, seed=5, noise=noise)
+    assert (len(ds), ds.shape, ds.num_classes) == (300, shape, classes)
+    assert ds.images.dtype == torch.uint8 and ds.labels.dtype == torch.int64
+    assert 0 <= int(ds.labels.min()) and int(ds.labels.max()) < classes
+    again = D.gaussian_mixture(300, shape, classes=classes, seed=5, noise=noise)
+    assert torch.equal(ds.images, again.images) and torch.equal(ds.labels, again.labels)
+    x, y = ds.batch(torch.arange(300))
+    d = x[0].numel()
+    # Rebuild the mixture's exact values (same draws) and check the quantisation error.
+    g = torch.Generator().manual_seed(5)
+    means = torch.randn(classes, d, generator=g)
+    means = 2.0 * means / means.norm(dim=1, keepdim=True)
+    labels = torch.randint(0, classes, (300,), generator=g)
+    exact = means[labels] + noise * torch.randn(300, d, generator=g) / d ** 0.5 * 4
+    assert torch.equal(labels, y)
+    step = float(exact.abs().max()) / 127.5
+    assert float((x.reshape(300, -1) - exact).abs().max()) <= 0.5 * step + 1e-5
+
+
+@pytest.mark.parametrize("kwargs", [dict(n=0, shape=(1, 1, 4)), dict(n=5, shape=(1, 4)),
+                                    dict(n=5, shape=(1, 1, 4), classes=1),
+                                    dict(n=5, shape=(1, 1, 4), noise=-1.0)])
+def test_gaussian_mixture_rejects_bad_requests(kwargs):
+    with pytest.raises(ValueError, match="bad gaussian_mixture request"):
+        D.gaussian_mixture(**kwargs)

@@ -55,3 +55,22 @@ def test_same_seed_same_model():
     torch.manual_seed(3)
     b = build("cnn", (1, 28, 28))
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("name, shape, options, params", [
+    ("mlp", (1, 1, 32), {"hidden": (32,)}, 32 * 32 + 32 + 32 * 10 + 10),
+    ("mlp", (1, 28, 28), {"hidden": (32,)}, 784 * 32 + 32 + 32 * 10 + 10),
+    ("mlp", (1, 2, 2), {"hidden": ()}, 4 * 10 + 10),
+    ("cnn", (1, 28, 28), {"channels": (4, 8), "hidden": 16},
+     (9 * 4 + 4) + (36 * 8 + 8) + (8 * 7 * 7 * 16 + 16) + (16 * 10 + 10)),
+])
+def test_build_passes_options(name, shape, options, params):
+    model = build(name, shape, 10, **options)
+    assert count_parameters(model) == params
+    assert model(torch.zeros(2, *shape)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name, option", [("mlp", "width"), ("resnet20", "hidden")])
+def test_build_rejects_unknown_options(name, option):
+    with pytest.raises(ValueError, match=f"model {name!r} takes no option {option}"):
+        build(name, (3, 32, 32), 10, **{option: 1})

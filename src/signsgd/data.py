@@ -52,6 +52,7 @@ __all__ = [
     "read_idx",
     "shard_indices",
     "epoch_batches",
+    "gaussian_mixture",
     "write_idx",
     "write_cifar_batch",
 ]
@@ -282,6 +283,49 @@ def load(name: str, data_dir: str | os.PathLike[str] | None = None) -> tuple[Dat
         out.append(Dataset(name, torch.from_numpy(np.array(x, copy=True)),
                            torch.from_numpy(np.array(y, copy=True)), mean, std))
     return out[0], out[1]
+
+
+def gaussian_mixture(n: int, shape: tuple[int, int, int], *, classes: int = 10, seed: int = 0,
+                     noise: float = 1.0) -> Dataset:
+    """A synthetic classification set: a Gaussian mixture, stored like every :class:`Dataset`.
+
+    Class means lie on a sphere of radius 2 in ``d = C·H·W`` dimensions; each example is its
+    class mean plus isotropic noise of per-coordinate std ``4·noise/√d``. The images are
+    quantised to ``uint8`` with ``mean`` / ``std`` chosen so that :meth:`Dataset.batch`
+    returns the mixture's values to within ``max|x|/255``. The same ``seed`` gives the same
+    set.
+
+    Args:
+        n: number of examples (>= 1).
+        shape: ``(C, H, W)`` of one example.
+        classes: number of classes (>= 2).
+        seed: seed of the means, labels and noise.
+        noise: noise scale (>= 0).
+
+    Returns:
+        A :class:`Dataset` named ``"gaussian-mixture"``.
+
+    Raises:
+        ValueError: a size, shape or noise out of range.
+
+    Example:
+        >>> ds = gaussian_mixture(100, (1, 1, 32), seed=0)
+        >>> len(ds), ds.shape, ds.batch(torch.arange(4))[0].shape
+        (100, (1, 1, 32), torch.Size([4, 1, 1, 32]))
+    """
+    if n < 1 or classes < 2 or len(shape) != 3 or min(shape) < 1 or not noise >= 0:
+        raise ValueError(f"bad gaussian_mixture request: n={n}, shape={shape!r}, "
+                         f"classes={classes}, noise={noise}")
+    d = math.prod(shape)
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(classes, d, generator=g)
+    means = 2.0 * means / means.norm(dim=1, keepdim=True)
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = means[y] + noise * torch.randn(n, d, generator=g) / d ** 0.5 * 4
+    scale = 127.5 / max(float(x.abs().max()), 1e-12)      # uint8 levels per unit of x
+    images = (x * scale + 127.5).round_().clamp_(0, 255).to(torch.uint8)
+    return Dataset("gaussian-mixture", images.view(n, *shape), y, (127.5 / 255,),
+                   (scale / 255,), classes)
 
 
 def shard_indices(n: int, rank: int, world_size: int, *, seed: int, epoch: int,

@@ -1,6 +1,6 @@
 """Models for the trainer, by name: ``mlp``, ``cnn``, ``resnet20``, ``vgg``.
 
-* ``mlp`` — two hidden layers of 256 ReLU units.
+* ``mlp`` — two hidden layers of 256 ReLU units (``hidden=`` sets other widths).
 * ``cnn`` — a small CNN for 28×28 inputs (two 3×3 conv + max-pool stages of 16 and 32
   channels, a 128-unit hidden layer; about 0.21M parameters). No batch norm, so M workers
   with identical parameters compute identical functions. It is sized so that the demo
@@ -16,11 +16,15 @@ Example:
     >>> from signsgd.models import build
     >>> build("cnn", (1, 28, 28), 10)(torch.zeros(2, 1, 28, 28)).shape
     torch.Size([2, 10])
+    >>> count_parameters(build("mlp", (1, 1, 32), 10, hidden=(32,)))   # 32-32-10
+    1386
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +34,12 @@ __all__ = ["MODELS", "build", "count_parameters", "MLP", "SmallCNN", "ResNet20",
 
 
 class MLP(nn.Module):
-    """Flatten → 256 → 256 → classes, ReLU activations."""
+    """Flatten → ``hidden`` (default 256 → 256) → classes, ReLU activations.
+
+    Example:
+        >>> MLP((1, 1, 32), 10, hidden=(32,))(torch.zeros(2, 1, 1, 32)).shape
+        torch.Size([2, 10])
+    """
 
     def __init__(self, in_shape: tuple[int, int, int], num_classes: int,
                  hidden: tuple[int, ...] = (256, 256)) -> None:
@@ -142,7 +151,7 @@ class SmallVGG(nn.Module):
 
 
 #: Model names accepted by :func:`build` and ``signsgd train --model``.
-MODELS: dict[str, Callable[[tuple[int, int, int], int], nn.Module]] = {
+MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
     "cnn": SmallCNN,
     "resnet20": ResNet20,
@@ -150,15 +159,26 @@ MODELS: dict[str, Callable[[tuple[int, int, int], int], nn.Module]] = {
 }
 
 
-def build(name: str, in_shape: tuple[int, int, int], num_classes: int = 10) -> nn.Module:
+def build(name: str, in_shape: tuple[int, int, int], num_classes: int = 10,
+          **options: Any) -> nn.Module:
     """Build model ``name`` for images of shape ``in_shape = (C, H, W)``.
 
+    ``options`` go to the model's constructor (e.g. ``hidden=(32,)`` for ``mlp``,
+    ``channels=`` / ``hidden=`` for ``cnn``).
+
     Raises:
-        ValueError: unknown name (the message lists the valid ones), or an input shape the
-            model cannot take (``cnn`` needs H, W >= 4; ``vgg`` needs H, W >= 8).
+        ValueError: unknown name (the message lists the valid ones), an option the model
+            does not take, or an input shape the model cannot take (``cnn`` needs H, W >= 4;
+            ``vgg`` needs H, W >= 8).
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
+    takes = [p for p in inspect.signature(MODELS[name]).parameters
+             if p not in ("in_shape", "num_classes")]
+    unknown = sorted(set(options) - set(takes))
+    if unknown:
+        raise ValueError(f"model {name!r} takes no option {', '.join(unknown)}; it takes "
+                         f"{', '.join(takes) or 'none'}")
     if len(in_shape) != 3 or min(in_shape) < 1:
         raise ValueError(f"in_shape must be (C, H, W) with positive sizes, got {in_shape!r}")
     smallest = {"cnn": 4, "vgg": 8, "resnet20": 4, "mlp": 1}[name]
@@ -169,7 +189,7 @@ def build(name: str, in_shape: tuple[int, int, int], num_classes: int = 10) -> n
         )
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    return MODELS[name](tuple(int(v) for v in in_shape), int(num_classes))  # type: ignore[arg-type]
+    return MODELS[name](tuple(int(v) for v in in_shape), int(num_classes), **options)
 
 
 def count_parameters(model: nn.Module) -> int:

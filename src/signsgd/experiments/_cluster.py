@@ -1,55 +1,59 @@
-"""M-worker training for ``majority`` and ``byzantine``: real Gloo processes, or a simulation.
+"""M-worker training for ``majority`` and ``byzantine``: one real Gloo process per worker.
 
-Both paths run the same update math on the same mini-batches:
+Every worker is a process of :func:`signsgd.distributed.launch.spawn` and builds its
+optimiser with :func:`signsgd.registry.build` for its rank: ``"signsgd"`` / ``"signum"``
+communicate through the majority vote (:class:`~signsgd.distributed.MajorityVote`),
+``"sgd"`` is ``torch.optim.SGD`` on the fp32 mean
+(:class:`~signsgd.distributed.AverageGradients` over :class:`~signsgd.distributed.AllReduce`).
+The last ``k`` ranks get an adversary from :func:`signsgd.distributed.adversary.attack`.
+:func:`run` trains a list of configurations one after the other in one launch, so process
+start-up is paid once; a configuration with fewer ``workers`` runs on a subgroup of the
+first ranks while the others wait. The ``--quick`` runs are the same code with fewer steps
+on synthetic data.
 
-* ``"vote"`` — :class:`signsgd.Signum` (β = 0 is signSGD) with
-  :class:`signsgd.distributed.MajorityVote`: each worker sends the sign of its own momentum
-  (zero counts as +1), every worker applies ``x ← x − lr·sign(Σ_workers sign)``.
-* ``"mean"`` — SGD with :class:`signsgd.distributed.AllReduce`: :class:`signsgd.EFSGD` with
-  the ``Identity`` compressor (exactly SGD) applied to the mean gradient.
-
-Byzantine ranks get an adversary from :mod:`signsgd.distributed.adversary`; in the
-simulation the same adversary objects corrupt the same packed bits / gradients.
-
-:func:`run_real` spawns ``M`` processes (:func:`signsgd.distributed.launch.spawn`) and runs a
-list of configurations in one launch, so process start-up is paid once.
-:func:`simulate` runs the ``M`` workers one after the other in this process: it keeps one
-momentum buffer per worker and votes with :func:`signsgd.packing.pack_signs`-packed bits,
-so it matches the real aggregator bit for bit with an odd number of workers (with an even
-number, ties are broken by the simulation's own coin, not the real tie bits).
-``tests/test_experiments.py`` checks the two against each other on a few steps.
+Example:
+    >>> data = synthetic_splits(256, 64, 64)
+    >>> run(3, [Config("signum", lr=0.01, momentum=0.9, steps=4)], data)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import signsgd
-from signsgd import functional as SF
-from signsgd.compression import Identity
-from signsgd.distributed.adversary import Adversary, Negate, RandomSigns
+from signsgd import models, registry
+from signsgd.data import Dataset, gaussian_mixture, load
+from signsgd.distributed.adversary import attack
 from signsgd.errors import NonFiniteGradientError
-from signsgd.packing import pack_signs, unpack_signs
+
+__all__ = ["Config", "Splits", "fashion_splits", "synthetic_splits", "run"]
 
 
 @dataclass
 class Config:
     """One training run of an M-worker cluster.
 
-    ``adversaries`` ranks are the *last* ``k`` ranks (rank 0, which reports, stays honest;
-    all ranks hold the same parameters anyway). ``attack`` is ``"negate"`` or ``"random"``;
-    ``attack_scale`` multiplies a corrupted gradient in a mean all-reduce (votes ignore it).
+    ``method`` is a :data:`signsgd.registry.METHODS` name; ``momentum`` ``None`` leaves the
+    method's own (``"signsgd"`` takes none). ``workers`` is M, the first ranks of the launch
+    (``None``: all of them). The adversaries are the *last* ``adversaries`` of the M
+    ranks (rank 0, which reports, stays honest; all ranks hold the same parameters anyway);
+    ``attack`` is an :data:`~signsgd.distributed.adversary.ATTACKS` name and
+    ``attack_scale`` multiplies a corrupted gradient in a mean (votes ignore it).
+
+    Example:
+        >>> Config("signum", lr=5e-3, momentum=0.9, adversaries=2).attack
+        'negate'
     """
 
-    rule: str = "vote"            # "vote" (Signum + MajorityVote) or "mean" (SGD + AllReduce)
+    method: str = "signsgd"
     lr: float = 1e-3
-    momentum: float = 0.0
+    momentum: float | None = None
+    workers: int | None = None
     steps: int = 200
     batch: int = 16               # per worker
     hidden: int = 32
@@ -61,79 +65,73 @@ class Config:
     label: str = ""
 
 
-def make_model(inputs: int, classes: int, hidden: int, seed: int) -> nn.Module:
-    """A one-hidden-layer ReLU MLP, initialised from ``seed`` (same on every rank)."""
-    g = torch.random.fork_rng()
-    with g:
-        torch.manual_seed(seed)
-        model = nn.Sequential(nn.Flatten(), nn.Linear(inputs, hidden), nn.ReLU(),
-                              nn.Linear(hidden, classes))
-    return model
+class Splits(NamedTuple):
+    """The examples the workers draw batches from, the loss-curve set, and the test set."""
+
+    train: Dataset
+    evaluate: Dataset
+    test: Dataset
+
+
+def fashion_splits(train: int, evaluate: int, seed: int = 0) -> Splits:
+    """``train`` + ``evaluate`` random Fashion-MNIST training images and the full test set.
+
+    Raises:
+        DataError: Fashion-MNIST is not installed (the message says how to get it).
+
+    Example:
+        >>> fashion_splits(20_000, 2000).train.shape  # doctest: +SKIP
+        (1, 28, 28)
+    """
+    full, test = load("fashion-mnist")
+    perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))
+    return Splits(full.subset(perm[:train]), full.subset(perm[train:train + evaluate]), test)
+
+
+def synthetic_splits(train: int, evaluate: int, test: int, seed: int = 0,
+                     d: int = 32) -> Splits:
+    """The same three sets cut from one :func:`signsgd.data.gaussian_mixture` of dimension d.
+
+    Example:
+        >>> [len(s) for s in synthetic_splits(40, 10, 10)]
+        [40, 10, 10]
+    """
+    full = gaussian_mixture(train + evaluate + test, (1, 1, d), seed=seed)
+    cut = torch.arange(len(full)).split([train, evaluate, test])
+    return Splits(*(full.subset(i) for i in cut))
 
 
 def batch_indices(n: int, batch: int, rank: int, step: int, seed: int) -> Tensor:
-    """Mini-batch of worker ``rank`` at ``step``: a deterministic draw (same in sim and real)."""
+    """Mini-batch of worker ``rank`` at ``step``: a deterministic draw with replacement."""
     g = torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 1_000_033 + step) % 2**62)
     return torch.randint(0, n, (batch,), generator=g)
 
 
-def adversary_for(cfg: Config, rank: int, world: int) -> Adversary | None:
-    """The attack of ``rank`` (the last ``cfg.adversaries`` ranks misbehave), or ``None``."""
-    if rank < world - cfg.adversaries:
-        return None
-    if cfg.attack == "negate":
-        return Negate(scale=cfg.attack_scale)
-    if cfg.attack == "random":
-        return RandomSigns(seed=1000 + rank, scale=cfg.attack_scale)
-    raise ValueError(f"unknown attack {cfg.attack!r}; use 'negate' or 'random'")
-
-
-def _evaluate(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
+def _loss_acc(model: nn.Module, xy: tuple[Tensor, Tensor]) -> tuple[float, float]:
     with torch.no_grad():
-        out = model(x)
-        return float(F.cross_entropy(out, y)), float((out.argmax(1) == y).float().mean())
+        out = model(xy[0])
+        return float(F.cross_entropy(out, xy[1])), float((out.argmax(1) == xy[1]).float().mean())
 
 
-def _record(hist: dict[str, list[float]], step: int, model: nn.Module,
-            data: dict[str, Tensor]) -> None:
-    loss, _ = _evaluate(model, data["x_eval"], data["y_eval"])
-    hist["step"].append(step)
-    hist["train_loss"].append(loss)
-
-
-def _finish(hist: dict[str, Any], model: nn.Module, data: dict[str, Tensor]) -> dict[str, Any]:
-    loss, acc = _evaluate(model, data["x_test"], data["y_test"])
-    hist["test_loss"], hist["test_acc"] = loss, acc
-    hist["diverged"] = hist.get("diverged_at") is not None or not math.isfinite(loss)
-    return hist
-
-
-def _make_opt(cfg: Config, model: nn.Module, aggregator: Any) -> torch.optim.Optimizer:
-    if cfg.rule == "vote":
-        return signsgd.Signum(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                              aggregator=aggregator)
-    if cfg.rule == "mean":
-        return signsgd.EFSGD(model.parameters(), lr=cfg.lr, compressor=Identity(),
-                             momentum=cfg.momentum, aggregator=aggregator)
-    raise ValueError(f"unknown rule {cfg.rule!r}; use 'vote' or 'mean'")
-
-
-def _train_rank(rank: int, world: int, cfg: Config, data: dict[str, Tensor],
-                report: bool) -> dict[str, Any]:
-    """One rank of a real run (inside an initialised process group)."""
-    from signsgd.distributed import AllReduce, MajorityVote
-
-    x, y = data["x"], data["y"]
-    model = make_model(x[0].numel(), int(data["classes"]), cfg.hidden, cfg.seed)
-    adv = adversary_for(cfg, rank, world)
-    agg = (MajorityVote(seed=cfg.seed, adversary=adv) if cfg.rule == "vote"
-           else AllReduce(adversary=adv))
-    opt = _make_opt(cfg, model, agg)
+def _train(rank: int, world: int, group: Any, cfg: Config, sets: list[tuple[Tensor, Tensor]],
+           data: Splits) -> dict[str, Any]:
+    """One rank of one configuration on ``world`` ranks of ``group``; rank 0's history."""
+    (x, y), evaluate, test = sets
+    torch.manual_seed(cfg.seed)  # the same initial parameters on every rank
+    model = models.build("mlp", data.train.shape, data.train.num_classes, hidden=(cfg.hidden,))
+    bad = rank >= world - cfg.adversaries
+    adversary = attack(cfg.attack, seed=1000 + rank, scale=cfg.attack_scale) if bad else None
+    opt = registry.build(cfg.method, model.parameters(), world_size=world, group=group,
+                         adversary=adversary, seed=cfg.seed, lr=cfg.lr, momentum=cfg.momentum)
     hist: dict[str, Any] = {"step": [], "train_loss": [], "label": cfg.label,
                             "diverged_at": None}
-    for t in range(cfg.steps):
-        if report and t % cfg.eval_every == 0:
-            _record(hist, t, model, data)
+    t = 0
+    for t in range(cfg.steps + 1):
+        if rank == 0 and (t % cfg.eval_every == 0 or t == cfg.steps):
+            hist["step"].append(t)
+            hist["train_loss"].append(_loss_acc(model, evaluate)[0])
+        if t == cfg.steps:
+            break
         idx = batch_indices(x.shape[0], cfg.batch, rank, t, cfg.seed)
         opt.zero_grad()
         F.cross_entropy(model(x[idx]), y[idx]).backward()
@@ -141,123 +139,47 @@ def _train_rank(rank: int, world: int, cfg: Config, data: dict[str, Tensor],
             opt.step()
         except NonFiniteGradientError:  # raised on every rank alike: all stop together
             hist["diverged_at"] = t
+            if rank == 0:
+                hist["step"].append(t)
+                hist["train_loss"].append(_loss_acc(model, evaluate)[0])
             break
-    if not report:
-        return {}
-    _record(hist, t + 1 if hist["diverged_at"] is None else t, model, data)
-    hist["params"] = [p.detach().clone() for p in model.parameters()]
-    return _finish(hist, model, data)
+    hist["test_loss"], hist["test_acc"] = _loss_acc(model, test) if rank == 0 else (0.0, 0.0)
+    hist["diverged"] = hist["diverged_at"] is not None or not math.isfinite(hist["test_loss"])
+    return hist
 
 
-def _worker(rank: int, world: int, configs: list[Config], data: dict[str, Tensor]
+def _worker(rank: int, world: int, configs: list[Config], data: Splits
             ) -> list[dict[str, Any]]:
     """Module-level entry point for :func:`signsgd.distributed.launch.spawn`."""
-    torch.manual_seed(0)
-    return [_train_rank(rank, world, cfg, data, report=rank == 0) for cfg in configs]
+    import torch.distributed as dist
+
+    sizes = sorted({cfg.workers or world for cfg in configs})
+    if sizes[-1] > world:
+        raise ValueError(f"a configuration asks for {sizes[-1]} workers; the launch has {world}")
+    groups = {m: None if m == world else dist.new_group(list(range(m))) for m in sizes}
+    sets = [d.batch(torch.arange(len(d))) for d in data]  # normalised once per process
+    out = [_train(rank, m, groups[m], cfg, sets, data) for cfg in configs
+           if rank < (m := cfg.workers or world)]
+    return out if rank == 0 else []
 
 
-def run_real(world: int, configs: list[Config], data: dict[str, Tensor],
-             timeout: float = 1800.0) -> list[dict[str, Any]]:
-    """Run ``configs`` one after the other on ``world`` real Gloo processes; rank 0's results."""
+def run(world: int, configs: list[Config], data: Splits, timeout: float = 1800.0
+        ) -> list[dict[str, Any]]:
+    """Train ``configs`` one after the other on ``world`` Gloo processes; rank 0's results.
+
+    A configuration with ``workers = M < world`` runs on ranks ``0..M-1`` only.
+
+    Each result holds ``step`` / ``train_loss`` (the loss on ``data.evaluate``),
+    ``test_loss`` / ``test_acc``, ``diverged_at`` (the step whose gradient was not finite,
+    or ``None``) and ``diverged``.
+
+    Raises:
+        signsgd.distributed.launch.WorkerError: a worker failed or the launch timed out.
+
+    Example:
+        >>> run(1, [Config(steps=2)], synthetic_splits(64, 16, 16))[0]["step"]  # doctest: +SKIP
+        [0, 2]
+    """
     from signsgd.distributed.launch import spawn
 
-    out = spawn(_worker, world, (configs, data), timeout=timeout, pg_timeout=300.0)
-    return out[0]
-
-
-def simulate(world: int, cfg: Config, data: dict[str, Tensor]) -> dict[str, Any]:
-    """The same run as one rank of :func:`run_real`, with the ``world`` workers in-process."""
-    x, y = data["x"], data["y"]
-    model = make_model(x[0].numel(), int(data["classes"]), cfg.hidden, cfg.seed)
-    params = list(model.parameters())
-    advs = [adversary_for(cfg, r, world) for r in range(world)]
-    if cfg.rule == "vote":
-        opt: torch.optim.Optimizer = signsgd.SignSGD(params, lr=cfg.lr)
-        moms = [[torch.zeros_like(p) for p in params] for _ in range(world)]
-    else:
-        opt = signsgd.EFSGD(params, lr=cfg.lr, compressor=Identity(), momentum=cfg.momentum)
-    coin = torch.Generator().manual_seed(cfg.seed)
-    hist: dict[str, Any] = {"step": [], "train_loss": [], "label": cfg.label,
-                            "diverged_at": None}
-    t = 0
-    for t in range(cfg.steps):
-        if t % cfg.eval_every == 0:
-            _record(hist, t, model, data)
-        grads = []
-        for r in range(world):
-            idx = batch_indices(x.shape[0], cfg.batch, r, t, cfg.seed)
-            model.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            grads.append([p.grad.detach().clone() for p in params])
-        if SF.first_nonfinite([g for gs in grads for g in gs]) is not None:
-            hist["diverged_at"] = t  # the real aggregators raise on every rank here
-            break
-        if cfg.rule == "vote":
-            tally = torch.zeros(sum(p.numel() for p in params))
-            for r in range(world):
-                if cfg.momentum:
-                    dirs = [SF.signum_direction([g], [m], momentum=cfg.momentum)[0]
-                            for g, m in zip(grads[r], moms[r])]
-                    for m, d in zip(moms[r], dirs):
-                        m.copy_(d)
-                else:
-                    dirs = grads[r]
-                flat = torch.cat([d.reshape(-1) for d in dirs])
-                n = flat.numel()
-                packed = pack_signs(flat)
-                if advs[r] is not None:
-                    pad = (-packed.numel()) % 8
-                    padded = torch.cat([packed, torch.zeros(pad, dtype=torch.uint8)])
-                    packed = advs[r].corrupt_signs(padded, step=t)[: packed.numel()]
-                tally += unpack_signs(packed, n)
-            ties = tally == 0
-            vote = torch.sign(tally)
-            if bool(ties.any()):
-                coin_flip = torch.randint(0, 2, (int(ties.sum()),), generator=coin) * 2.0 - 1
-                vote[ties] = coin_flip
-            chunks = vote.split([p.numel() for p in params])
-            for p, v in zip(params, chunks):
-                p.grad = v.view_as(p).to(p.dtype)
-        else:
-            flats = []
-            for r in range(world):
-                flat = torch.cat([g.reshape(-1) for g in grads[r]])
-                if advs[r] is not None:
-                    flat = advs[r].corrupt_gradient(flat, step=t)
-                flats.append(flat)
-            mean = torch.stack(flats).sum(0) / world
-            for p, v in zip(params, mean.split([p.numel() for p in params])):
-                p.grad = v.view_as(p).clone()
-        opt.step()
-    else:
-        t = cfg.steps - 1
-    _record(hist, t + 1 if hist["diverged_at"] is None else t, model, data)
-    hist["params"] = [p.detach().clone() for p in params]
-    return _finish(hist, model, data)
-
-
-def fashion_data(train: int, evaluate: int, seed: int = 0) -> dict[str, Tensor]:
-    """A Fashion-MNIST subset, flattened: ``train`` examples, ``evaluate`` for the loss curve,
-    and the full 10,000-image test set."""
-    from signsgd.experiments._common import load_fashion_mnist
-
-    x, y = load_fashion_mnist("train")
-    xt, yt = load_fashion_mnist("test")
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(x.shape[0], generator=g)
-    tr, ev = perm[:train], perm[train:train + evaluate]
-    return {"x": x[tr].reshape(train, -1).contiguous(), "y": y[tr].contiguous(),
-            "x_eval": x[ev].reshape(evaluate, -1).contiguous(), "y_eval": y[ev].contiguous(),
-            "x_test": xt.reshape(xt.shape[0], -1).contiguous(), "y_test": yt.contiguous(),
-            "classes": torch.tensor(10)}
-
-
-def synthetic_data(train: int, evaluate: int, test: int, seed: int = 0, d: int = 32,
-                   classes: int = 10) -> dict[str, Tensor]:
-    """Gaussian-mixture stand-in for Fashion-MNIST (the --quick runs and the tests)."""
-    from signsgd.experiments._common import synthetic_classification
-
-    x, y = synthetic_classification(train + evaluate + test, d, classes, seed)
-    a, b = train, train + evaluate
-    return {"x": x[:a], "y": y[:a], "x_eval": x[a:b], "y_eval": y[a:b],
-            "x_test": x[b:], "y_test": y[b:], "classes": torch.tensor(classes)}
+    return spawn(_worker, world, (configs, data), timeout=timeout)[0]

@@ -9,18 +9,18 @@ adversaries from :mod:`signsgd.distributed.adversary`:
 
 Two aggregation rules:
 
-* **majority-vote Signum** (:class:`signsgd.Signum` + :class:`signsgd.distributed.MajorityVote`,
-  β = 0.9): a Byzantine worker still casts one vote per coordinate, so ``k < M/2``
-  adversaries can only shift the vote, never decide it alone;
-* **mean all-reduce SGD** (:class:`signsgd.EFSGD` with ``Identity`` =
-  SGD, + :class:`signsgd.distributed.AllReduce`), with the same attacks at ``scale = 1``
+* **majority-vote Signum** (registry ``"signum"``: :class:`signsgd.Signum` +
+  :class:`signsgd.distributed.MajorityVote`, β = 0.9): a Byzantine worker still casts one
+  vote per coordinate, so ``k < M/2`` adversaries can only shift the vote, never decide it;
+* **mean all-reduce SGD** (registry ``"sgd"``, momentum 0: ``torch.optim.SGD`` in
+  :class:`signsgd.distributed.AverageGradients` over
+  :class:`signsgd.distributed.AllReduce`), with the same attacks at ``scale = 1``
   (blind: the adversary sends a gradient of honest size) and negation at
   ``scale = M`` (one adversary cancels every honest worker: the ICLR 2019 point that "any
   faulty SGD worker can corrupt the entire model").
 
-The full run uses one real Gloo process per worker (all configurations in one launch). The
-``--quick`` version runs the same math in one process (a labelled simulation,
-:mod:`signsgd.experiments._cluster`) on synthetic data.
+Both the full run and ``--quick`` (fewer steps, synthetic data) use one real Gloo process
+per worker, all configurations in one launch (:mod:`signsgd.experiments._cluster`).
 """
 
 from __future__ import annotations
@@ -46,11 +46,11 @@ ATTACKS = ("negate", "random")
 def configs(quick: bool, seed: int) -> list[C.Config]:
     """Every (rule, attack, k) configuration of the experiment."""
     if quick:
-        base = dict(steps=100, batch=8, hidden=32, eval_every=20, seed=seed)
+        base = dict(steps=40, batch=32, hidden=32, eval_every=10, seed=seed)
     else:
         base = dict(steps=300, batch=16, hidden=32, eval_every=30, seed=seed)
-    vote = dict(rule="vote", lr=5e-3 if quick else 1e-3, momentum=0.9)
-    mean = dict(rule="mean", lr=0.1, momentum=0.0)
+    vote = dict(method="signum", lr=1e-2 if quick else 1e-3, momentum=0.9)
+    mean = dict(method="sgd", lr=0.1, momentum=0.0)
     out = []
     for rule, hp in (("vote", vote), ("mean", mean)):
         out.append(C.Config(**hp, **base, adversaries=0, label=f"{rule}/none/0"))
@@ -67,14 +67,9 @@ def configs(quick: bool, seed: int) -> list[C.Config]:
 def run_experiment(quick: bool = False, seed: int = 0) -> dict[str, Any]:
     """Train every configuration; test accuracy against k per rule and attack."""
     cfgs = configs(quick, seed)
-    if quick:
-        data = C.synthetic_data(4000, 1000, 2000, seed=seed)
-        runs = [C.simulate(WORLD, c, data) for c in cfgs]
-        mode = "simulation (one process, same update math; see _cluster.py)"
-    else:
-        data = C.fashion_data(20_000, 2000, seed=seed)
-        runs = C.run_real(WORLD, cfgs, data, timeout=3000.0)
-        mode = "real: 7 Gloo processes (signsgd.distributed.launch.spawn)"
+    data = (C.synthetic_splits(4000, 1000, 2000, seed=seed) if quick
+            else C.fashion_splits(20_000, 2000, seed=seed))
+    runs = C.run(WORLD, cfgs, data, timeout=3000.0)
     acc: dict[str, dict[str, list[float | None]]] = {}
     curves: dict[str, Any] = {}
     diverged: list[str] = []
@@ -107,7 +102,8 @@ def run_experiment(quick: bool = False, seed: int = 0) -> dict[str, Any]:
             scaled1_diverged or scaled1 is None or scaled1 - chance < 0.5 * (mean0 - chance),
     }
     return {
-        "paper": PAPER, "mode": mode, "world": WORLD, "k": list(KS),
+        "paper": PAPER, "mode": "real: 7 Gloo processes (signsgd.distributed.launch.spawn)",
+        "world": WORLD, "k": list(KS),
         "data": "synthetic Gaussian mixture" if quick else
                 "Fashion-MNIST (20,000 training images, full 10,000 test images)",
         "model": "MLP 784-32-10" if not quick else "MLP 32-32-10",
@@ -141,9 +137,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_xlabel(f"adversaries k (of M = {result['world']})")
     ax.set_ylabel("final test accuracy")
     ax.set_ylim(0, 1)
-    how = ("real Gloo processes" if result["mode"].startswith("real")
-           else "single-process simulation")
-    ax.set_title(f"Byzantine workers: {result['model']}, {how}\n{result['data']}", fontsize=9)
+    ax.set_title(f"Byzantine workers: {result['model']}, real Gloo processes\n{result['data']}",
+                 fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -152,8 +147,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def summary(result: dict[str, Any]) -> str:
     """Test accuracy against k for each rule and attack."""
-    lines = [f"paper: {result['paper']}", f"ours ({result['mode'].split(':')[0]}, "
-             f"{result['data']}): test accuracy for k = 0..3"]
+    lines = [f"paper: {result['paper']}",
+             f"ours (real processes, {result['data']}): test accuracy for k = 0..3"]
     for rule in ("vote", "mean"):
         for attack, accs in result["test_acc"][rule].items():
             vals = " ".join("  nan" if a is None else f"{a:.3f}" for a in accs)

@@ -1,6 +1,6 @@
 r"""The ℓ₁/ℓ₂ geometry that decides between signSGD and SGD, measured during training.
 
-A small CNN trains on Fashion-MNIST with :class:`signsgd.Signum`; every ``every`` steps
+A small CNN trains on Fashion-MNIST with Signum (registry ``"signum"``); every ``every`` steps
 :func:`signsgd.diagnostics.density` measures, on a fixed subset of the training set,
 
 * ``φ(g)`` of the full gradient,
@@ -25,14 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import signsgd
+from signsgd import registry
+from signsgd.data import gaussian_mixture, load
 from signsgd.diagnostics import density
-from signsgd.experiments._common import (
-    load_fashion_mnist,
-    pyplot,
-    synthetic_classification,
-    verdict,
-)
+from signsgd.experiments._common import pyplot, verdict
 
 PAPER = ("Bernstein et al. 2018, Sec. 3.1 and Fig. 2: measured during training of a deep "
          "network, the gradient and the gradient noise are dense (phi far above the one-hot "
@@ -59,10 +55,12 @@ class TinyCNN(nn.Module):
 
 def _data(quick: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     if quick:
-        x, y = synthetic_classification(2048, 784, 10, seed, noise=2.0)
-        return x.view(-1, 1, 28, 28), y, "synthetic 28x28 Gaussian-mixture images"
-    x, y = load_fashion_mnist("train")
-    return x, y, "Fashion-MNIST (60,000 training images)"
+        ds = gaussian_mixture(2048, (1, 28, 28), seed=seed, noise=2.0)
+        what = "synthetic 28x28 Gaussian-mixture images"
+    else:
+        ds, what = load("fashion-mnist")[0], "Fashion-MNIST (60,000 training images)"
+    x, y = ds.batch(torch.arange(len(ds)))
+    return x, y, what
 
 
 def run_experiment(quick: bool = False, seed: int = 0) -> dict[str, Any]:
@@ -74,7 +72,7 @@ def run_experiment(quick: bool = False, seed: int = 0) -> dict[str, Any]:
     loader = [(x[i], y[i]) for i in probe_idx.split(256)]
     torch.manual_seed(seed)
     model = TinyCNN()
-    opt = signsgd.Signum(model.parameters(), lr=1e-3, momentum=0.9)
+    opt = registry.build("signum", model.parameters(), lr=1e-3, momentum=0.9)
     hist: dict[str, list[float]] = {k: [] for k in ("step", "loss", *KEYS,
                                                     "phi_curvature_linf")}
     d = sum(p.numel() for p in model.parameters())

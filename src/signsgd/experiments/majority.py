@@ -14,10 +14,10 @@ compare it with the bound of the paper's proof:
   is used; the curve is the smaller of the two.)
 
 Part 2 — training with M = 1, 3, 7 workers at a fixed per-worker batch: signSGD with
-majority vote (:class:`signsgd.SignSGD` + :class:`signsgd.distributed.MajorityVote`) on
-Fashion-MNIST, one real Gloo process per worker; more workers, faster convergence. The
-``--quick`` version runs the same math in one process (a labelled simulation,
-:mod:`signsgd.experiments._cluster`) on synthetic data.
+majority vote (``signsgd.registry.build("signsgd", world_size=M)``: :class:`signsgd.SignSGD`
++ :class:`signsgd.distributed.MajorityVote`) on Fashion-MNIST, one real Gloo process per
+worker (:mod:`signsgd.experiments._cluster`); more workers, faster convergence. The
+``--quick`` version runs the same processes for fewer steps on synthetic data.
 """
 
 from __future__ import annotations
@@ -112,26 +112,21 @@ def part1(quick: bool, seed: int) -> dict[str, Any]:
 
 
 def part2(quick: bool, seed: int) -> dict[str, Any]:
-    """Train with M = 1, 3, 7 workers (real processes, or the simulation for --quick)."""
+    """Train with M = 1, 3, 7 workers, one real Gloo process per worker (one launch)."""
     if quick:
-        data = C.synthetic_data(4000, 1000, 1000, seed=seed)
+        data = C.synthetic_splits(4000, 1000, 1000, seed=seed)
         cfg = dict(steps=150, batch=4, lr=3e-3, hidden=32, eval_every=10)
-        mode = "simulation (one process, same update math; see _cluster.py)"
     else:
-        data = C.fashion_data(20_000, 2000, seed=seed)
+        data = C.fashion_splits(20_000, 2000, seed=seed)
         cfg = dict(steps=400, batch=8, lr=1e-3, hidden=32, eval_every=20)
-        mode = "real: one Gloo process per worker (signsgd.distributed.launch.spawn)"
-    runs = {}
-    for m in WORKERS:
-        c = C.Config(rule="vote", momentum=0.0, seed=seed, label=f"M={m}", **cfg)
-        r = C.simulate(m, c, data) if quick else C.run_real(m, [c], data)[0]
-        r.pop("params", None)
-        runs[str(m)] = r
+    configs = [C.Config("signsgd", workers=m, seed=seed, label=f"M={m}", **cfg) for m in WORKERS]
+    runs = dict(zip(map(str, WORKERS), C.run(max(WORKERS), configs, data)))
     final = {k: float(np.mean(r["train_loss"][-3:])) for k, r in runs.items()}
     area = {k: float(np.mean(r["train_loss"])) for k, r in runs.items()}
-    return {"mode": mode, "data": "synthetic Gaussian mixture" if quick else
+    return {"mode": "real: one Gloo process per worker (signsgd.distributed.launch.spawn)",
+            "data": "synthetic Gaussian mixture, MLP 32-32-10" if quick else
             "Fashion-MNIST (20,000 training images, MLP 784-32-10)",
-            "optimizer": "SignSGD + MajorityVote (signSGD with majority vote)", **cfg,
+            "optimizer": "registry 'signsgd' (SignSGD + MajorityVote)", **cfg,
             "runs": runs, "final_train_loss": final, "mean_train_loss": area,
             "test_acc": {k: r["test_acc"] for k, r in runs.items()},
             "faster_with_more_workers": (area["7"] < area["3"] < area["1"]
@@ -176,9 +171,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         b.plot(r["step"], r["train_loss"], label=f"M = {m}")
     b.set_xlabel("step")
     b.set_ylabel("training loss")
-    how = "real Gloo processes" if p2["mode"].startswith("real") else "single-process simulation"
-    b.set_title(f"signSGD + majority vote, batch {p2['batch']}/worker\n({how}, {p2['data']})",
-                fontsize=9)
+    b.set_title(f"signSGD + majority vote, batch {p2['batch']}/worker\n(real Gloo processes, "
+                f"{p2['data']})", fontsize=9)
     b.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -195,7 +189,7 @@ def summary(result: dict[str, Any]) -> str:
         f"(bound {p1['bound']['0.5'][0]:.3f}, {p1['bound']['0.5'][6]:.3f}, "
         f"{p1['bound']['0.5'][30]:.3f}); largest excess over the bound "
         f"{p1['max_excess_over_bound']:.4f} (<= 0 means it holds)",
-        "training (" + p2["mode"].split(":")[0] + "): final loss " + ", ".join(
+        "training (real processes): final loss " + ", ".join(
             f"M={m} {v:.3f}" for m, v in p2["final_train_loss"].items())
         + "; loss averaged over the run " + ", ".join(
             f"M={m} {v:.3f}" for m, v in p2["mean_train_loss"].items())

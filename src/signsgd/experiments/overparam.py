@@ -14,9 +14,10 @@ first three features with the training set, so the prediction is ``w₁y + w₂ 
 minimum-norm solution puts its weight on ``w₁``; sign methods grow ``w₂, w₃`` (and the
 unique features) as fast as ``w₁`` and predict worse.
 
-Every run uses the library optimisers (``torch.optim.SGD``, :class:`signsgd.SignSGD`,
-:class:`signsgd.Signum`, :class:`signsgd.EFSGD` with ``ScaledSign``) in float64, mini-batches
-of 8, and the schedule ``lr_t = lr / sqrt(1 + t/100)`` (``LambdaLR``).
+Every run uses the :mod:`signsgd.registry` optimisers of
+:mod:`signsgd.experiments.counterexamples` (``sgd`` without momentum, ``signsgd``,
+``signum``, ``ef-signsgd``) in float64, mini-batches of 8, and the schedule
+``lr_t = lr / sqrt(1 + t/100)`` (``LambdaLR``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from signsgd.experiments.counterexamples import LABELS, METHODS, make_optimizer
 PAPER = ("Karimireddy et al. 2019 (generalisation experiment): on over-parameterised least "
          "squares, signSGD and Signum converge to a solution outside the span of the data and "
          "generalise poorly, while SGD and EF-signSGD stay in the span and generalise well.")
-LR = {"sgd": 0.1, "signsgd": 0.01, "signum": 0.01, "ef_signsgd": 0.1}
+LR = {"sgd": 0.1, "signsgd": 0.01, "signum": 0.01, "ef-signsgd": 0.1}
 P_POS = 0.7
 
 
@@ -104,11 +105,11 @@ def run_experiment(quick: bool = False, seed: int = 0) -> dict[str, Any]:
                     for key in ("train_loss", "test_mse", "test_error", "out_of_span")}
     curves = {m: {key: np.mean([r[key] for r in runs[m]], axis=0).tolist()
                   for key in ("train_loss", "test_mse", "out_of_span")} for m in METHODS}
-    good = max(final["sgd"]["test_mse"], final["ef_signsgd"]["test_mse"])
+    good = max(final["sgd"]["test_mse"], final["ef-signsgd"]["test_mse"])
     checks = {
         "all_fit_training_data": all(final[m]["train_loss"] < 1e-2 for m in METHODS),
         "sgd_ef_stay_in_span": max(final["sgd"]["out_of_span"],
-                                   final["ef_signsgd"]["out_of_span"]) < 0.05,
+                                   final["ef-signsgd"]["out_of_span"]) < 0.05,
         "sign_methods_leave_span": min(final["signsgd"]["out_of_span"],
                                        final["signum"]["out_of_span"]) > 0.3,
         "sign_methods_generalise_worse": min(final["signsgd"]["test_mse"],
