@@ -25,6 +25,7 @@ from signsgd.experiments import (
     run,
     toy,
 )
+from signsgd.experiments import _cluster as C
 from signsgd.experiments.__main__ import main
 
 
@@ -141,6 +142,13 @@ def test_byzantine_vote_is_robust_and_scaled_mean_breaks() -> None:
     assert broken is None or broken - 0.1 < 0.5 * (acc["mean"]["negate"][0] - 0.1)
     assert r["mode"].startswith("real")
 
+
+
+@pytest.mark.parametrize("workers", [0, 4, -1])
+def test_cluster_rejects_more_workers_than_ranks(workers: int) -> None:
+    data = C.synthetic_splits(16, 4, 4)
+    with pytest.raises(ValueError, match=f"workers={workers}; the launch has 3 ranks"):
+        C.run(3, [C.Config(workers=workers, steps=1)], data)
 
 
 # ----------------------------------------------------------------------------- density

@@ -66,7 +66,12 @@ class Config:
 
 
 class Splits(NamedTuple):
-    """The examples the workers draw batches from, the loss-curve set, and the test set."""
+    """The examples the workers draw batches from, the loss-curve set, and the test set.
+
+    Example:
+        >>> synthetic_splits(40, 10, 10).evaluate.shape
+        (1, 1, 32)
+    """
 
     train: Dataset
     evaluate: Dataset
@@ -102,7 +107,12 @@ def synthetic_splits(train: int, evaluate: int, test: int, seed: int = 0,
 
 
 def batch_indices(n: int, batch: int, rank: int, step: int, seed: int) -> Tensor:
-    """Mini-batch of worker ``rank`` at ``step``: a deterministic draw with replacement."""
+    """Mini-batch of worker ``rank`` at ``step``: a deterministic draw with replacement.
+
+    Example:
+        >>> batch_indices(100, 4, rank=1, step=7, seed=0).shape
+        torch.Size([4])
+    """
     g = torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 1_000_033 + step) % 2**62)
     return torch.randint(0, n, (batch,), generator=g)
 
@@ -125,7 +135,6 @@ def _train(rank: int, world: int, group: Any, cfg: Config, sets: list[tuple[Tens
                          adversary=adversary, seed=cfg.seed, lr=cfg.lr, momentum=cfg.momentum)
     hist: dict[str, Any] = {"step": [], "train_loss": [], "label": cfg.label,
                             "diverged_at": None}
-    t = 0
     for t in range(cfg.steps + 1):
         if rank == 0 and (t % cfg.eval_every == 0 or t == cfg.steps):
             hist["step"].append(t)
@@ -154,8 +163,6 @@ def _worker(rank: int, world: int, configs: list[Config], data: Splits
     import torch.distributed as dist
 
     sizes = sorted({cfg.workers or world for cfg in configs})
-    if sizes[-1] > world:
-        raise ValueError(f"a configuration asks for {sizes[-1]} workers; the launch has {world}")
     groups = {m: None if m == world else dist.new_group(list(range(m))) for m in sizes}
     sets = [d.batch(torch.arange(len(d))) for d in data]  # normalised once per process
     out = [_train(rank, m, groups[m], cfg, sets, data) for cfg in configs
@@ -174,6 +181,7 @@ def run(world: int, configs: list[Config], data: Splits, timeout: float = 1800.0
     or ``None``) and ``diverged``.
 
     Raises:
+        ValueError: a configuration's ``workers`` is not in ``1..world``.
         signsgd.distributed.launch.WorkerError: a worker failed or the launch timed out.
 
     Example:
@@ -182,4 +190,8 @@ def run(world: int, configs: list[Config], data: Splits, timeout: float = 1800.0
     """
     from signsgd.distributed.launch import spawn
 
+    for cfg in configs:
+        if cfg.workers is not None and not 1 <= cfg.workers <= world:
+            raise ValueError(f"configuration {cfg.label!r} asks for workers={cfg.workers}; "
+                             f"the launch has {world} ranks")
     return spawn(_worker, world, (configs, data), timeout=timeout)[0]
