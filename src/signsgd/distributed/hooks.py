@@ -123,9 +123,12 @@ class MajorityVoteHookState:
     """Per-rank state of :func:`majority_vote_hook`: Signum momentum, vote counter, bytes.
 
     Args:
-        process_group: the group to vote in: the same group DDP uses (``None``: the
-            default group, looked up at each vote, so the state can be built before
-            ``init_process_group``).
+        process_group: the group to vote in. ``None`` (the default): a private group of
+            the default group's ranks, created at the first vote — the hook's collectives
+            run on a thread of their own, and sharing DDP's group with it would let the
+            two threads' collectives reach the group in different orders on different
+            ranks (a hang, e.g. with ``find_unused_parameters=True``). Give a group only
+            if DDP does not use it (e.g. ``dist.new_group(...)`` of DDP's ranks).
         momentum: Signum β in [0, 1) (default 0.9); 0 votes with the raw gradient.
         betas: ``(β1, β2)`` for Distributed Lion (then ``momentum`` is not used).
         mode: ``"sharded"`` (default) or ``"allgather"``, as in
@@ -168,7 +171,8 @@ class MajorityVoteHookState:
             raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
         MajorityVote(None, mode, _ONE_BUCKET, check_seed(seed), adversary)  # validates
         # configuration, equal on every rank
-        self.process_group = process_group
+        self.process_group = process_group     # None: a private group, made at first use
+        self._vote_group: Any = None           # the private group once made (not saved)
         self.momentum = float(momentum)
         self.betas = None if betas is None else (float(betas[0]), float(betas[1]))
         self.mode = mode
@@ -388,6 +392,15 @@ class MajorityVoteHookState:
                 "parameters that no module claimed; call state.bind(model) before training"
             )
 
+    def vote_group(self) -> Any:
+        """The group the votes run on: ``process_group``, or the private one (made now on
+        every rank: DDP calls the hook for the first bucket on every rank alike)."""
+        if self.process_group is not None:
+            return self.process_group
+        if self._vote_group is None:
+            self._vote_group = dist.new_group(list(range(dist.get_world_size())))
+        return self._vote_group
+
     def momentum_of(self, param: Tensor) -> Tensor | None:
         """This rank's momentum of ``param`` (``None`` before its first step)."""
         return self._momentum.get(id(param))
@@ -445,7 +458,7 @@ def majority_vote_hook(
             new = [(id(p), torch.lerp(m, g, 1.0 - state.betas[1]))
                    for p, m, g in zip(params, bufs, grads)]
     finite = F.first_nonfinite([buf]) is None
-    group = state.process_group
+    group = state.vote_group()
     generation, step = state._begin_bucket(bucket)
     index = bucket.index()
     bad_names = [] if finite else [
