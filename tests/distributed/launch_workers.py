@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,17 @@ def raise_on_rank_one(rank: int, world_size: int) -> int:
         raise ValueError("rank 1 fails on purpose")
     t = torch.tensor([1.0])
     dist.all_reduce(t)  # blocks until the launcher kills it or the peer's exit breaks it
+    return rank
+
+
+def kill_one_rank(rank: int, world_size: int, victim: int) -> int:
+    """``victim`` is killed by SIGKILL mid-run; the others block in a collective."""
+    t = torch.tensor([1.0])
+    dist.all_reduce(t)  # everyone is up
+    if rank == victim:
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.all_reduce(t)  # fails on the others once the victim's sockets close
     return rank
 
 

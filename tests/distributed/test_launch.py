@@ -29,6 +29,17 @@ def test_a_failing_worker_ends_the_launch_with_its_traceback() -> None:
     assert time.monotonic() - start < 60
 
 
+@pytest.mark.parametrize("victim", [1, 2])
+def test_a_killed_worker_is_named_first_with_its_signal(victim: int) -> None:
+    with pytest.raises(WorkerError) as info:
+        spawn(lw.kill_one_rank, 4, (victim,), pg_timeout=20, timeout=60)
+    err = info.value
+    assert err.cause == victim
+    first = str(err).splitlines()[0]
+    assert f"the cause: rank {victim}" in first, first
+    assert "killed by signal 9 (SIGKILL)" in first, first
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5])
 def test_bad_world_size_is_named(bad: object) -> None:
     with pytest.raises(ValueError, match=str(bad)):

@@ -33,11 +33,50 @@ __all__ = ["free_port", "spawn", "WorkerError"]
 
 
 class WorkerError(RuntimeError):
-    """One or more workers raised (or died, or timed out); the message holds their tracebacks."""
+    """One or more workers raised (or died, or timed out); the message holds their tracebacks.
 
-    def __init__(self, message: str, failures: dict[int, str]) -> None:
+    Attributes:
+        failures: rank -> traceback (or how the worker died).
+        cause: the rank of the root cause: a worker that died without reporting (killed,
+            crashed) comes first, else the worker that failed first in time.
+    """
+
+    def __init__(self, message: str, failures: dict[int, str], cause: int | None = None
+                 ) -> None:
         super().__init__(message)
         self.failures = failures
+        self.cause = cause
+
+
+def _exit_text(code: int | None) -> str:
+    """How a worker process ended, in words (a negative exit code is a signal)."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by signal {-code} ({name})"
+    return f"exit code {code}"
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else text
+
+
+def _report(world_size: int, failures: dict[int, str], died: list[int]) -> tuple[str, int]:
+    """The launch's error message: the root cause first, one line per other rank, then the
+    full tracebacks. A worker that died (``died``, in the order it was seen) is the root
+    cause: its peers only saw their connections close."""
+    cause = died[0] if died else next(iter(failures))
+    lines = [f"{len(failures)} of {world_size} workers failed; the cause: rank {cause}: "
+             f"{_last_line(failures[cause])}"]
+    lines += [f"  rank {r}: {_last_line(failures[r])}" for r in sorted(failures) if r != cause]
+    lines += [f"--- rank {r} ---\n{failures[r]}" for r in [cause] + sorted(
+        r for r in failures if r != cause)]
+    return "\n".join(lines), cause
 
 
 def free_port() -> int:
@@ -157,6 +196,7 @@ def spawn(
         p.start()
     outputs: dict[int, Any] = {}
     failures: dict[int, str] = {}
+    died: list[int] = []  # workers that ended without reporting, in the order seen
     deadline = time.monotonic() + timeout
     grace_deadline: float | None = None
     try:
@@ -180,7 +220,9 @@ def spawn(
                         except queue.Empty:
                             pass
                         if rank not in outputs and rank not in failures:
-                            failures[rank] = f"worker {rank} died with exit code {p.exitcode}"
+                            failures[rank] = (f"worker {rank} died without reporting: "
+                                              f"{_exit_text(p.exitcode)}")
+                            died.append(rank)
                 if failures and grace_deadline is None:
                     grace_deadline = time.monotonic() + 10.0
                 continue
@@ -209,12 +251,11 @@ def spawn(
             f"({'a peer failed' if failures else f'timeout {timeout:g}s'}); terminated"
         )
     if failures:
-        # Report the rank that failed first in time (dict order is insertion order), which
-        # is the root cause more often than the lowest rank.
-        first = next(iter(failures))
-        detail = "\n".join(f"--- rank {r} ---\n{failures[r]}" for r in sorted(failures))
-        raise WorkerError(
-            f"{len(failures)} of {world_size} workers failed (first: rank {first})\n{detail}",
-            failures,
-        )
+        for r, p in enumerate(procs):  # a late exit code: died without reporting after all
+            if r not in died and failures.get(r, "").startswith(f"worker {r} did not finish") \
+                    and p.exitcode not in (0, None) and p.exitcode != -signal.SIGTERM:
+                failures[r] = f"worker {r} died without reporting: {_exit_text(p.exitcode)}"
+                died.append(r)
+        message, cause = _report(world_size, failures, died)
+        raise WorkerError(message, failures, cause)
     return [pickle.loads(outputs[r]) for r in range(world_size)]
