@@ -531,11 +531,13 @@ def ef_compensate(
     momentum: float,
     weight_decay: float,
     foreach: bool = False,
+    nesterov: bool = False,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """The error-compensated vector ``p = lr·(g + wd·x) + e`` (momentum: ``lr·m + e``).
 
     With momentum β > 0 the new heavy-ball buffer is ``m' = β·m + g + wd·x`` and
-    ``p = lr·m' + e``. Out of place: nothing passed in is modified.
+    ``p = lr·m' + e`` — or, with ``nesterov``, ``p = lr·(g + wd·x + β·m') + e``, as
+    ``torch.optim.SGD(nesterov=True)``. Out of place: nothing passed in is modified.
 
     Args:
         params: parameters ``x``.
@@ -546,6 +548,7 @@ def ef_compensate(
         momentum: β in [0, 1).
         weight_decay: L2 weight decay added to the gradient.
         foreach: use the multi-tensor kernels.
+        nesterov: Nesterov momentum (needs ``momentum > 0``).
 
     Returns:
         ``(p, new_momentum)``; the second list is empty when ``momentum == 0``.
@@ -571,8 +574,9 @@ def ef_compensate(
         for i, (x, g, e) in enumerate(zip(params, grads, errors)):
             d = g.add(x, alpha=weight_decay) if weight_decay != 0 else g
             if momentum != 0:
-                d = momentum_buffers[i].mul(momentum).add_(d)  # type: ignore[union-attr]
-                out_m[i] = d
+                m = momentum_buffers[i].mul(momentum).add_(d)  # type: ignore[union-attr]
+                out_m[i] = m
+                d = d.add(m, alpha=momentum) if nesterov else m
             out_p[i] = e.add(d, alpha=lr)
         return out_p, out_m  # type: ignore[return-value]
     buckets = _buckets(params)
@@ -584,7 +588,7 @@ def ef_compensate(
             torch._foreach_add_(ms, ds)
             for i, m in zip(idx, ms):
                 out_m[i] = m  # type: ignore[index]
-            ds = ms
+            ds = torch._foreach_add(ds, ms, alpha=momentum) if nesterov else ms
         for i, p in zip(idx, torch._foreach_add(es, ds, alpha=lr)):
             out_p[i] = p
     return out_p, out_m  # type: ignore[return-value]

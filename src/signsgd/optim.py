@@ -50,8 +50,8 @@ __all__ = ["SignSGD", "Signum", "Lion", "EFSGD", "StagedOptimizer", "NonFiniteGr
 #: Options of ``torch.optim`` optimisers that these classes do not implement. Passing one
 #: with a value that would change the result (e.g. ``fused=True``) raises ValueError.
 _UNSUPPORTED = {
-    "maximize": False, "differentiable": False, "capturable": False, "fused": False,
-    "nesterov": False, "dampening": 0, "amsgrad": False,
+    "differentiable": False, "capturable": False, "fused": False, "nesterov": False,
+    "dampening": 0, "amsgrad": False,
 }
 
 #: (group index, index in the group, parameter) of a parameter with a gradient.
@@ -85,8 +85,10 @@ def _check_number(name: str, value: Any, low: float, high: float | None, high_op
         raise ValueError(f"Invalid {name}: {shown} (must be >= {low} and {upper})")
 
 
-def _check_group(owner: str, group: dict[str, Any]) -> None:
-    """Validate one param group's hyper-parameters; raise ValueError naming the value."""
+def _check_group(owner: str, group: dict[str, Any], supported: frozenset[str] = frozenset()
+                 ) -> None:
+    """Validate one param group's hyper-parameters; raise ValueError naming the value.
+    ``supported``: the ``torch.optim`` options of :data:`_UNSUPPORTED` this class takes."""
     _check_number("learning rate", group["lr"], 0.0, None, False)
     if "momentum" in group:
         _check_number("momentum value", group["momentum"], 0.0, 1.0, True)
@@ -97,12 +99,16 @@ def _check_group(owner: str, group: dict[str, Any]) -> None:
         for i, beta in enumerate(betas):
             _check_number(f"beta parameter at index {i}", beta, 0.0, 1.0, True)
     _check_number("weight_decay value", group["weight_decay"], 0.0, None, False)
-    foreach = group.get("foreach")
-    if foreach is not None and not isinstance(foreach, bool):
-        raise ValueError(f"Invalid foreach value: {foreach!r} (must be True, False or None)")
+    for flag in ("foreach", "maximize", "nesterov"):
+        value = group.get(flag)
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"Invalid {flag} value: {value!r} (must be True, False or None)")
     for key, neutral in _UNSUPPORTED.items():
-        if group.get(key) not in (None, neutral):
+        if key not in supported and group.get(key) not in (None, neutral):
             raise ValueError(f"{owner} does not support {key}={group[key]!r}")
+    if group.get("nesterov") and not _scalar(group.get("momentum", 0)) > 0:
+        raise ValueError(f"nesterov=True needs a momentum > 0, got momentum="
+                         f"{group.get('momentum')!r}")
 
 
 def hyperparameters(param_groups: list[dict[str, Any]]) -> tuple[Any, ...]:
@@ -157,9 +163,12 @@ class StagedOptimizer(Optimizer):
         True
     """
 
+    #: ``torch.optim`` options of :data:`_UNSUPPORTED` that this class implements.
+    _options: frozenset[str] = frozenset()
+
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any],
                  aggregator: Reducer | None) -> None:
-        _check_group(type(self).__name__, defaults)
+        _check_group(type(self).__name__, defaults, self._options)
         super().__init__(params, defaults)
         self.aggregator = aggregator
         if aggregator is not None:
@@ -194,7 +203,7 @@ class StagedOptimizer(Optimizer):
         """Add a param group; its hyper-parameters are validated before it is added."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param group must be a dict, got {type(param_group).__name__}")
-        _check_group(type(self).__name__, {**self.defaults, **param_group})
+        _check_group(type(self).__name__, {**self.defaults, **param_group}, self._options)
         super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ the step
@@ -294,8 +303,10 @@ class StagedOptimizer(Optimizer):
                     self._unsupported(gi, group, p)
                 params.append(p)
                 grads.append(g)
-            work.append((group, params, grads))
             all_grads.extend(grads)
+            if group.get("maximize") and grads:  # ascend: the algorithm sees −g
+                grads = list(torch._foreach_neg(grads))
+            work.append((group, params, grads))
         bad = F.first_nonfinite(all_grads)
         if bad is None:
             return work, None
@@ -382,7 +393,7 @@ class StagedOptimizer(Optimizer):
                 "the state_dict holds aggregator state but this optimizer has no aggregator"
             )
         for group in state_dict.get("param_groups", []):
-            _check_group(type(self).__name__, {**self.defaults, **group})
+            _check_group(type(self).__name__, {**self.defaults, **group}, self._options)
         super().load_state_dict(state_dict)
         if self.aggregator is not None and agg_state is not None:
             self.aggregator.load_state_dict(agg_state)
@@ -419,6 +430,7 @@ class Signum(StagedOptimizer):
             or :class:`~signsgd.distributed.AllReduce`.
         foreach: use the multi-tensor kernels (default: yes). Both paths give
             bit-identical results.
+        maximize: ascend the objective (the step uses −g), as in ``torch.optim``.
 
     Raises:
         ValueError: a hyper-parameter out of range, an aggregator that cannot serve a sign
@@ -439,9 +451,11 @@ class Signum(StagedOptimizer):
 
     def __init__(self, params: Iterable[Any], lr: float | Tensor, momentum: float = 0.9,
                  weight_decay: float = 0.0, aggregator: Reducer | None = None,
-                 *, foreach: bool | None = None, **unsupported: Any) -> None:
+                 *, foreach: bool | None = None, maximize: bool = False,
+                 **unsupported: Any) -> None:
         _reject_options(type(self).__name__, unsupported)
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=foreach)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=foreach,
+                        maximize=maximize)
         super().__init__(params, defaults, aggregator)
 
     def _local_step(self, group: dict[str, Any], params: list[Tensor],
@@ -492,6 +506,7 @@ class SignSGD(Signum):
         aggregator: ``None``, :class:`~signsgd.distributed.MajorityVote` or
             :class:`~signsgd.distributed.AllReduce`.
         foreach: use the multi-tensor kernels (default: yes).
+        maximize: ascend the objective (the step uses −g), as in ``torch.optim``.
 
     Raises:
         ValueError: a hyper-parameter out of range or an unsupported ``torch.optim`` option.
@@ -510,11 +525,12 @@ class SignSGD(Signum):
 
     def __init__(self, params: Iterable[Any], lr: float | Tensor, weight_decay: float = 0.0,
                  aggregator: Reducer | None = None, *, foreach: bool | None = None,
-                 **unsupported: Any) -> None:
+                 maximize: bool = False, **unsupported: Any) -> None:
         if "momentum" in unsupported:
             raise TypeError("SignSGD takes no momentum; use signsgd.Signum")
         super().__init__(params, lr=lr, momentum=0.0, weight_decay=weight_decay,
-                         aggregator=aggregator, foreach=foreach, **unsupported)
+                         aggregator=aggregator, foreach=foreach, maximize=maximize,
+                         **unsupported)
 
 
 class Lion(StagedOptimizer):
@@ -546,6 +562,7 @@ class Lion(StagedOptimizer):
         aggregator: ``None``, :class:`~signsgd.distributed.MajorityVote` (Distributed
             Lion) or :class:`~signsgd.distributed.AllReduce`.
         foreach: use the multi-tensor kernels (default: yes); both paths are bit-identical.
+        maximize: ascend the objective (the step uses −g), as in ``torch.optim``.
 
     Raises:
         ValueError: a hyper-parameter out of range or an unsupported ``torch.optim`` option.
@@ -566,9 +583,10 @@ class Lion(StagedOptimizer):
     def __init__(self, params: Iterable[Any], lr: float | Tensor = 1e-4,
                  betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
                  aggregator: Reducer | None = None, *, foreach: bool | None = None,
-                 **unsupported: Any) -> None:
+                 maximize: bool = False, **unsupported: Any) -> None:
         _reject_options(type(self).__name__, unsupported)
-        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, foreach=foreach)
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, foreach=foreach,
+                        maximize=maximize)
         super().__init__(params, defaults, aggregator)
 
     @staticmethod
@@ -628,6 +646,9 @@ class EFSGD(StagedOptimizer):
             :class:`~signsgd.distributed.AllReduce` (each worker's ``C(p)`` averaged
             exactly; the worker error stays on each rank).
         foreach: use the multi-tensor kernels (default: yes).
+        maximize: ascend the objective (the step uses −g), as in ``torch.optim``.
+        nesterov: Nesterov momentum, as ``torch.optim.SGD(nesterov=True)``
+            (``p ← lr·(d + β·m) + e`` with ``d = g + wd·x``; needs ``momentum > 0``).
 
     Raises:
         ValueError: a hyper-parameter out of range, a compressor that is not callable, or
@@ -646,19 +667,22 @@ class EFSGD(StagedOptimizer):
     """
 
     _pickled = ("aggregator", "compressor")
+    _options = frozenset({"nesterov"})
 
     def __init__(self, params: Iterable[Any], lr: float | Tensor,
                  compressor: Compressor | Callable[[Tensor], Tensor] | None = None,
                  momentum: float = 0.0, weight_decay: float = 0.0,
                  aggregator: Reducer | None = None,
-                 *, foreach: bool | None = None, **unsupported: Any) -> None:
+                 *, foreach: bool | None = None, maximize: bool = False,
+                 nesterov: bool = False, **unsupported: Any) -> None:
         _reject_options(type(self).__name__, unsupported)
         if compressor is None:
             compressor = ScaledSign()
         if not callable(compressor):
             raise ValueError(f"Invalid compressor: {compressor!r} (must be callable)")
         self.compressor = compressor
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=foreach)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=foreach,
+                        maximize=maximize, nesterov=nesterov)
         super().__init__(params, defaults, aggregator)
 
     def _compressor(self) -> Compressor | None:
@@ -675,6 +699,7 @@ class EFSGD(StagedOptimizer):
         comp, new_m = F.ef_compensate(
             params, grads, errors, bufs, lr=_scalar(group["lr"]), momentum=momentum,
             weight_decay=_scalar(group["weight_decay"]), foreach=self._foreach(group),
+            nesterov=bool(group.get("nesterov")),
         )
         return comp, (params, errors, bufs, comp, new_m, fresh)
 
