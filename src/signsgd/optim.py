@@ -187,6 +187,16 @@ class StagedOptimizer(Optimizer):
                 raise ValueError(
                     f"{name} cannot use aggregator {type(aggregator).__name__}: {exc}"
                 ) from None
+            from torch.distributed.tensor import DTensor
+
+            if any(isinstance(p, DTensor) for g in self.param_groups for p in g["params"]):
+                raise ValueError(
+                    f"{name} cannot use aggregator {type(aggregator).__name__} with DTensor "
+                    "parameters (FSDP2 fully_shard): FSDP already reduce-scatters the "
+                    "gradients, so each rank holds the mean gradient of its own shard. Use "
+                    f"{name} without aggregator= on FSDP2 models (a local step on each shard), "
+                    "or DDP / unsharded parameters to communicate 1 bit per coordinate"
+                )
 
     def _compressor(self) -> Compressor | None:
         return None
