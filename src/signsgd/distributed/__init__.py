@@ -4,6 +4,7 @@
 * :class:`ErrorFeedbackAllReduce` — two-stage compressed all-reduce, for ``EFSGD``.
 * :class:`AllReduce` — the fp32 mean all-reduce baseline.
 * :class:`AverageGradients` — any ``torch.optim`` optimiser on all-reduced gradients.
+* :class:`LocalSteps` — H local steps of any optimiser, then a voted outer update.
 * :func:`majority_vote` / :func:`vote_async` — the vote as a function / a future.
 * :func:`majority_vote_hook` / :class:`MajorityVoteHookState` — DDP communication hook.
 * :mod:`signsgd.distributed.adversary` — Byzantine workers for fault-tolerance runs.
@@ -15,6 +16,7 @@
 from signsgd.distributed.average import AverageGradients
 from signsgd.distributed.error_feedback import ErrorFeedbackAllReduce
 from signsgd.distributed.hooks import MajorityVoteHookState, majority_vote_hook
+from signsgd.distributed.local_steps import LocalSteps
 from signsgd.distributed.reducer import AllReduce, Reducer, Reduction
 from signsgd.distributed.vote import MajorityVote, majority_vote, vote_async
 from signsgd.errors import CollectiveError, NonFiniteGradientError
@@ -24,6 +26,7 @@ __all__ = [
     "AverageGradients",
     "CollectiveError",
     "ErrorFeedbackAllReduce",
+    "LocalSteps",
     "MajorityVote",
     "MajorityVoteHookState",
     "NonFiniteGradientError",

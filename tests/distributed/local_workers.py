@@ -1,0 +1,135 @@
+"""Worker side of tests/distributed/test_local_steps.py (spawn pickles these by name)."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import signsgd
+from signsgd.distributed import ErrorFeedbackAllReduce, LocalSteps, MajorityVote
+from signsgd.errors import NonFiniteGradientError
+
+from .workers import _snapshot, grads_for, make_params
+
+
+def _feed(params: list[torch.nn.Parameter], rank: int, step: int) -> None:
+    for p, g in zip(params, grads_for(params, rank, step, zeros=False)):
+        p.grad = g
+
+
+def h1_equals_signsgd(rank: int, group: Any, steps: int) -> dict[str, Any]:
+    """H = 1, inner SGD(lr=1, momentum=0), no outer momentum vs SignSGD + MajorityVote."""
+    a, b = make_params(torch.float64), make_params(torch.float64)
+    local = LocalSteps(torch.optim.SGD(a, lr=1.0), sync_every=1, outer_lr=0.125,
+                       reducer=MajorityVote(group, seed=2))
+    sign = signsgd.SignSGD(b, lr=0.125, aggregator=MajorityVote(group, seed=2))
+    for step in range(steps):
+        _feed(a, rank, step)
+        _feed(b, rank, step)
+        local.step()
+        sign.step()
+    return {"local": _snapshot(a), "signsgd": _snapshot(b),
+            "bytes": (local.reducer.total_bytes_sent, sign.aggregator.total_bytes_sent)}
+
+
+def rounds(rank: int, group: Any, steps: int, h: int, beta: float, kind: str
+           ) -> dict[str, Any]:
+    """Inner SGD(lr=1/4), H local steps, outer lr 1/8 and momentum β; parameters after
+    every step and what the reducer counted."""
+    params = make_params(torch.float64)
+    reducer = MajorityVote(group, seed=4) if kind == "vote" else ErrorFeedbackAllReduce(group)
+    opt = LocalSteps(torch.optim.SGD(params, lr=0.25), sync_every=h, outer_lr=0.125,
+                     outer_momentum=beta, reducer=reducer)
+    traj, sent = [], []
+    for step in range(steps):
+        _feed(params, rank, step)
+        opt.step()
+        traj.append(_snapshot(params))
+        sent.append(opt.bytes_sent)
+    return {"traj": traj, "sent": sent}
+
+
+def _build_adamw(group: Any, params: list[torch.nn.Parameter]) -> LocalSteps:
+    inner = torch.optim.AdamW(params, lr=0.01)
+    return LocalSteps(inner, sync_every=3, outer_lr=0.01, outer_momentum=0.5,
+                      reducer=MajorityVote(group, seed=1))
+
+
+def resume_mid_round(rank: int, group: Any, total: int, at: int) -> dict[str, Any]:
+    """Uninterrupted vs saved at step ``at`` (mid-round), restored into fresh objects."""
+    pa = make_params(torch.float64)
+    oa = _build_adamw(group, pa)
+    for step in range(total):
+        _feed(pa, rank, step)
+        oa.step()
+    pb = make_params(torch.float64)
+    ob = _build_adamw(group, pb)
+    for step in range(at):
+        _feed(pb, rank, step)
+        ob.step()
+    buf = io.BytesIO()
+    torch.save({"params": _snapshot(pb), "opt": ob.state_dict()}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    pc = make_params(torch.float64)
+    with torch.no_grad():
+        for p, v in zip(pc, ck["params"]):
+            p.copy_(v)
+    oc = _build_adamw(group, pc)
+    oc.load_state_dict(ck["opt"])
+    for step in range(at, total):
+        _feed(pc, rank, step)
+        oc.step()
+    return {"uninterrupted": _snapshot(pa), "resumed": _snapshot(pc),
+            "position": ck["opt"]["outer"]["position"]}
+
+
+def nan_in_a_local_step(rank: int, group: Any, inner: str) -> dict[str, Any]:
+    """Rank 1 gets a NaN gradient in local step 1 of a 3-step round: every rank raises at
+    the synchronisation (step 2), the anchor is unchanged, parameters go back to it."""
+    params = make_params(torch.float64)
+    local = (signsgd.Signum(params, lr=0.01) if inner == "signum"
+             else torch.optim.SGD(params, lr=0.01))
+    opt = LocalSteps(local, sync_every=3, outer_lr=0.01, reducer=MajorityVote(group))
+    anchor = [a.clone() for a in opt.outer["anchor"]]
+    errors = []
+    for step in range(3):
+        _feed(params, rank, step)
+        if rank == 1 % dist.get_world_size(group) and step == 1:
+            params[0].grad[0, 0] = float("nan")
+        try:
+            opt.step()
+        except NonFiniteGradientError as exc:
+            errors.append((step, str(exc)))
+    return {"errors": errors,
+            "anchor_unchanged": all(torch.equal(a, b) for a, b in zip(anchor,
+                                                                       opt.outer["anchor"])),
+            "at_anchor": all(torch.equal(p, a) for p, a in zip(params, anchor)),
+            "next_round_ok": _next_round(opt, params, rank)}
+
+
+def _next_round(opt: LocalSteps, params: list[torch.nn.Parameter], rank: int) -> bool:
+    for step in range(3):
+        _feed(params, rank, 10 + step)
+        opt.step()
+    return all(bool(torch.isfinite(p).all()) for p in params)
+
+
+def local_suite(rank: int, world_size: int) -> dict[str, Any]:
+    groups = {m: dist.new_group(list(range(m))) for m in (1, 3, 4)}
+    out: dict[str, Any] = {}
+    for m in (1, 3, 4):
+        if rank < m:
+            out[f"h1/{m}"] = h1_equals_signsgd(rank, groups[m], 6)
+    if rank < 3:
+        g = groups[3]
+        out["vote/h2"] = rounds(rank, g, 6, 2, 0.0, "vote")
+        out["vote/h3/momentum"] = rounds(rank, g, 9, 3, 0.5, "vote")
+        out["ef/h2"] = rounds(rank, g, 6, 2, 0.0, "ef")
+        out["resume"] = resume_mid_round(rank, g, 10, 4)
+        out["nan/signum"] = nan_in_a_local_step(rank, g, "signum")
+        out["nan/sgd"] = nan_in_a_local_step(rank, g, "sgd")
+    return out

@@ -1,0 +1,103 @@
+"""LocalSteps on real Gloo groups of 1, 3 and 4 ranks (one launch): H = 1 is SignSGD with
+majority vote; H local SGD steps then a voted outer step against a float64 reference of
+the algorithm; bytes only at synchronisations; mid-round resume; a NaN in a local step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from signsgd.distributed.launch import spawn
+from signsgd.distributed.random_bits import tie_bits
+
+from . import local_workers as LW
+from . import workers as W
+
+
+@pytest.fixture(scope="module")
+def suite() -> list[dict[str, Any]]:
+    return spawn(LW.local_suite, 4, timeout=300, pg_timeout=60)
+
+
+@pytest.mark.parametrize("m", [1, 3, 4])
+def test_h1_with_inner_sgd_lr1_is_signsgd_with_majority_vote(suite, m):
+    for res in suite[:m]:
+        r = res[f"h1/{m}"]
+        assert all(torch.equal(a, b) for a, b in zip(r["local"], r["signsgd"]))
+        assert r["bytes"][0] == r["bytes"][1]
+
+
+def reference(m: int, steps: int, h: int, beta: float, seed: int = 4) -> list[list[np.ndarray]]:
+    """x_r ← x_r − g_r/4 for H steps; Δ_r = x0 − x_r; v = vote (zero → +1, ties from
+    tie_bits(seed, round)); u ← β·u + (1−β)·v; x0 ← x0 − u/8; x_r ← x0."""
+    x0 = [p.detach().numpy().copy() for p in W.make_params(torch.float64)]
+    xs = [[t.copy() for t in x0] for _ in range(m)]
+    u = [np.zeros_like(t) for t in x0]
+    traj, syncs = [], 0
+    for step in range(steps):
+        for r in range(m):
+            gs = W.grads_for([torch.from_numpy(t) for t in xs[r]], r, step, zeros=False)
+            xs[r] = [t - 0.25 * g.numpy() for t, g in zip(xs[r], gs)]
+        if (step + 1) % h == 0:
+            flat = [np.concatenate([(a - b).ravel() for a, b in zip(x0, xs[r])])
+                    for r in range(m)]
+            tally = sum(np.where(f >= 0, 1, -1) for f in flat)
+            d = tally.size
+            ties = np.unpackbits(tie_bits(seed, syncs, 0, (d + 63) // 64).numpy(),
+                                 bitorder="little")[:d]
+            vote = np.where(tally > 0, 1.0, np.where(tally < 0, -1.0,
+                                                      np.where(ties == 1, 1.0, -1.0)))
+            off = 0
+            for i, t in enumerate(x0):
+                v = vote[off:off + t.size].reshape(t.shape)
+                u[i] = u[i] + (1 - beta) * (v - u[i]) if beta else v
+                x0[i] = t - 0.125 * u[i]
+                off += t.size
+            xs = [[t.copy() for t in x0] for _ in range(m)]
+            syncs += 1
+        traj.append([t.copy() for t in xs[0]])
+    return traj
+
+
+@pytest.mark.parametrize("key,steps,h,beta", [("vote/h2", 6, 2, 0.0),
+                                              ("vote/h3/momentum", 9, 3, 0.5)])
+def test_rounds_match_the_reference_and_every_rank(suite, key, steps, h, beta):
+    ref = reference(3, steps, h, beta)
+    for res in suite[:3]:
+        r = res[key]
+        for step in range(steps):
+            if (step + 1) % h == 0:  # after a synchronisation every rank is at x0
+                assert all(np.allclose(a.numpy(), b, rtol=0, atol=1e-12)
+                           for a, b in zip(r["traj"][step], ref[step])), step
+        assert all(torch.equal(a, b) for a, b in zip(r["traj"][-1], suite[0][key]["traj"][-1]))
+
+
+@pytest.mark.parametrize("key,h", [("vote/h2", 2), ("ef/h2", 2), ("vote/h3/momentum", 3)])
+def test_bytes_only_at_synchronisations(suite, key, h):
+    sent = suite[0][key]["sent"]
+    assert all((s > 0) == ((i + 1) % h == 0) for i, s in enumerate(sent))
+
+
+def test_ef_variant_keeps_every_rank_identical(suite):
+    first = suite[0]["ef/h2"]["traj"][-1]
+    for res in suite[1:3]:
+        assert all(torch.equal(a, b) for a, b in zip(res["ef/h2"]["traj"][-1], first))
+
+
+def test_mid_round_resume_is_bit_identical(suite):
+    for res in suite[:3]:
+        r = res["resume"]
+        assert r["position"] == 1  # saved after step 4 of rounds of 3
+        assert all(torch.equal(a, b) for a, b in zip(r["resumed"], r["uninterrupted"]))
+
+
+@pytest.mark.parametrize("inner", ["signum", "sgd"])
+def test_nan_in_a_local_step_raises_everywhere_at_the_sync(suite, inner):
+    for res in suite[:3]:
+        r = res[f"nan/{inner}"]
+        assert [s for s, _ in r["errors"]] == [2], r["errors"]
+        assert "rank(s) [1]" in r["errors"][0][1]
+        assert r["anchor_unchanged"] and r["at_anchor"] and r["next_round_ok"]
