@@ -3,14 +3,18 @@ workers, compare, reproduce, and every bad-input message."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import typing
 
 import numpy as np
 import pytest
 import torch
 
 from signsgd import data as D
-from signsgd.cli import DEFAULT_COMPARE, main, parse_compare
+from signsgd.cli import build_parser, main
+from signsgd.compare import DEFAULT_COMPARE, parse_compare
+from signsgd.config import TrainConfig, from_args
 
 N_TRAIN, N_TEST = 48, 24
 
@@ -185,7 +189,7 @@ def test_reproduce_unknown_lists_experiments(capsys):
     ],
 )
 def test_quality_bar_checks(accs, verdicts):
-    from signsgd.cli import evaluate_checks, parse_checks
+    from signsgd.compare import evaluate_checks, parse_checks
 
     names = ["Adam", "SGD+momentum", "Signum", "Signum, majority vote", "EF-signSGD"]
     rows = [dict(name=n, test_accuracy=a) for n, a in zip(names, accs)]
@@ -222,3 +226,64 @@ def test_same_command_under_torchrun(data_dir, tmp_path):
     s = json.loads((tmp_path / "tr" / "summary.json").read_text())
     assert s["workers"] == 2 and s["bytes_sent_per_step"] > 0
     assert s["steps"] == N_TRAIN // 2 // 8
+
+
+# Fields that are not options of `signsgd train` / keys of a compare file, and the flags not
+# spelled --field-name: everything else is derived, so a new field gets both.
+NOT_ON_CLI = {"extra"}
+NOT_IN_COMPARE = {"extra", "out", "resume", "progress"}
+FLAGS = {"progress": "--no-progress", "timeout_s": "--timeout"}
+HINTS = typing.get_type_hints(TrainConfig)
+
+
+def sample(name):
+    """A non-default value of field ``name`` and its command-line spelling."""
+    hint = HINTS[name]
+    if hint is bool:
+        return not getattr(TrainConfig(), name), []
+    for kind, value, text in ((tuple, (0.5, 0.25), ["0.5", "0.25"]), (float, 0.5, ["0.5"]),
+                              (int, 7, ["7"]), (str, "x", ["x"])):
+        if kind in (typing.get_origin(a) or a for a in typing.get_args(hint) + (hint,)):
+            return value, text
+    raise AssertionError(f"no sample for {name}: {hint}")
+
+
+@pytest.mark.parametrize("f", dataclasses.fields(TrainConfig), ids=lambda f: f.name)
+def test_every_config_field_is_a_train_flag_and_a_compare_key(f, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    helptext = capsys.readouterr().out
+    value, text = sample(f.name) if f.name != "extra" else ({}, [])
+    flag = FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
+    if f.name in NOT_ON_CLI:
+        assert flag not in helptext
+    else:
+        assert f" {flag}" in helptext
+        a = build_parser().parse_args(["train", flag, *text])
+        assert getattr(from_args(a), f.name) == value
+    toml = f"[[run]]\n{f.name} = {json.dumps(value)}\n"
+    if f.name in NOT_IN_COMPARE:
+        with pytest.raises(ValueError, match=f"unknown option '{f.name}'"):
+            parse_compare(toml)
+    else:
+        assert getattr(parse_compare(toml)[0], f.name) == value
+
+
+def test_train_help_lists_every_optimizer_and_reproduce_help_every_experiment(capsys):
+    experiments = pytest.importorskip("signsgd.experiments",
+                                      reason="the experiments package is not installed")
+    from signsgd.config import OPTIMIZERS
+
+    for argv, names in ((["train", "--help"], OPTIMIZERS),
+                        (["reproduce", "--help"], experiments.EXPERIMENTS)):
+        with pytest.raises(SystemExit):
+            main(argv)
+        helptext = " ".join(capsys.readouterr().out.split())
+        assert all(name in helptext for name in names)
+
+
+def test_betas_from_the_command_line_train(data_dir, tmp_path):
+    assert main(train_args(data_dir, tmp_path / "l", "--optimizer", "lion", "--lr", "1e-4",
+                           "--betas", "0.95", "0.98", "--epochs", "1")) == 0
+    s = json.loads((tmp_path / "l" / "summary.json").read_text())
+    assert s["config"]["betas"] == [0.95, 0.98] and s["config"]["momentum"] == 0.95

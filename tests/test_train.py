@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import doctest
+import importlib
 import json
 
 import numpy as np
@@ -10,14 +12,10 @@ import pytest
 import torch
 
 from signsgd import data as D
-from signsgd.train import (
-    CheckpointError,
-    ConfigError,
-    TrainConfig,
-    read_metrics,
-    train,
-    validate,
-)
+from signsgd.config import TrainConfig, validate
+from signsgd.errors import CheckpointError, ConfigError
+from signsgd.outputs import read_metrics
+from signsgd.train import train
 
 N_TRAIN, N_TEST = 64, 32
 
@@ -59,7 +57,7 @@ SUMMARY_KEYS = {"test_accuracy", "test_loss", "wall_time_s", "bytes_sent_per_ste
 
 
 @pytest.mark.parametrize("optimizer", ["signum", "signsgd", "ef-signsgd", "efsgd", "sgd", "adam",
-                                       "adamw"])
+                                       "adamw", "lion"])
 def test_one_worker_outputs_and_schema(data_dir, tmp_path, optimizer):
     lr = {"sgd": 0.05, "ef-signsgd": 0.05, "efsgd": 0.05}.get(optimizer, 1e-3)
     model = "cnn" if optimizer == "signum" else "mlp"
@@ -169,6 +167,14 @@ def test_density_is_logged(data_dir, tmp_path):
         (dict(optimizer="efsgd", compressor="topk:2"), "ratio must be"),
         (dict(optimizer="efsgd", compressor="zip"), "valid compressors"),
         (dict(validation=N_TRAIN), "leaves no training examples"),
+        (dict(optimizer="signum", betas=(0.9, 0.99)), "--betas: optimizer 'signum' takes no betas"),
+        (dict(optimizer="signsgd", momentum=0.5), "--momentum: optimizer 'signsgd' takes no "
+                                                  "momentum"),
+        (dict(optimizer="adam", momentum=0.8, betas=(0.9, 0.99)), "--momentum 0.8 disagrees with "
+                                                                  "--betas 0.9 0.99"),
+        (dict(optimizer="lion", betas=(1.0, 0.9)), "--betas must be two numbers in"),
+        (dict(optimizer="lion", betas=(0.9,)), "--betas must be two numbers in"),
+        (dict(threads=0), "--threads must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_input_fails_before_anything_starts(data_dir, tmp_path, change, match):
@@ -232,6 +238,41 @@ def test_bad_checkpoint_leaves_run_dir_alone(finished_run, how, match):
     with pytest.raises(CheckpointError, match=match):
         train(c)
     assert snapshot(Path(out)) == before
+
+
+@pytest.mark.parametrize(
+    "optimizer, implicit, explicit, same",
+    [
+        ("adam", {}, {"betas": (0.9, 0.999)}, True),
+        ("adamw", {"momentum": 0.8}, {"betas": (0.8, 0.999)}, True),
+        ("lion", {}, {"betas": (0.9, 0.99)}, True),
+        ("lion", {"momentum": 0.95}, {"betas": (0.95, 0.99), "momentum": 0.95}, True),
+        ("adam", {}, {"betas": (0.5, 0.9)}, False),
+    ],
+)
+def test_momentum_is_beta1_when_betas_is_not_given(data_dir, tmp_path, optimizer, implicit,
+                                                   explicit, same):
+    """Without --betas, --momentum (default 0.9) is β1 and β2 the registry's: old adam/adamw
+    runs are unchanged; with --betas both are used."""
+    a = train(cfg(data_dir, tmp_path / "a", optimizer=optimizer, epochs=1, **implicit),
+              return_params=True)
+    b = train(cfg(data_dir, tmp_path / "b", optimizer=optimizer, epochs=1, **explicit),
+              return_params=True)
+    assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"])) == same
+    assert b["config"]["betas"] == explicit["betas"] and a["config"]["betas"] is None
+    assert (a["config"]["momentum"] == b["config"]["momentum"]) == same
+
+
+@pytest.mark.parametrize("module", ["signsgd.config", "signsgd.checkpoint", "signsgd.outputs",
+                                    "signsgd.train", "signsgd.compare", "signsgd.cli"])
+def test_docstring_examples_run_and_every_public_name_has_one(module):
+    mod = importlib.import_module(module)
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS, verbose=False)
+    assert result.failed == 0 and result.attempted > 0
+    for name in mod.__all__:
+        obj = getattr(mod, name)
+        if callable(obj):
+            assert ">>>" in (obj.__doc__ or ""), f"{module}.{name} has no example"
 
 
 # A crashing worker (2 Gloo processes) is tested through the CLI in tests/test_cli.py.

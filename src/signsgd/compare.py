@@ -1,0 +1,229 @@
+"""``signsgd compare``: several training runs in sequence, one table, one overlay plot.
+
+A compare file is TOML like :data:`DEFAULT_COMPARE` (``signsgd compare --print-default``):
+a ``[defaults]`` table with any :data:`signsgd.config.COMPARE_KEYS` (underscore or dash
+spelling), one ``[[run]]`` table (or ``run`` array entry) per run, each with a ``name`` and
+its options, and optional checks, printed as PASS/FAIL under the table: ``run`` with
+``min_accuracy`` (a fraction), or ``run``, ``reference`` and ``max_gap`` (the run's accuracy
+may be at most ``max_gap`` below the reference's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from signsgd.config import COMPARE_KEYS, TrainConfig, validate
+from signsgd.errors import ConfigError
+from signsgd.outputs import plot_overlay, read_metrics
+
+__all__ = ["DEFAULT_COMPARE", "parse_compare", "parse_checks", "evaluate_checks",
+           "format_table", "compare"]
+
+#: The built-in ``signsgd compare`` configuration: the main demo (see docs/demo.md and
+#: docs/tuning.md for how the learning rates were chosen). One thread per worker: on a
+#: shared 2-core machine one thread is faster than two (measured in docs/tuning.md).
+DEFAULT_COMPARE = """
+# Unset momenta are the optimisers' defaults (Signum 0.9, EF-signSGD 0).
+run = [
+  {name = "Adam", optimizer = "adam", lr = 3e-3},
+  {name = "SGD+momentum", optimizer = "sgd", lr = 0.1, momentum = 0.9},
+  {name = "Signum", optimizer = "signum", lr = 1e-3, momentum = 0.9},
+  {name = "Signum, majority vote", optimizer = "signum", lr = 1e-3, batch_size = 32, workers = 4},
+  {name = "EF-signSGD", optimizer = "ef-signsgd", lr = 0.3, batch_size = 32, workers = 4},
+]
+# The quality bar of the main job (issue 4), checked and printed after the table.
+check = [
+  {run = "Adam", min_accuracy = 0.89},
+  {run = "Signum", reference = "Adam", max_gap = 0.01},
+  {run = "Signum, majority vote", reference = "Signum", max_gap = 0.01},
+  {run = "EF-signSGD", reference = "SGD+momentum", max_gap = 0.01},
+]
+
+[defaults]
+data = "fashion-mnist"
+model = "cnn"
+epochs = 3
+seed = 0
+threads = 1
+batch_size = 128
+workers = 1
+"""
+
+
+def _load_toml(text: str, source: str) -> dict[str, Any]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from exc
+
+
+def parse_compare(text: str, source: str = "<built-in default>") -> list[TrainConfig]:
+    """The runs of the compare TOML document ``text`` (called ``source`` in error messages),
+    as configs (``out`` not yet set).
+
+    Raises:
+        ConfigError: bad TOML, no ``[[run]]``, unknown keys (the message lists the valid
+            ones) or two runs with one name.
+
+    Example:
+        >>> parse_compare("[defaults]\\nepochs = 1\\n[[run]]\\noptimizer = 'adam'\\n")[0].name
+        'adam-1'
+    """
+    doc = _load_toml(text, source)
+    unknown_top = set(doc) - {"defaults", "run", "check"}
+    if unknown_top:
+        raise ConfigError(f"{source}: unknown tables {sorted(unknown_top)}; use [defaults] and "
+                          "[[run]]")
+    runs = doc.get("run")
+    if not isinstance(runs, list) or not runs:
+        raise ConfigError(f"{source}: no [[run]] tables; add at least one run")
+
+    def norm(table: dict[str, Any], where: str) -> dict[str, Any]:
+        for k in table:
+            if k.replace("-", "_") not in COMPARE_KEYS:
+                raise ConfigError(f"{source}: unknown option {k!r} in {where}; valid options: "
+                                  f"{', '.join(COMPARE_KEYS)}")
+        return {k.replace("-", "_"): v for k, v in table.items()}
+
+    base = norm(doc.get("defaults", {}), "[defaults]")
+    configs: list[TrainConfig] = []
+    for i, run in enumerate(runs):
+        opts = {**base, **norm(run, f"run {i + 1}")}
+        opts.setdefault("name", f"{opts.get('optimizer', 'signum')}-{i + 1}")
+        if any(c.name == opts["name"] for c in configs):
+            raise ConfigError(f"{source}: two runs are named {opts['name']!r}; names must differ")
+        configs.append(TrainConfig(**opts))
+    return configs
+
+
+def parse_checks(text: str, source: str = "<built-in default>") -> list[dict[str, Any]]:
+    """The ``[[check]]`` tables of a compare document, validated against its run names.
+
+    Raises:
+        ConfigError: a check with other keys, or naming a run that does not exist.
+
+    Example:
+        >>> parse_checks(DEFAULT_COMPARE)[0]
+        {'run': 'Adam', 'min_accuracy': 0.89}
+    """
+    doc = _load_toml(text, source)
+    names = {r.get("name") for r in doc.get("run", []) if isinstance(r, dict)}
+    checks = doc.get("check", [])
+    if not isinstance(checks, list):
+        raise ConfigError(f"{source}: 'check' must be an array of tables ([[check]])")
+    for i, ch in enumerate(checks):
+        if set(ch) not in ({"run", "min_accuracy"}, {"run", "reference", "max_gap"}):
+            raise ConfigError(f"{source}: check {i + 1} has keys {sorted(ch)}; use run + "
+                              "min_accuracy, or run + reference + max_gap")
+        for key in ("run", "reference"):
+            if key in ch and ch[key] not in names:
+                raise ConfigError(f"{source}: check {i + 1}: no run named {ch[key]!r} "
+                                  f"(runs: {', '.join(sorted(map(str, names)))})")
+    return checks
+
+
+def evaluate_checks(checks: list[dict[str, Any]], summaries: list[dict[str, Any]]
+                    ) -> list[tuple[bool, str]]:
+    """``(passed, line)`` for every check, from the runs' held-out accuracies.
+
+    Example:
+        >>> evaluate_checks([{"run": "a", "min_accuracy": 0.5}],
+        ...                 [{"name": "a", "test_accuracy": 0.6}])
+        [(True, 'PASS  a: 60.00% >= 50.00%')]
+    """
+    ev = "test" if all("test_accuracy" in r for r in summaries) else "val"
+    acc = {r["name"]: r[f"{ev}_accuracy"] for r in summaries}
+    out = []
+    for ch in checks:
+        a = acc[ch["run"]]
+        if "min_accuracy" in ch:
+            ok = a >= ch["min_accuracy"]
+            line = f"{ch['run']}: {100 * a:.2f}% >= {100 * ch['min_accuracy']:.2f}%"
+        else:
+            b = acc[ch["reference"]]
+            ok = a >= b - ch["max_gap"] - 1e-12
+            line = (f"{ch['run']} ({100 * a:.2f}%) within {100 * ch['max_gap']:.1f} point(s) "
+                    f"of {ch['reference']} ({100 * b:.2f}%): gap {100 * (b - a):+.2f}")
+        out.append((ok, f"{'PASS' if ok else 'FAIL'}  {line}"))
+    return out
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The Markdown table of ``signsgd compare`` from the runs' summaries.
+
+    Example:
+        >>> print(format_table([{"name": "a", "optimizer": "sgd", "workers": 1,
+        ...     "test_accuracy": 0.5, "test_loss": 1.0, "wall_time_s": 2.0, "cpu_time_s": 3.0,
+        ...     "bytes_sent_per_step": 0, "bytes_received_per_step": 0}]).splitlines()[2])
+        | a | sgd | 1 | 50.00% | 1.0000 | 2.0 | 3.0 | 0 | 0 |
+    """
+    ev = "test" if all("test_accuracy" in r for r in rows) else "val"
+    head = (f"| run | optimiser | workers | {ev} accuracy | {ev} loss | wall time (s) "
+            "| CPU time (s) | bytes sent / worker / step | bytes received / worker / step |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        acc = r.get(f"{ev}_accuracy", r.get("val_accuracy"))
+        loss = r.get(f"{ev}_loss", r.get("val_loss"))
+        lines.append(f"| {r['name']} | {r['optimizer']} | {r['workers']} | {100 * acc:.2f}% | "
+                     f"{loss:.4f} | {r['wall_time_s']:.1f} | {r.get('cpu_time_s', math.nan):.1f}"
+                     f" | {r['bytes_sent_per_step']:,.0f} | {r['bytes_received_per_step']:,.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(configs: list[TrainConfig], out: Path, *, progress: bool = True,
+            data_dir: str | None = None, checks: list[dict[str, Any]] | None = None
+            ) -> list[dict[str, Any]]:
+    """Validate every run (and the data) first, then train them in order; return their
+    summaries (see :func:`signsgd.train.train`).
+
+    Run ``NAME`` writes to ``out/SLUG-OF-NAME``; then ``out/table.md`` (with the PASS/FAIL
+    lines of ``checks``, from :func:`parse_checks`), ``out/table.json`` and ``out/compare.png``
+    are written. ``data_dir`` (if given) overrides every run's.
+
+    Example:
+        >>> compare(parse_compare(DEFAULT_COMPARE), Path("runs/demo"))  # doctest: +SKIP
+    """
+    from signsgd.data import load
+    from signsgd.train import train
+
+    out, prepared = Path(out), []
+    for c in configs:
+        slug = re.sub(r"[^a-z0-9]+", "-", c.name.lower()).strip("-") or "run"
+        prepared.append(validate(dataclasses.replace(
+            c, out=str(out / slug), progress=progress,
+            data_dir=c.data_dir if data_dir is None else data_dir)))
+    sizes: dict[tuple[str, str | None], int] = {}
+    for c in prepared:  # every dataset found and every size checked before the first run
+        key = (c.data, c.data_dir)
+        if key not in sizes:
+            sizes[key] = len(load(c.data, c.data_dir)[0])
+        validate(c, n_train=sizes[key])
+    out.mkdir(parents=True, exist_ok=True)
+    summaries, t0 = [], time.perf_counter()
+    for i, c in enumerate(prepared):
+        print(f"[{i + 1}/{len(prepared)}] {c.name}: {c.optimizer}, {c.workers} worker(s), "
+              f"lr {c.lr}, batch {c.batch_size}/worker, {c.epochs} epochs", flush=True)
+        summaries.append(train(c))
+    total = time.perf_counter() - t0
+    table = format_table(summaries)
+    results = evaluate_checks(checks or [], summaries)
+    if results:
+        table += "\nQuality bar:\n\n" + "".join(f"- {line}\n" for _, line in results)
+    (out / "table.md").write_text(table)
+    (out / "table.json").write_text(json.dumps(
+        {"total_wall_time_s": total, "runs": [{k: v for k, v in s.items() if k != "params"}
+                                              for s in summaries]}, indent=2, default=str))
+    plot_overlay([(s["name"], read_metrics(Path(s["config"]["out"]) / "metrics.jsonl"))
+                  for s in summaries], out / "compare.png")
+    return summaries

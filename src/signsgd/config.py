@@ -1,0 +1,269 @@
+"""The configuration of one training run: :class:`TrainConfig`, its validation, its spellings.
+
+Each field of :class:`TrainConfig` carries its own metadata, and everything else is derived
+from it — ``signsgd train``'s options (:func:`add_arguments`, :func:`from_args`), the keys
+of a ``signsgd compare`` file (:data:`COMPARE_KEYS`), the checks of :func:`validate` and
+the fields a resumed run must share with its checkpoint — so a new option is one new field:
+
+* ``help`` — its ``--help`` text (``{choices}`` is replaced by the valid names);
+* ``choices`` — ``(names, what, plural)``: the value must be one of ``names``;
+* ``rule`` — ``(predicate, text)``: else ``--flag must be TEXT, got VALUE`` (a field whose
+  default is ``None`` may stay ``None``);
+* ``resume=False`` — may differ when resuming (every other field must match);
+* ``cli=False`` / ``compare=False`` — not an option of ``signsgd train`` / not a key of a
+  compare file; ``flag`` / ``metavar`` — its spelling when not ``--field-name``.
+
+Example:
+    >>> c = validate(TrainConfig(optimizer="adam"))
+    >>> c.lr, c.momentum, c.betas
+    (0.003, 0.9, None)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, get_args, get_origin, get_type_hints
+
+from signsgd import compression, registry
+from signsgd.data import DATASETS
+from signsgd.distributed.adversary import ATTACKS
+from signsgd.distributed.vote import MODES
+from signsgd.errors import ConfigError
+from signsgd.models import MODELS
+
+__all__ = ["OPTIMIZERS", "SCHEDULES", "COMPARE_KEYS", "TrainConfig", "validate",
+           "add_arguments", "from_args"]
+
+#: ``--optimizer`` names: :data:`signsgd.registry.METHODS`, the methods the trainer gained
+#: later (``lion``) listed last, so that the order of the listing stays as it was.
+OPTIMIZERS: tuple[str, ...] = tuple(sorted(registry.METHODS, key=lambda name: name == "lion"))
+#: Learning-rate schedules of ``--lr-schedule`` (applied per step).
+SCHEDULES: tuple[str, ...] = ("constant", "cosine", "step")
+
+Rule = tuple[Callable[[Any], bool], str]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _at_least(low: int) -> Rule:
+    return (lambda v: _is_int(v) and v >= low), f"an integer >= {low}"
+
+
+_FRACTION: Rule = (lambda v: _is_num(v) and 0 <= v < 1, "in [0, 1)")
+_BETAS: Rule = (lambda v: isinstance(v, tuple) and len(v) == 2 and all(map(_FRACTION[0], v)),
+                "two numbers in [0, 1)")
+
+
+def _option(default: Any, help: str, **meta: Any) -> Any:
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; each field is an option of ``signsgd train``.
+
+    ``lr`` / ``momentum`` ``None`` take the optimiser's defaults from
+    :data:`signsgd.registry.METHODS` (``momentum`` is β1 for the methods that take
+    ``betas``). ``ef-signsgd`` always uses the ``scaled-sign`` compressor. Integers given
+    for float fields become floats, lists for ``betas`` a tuple.
+
+    Example:
+        >>> TrainConfig(optimizer="lion", betas=[0.95, 0.98]).betas
+        (0.95, 0.98)
+    """
+
+    data: str = _option("fashion-mnist", "dataset: {choices} (default %(default)s)",
+                        choices=(DATASETS, "dataset", "datasets"))
+    model: str = _option("cnn", "{choices} (default %(default)s)",
+                         choices=(tuple(MODELS), "model", "models"))
+    optimizer: str = _option("signum", "{choices} (default %(default)s)",
+                             choices=(OPTIMIZERS, "optimizer", "optimizers"))
+    lr: float | None = _option(None, "learning rate (default: the tuned value of the optimiser)",
+                               rule=(lambda v: _is_num(v) and v > 0, "a finite number > 0"))
+    betas: tuple[float, float] | None = _option(
+        None, "(β1, β2) of adam, adamw and lion (default: β1 from --momentum, else 0.9, and the "
+        "optimiser's β2, as before this option existed)", rule=_BETAS, metavar=("B1", "B2"))
+    momentum: float | None = _option(
+        None, "momentum β (Signum, SGD, EF; β1 of Adam, AdamW and Lion when --betas is not "
+        "given); default per optimiser", rule=_FRACTION)
+    weight_decay: float = _option(0.0, "weight decay (default %(default)s)",
+                                  rule=(lambda v: _is_num(v) and v >= 0, "a finite number >= 0"))
+    batch_size: int = _option(128, "per worker", rule=_at_least(1))
+    epochs: int = _option(3, "epochs (default %(default)s)", rule=_at_least(1), resume=False)
+    lr_schedule: str = _option("constant", "{choices}",
+                               choices=(SCHEDULES, "lr schedule", "schedules"))
+    seed: int = _option(0, "random seed (default %(default)s)", rule=_at_least(0))
+    workers: int = _option(1, "local Gloo worker processes (under torchrun: its world size)",
+                           rule=_at_least(1))
+    vote: str = _option("sharded", "majority-vote mode: {choices}",
+                        choices=(MODES, "vote mode", "modes"))
+    adversaries: int = _option(0, "number of Byzantine workers (the last ranks)",
+                               rule=_at_least(0))
+    attack: str = _option("negate", "{choices}", choices=(ATTACKS, "attack", "attacks"))
+    compressor: str = _option(
+        "topk:0.1", f"efsgd's compressor: {', '.join(compression.SPECS)} (default %(default)s; "
+        "ef-signsgd always uses scaled-sign)")
+    out: str = _option("runs/train", "run directory (default %(default)s)", resume=False,
+                       compare=False)
+    data_dir: str | None = _option(
+        None, "folder holding the data (default: $SIGNSGD_DATA, else ./data; Fashion-MNIST "
+        "also /usr/share/datasets/fashion-mnist)", resume=False)
+    resume: bool = _option(False, "continue from OUT/checkpoint.pt, bit-identically",
+                           resume=False, compare=False)
+    train_subset: int | None = _option(None, "use only the first N training examples",
+                                       rule=_at_least(1))
+    validation: int = _option(0, "hold out the last N training examples and evaluate on them "
+                              "instead of the test set (for tuning)", rule=_at_least(0))
+    log_every: int = _option(20, "steps between log lines", rule=_at_least(1), resume=False)
+    density_every: int = _option(0, "log gradient/noise/curvature densities every N steps "
+                                 "(0: never)", rule=_at_least(0), resume=False)
+    threads: int | None = _option(None, "torch threads per worker (default: CPU cores // "
+                                  "workers)", rule=_at_least(1), resume=False)
+    timeout_s: float = _option(7 * 24 * 3600.0, "seconds a run of local workers may take "
+                               "before every worker is stopped (default: 7 days)",
+                               resume=False, flag="--timeout", metavar="SECONDS")
+    progress: bool = _option(True, "no progress bar", resume=False, compare=False,
+                             flag="--no-progress")
+    name: str = _option("", "the run's name in its summary (default: the optimiser's)",
+                        resume=False)
+    extra: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "free-form notes of the caller", "resume": False, "cli": False,
+        "compare": False})
+
+    def __post_init__(self) -> None:
+        for name, base in _BASES.items():
+            v = getattr(self, name)
+            if base is float and _is_int(v) or isinstance(v, list) and get_origin(base) is tuple:
+                setattr(self, name, (float if base is float else tuple)(v))
+
+    def resolved(self) -> TrainConfig:
+        """A copy with ``lr`` and ``momentum`` filled in from the optimiser's defaults.
+
+        Example:
+            >>> TrainConfig(optimizer="lion").resolved().momentum
+            0.9
+        """
+        c, d = dataclasses.replace(self), getattr(registry.METHODS.get(self.optimizer),
+                                                  "defaults", {"lr": None})
+        c.lr = d["lr"] if c.lr is None else c.lr
+        if c.momentum is None:
+            c.momentum = d.get("momentum", (c.betas or d.get("betas", (0.0,)))[0])
+        if c.optimizer == "ef-signsgd":
+            c.compressor = "scaled-sign"
+        return c
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-able dict.
+
+        Example:
+            >>> TrainConfig().to_dict()["optimizer"]
+            'signum'
+        """
+        return dataclasses.asdict(self)
+
+
+# The type of each field, ``X`` for ``X | None``.
+_BASES = {k: get_args(h)[0] if type(None) in get_args(h) else h
+          for k, h in get_type_hints(TrainConfig).items()}
+_ON_CLI = [f for f in fields(TrainConfig) if f.metadata.get("cli", True)]
+#: The keys a ``signsgd compare`` file may set (``[defaults]`` and ``[[run]]`` tables).
+COMPARE_KEYS: tuple[str, ...] = tuple(sorted(f.name for f in fields(TrainConfig)
+                                             if f.metadata.get("compare", True)))
+
+
+def _flag(f: dataclasses.Field[Any]) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def validate(cfg: TrainConfig, *, n_train: int | None = None) -> TrainConfig:
+    """Check every field of ``cfg`` and, given the data's ``n_train`` training examples,
+    the sizes; return the resolved config (:meth:`TrainConfig.resolved`).
+
+    Raises:
+        ConfigError: the message names the bad value and lists the valid ones.
+
+    Example:
+        >>> validate(TrainConfig(workers=0))
+        Traceback (most recent call last):
+        signsgd.errors.ConfigError: --workers must be an integer >= 1, got 0
+    """
+    c = cfg.resolved()
+    for f in fields(c):
+        v = getattr(c, f.name)
+        if "choices" in f.metadata and v not in f.metadata["choices"][0]:
+            names, what, plural = f.metadata["choices"]
+            raise ConfigError(f"unknown {what} {v!r}; valid {plural}: {', '.join(names)}")
+        rule = f.metadata.get("rule")
+        if rule and not (v is None and f.default is None) and not rule[0](v):
+            raise ConfigError(f"{_flag(f)} must be {rule[1]}, got {v!r}")
+    takes = registry.METHODS[c.optimizer].defaults
+    for key, given in (("betas", c.betas is not None), ("momentum", bool(c.momentum))):
+        if given and key not in takes and "betas" not in takes:
+            raise ConfigError(f"--{key}: optimizer {c.optimizer!r} takes no {key} (it takes "
+                              f"{', '.join(takes)}); leave --{key} out")
+    if c.betas is not None and c.momentum != c.betas[0]:
+        raise ConfigError(f"--momentum {c.momentum} disagrees with --betas {c.betas[0]} "
+                          f"{c.betas[1]} (--momentum is β1 of {c.optimizer}); give only one")
+    if c.adversaries > c.workers:
+        raise ConfigError(f"--adversaries {c.adversaries} is more than --workers {c.workers}; "
+                          "the adversaries are some of the workers")
+    if c.adversaries and c.workers == 1:
+        raise ConfigError(f"--adversaries {c.adversaries} needs --workers >= 2 (the adversaries "
+                          "are some of the workers, and a single worker does not communicate)")
+    if c.optimizer in ("efsgd", "ef-signsgd"):
+        compression.from_spec(c.compressor)
+    if n_train is not None:
+        n = (n_train if c.train_subset is None else min(n_train, c.train_subset)) - c.validation
+        if c.validation and n < 1:
+            raise ConfigError(f"--validation {c.validation} leaves no training examples (only "
+                              f"{n + c.validation} available)")
+        if c.workers > n:
+            raise ConfigError(f"--workers {c.workers} is more than the {n} training examples; "
+                              "every worker needs at least one example — use fewer workers")
+    return c
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add an option to ``parser`` for every field of :class:`TrainConfig` (``cli=False``
+    excepted); :func:`from_args` turns the parsed options back into a config.
+
+    Example:
+        >>> p = argparse.ArgumentParser()
+        >>> add_arguments(p)
+        >>> from_args(p.parse_args(["--betas", "0.9", "0.95", "--no-progress"])).betas
+        (0.9, 0.95)
+    """
+    for f in _ON_CLI:
+        meta, base = f.metadata, _BASES[f.name]
+        choices = meta.get("choices", ((),))[0]
+        kw: dict[str, Any] = {"dest": f.name, "default": f.default, "help": meta["help"].format(
+            choices=", ".join(choices[:-1]) + " or " + choices[-1] if choices else "")}
+        if base is bool:
+            kw["action"] = "store_false" if f.default else "store_true"
+        else:
+            kw.update(type=base, metavar=meta.get("metavar"))
+            if get_origin(base) is tuple:
+                kw.update(type=get_args(base)[0], nargs=len(get_args(base)))
+        parser.add_argument(_flag(f), **kw)
+
+
+def from_args(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` of options parsed by a parser built with :func:`add_arguments`.
+
+    Example:
+        >>> p = argparse.ArgumentParser()
+        >>> add_arguments(p)
+        >>> from_args(p.parse_args(["--lr", "1"])).lr
+        1.0
+    """
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in _ON_CLI})

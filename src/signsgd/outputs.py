@@ -1,0 +1,186 @@
+"""What runs write: ``metrics.jsonl`` records, JSON summaries and plots, each atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["write_atomic", "jsonable", "MetricsLog", "read_metrics", "plot_curves",
+           "plot_overlay"]
+
+
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it to ``path``
+    (readers see the old file or the new one, never half of one).
+
+    Example:
+        >>> import tempfile
+        >>> p = write_atomic(Path(tempfile.mkdtemp()) / "a.txt", lambda t: t.write_text("hi"))
+        >>> p.read_text()
+        'hi'
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.{os.getpid()}{path.suffix}")
+    write(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with tensors and numpy values as plain JSON types, NaN and inf as ``None``,
+    anything else unknown as its ``repr``.
+
+    Example:
+        >>> jsonable({"a": torch.tensor(2.0), "b": (float("nan"), np.int64(3))})
+        {'a': 2.0, 'b': [None, 3]}
+    """
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if isinstance(obj, (np.generic, np.ndarray)):
+        return obj.tolist()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return repr(obj)
+
+
+class MetricsLog:
+    """The records of a run, kept in ``records`` and appended to a ``metrics.jsonl`` file
+    (its folder created) that starts with ``records`` (those of a resumed run's checkpoint).
+
+    Example:
+        >>> import tempfile
+        >>> log = MetricsLog(Path(tempfile.mkdtemp()) / "m.jsonl", [{"kind": "epoch"}])
+        >>> log.write({"kind": "step"}); log.close()
+        >>> [r["kind"] for r in read_metrics(log.path)]
+        ['epoch', 'step']
+    """
+
+    def __init__(self, path: Path, records: Iterable[dict[str, Any]] = ()) -> None:
+        self.path, self.records = Path(path), list(records)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.path, lambda tmp: tmp.write_text(
+            "".join(json.dumps(r) + "\n" for r in self.records)))
+        self._file = open(self.path, "a")  # noqa: SIM115 - closed by close()
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Keep ``record`` and append it to the file (flushed)."""
+        self.records.append(record)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        """Close the file."""
+        self._file.close()
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file, in order.
+
+    Example:
+        >>> import tempfile
+        >>> p = write_atomic(Path(tempfile.mkdtemp()) / "m.jsonl", lambda t: t.write_text(
+        ...     '{"kind": "epoch", "epoch": 1}\\n\\n'))
+        >>> read_metrics(p)
+        [{'kind': 'epoch', 'epoch': 1}]
+    """
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _series(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    steps = [m for m in metrics if m["kind"] == "step"]
+    epochs = [m for m in metrics if m["kind"] == "epoch"]
+    ev = "test" if any("test_accuracy" in m for m in epochs) else "val"
+    return {
+        "step": [m["step"] for m in steps], "step_epoch": [m["epoch"] for m in steps],
+        "step_time": [m["time_s"] for m in steps], "loss": [m["loss"] for m in steps],
+        "acc": [m["accuracy"] for m in steps],
+        "ep": [m["epoch"] for m in epochs], "ep_step": [m["step"] for m in epochs],
+        "ep_time": [m["time_s"] for m in epochs],
+        "ev_loss": [m[f"{ev}_loss"] for m in epochs],
+        "ev_acc": [m[f"{ev}_accuracy"] for m in epochs], "ev": ev,
+    }
+
+
+def _figure(*size: float) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(2, 2, figsize=size)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_curves(metrics: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Plot one run's loss and accuracy against steps (top) and wall time (bottom): train
+    lines, held-out dots; write ``path`` (PNG) and return it.
+
+    Example:
+        >>> import tempfile
+        >>> plot_curves([], Path(tempfile.mkdtemp()) / "curves.png").name
+        'curves.png'
+    """
+    s = _series(metrics)
+    fig, axes = _figure(10, 7)
+    for row, (xs, xe, label) in enumerate(((s["step"], s["ep_step"], "step"),
+                                           (s["step_time"], s["ep_time"], "wall time (s)"))):
+        ax_l, ax_a = axes[row]
+        for ax, train_y, eval_y, name in ((ax_l, s["loss"], s["ev_loss"], "loss"),
+                                          (ax_a, s["acc"], s["ev_acc"], "accuracy")):
+            ax.plot(xs, train_y, label="train (running)")
+            ax.plot(xe, eval_y, "o-", label=s["ev"])
+            ax.set(xlabel=label, ylabel=name)
+            ax.grid(alpha=0.3)
+            ax.legend()
+        ax_l.set_yscale("log")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_overlay(runs: list[tuple[str, list[dict[str, Any]]]], path: Path) -> Path:
+    """Plot several runs' ``(name, metrics)`` on one figure (``signsgd compare``): train
+    loss and held-out accuracy against epochs (top) and wall time (bottom); write ``path``.
+
+    Example:
+        >>> import tempfile
+        >>> plot_overlay([("a", []), ("b", [])], Path(tempfile.mkdtemp()) / "o.png").name
+        'o.png'
+    """
+    fig, axes = _figure(11, 8)
+    for name, metrics in runs:
+        s = _series(metrics)
+        (line,) = axes[0][0].plot(s["step_epoch"], s["loss"], label=name, alpha=0.8)
+        axes[0][1].plot(s["ep"], s["ev_acc"], "o-", color=line.get_color(), label=name)
+        axes[1][0].plot(s["step_time"], s["loss"], color=line.get_color(), label=name,
+                        alpha=0.8)
+        axes[1][1].plot(s["ep_time"], s["ev_acc"], "o-", color=line.get_color(), label=name)
+    axes[0][0].set(xlabel="epoch", ylabel="train loss (running)", yscale="log")
+    axes[0][1].set(xlabel="epoch", ylabel="held-out accuracy")
+    axes[1][0].set(xlabel="wall time (s)", ylabel="train loss (running)", yscale="log")
+    axes[1][1].set(xlabel="wall time (s)", ylabel="held-out accuracy")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
