@@ -40,7 +40,7 @@ __all__ = ["OPTIMIZERS", "SCHEDULES", "COMPARE_KEYS", "TrainConfig", "validate",
 
 #: ``--optimizer`` names: :data:`signsgd.registry.METHODS`, the methods the trainer gained
 #: later (``lion``) listed last, so that the order of the listing stays as it was.
-OPTIMIZERS: tuple[str, ...] = tuple(sorted(registry.METHODS, key=lambda name: name == "lion"))
+OPTIMIZERS: tuple[str, ...] = tuple(registry.METHODS)
 #: Learning-rate schedules of ``--lr-schedule`` (applied per step).
 SCHEDULES: tuple[str, ...] = ("constant", "cosine", "step")
 

@@ -9,12 +9,12 @@ name           optimiser                                      with ``world_size 
 =============  =============================================  ==============================
 ``signsgd``    :class:`signsgd.SignSGD`                       :class:`MajorityVote`
 ``signum``     :class:`signsgd.Signum`                        :class:`MajorityVote`
-``lion``       :class:`signsgd.Lion`                          :class:`MajorityVote`
 ``ef-signsgd`` :class:`signsgd.EFSGD` (``ScaledSign``)        :class:`ErrorFeedbackAllReduce`
 ``efsgd``      :class:`signsgd.EFSGD` (any compressor)        :class:`ErrorFeedbackAllReduce`
 ``sgd``        ``torch.optim.SGD``                            :class:`AverageGradients` (fp32)
 ``adam``       ``torch.optim.Adam``                           :class:`AverageGradients` (fp32)
 ``adamw``      ``torch.optim.AdamW``                          :class:`AverageGradients` (fp32)
+``lion``       :class:`signsgd.Lion`                          :class:`MajorityVote`
 =============  =============================================  ==============================
 
 The default learning rates were tuned on Fashion-MNIST with the small CNN
@@ -105,8 +105,6 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            {"lr": 1e-3, "weight_decay": 0.0}),
     Method("signum", "Signum: sign of momentum", _ours("Signum"), _vote,
            {"lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0}),
-    Method("lion", "Lion: sign of an interpolation of momentum and gradient", _ours("Lion"),
-           _vote, {"lr": 3e-4, "betas": (0.9, 0.99), "weight_decay": 0.0}),
     Method("ef-signsgd", "EF-signSGD: scaled sign with error feedback", _ef_signsgd,
            _error_feedback, {"lr": 0.3, "momentum": 0.0, "weight_decay": 0.0}),
     Method("efsgd", "EF-SGD with any compressor", _efsgd, _error_feedback,
@@ -117,6 +115,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            {"lr": 3e-3, "betas": (0.9, 0.999), "weight_decay": 0.0}, library=False),
     Method("adamw", "AdamW, decoupled weight decay (torch.optim.AdamW)", torch.optim.AdamW,
            _mean, {"lr": 3e-3, "betas": (0.9, 0.999), "weight_decay": 0.0}, library=False),
+    Method("lion", "Lion: sign of an interpolation of momentum and gradient", _ours("Lion"),
+           _vote, {"lr": 3e-4, "betas": (0.9, 0.99), "weight_decay": 0.0}),
 )}
 
 

@@ -37,7 +37,7 @@ def test_a_killed_worker_is_named_first_with_its_signal(victim: int) -> None:
     assert err.cause == victim
     first = str(err).splitlines()[0]
     assert f"the cause: rank {victim}" in first, first
-    assert "killed by signal 9 (SIGKILL)" in first, first
+    assert "was killed by signal 9 (SIGKILL)" in first, first
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5])

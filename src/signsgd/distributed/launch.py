@@ -48,17 +48,15 @@ class WorkerError(RuntimeError):
         self.cause = cause
 
 
-def _exit_text(code: int | None) -> str:
-    """How a worker process ended, in words (a negative exit code is a signal)."""
-    if code is None:
-        return "still running"
-    if code < 0:
+def _exit_text(rank: int, code: int | None) -> str:
+    """How worker ``rank`` ended, in words (a negative exit code is a signal)."""
+    if code is not None and code < 0:
         try:
             name = signal.Signals(-code).name
         except ValueError:
             name = f"signal {-code}"
-        return f"killed by signal {-code} ({name})"
-    return f"exit code {code}"
+        return f"worker {rank} was killed by signal {-code} ({name}) without reporting"
+    return f"worker {rank} died with exit code {code} without reporting"
 
 
 def _last_line(text: str) -> str:
@@ -220,8 +218,7 @@ def spawn(
                         except queue.Empty:
                             pass
                         if rank not in outputs and rank not in failures:
-                            failures[rank] = (f"worker {rank} died without reporting: "
-                                              f"{_exit_text(p.exitcode)}")
+                            failures[rank] = _exit_text(rank, p.exitcode)
                             died.append(rank)
                 if failures and grace_deadline is None:
                     grace_deadline = time.monotonic() + 10.0
@@ -254,7 +251,7 @@ def spawn(
         for r, p in enumerate(procs):  # a late exit code: died without reporting after all
             if r not in died and failures.get(r, "").startswith(f"worker {r} did not finish") \
                     and p.exitcode not in (0, None) and p.exitcode != -signal.SIGTERM:
-                failures[r] = f"worker {r} died without reporting: {_exit_text(p.exitcode)}"
+                failures[r] = _exit_text(r, p.exitcode)
                 died.append(r)
         message, cause = _report(world_size, failures, died)
         raise WorkerError(message, failures, cause)
