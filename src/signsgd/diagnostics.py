@@ -45,6 +45,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from signsgd.functional import first_nonfinite
+
 __all__ = ["phi", "phi_linf", "Welford", "hutchinson_diagonal", "density"]
 
 
@@ -83,7 +85,7 @@ def phi(v: Tensor | Sequence[Tensor]) -> float:
     d = x.numel()
     if d == 0:
         raise ValueError("phi of an empty vector is undefined (d = 0)")
-    if not bool(torch.isfinite(x).all()):
+    if first_nonfinite([x]) is not None:
         raise ValueError("phi: the vector holds NaN or inf entries")
     l2sq = float((x * x).sum())
     if l2sq == 0.0:
@@ -116,7 +118,7 @@ def phi_linf(v: Tensor | Sequence[Tensor]) -> float:
     d = x.numel()
     if d == 0:
         raise ValueError("phi_linf of an empty vector is undefined (d = 0)")
-    if not bool(torch.isfinite(x).all()):
+    if first_nonfinite([x]) is not None:
         raise ValueError("phi_linf: the vector holds NaN or inf entries")
     top = float(x.abs().max())
     if top == 0.0:
