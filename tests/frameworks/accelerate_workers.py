@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, TensorDataset
@@ -69,7 +69,8 @@ def by_hand(model: nn.Module, opt: Any, batches: list[Any], ddp: DDP | None) -> 
 
 
 def cases(rank: int, world: int) -> dict[str, Any]:
-    """Three recipes on one Accelerator (gradient accumulation over 2 micro-batches)."""
+    """Three recipes on one Accelerator (gradient accumulation over 2 micro-batches), and
+    the hook given through DistributedDataParallelKwargs."""
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=ACCUMULATE)
     out: dict[str, Any] = {
         "distributed_type": str(accelerator.distributed_type),
@@ -114,4 +115,13 @@ def cases(rank: int, world: int) -> dict[str, Any]:
                                 aggregator=MajorityVote()), mine, None)
     out["voted"] = {"accelerate": params(model), "plain": params(ref),
                     "momentum_buffers": len(voted.state)}
+
+    # 4. DistributedDataParallelKwargs(comm_hook=our hook): accepted, then not registered
+    #    (accelerate maps only its DDPCommunicationHookType names to hooks).
+    handler = DistributedDataParallelKwargs(comm_hook=majority_vote_hook)
+    ddp = Accelerator(cpu=True, kwargs_handlers=[handler]).prepare(net())
+    x, y = mine[0]
+    nn.functional.mse_loss(ddp(x), y).backward()
+    out["kwargs_hook_voted"] = all(set(p.grad.unique().tolist()) <= {-1.0, 1.0}
+                                   for p in ddp.parameters())
     return out

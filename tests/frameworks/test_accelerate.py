@@ -43,3 +43,10 @@ def test_recipe_equals_plain_torch_and_is_identical_on_every_rank(ranks, recipe)
         assert all(res["hook"]["hook_steps"] == W.STEPS for res in ranks)
     if recipe == "voted":  # Signum's own momentum, one buffer per parameter
         assert all(res["voted"]["momentum_buffers"] == 4 for res in ranks)
+
+
+def test_ddp_kwargs_comm_hook_is_silently_ignored(ranks):
+    # accelerate 1.15 registers only its own DDPCommunicationHookType hooks; a function is
+    # accepted and dropped, so the gradients are DDP's mean, not ±1 votes. If this starts
+    # failing, accelerate changed: update docs/frameworks.md.
+    assert [res["kwargs_hook_voted"] for res in ranks] == [False, False]
