@@ -35,7 +35,8 @@ MODULES = ["signsgd", "signsgd.functional", "signsgd.optim", "signsgd.compressio
            "signsgd.distributed.reducer", "signsgd.distributed.vote",
            "signsgd.distributed.error_feedback", "signsgd.distributed.header",
            "signsgd.distributed.random_bits", "signsgd.distributed.engine",
-           "signsgd.distributed.average"]
+           "signsgd.distributed.average", "signsgd.distributed.local_steps",
+           "signsgd.tasks", "signsgd.text", "signsgd.transformer"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -5,7 +5,10 @@ a ``[defaults]`` table with any :data:`signsgd.config.COMPARE_KEYS` (underscore 
 spelling), one ``[[run]]`` table (or ``run`` array entry) per run, each with a ``name`` and
 its options, and optional checks, printed as PASS/FAIL under the table: ``run`` with
 ``min_accuracy`` (a fraction), or ``run``, ``reference`` and ``max_gap`` (the run's accuracy
-may be at most ``max_gap`` below the reference's).
+may be at most ``max_gap`` below the reference's); for language models ``run`` with
+``max_loss`` (nats per character), or ``run``, ``reference`` and ``max_loss_gap`` (the
+run's validation loss may be at most that much above the reference's). Each run writes to
+``OUT/SLUG-OF-ITS-NAME``, replacing what an earlier compare left there.
 """
 
 from __future__ import annotations
@@ -107,6 +110,10 @@ def parse_compare(text: str, source: str = "<built-in default>") -> list[TrainCo
     return configs
 
 
+_CHECKS = ({"run", "min_accuracy"}, {"run", "reference", "max_gap"}, {"run", "max_loss"},
+           {"run", "reference", "max_loss_gap"})
+
+
 def parse_checks(text: str, source: str = "<built-in default>") -> list[dict[str, Any]]:
     """The ``[[check]]`` tables of a compare document, validated against its run names.
 
@@ -123,9 +130,10 @@ def parse_checks(text: str, source: str = "<built-in default>") -> list[dict[str
     if not isinstance(checks, list):
         raise ConfigError(f"{source}: 'check' must be an array of tables ([[check]])")
     for i, ch in enumerate(checks):
-        if set(ch) not in ({"run", "min_accuracy"}, {"run", "reference", "max_gap"}):
+        if set(ch) not in _CHECKS:
             raise ConfigError(f"{source}: check {i + 1} has keys {sorted(ch)}; use run + "
-                              "min_accuracy, or run + reference + max_gap")
+                              "min_accuracy, run + reference + max_gap, run + max_loss, or "
+                              "run + reference + max_loss_gap")
         for key in ("run", "reference"):
             if key in ch and ch[key] not in names:
                 raise ConfigError(f"{source}: check {i + 1}: no run named {ch[key]!r} "
@@ -144,10 +152,21 @@ def evaluate_checks(checks: list[dict[str, Any]], summaries: list[dict[str, Any]
     """
     ev = "test" if all("test_accuracy" in r for r in summaries) else "val"
     acc = {r["name"]: r[f"{ev}_accuracy"] for r in summaries}
+    loss = {r["name"]: r.get(f"{ev}_loss") for r in summaries}
     out = []
     for ch in checks:
         a = acc[ch["run"]]
-        if "min_accuracy" in ch:
+        if "max_loss" in ch or "max_loss_gap" in ch:
+            la = loss[ch["run"]]
+            if "max_loss" in ch:
+                ok = la <= ch["max_loss"]
+                line = f"{ch['run']}: {ev} loss {la:.4f} <= {ch['max_loss']:.4f}"
+            else:
+                lb = loss[ch["reference"]]
+                ok = la <= lb + ch["max_loss_gap"] + 1e-12
+                line = (f"{ch['run']} ({la:.4f}) within {ch['max_loss_gap']:.3f} nats/char of "
+                        f"{ch['reference']} ({lb:.4f}): gap {la - lb:+.4f}")
+        elif "min_accuracy" in ch:
             ok = a >= ch["min_accuracy"]
             line = f"{ch['run']}: {100 * a:.2f}% >= {100 * ch['min_accuracy']:.2f}%"
         else:
@@ -168,6 +187,16 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         ...     "bytes_sent_per_step": 0, "bytes_received_per_step": 0}]).splitlines()[2])
         | a | sgd | 1 | 50.00% | 1.0000 | 2.0 | 3.0 | 0 | 0 |
     """
+    if all("val_bpc" in r for r in rows):
+        lines = ["| run | optimiser | workers | steps | val loss (nats/char) | bits/char "
+                 "| wall time (s) | CPU time (s) | bytes sent / worker / step "
+                 "| bytes received / worker / step |",
+                 "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['name']} | {r['optimizer']} | {r['workers']} | {r['steps']} | "
+                  f"{r['val_loss']:.4f} | {r['val_bpc']:.3f} | {r['wall_time_s']:.1f} | "
+                  f"{r.get('cpu_time_s', math.nan):.1f} | {r['bytes_sent_per_step']:,.0f} | "
+                  f"{r['bytes_received_per_step']:,.0f} |" for r in rows]
+        return "\n".join(lines) + "\n"
     ev = "test" if all("test_accuracy" in r for r in rows) else "val"
     head = (f"| run | optimiser | workers | {ev} accuracy | {ev} loss | wall time (s) "
             "| CPU time (s) | bytes sent / worker / step | bytes received / worker / step |")
@@ -194,26 +223,28 @@ def compare(configs: list[TrainConfig], out: Path, *, progress: bool = True,
     Example:
         >>> compare(parse_compare(DEFAULT_COMPARE), Path("runs/demo"))  # doctest: +SKIP
     """
-    from signsgd.data import load
+    from signsgd.tasks import ImageClassification, make_task
     from signsgd.train import train
 
     out, prepared = Path(out), []
     for c in configs:
         slug = re.sub(r"[^a-z0-9]+", "-", c.name.lower()).strip("-") or "run"
         prepared.append(validate(dataclasses.replace(
-            c, out=str(out / slug), progress=progress,
+            c, out=str(out / slug), progress=progress, overwrite=True,
             data_dir=c.data_dir if data_dir is None else data_dir)))
-    sizes: dict[tuple[str, str | None], int] = {}
+    tasks: dict[tuple[str, str | None], Any] = {}
     for c in prepared:  # every dataset found and every size checked before the first run
         key = (c.data, c.data_dir)
-        if key not in sizes:
-            sizes[key] = len(load(c.data, c.data_dir)[0])
-        validate(c, n_train=sizes[key])
+        if key not in tasks:
+            tasks[key] = make_task(c)
+        if isinstance(tasks[key], ImageClassification):
+            validate(c, n_train=len(tasks[key].train_ds) + (c.validation or 0))
     out.mkdir(parents=True, exist_ok=True)
     summaries, t0 = [], time.perf_counter()
     for i, c in enumerate(prepared):
+        budget = f"{c.steps} steps" if c.steps else f"{c.epochs} epochs"
         print(f"[{i + 1}/{len(prepared)}] {c.name}: {c.optimizer}, {c.workers} worker(s), "
-              f"lr {c.lr}, batch {c.batch_size}/worker, {c.epochs} epochs", flush=True)
+              f"lr {c.lr}, batch {c.batch_size}/worker, {budget}", flush=True)
         summaries.append(train(c))
     total = time.perf_counter() - t0
     table = format_table(summaries)

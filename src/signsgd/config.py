@@ -34,6 +34,8 @@ from signsgd.distributed.adversary import ATTACKS
 from signsgd.distributed.vote import MODES
 from signsgd.errors import ConfigError
 from signsgd.models import MODELS
+from signsgd.tasks import is_text
+from signsgd.transformer import SIZES
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "COMPARE_KEYS", "TrainConfig", "validate",
            "add_arguments", "from_args"]
@@ -41,8 +43,16 @@ __all__ = ["OPTIMIZERS", "SCHEDULES", "COMPARE_KEYS", "TrainConfig", "validate",
 #: ``--optimizer`` names: :data:`signsgd.registry.METHODS`, the methods the trainer gained
 #: later (``lion``) listed last, so that the order of the listing stays as it was.
 OPTIMIZERS: tuple[str, ...] = tuple(registry.METHODS)
-#: Learning-rate schedules of ``--lr-schedule`` (applied per step).
+#: Learning-rate schedules of ``--lr-schedule`` (applied per step, after the warm-up).
 SCHEDULES: tuple[str, ...] = ("constant", "cosine", "step")
+#: ``--data`` names: image datasets, Shakespeare's works, and ``text:PATH``.
+DATA: tuple[str, ...] = (*DATASETS, "shakespeare", "text:PATH")
+#: ``--model`` names: image models and the named sizes of the language model.
+MODEL_NAMES: tuple[str, ...] = (*MODELS, *SIZES)
+OUTER_REDUCERS: tuple[str, ...] = ("vote", "ef")
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+BACKENDS: tuple[str, ...] = ("auto", "gloo", "nccl")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 Rule = tuple[Callable[[Any], bool], str]
 
@@ -82,10 +92,10 @@ class TrainConfig:
         (0.95, 0.98)
     """
 
-    data: str = _option("fashion-mnist", "dataset: {choices} (default %(default)s)",
-                        choices=(DATASETS, "dataset", "datasets"))
-    model: str = _option("cnn", "{choices} (default %(default)s)",
-                         choices=(tuple(MODELS), "model", "models"))
+    data: str = _option("fashion-mnist", "dataset: {choices} (any UTF-8 text file; default "
+                        "%(default)s)", choices=(DATA, "dataset", "datasets"))
+    model: str = _option("cnn", "{choices} (gpt sizes for text data; default %(default)s)",
+                         choices=(MODEL_NAMES, "model", "models"))
     optimizer: str = _option("signum", "{choices} (default %(default)s)",
                              choices=(OPTIMIZERS, "optimizer", "optimizers"))
     lr: float | None = _option(None, "learning rate (default: the tuned value of the optimiser)",
@@ -98,10 +108,44 @@ class TrainConfig:
         "given); default per optimiser", rule=_FRACTION)
     weight_decay: float = _option(0.0, "weight decay (default %(default)s)",
                                   rule=(lambda v: _is_num(v) and v >= 0, "a finite number >= 0"))
-    batch_size: int = _option(128, "per worker", rule=_at_least(1))
-    epochs: int = _option(3, "epochs (default %(default)s)", rule=_at_least(1), resume=False)
+    batch_size: int = _option(128, "per worker (text: sequences per worker)",
+                              rule=_at_least(1))
+    epochs: int = _option(3, "epochs of image data (default %(default)s)", rule=_at_least(1),
+                          resume=False)
+    steps: int | None = _option(None, "the step budget (default: --epochs of image data; 1000 "
+                                "steps of text)", rule=_at_least(1), resume=False)
     lr_schedule: str = _option("constant", "{choices}",
                                choices=(SCHEDULES, "lr schedule", "schedules"))
+    warmup_steps: int = _option(0, "linear learning-rate warm-up over the first N steps, "
+                                "then --lr-schedule", rule=_at_least(0))
+    grad_clip: float = _option(0.0, "clip each worker's gradient to this global norm before "
+                               "the step (0: off)", rule=(lambda v: _is_num(v) and v >= 0,
+                                                          "a finite number >= 0"))
+    eval_every: int | None = _option(None, "evaluate (and checkpoint) every N steps "
+                                     "(default: every epoch of image data; 10 times per text "
+                                     "run)", rule=_at_least(1), resume=False)
+    eval_batches: int = _option(20, "text: validation batches per evaluation (fixed, the same "
+                                "every time)", rule=_at_least(1))
+    checkpoint_every: int = _option(0, "also checkpoint every N steps (0: at evaluations only)",
+                                    rule=_at_least(0), resume=False)
+    n_layer: int | None = _option(None, "gpt: transformer blocks (default: the size's)",
+                                  rule=_at_least(1))
+    n_head: int | None = _option(None, "gpt: attention heads (default: the size's)",
+                                 rule=_at_least(1))
+    d_model: int | None = _option(None, "gpt: width (default: the size's)", rule=_at_least(1))
+    block_size: int | None = _option(None, "gpt: context length in characters (default: the "
+                                     "size's)", rule=_at_least(1))
+    sync_every: int = _option(1, "local steps: synchronise every H steps with a voted outer "
+                              "update of the pseudo-gradients (1: communicate every step)",
+                              rule=_at_least(1))
+    outer_lr: float | None = _option(None, "local steps: the outer (sign) step size (default: "
+                                     "--lr)", rule=(lambda v: _is_num(v) and v > 0,
+                                                    "a finite number > 0"))
+    outer_momentum: float = _option(0.0, "local steps: the outer momentum β on the reduced "
+                                    "update (default %(default)s)", rule=_FRACTION)
+    outer_reducer: str = _option("vote", "local steps: how pseudo-gradients travel: {choices} "
+                                 "(vote: 1 bit each way; ef: the EF all-reduce)",
+                                 choices=(OUTER_REDUCERS, "outer reducer", "outer reducers"))
     seed: int = _option(0, "random seed (default %(default)s)", rule=_at_least(0))
     workers: int = _option(1, "local Gloo worker processes (under torchrun: its world size)",
                            rule=_at_least(1))
@@ -129,9 +173,23 @@ class TrainConfig:
                                  "(0: never)", rule=_at_least(0), resume=False)
     threads: int | None = _option(None, "torch threads per worker (default: CPU cores // "
                                   "workers)", rule=_at_least(1), resume=False)
-    timeout_s: float = _option(7 * 24 * 3600.0, "seconds a run of local workers may take "
-                               "before every worker is stopped (default: 7 days)",
+    device: str = _option("auto", "where each worker computes: {choices} (auto: CUDA when "
+                          "present)", choices=(DEVICES, "device", "devices"), resume=False)
+    backend: str = _option("auto", "process-group backend: {choices} (auto: NCCL for CUDA, "
+                           "Gloo for CPU)", choices=(BACKENDS, "backend", "backends"),
+                           resume=False)
+    precision: str = _option("fp32", "{choices} (bf16: autocast of the forward pass; weights, "
+                             "momentum and error buffers stay fp32)",
+                             choices=(PRECISIONS, "precision", "precisions"))
+    timeout_s: float = _option(300.0, "seconds a worker waits for the others in a collective "
+                               "before the run fails, naming the worker that did not arrive "
+                               "(the process group's timeout; default %(default)s)",
+                               rule=(lambda v: _is_num(v) and v > 0, "a finite number > 0"),
                                resume=False, flag="--timeout", metavar="SECONDS")
+    overwrite: bool = _option(False, "replace the outputs of an earlier run in --out",
+                              resume=False, compare=False)
+    force_workers: bool = _option(False, "start --workers even if the machine looks too "
+                                  "small for them", resume=False)
     progress: bool = _option(True, "no progress bar", resume=False, compare=False,
                              flag="--no-progress")
     name: str = _option("", "the run's name in its summary (default: the optimiser's)",
@@ -181,6 +239,13 @@ COMPARE_KEYS: tuple[str, ...] = tuple(sorted(f.name for f in fields(TrainConfig)
                                              if f.metadata.get("compare", True)))
 
 
+def _one_of(value: Any, names: tuple[str, ...]) -> bool:
+    """``value`` is one of ``names``; a name ``PREFIX:PATH`` admits any ``PREFIX:...``."""
+    return value in names or isinstance(value, str) and any(
+        n.endswith(":PATH") and value.startswith(n[:-4]) and len(value) > len(n) - 4
+        for n in names)
+
+
 def _flag(f: dataclasses.Field[Any]) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
@@ -200,7 +265,7 @@ def validate(cfg: TrainConfig, *, n_train: int | None = None) -> TrainConfig:
     c = cfg.resolved()
     for f in fields(c):
         v = getattr(c, f.name)
-        if "choices" in f.metadata and v not in f.metadata["choices"][0]:
+        if "choices" in f.metadata and not _one_of(v, f.metadata["choices"][0]):
             names, what, plural = f.metadata["choices"]
             raise ConfigError(f"unknown {what} {v!r}; valid {plural}: {', '.join(names)}")
         rule = f.metadata.get("rule")
@@ -222,6 +287,17 @@ def validate(cfg: TrainConfig, *, n_train: int | None = None) -> TrainConfig:
                           "are some of the workers, and a single worker does not communicate)")
     if c.optimizer in ("efsgd", "ef-signsgd"):
         compression.from_spec(c.compressor)
+    text, lm = is_text(c.data), c.model in SIZES
+    if text != lm:
+        raise ConfigError(
+            f"--model {c.model} does not fit --data {c.data}: text data trains a language "
+            f"model ({', '.join(SIZES)}), image data an image model ({', '.join(MODELS)})")
+    if c.resume and c.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: --resume continues "
+                          "the run in --out, --overwrite starts it again")
+    if c.sync_every > 1 and c.workers == 1:
+        raise ConfigError(f"--sync-every {c.sync_every} needs --workers >= 2 (local steps "
+                          "between synchronisations of several workers)")
     if n_train is not None:
         n = (n_train if c.train_subset is None else min(n_train, c.train_subset)) - c.validation
         if c.validation and n < 1:

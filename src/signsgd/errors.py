@@ -9,6 +9,7 @@ When the ranks of one step disagree (layouts, steps, seeds, configurations,
 hyper-parameters) every rank raises a plain ``ValueError`` naming each rank's values.
 * :class:`DataError` — a dataset is missing, corrupt or unknown.
 * :class:`CheckpointError` — a checkpoint that cannot be trusted or resumed from.
+* :class:`OutputError` — a run's outputs cannot be written where they were asked to go.
 
 Example:
     >>> from signsgd.errors import NonFiniteGradientError
@@ -24,6 +25,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "CheckpointError",
+    "OutputError",
 ]
 
 
@@ -45,3 +47,7 @@ class DataError(RuntimeError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed from (damaged, or from a different run)."""
+
+
+class OutputError(OSError):
+    """The run directory cannot take the run's outputs (a file, read-only, full, occupied)."""

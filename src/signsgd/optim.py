@@ -202,6 +202,16 @@ class StagedOptimizer(Optimizer):
         return None
 
     @property
+    def bytes_sent(self) -> int:
+        """Payload bytes this rank sent in the last step (0 without an aggregator)."""
+        return 0 if self.aggregator is None else int(self.aggregator.bytes_sent)
+
+    @property
+    def bytes_received(self) -> int:
+        """Payload bytes this rank received in the last step (0 without an aggregator)."""
+        return 0 if self.aggregator is None else int(self.aggregator.bytes_received)
+
+    @property
     def _workspace(self) -> Scratch:
         """Scratch buffers reused between steps (not state: never saved or pickled)."""
         ws = self.__dict__.get("_scratch")

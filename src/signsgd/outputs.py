@@ -12,8 +12,13 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["write_atomic", "jsonable", "MetricsLog", "read_metrics", "plot_curves",
+from signsgd.errors import OutputError
+
+__all__ = ["write_atomic", "check_out", "jsonable", "MetricsLog", "read_metrics", "plot_curves",
            "plot_overlay"]
+
+#: The files a run writes into its directory.
+RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "checkpoint.pt")
 
 
 def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
@@ -28,9 +33,51 @@ def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
     """
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp.{os.getpid()}{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError
+        tmp.unlink(missing_ok=True)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
+            "no space left on device" if "write" in str(exc).lower() else str(exc))
+        raise OutputError(f"cannot write {path}: {reason}; the previous version of the file, "
+                          "if any, is unchanged") from None
     return path
+
+
+def check_out(out: Path, *, overwrite: bool) -> None:
+    """Refuse a run directory that cannot take a new run, before anything starts: a file,
+    a folder that cannot be written, or one holding an earlier run (unless ``overwrite``,
+    which removes that run's files).
+
+    Raises:
+        OutputError: with the one-line reason and what to do.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp()); (d / "metrics.jsonl").write_text("")
+        0
+        >>> check_out(d, overwrite=False)
+        Traceback (most recent call last):
+        signsgd.errors.OutputError: ... an earlier run (metrics.jsonl); add --resume to ...
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file, not a directory; give a directory")
+    earlier = [name for name in RUN_FILES if (out / name).exists()]
+    if earlier and not overwrite:
+        raise OutputError(f"--out {out} holds an earlier run ({', '.join(earlier)}); add "
+                          "--resume to continue it or --overwrite to replace it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test.{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"--out {out} cannot be written ({exc.strerror or exc}); give a "
+                          "directory you can write to") from None
+    for name in earlier:
+        (out / name).unlink()
 
 
 def jsonable(obj: Any) -> Any:
@@ -133,15 +180,40 @@ def _save(fig: Any, path: Path) -> Path:
     return Path(path)
 
 
+def _plot_lm(runs: list[tuple[str, list[dict[str, Any]]]], path: Path, title: str) -> Path:
+    """Validation loss against steps, wall time and bytes sent per worker, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for name, metrics in runs:
+        evals = [m for m in metrics if m["kind"] == "eval"]
+        for ax, key in zip(axes, ("step", "time_s", "bytes_sent_total")):
+            ax.plot([m[key] for m in evals], [m["val_loss"] for m in evals], "o-", ms=3,
+                    label=name)
+    for ax, label in zip(axes, ("step", "wall time (s)", "bytes sent per worker")):
+        ax.set(xlabel=label, ylabel="validation loss (nats/char)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[2].set_xscale("symlog")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 def plot_curves(metrics: list[dict[str, Any]], path: Path, title: str = "") -> Path:
     """Plot one run's loss and accuracy against steps (top) and wall time (bottom): train
-    lines, held-out dots; write ``path`` (PNG) and return it.
+    lines, held-out dots (a language model: validation loss against steps, wall time and
+    bytes sent); write ``path`` (PNG) and return it.
 
     Example:
         >>> import tempfile
         >>> plot_curves([], Path(tempfile.mkdtemp()) / "curves.png").name
         'curves.png'
     """
+    if any(m["kind"] == "eval" for m in metrics):
+        return _plot_lm([("validation", metrics)], path, title)
     s = _series(metrics)
     fig, axes = _figure(10, 7)
     for row, (xs, xe, label) in enumerate(((s["step"], s["ep_step"], "step"),
@@ -168,6 +240,8 @@ def plot_overlay(runs: list[tuple[str, list[dict[str, Any]]]], path: Path) -> Pa
         >>> plot_overlay([("a", []), ("b", [])], Path(tempfile.mkdtemp()) / "o.png").name
         'o.png'
     """
+    if runs and all(any(m["kind"] == "eval" for m in ms) for _, ms in runs):
+        return _plot_lm(runs, path, "")
     fig, axes = _figure(11, 8)
     for name, metrics in runs:
         s = _series(metrics)

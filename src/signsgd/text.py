@@ -20,8 +20,8 @@ fixed, evenly spaced set of windows.
 
 Example:
     >>> corpus = Corpus.from_texts(["to be or not to be"], ["to bee"])
-    >>> corpus.vocab_size, corpus.decode(corpus.encode("bet"))
-    (7, 'bet')
+    >>> corpus.vocab_size, corpus.decode(corpus.encode("bet"))   # t, o, ' ', b, e, r, n + 1
+    (8, 'bet')
     >>> x, y = corpus.batch(batch_size=2, block=4, seed=0, rank=0, step=0)
     >>> x.shape, bool((x[:, 1:] == y[:, :-1]).all())
     (torch.Size([2, 4]), True)
@@ -66,6 +66,11 @@ def locate_shakespeare(data_dir: str | os.PathLike[str] | None = None) -> Path:
 
     Raises:
         DataError: not found (the message lists where it looked and how to get it).
+
+    Example:
+        >>> locate_shakespeare("/nonexistent")   # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        signsgd.errors.DataError: dataset 'shakespeare' not found (looked in: ...
     """
     roots = [Path(data_dir)] if data_dir is not None else (
         [Path(os.environ["SIGNSGD_DATA"])] if os.environ.get("SIGNSGD_DATA") else [Path("data")])
@@ -99,7 +104,13 @@ def _read(path: Path) -> str:
 
 @dataclass
 class Corpus:
-    """A character-level corpus: the vocabulary and the train / validation id streams."""
+    """A character-level corpus: the vocabulary and the train / validation id streams.
+
+    Example:
+        >>> c = Corpus.from_texts(["abcab"], ["abz"])
+        >>> c.chars, c.val.tolist()   # "z" never occurs in training: id 0
+        (['a', 'b', 'c'], [1, 2, 0])
+    """
 
     name: str
     chars: list[str]   # the vocabulary: id i + 1 is chars[i]; id 0 is UNSEEN
@@ -176,6 +187,13 @@ def load_text(spec: str, data_dir: str | os.PathLike[str] | None = None, *,
 
     Raises:
         DataError: the data is missing, not UTF-8, binary, empty or too short.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "t.txt"; _ = path.write_text("ab" * 50)
+        >>> c = load_text(f"text:{path}")
+        >>> c.train.numel(), c.val.numel()
+        (90, 10)
     """
     if split not in ("validation", "tuning"):
         raise DataError(f"unknown split {split!r}; use 'validation' or 'tuning'")

@@ -3,16 +3,22 @@
 :func:`train` validates a :class:`~signsgd.config.TrainConfig` before anything starts, then
 trains in one process, in ``workers`` local Gloo processes
 (:func:`signsgd.distributed.launch.spawn`) or, when ``RANK``, ``WORLD_SIZE`` and
-``MASTER_ADDR`` are set, in the Gloo group ``torchrun`` started (on CPU). Each worker reads
-its own shard of the training set (:func:`signsgd.data.shard_indices`, seeded with
-``seed + epoch``; ``batch_size`` per worker; no augmentation); batch-norm statistics stay
-per worker until rank 0's are broadcast at the end of each epoch. Optimisers come from
-:func:`signsgd.registry.build`. ``out`` receives ``metrics.jsonl`` (``"step"`` records every
-``log_every`` steps: loss and accuracy over the workers' batches since the last one,
-samples/s, bytes; ``"epoch"`` records: train and held-out loss and accuracy; ``"density"``
-when asked), ``summary.json``, ``curves.png`` and, after every epoch, ``checkpoint.pt``
-(``resume=True`` continues from it bit-identically). ``SIGNSGD_INJECT_FAULT=RANK:STEP``
-makes worker ``RANK`` raise at global step ``STEP`` (tests of crashes).
+``MASTER_ADDR`` are set, in the process group ``torchrun`` started. What is learned comes
+from :mod:`signsgd.tasks` (image classification, or a character-level language model);
+the optimiser from :func:`signsgd.registry.build` (wrapped in
+:class:`~signsgd.distributed.LocalSteps` when ``sync_every > 1``). The loop is counted in
+steps: rank ``r``'s batch of step ``s`` is a pure function of ``(seed, r, s)``, so a run
+resumed at any checkpointed step continues bit-identically. Batch-norm statistics stay
+per worker until rank 0's are broadcast before each evaluation.
+
+``out`` receives ``metrics.jsonl`` (``"step"`` records every ``log_every`` steps: loss and
+accuracy over the workers' batches since the last one, samples/s, bytes and the
+communication statistics of the reducer; ``"epoch"`` records of image runs and ``"eval"``
+records of text runs with the held-out metrics; ``"density"`` when asked),
+``summary.json``, ``curves.png`` and ``checkpoint.pt`` (at every evaluation and every
+``checkpoint_every`` steps; each rank's part carries its own sha256).
+``SIGNSGD_INJECT_FAULT=RANK:STEP`` makes worker ``RANK`` raise at global step ``STEP``, and
+``RANK:STEP:stall`` makes it stop progressing there (tests of crashes and stalls).
 
 Example:
     >>> from signsgd.config import TrainConfig
@@ -28,21 +34,23 @@ import os
 import random
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from signsgd import checkpoint, registry
 from signsgd.config import TrainConfig, validate
-from signsgd.data import Dataset, epoch_batches, load, shard_indices
+from signsgd.distributed import launch
 from signsgd.errors import ConfigError
-from signsgd.models import build, count_parameters
-from signsgd.outputs import MetricsLog, jsonable, plot_curves, write_atomic
+from signsgd.models import count_parameters
+from signsgd.outputs import MetricsLog, check_out, jsonable, plot_curves, write_atomic
+from signsgd.tasks import ImageClassification, Task, make_task
 
 __all__ = ["train"]
 
@@ -59,17 +67,41 @@ def _make_optimizer(c: TrainConfig, model: nn.Module, rank: int, world: int
     hp = {"lr": float(c.lr), "weight_decay": float(c.weight_decay),  # type: ignore[arg-type]
           "momentum": float(c.momentum), "compressor": c.compressor,  # type: ignore[arg-type]
           "betas": tuple(map(float, c.betas or (c.momentum, takes.get("betas", (0, 0))[1])))}
-    return registry.build(c.optimizer, list(model.parameters()), world_size=world,
-                          adversary=adversary, vote=c.vote, seed=c.seed,
-                          **{k: v for k, v in hp.items() if k in takes})
+    hp = {k: v for k, v in hp.items() if k in takes}
+    if c.sync_every == 1:
+        return registry.build(c.optimizer, list(model.parameters()), world_size=world,
+                              adversary=adversary, vote=c.vote, seed=c.seed, **hp)
+    from signsgd.distributed import ErrorFeedbackAllReduce, LocalSteps, MajorityVote
+
+    inner = registry.build(c.optimizer, list(model.parameters()), **hp)
+    outer = (MajorityVote(mode=c.vote, seed=c.seed, adversary=adversary)
+             if c.outer_reducer == "vote" else ErrorFeedbackAllReduce(adversary=adversary))
+    return LocalSteps(inner, c.sync_every, c.outer_lr or float(c.lr),  # type: ignore[arg-type]
+                      c.outer_momentum, outer)
 
 
 def _schedule(c: TrainConfig, total_steps: int) -> Callable[[int], float]:
-    if c.lr_schedule == "cosine":
-        return lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total_steps) / total_steps))
-    if c.lr_schedule == "step":
-        return lambda s: 0.1 ** ((s >= total_steps // 2) + (s >= (3 * total_steps) // 4))
-    return lambda s: 1.0
+    """The learning-rate factor of step ``s``: a linear warm-up, then ``lr_schedule``
+    over the remaining steps."""
+    warm, rest = c.warmup_steps, max(1, total_steps - c.warmup_steps)
+
+    def factor(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        t = min(s - warm, rest)
+        if c.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * t / rest))
+        if c.lr_schedule == "step":
+            return 0.1 ** ((t >= rest // 2) + (t >= (3 * rest) // 4))
+        return 1.0
+    return factor
+
+
+def _device(c: TrainConfig, rank: int) -> torch.device:
+    if c.device == "cuda" or c.device == "auto" and torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        return torch.device("cuda", local % max(1, torch.cuda.device_count()))
+    return torch.device("cpu")
 
 
 def _allsum(values: list[float], world: int) -> list[float]:
@@ -79,21 +111,13 @@ def _allsum(values: list[float], world: int) -> list[float]:
     return t.tolist()
 
 
-@torch.no_grad()
-def _evaluate(model: nn.Module, ds: Dataset, rank: int, world: int, batch: int
-              ) -> tuple[float, float]:
-    """Mean loss and accuracy over ``ds``; each rank takes every ``world``-th example."""
-    model.eval()
-    idx = torch.arange(rank, len(ds), world)
-    loss_sum, correct = 0.0, 0.0
-    for b in torch.split(idx, batch):
-        x, y = ds.batch(b)
-        out = model(x)
-        loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
-        correct += float((out.argmax(1) == y).sum())
-    model.train()
-    s_loss, s_correct = _allsum([loss_sum, correct], world)
-    return s_loss / len(ds), s_correct / len(ds)
+def _gather(mine: Any, world: int) -> list[Any]:
+    """Every rank's ``mine``, in rank order."""
+    if world == 1:
+        return [mine]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    return gathered
 
 
 def _progress(enabled: bool, total: int, done: int) -> Any:
@@ -110,145 +134,212 @@ def _progress(enabled: bool, total: int, done: int) -> Any:
     return p
 
 
-def _run(rank: int, world: int, c: TrainConfig, train_ds: Dataset, eval_ds: Dataset,
-         eval_name: str, ckpt: dict[str, Any] | None) -> dict[str, Any]:
+def _comm_record(step: int, totals: dict[str, float], counters: dict[str, Any],
+                 model: nn.Module, world: int) -> dict[str, Any]:
+    """The ``"comm"`` record of a log window: bytes this rank sent and received (in the
+    window, and in all), the compression ratio against an fp32 ring all-reduce of the
+    gradient, and the reducer's time in packing, collectives and unpacking."""
+    fp32 = 2 * (world - 1) * -(-count_parameters(model) // world) * 4
+    sent = totals.get("bytes_sent", 0.0)
+    steps = max(1.0, totals.get("steps", 1.0))
+    return {"kind": "comm", "step": step, "bytes_sent": int(sent),
+            "bytes_received": int(totals.get("bytes_received", 0.0)),
+            "bytes_sent_total": counters["sent"],
+            "compression_ratio": fp32 * steps / sent if sent else None,
+            **{k: v for k, v in totals.items() if k.startswith("time_")}}
+
+
+def _comm_stats(opt: Any) -> dict[str, Any]:
+    """Bytes of the optimiser's last step and the reducer's time split (pack, collectives,
+    unpack), when it communicates."""
+    stats = {"bytes_sent": int(getattr(opt, "bytes_sent", 0)),
+             "bytes_received": int(getattr(opt, "bytes_received", 0))}
+    reducer = getattr(opt, "aggregator", None) or getattr(opt, "reducer", None)
+    timings = getattr(reducer, "timings", None)
+    if timings:
+        stats.update({f"time_{k}_s": v for k, v in timings.items()})
+    return stats
+
+
+def _run(rank: int, world: int, c: TrainConfig, task: Task, ckpt: dict[str, Any] | None
+         ) -> dict[str, Any]:
     """The training loop of one rank (module-level so that ``spawn`` can pickle it)."""
-    out = Path(c.out)
+    out, device = Path(c.out), _device(c, rank)
     torch.manual_seed(c.seed)
     random.seed(c.seed)
     np.random.seed(c.seed % 2**32)
-    model = build(c.model, train_ds.shape, train_ds.num_classes)
+    model = task.model().to(device)
     opt = _make_optimizer(c, model, rank, world)
-    steps_per_epoch = math.ceil(math.ceil(len(train_ds) / world) / c.batch_size)
-    total_steps = steps_per_epoch * c.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(c, total_steps))
-    start_epoch, step, time_offset, sent_recv = 0, 0, 0.0, [0, 0]
+    total = task.total_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(c, total))
+    step, time_offset = 0, 0.0
+    counters = {"sent": 0, "received": 0, "epoch": [0.0, 0.0, 0.0], "window": [0.0, 0.0, 0.0]}
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"][rank])
+        part = ckpt["ranks"][rank]
+        with torch.no_grad():  # this rank's buffers (batch-norm statistics are per worker)
+            for buf, saved in zip(model.buffers(), part["buffers"]):
+                buf.copy_(saved)
+        opt.load_state_dict(part["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"][rank]["torch"])
-        start_epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
-        time_offset = float(ckpt["wall_time_s"])
-        sent_recv = [int(ckpt["bytes"][rank][0]), int(ckpt["bytes"][rank][1])]
+        torch.set_rng_state(part["rng"])
+        counters = part["counters"]
+        step, time_offset = int(ckpt["step"]), float(ckpt["wall_time_s"])
 
-    r, _, s = os.environ.get("SIGNSGD_INJECT_FAULT", "").partition(":")  # RANK:STEP (tests)
+    r, _, s = os.environ.get("SIGNSGD_INJECT_FAULT", "").partition(":")  # RANK:STEP[:stall]
+    s, _, stall = s.partition(":")
     fault = (int(r), int(s or 0)) if r else None
     density_fn = None
     if c.density_every and rank == 0:
         from signsgd.diagnostics import density as density_fn  # lazy: optional diagnostics
     log = MetricsLog(out / "metrics.jsonl", ckpt["metrics"] if ckpt else ()) if rank == 0 else None
-    prog = _progress(c.progress and log is not None, total_steps, step)
-    agg = getattr(opt, "aggregator", None) or getattr(opt, "reducer", None)
+    prog = _progress(c.progress and log is not None, total, step)
+    image = isinstance(task, ImageClassification)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if c.precision == "bf16"
+                else nullcontext())
     cpu0 = time.process_time()
     t0 = time.perf_counter() - time_offset
+    win_t = time.perf_counter()
+    comm_totals: dict[str, float] = {}
     try:
         model.train()
-        for epoch in range(start_epoch, c.epochs):
-            idx = shard_indices(len(train_ds), rank, world, seed=c.seed, epoch=epoch)
-            ep, win = [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]  # loss sum, correct, examples
-            win_t = time.perf_counter()
-            for b in epoch_batches(idx, c.batch_size):
-                if fault == (rank, step):
-                    raise RuntimeError(f"injected fault on rank {rank} at step {step} "
-                                       "(SIGNSGD_INJECT_FAULT)")
-                x, y = train_ds.batch(b)
-                outp = model(x)
-                loss = F.cross_entropy(outp, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                lr_used = float(opt.param_groups[0]["lr"])
-                sched.step()
-                if agg is not None:
-                    sent_recv[0] += int(agg.bytes_sent)
-                    sent_recv[1] += int(agg.bytes_received)
-                step += 1
-                n_b = float(len(b))
-                bl = float(loss.detach()) * n_b
-                bc = float((outp.detach().argmax(1) == y).sum())
-                for acc in (ep, win):
-                    acc[0] += bl
-                    acc[1] += bc
-                    acc[2] += n_b
-                if step % c.log_every == 0 or step == total_steps:
-                    s_loss, s_correct, s_count = _allsum(win, world)
-                    now = time.perf_counter()
-                    sps = s_count / max(now - win_t, 1e-9)
-                    rec = {"kind": "step", "step": step,
-                           "epoch": epoch + (step - epoch * steps_per_epoch) / steps_per_epoch,
-                           "time_s": now - t0, "loss": s_loss / s_count,
-                           "accuracy": s_correct / s_count, "samples_per_s": sps, "lr": lr_used,
-                           "bytes_sent": int(agg.bytes_sent) if agg is not None else 0,
-                           "bytes_received": int(agg.bytes_received) if agg is not None else 0}
-                    if log is not None:
-                        log.write(rec)
-                    if prog is not None:
-                        prog.update(prog.task_ids[0], completed=step,
-                                    description=f"epoch {epoch + 1}/{c.epochs}",
-                                    loss=f"{rec['loss']:.4f}", acc=f"{rec['accuracy']:.3f}",
-                                    sps=f"{sps:,.0f}")
-                    win, win_t = [0.0, 0.0, 0.0], time.perf_counter()
-                if density_fn is not None and log is not None and step % c.density_every == 0:
-                    batches = [train_ds.batch(bb) for bb in epoch_batches(idx[: 4 * c.batch_size],
-                                                                          c.batch_size)]
-                    d = density_fn(model, F.cross_entropy, batches)
-                    log.write({"kind": "density", "step": step,
-                               "time_s": time.perf_counter() - t0, **jsonable(d)})
-            # ---- end of epoch: same buffers everywhere, evaluate, checkpoint
-            if world > 1:
-                for buf in model.buffers():
-                    dist.broadcast(buf, 0)
-            tr_loss, tr_correct, tr_count = _allsum(ep, world)
-            ev_loss, ev_acc = _evaluate(model, eval_ds, rank, world, 1000)
-            now = time.perf_counter()
-            rec = {"kind": "epoch", "epoch": epoch + 1, "step": step, "time_s": now - t0,
-                   "train_loss": tr_loss / tr_count, "train_accuracy": tr_correct / tr_count,
-                   f"{eval_name}_loss": ev_loss, f"{eval_name}_accuracy": ev_acc}
-            ranks = _gather((opt.state_dict(), {"torch": torch.get_rng_state()},
-                             list(sent_recv)), world)
-            if log is not None:
-                log.write(rec)
-                checkpoint.save(out, c, epoch=epoch + 1, step=step, wall_time_s=now - t0,
-                                model=model.state_dict(), optimizer=[r[0] for r in ranks],
-                                scheduler=sched.state_dict(), rng=[r[1] for r in ranks],
-                                bytes=[r[2] for r in ranks], metrics=log.records)
-            if prog is not None:
-                prog.console.print(
-                    f"epoch {epoch + 1}/{c.epochs}: train loss {rec['train_loss']:.4f} "
-                    f"acc {rec['train_accuracy']:.4f} | {eval_name} loss {ev_loss:.4f} "
-                    f"acc {ev_acc:.4f} | {now - t0:.1f}s")
+        while step < total:
+            if fault == (rank, step):
+                if stall:
+                    time.sleep(3600)  # alive, not progressing: the others time out
+                raise RuntimeError(f"injected fault on rank {rank} at step {step} "
+                                   "(SIGNSGD_INJECT_FAULT)")
+            launch.heartbeat(step)  # this rank reached step `step`
+            x, y = (t.to(device, non_blocking=True) for t in task.batch(rank, world, step))
+            with autocast:
+                loss, correct, count = task.loss(model, x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if c.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+            opt.step()
+            lr_used = float(opt.param_groups[0]["lr"])
+            sched.step()
+            stats = _comm_stats(opt)
+            counters["sent"] += stats["bytes_sent"]
+            counters["received"] += stats["bytes_received"]
+            for k, v in {**stats, "steps": 1}.items():
+                comm_totals[k] = comm_totals.get(k, 0.0) + v
+            step += 1
+            batch_loss = float(loss.detach()) * count
+            for acc in (counters["epoch"], counters["window"]):
+                acc[0] += batch_loss
+                acc[1] += correct
+                acc[2] += count
+            if step % c.log_every == 0 or step == total:
+                s_loss, s_correct, s_count = _allsum(counters["window"], world)
+                now = time.perf_counter()
+                sps = s_count / max(now - win_t, 1e-9)
+                rec = {"kind": "step", "step": step, "epoch": task.epoch_of(step),
+                       "time_s": now - t0, "loss": s_loss / s_count,
+                       "accuracy": s_correct / s_count, "samples_per_s": sps, "lr": lr_used,
+                       "bytes_sent": stats["bytes_sent"],
+                       "bytes_received": stats["bytes_received"]}
+                if log is not None:
+                    log.write(rec)
+                    if world > 1:  # what the communication cost in this window
+                        log.write(_comm_record(step, comm_totals, counters, model, world))
+                if prog is not None:
+                    prog.update(prog.task_ids[0], completed=step, description=(
+                        f"epoch {int(task.epoch_of(step - 1)) + 1}" if image else "steps"),
+                        loss=f"{rec['loss']:.4f}", acc=f"{rec['accuracy']:.3f}",
+                        sps=f"{sps:,.0f}")
+                counters["window"], win_t, comm_totals = [0.0, 0.0, 0.0], now, {}
+            if density_fn is not None and log is not None and step % c.density_every == 0:
+                batches = [task.batch(rank, world, step + i) for i in range(4)]
+                d = density_fn(model, torch.nn.functional.cross_entropy, batches)
+                log.write({"kind": "density", "step": step, "time_s": time.perf_counter() - t0,
+                           **jsonable(d)})
+            evaluate = step % task.eval_every == 0 or step == total
+            if evaluate:
+                if world > 1:
+                    for buf in model.buffers():
+                        dist.broadcast(buf, 0)
+                tr_loss, tr_correct, tr_count = _allsum(counters["epoch"], world)
+                held = task.evaluate(model, rank, world)
+                counters["epoch"] = [0.0, 0.0, 0.0]
+                now = time.perf_counter()
+                rec = {"kind": "epoch" if image else "eval", "step": step, "time_s": now - t0,
+                       "train_loss": tr_loss / tr_count, "train_accuracy": tr_correct / tr_count,
+                       **held, "bytes_sent_total": counters["sent"]}
+                if image:
+                    rec = {"kind": "epoch", "epoch": round(task.epoch_of(step)), **{
+                        k: v for k, v in rec.items() if k not in ("kind", "bytes_sent_total")}}
+                if log is not None:
+                    log.write(rec)
+                if prog is not None:
+                    prog.console.print(f"step {step}/{total}: train loss {rec['train_loss']:.4f}"
+                                       " | " + "  ".join(f"{k} {v:.4f}" for k, v in held.items())
+                                       + f" | {now - t0:.1f}s")
+            if evaluate or c.checkpoint_every and step % c.checkpoint_every == 0:
+                _checkpoint(c, out, opt, sched, model, counters, step, time.perf_counter() - t0,
+                            log, world)
         wall = time.perf_counter() - t0
     finally:
         if prog is not None:
             prog.stop()
         if log is not None:
             log.close()
-    ranks = _gather((list(sent_recv), time.process_time() - cpu0), world)
+    ranks = _gather(([counters["sent"], counters["received"]], time.process_time() - cpu0),
+                    world)
     return {"rank": rank, "wall_time_s": wall, "steps": step, "bytes": [r[0] for r in ranks],
             "cpu_s": [r[1] for r in ranks],
-            "params": [p.detach().clone() for p in model.parameters()] if log is not None else None,
+            "params": [p.detach().cpu().clone() for p in model.parameters()]
+            if log is not None else None,
             "metrics": log.records if log is not None else None,
             "n_params": count_parameters(model)}
 
 
-def _gather(mine: Any, world: int) -> list[Any]:
-    """Every rank's ``mine``, in rank order."""
-    if world == 1:
-        return [mine]
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, mine)
-    return gathered
+def _checkpoint(c: TrainConfig, out: Path, opt: Any, sched: Any, model: nn.Module,
+                counters: dict[str, Any], step: int, wall: float, log: MetricsLog | None,
+                world: int) -> None:
+    """Every rank's state gathered to rank 0, which writes ``checkpoint.pt`` atomically."""
+    part = {"optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+            "buffers": [b.detach().cpu().clone() for b in model.buffers()],
+            "counters": {k: (list(v) if isinstance(v, list) else v) for k, v in
+                         counters.items()}}
+    ranks = _gather(part, world)
+    if log is not None:
+        checkpoint.save(out, c, step=step, wall_time_s=wall, model=model.state_dict(),
+                        scheduler=sched.state_dict(), ranks=ranks, metrics=log.records)
 
 
-def _split(c: TrainConfig, train_ds: Dataset, test_ds: Dataset) -> tuple[Dataset, Dataset, str]:
-    if c.train_subset is not None:
-        train_ds = train_ds.subset(torch.arange(min(c.train_subset, len(train_ds))))
-    if not c.validation:
-        return train_ds, test_ds, "test"
-    n = len(train_ds) - c.validation
-    return (train_ds.subset(torch.arange(n)), train_ds.subset(torch.arange(n, n + c.validation)),
-            "val")
+def _local_workers(c: TrainConfig, task: Task) -> None:
+    """Refuse a local worker count the machine cannot hold (unless ``force_workers``)."""
+    cores = os.cpu_count() or 1
+    per_worker = 400e6 + 16 * _model_size(task) + _data_bytes(task)  # torch + model + data
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f
+                         if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        avail = None
+    need = c.workers * per_worker
+    if c.force_workers or c.workers == 1:
+        return
+    if c.workers > 8 * cores or (avail is not None and need > 0.9 * avail):
+        have = f"{avail / 1e9:.1f} GB available" if avail is not None else "unknown memory"
+        raise ConfigError(
+            f"--workers {c.workers} is more than this machine can hold: {cores} CPU cores and "
+            f"{have}, about {per_worker / 1e6:,.0f} MB per worker ({need / 1e9:.1f} GB in all); "
+            "use fewer workers, or --force-workers to start them anyway")
+
+
+def _model_size(task: Task) -> int:
+    torch.manual_seed(0)
+    return count_parameters(task.model())
+
+
+def _data_bytes(task: Task) -> int:
+    if isinstance(task, ImageClassification):
+        return task.train_ds.images.nbytes + task.eval_ds.images.nbytes
+    corpus = getattr(task, "corpus", None)
+    return 0 if corpus is None else 8 * (corpus.train.numel() + corpus.val.numel())
 
 
 def train(cfg: TrainConfig, *, return_params: bool = False) -> dict[str, Any]:
@@ -257,9 +348,10 @@ def train(cfg: TrainConfig, *, return_params: bool = False) -> dict[str, Any]:
 
     Raises:
         ConfigError, DataError, CheckpointError: bad input (names, sizes, missing data, a
-            corrupt or mismatched checkpoint), before any worker starts or any file is written.
-        signsgd.distributed.launch.WorkerError: a worker failed; its traceback is in the
-            message.
+            corrupt or mismatched checkpoint, an unwritable or occupied ``out``), before any
+            worker starts or any file is written.
+        signsgd.distributed.launch.WorkerError: a worker failed; the message leads with the
+            cause.
 
     Example:
         >>> from signsgd.config import TrainConfig
@@ -277,48 +369,61 @@ def train(cfg: TrainConfig, *, return_params: bool = False) -> dict[str, Any]:
             )
         cfg = dataclasses.replace(cfg, workers=world)
     c = validate(cfg)
-    train_ds, test_ds = load(c.data, c.data_dir)
-    c = validate(c, n_train=len(train_ds))
-    args = (c, *_split(c, train_ds, test_ds), checkpoint.load(Path(c.out), c) if c.resume else None)
+    task = make_task(c)
+    if isinstance(task, ImageClassification):
+        c = validate(c, n_train=len(task.train_ds) + (c.validation or 0))
+    rank = int(os.environ["RANK"]) if torchrun else 0
+    ckpt = checkpoint.load(Path(c.out), c, task.total_steps,
+                           getattr(task, "steps_per_epoch", None)) if c.resume else None
+    if not torchrun:
+        _local_workers(c, task)
+    if rank == 0 and not c.resume:
+        check_out(Path(c.out), overwrite=c.overwrite)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", c.workers)) if torchrun else c.workers
     threads = c.threads if c.threads is not None else max(1, (os.cpu_count() or 1) // local)
+    backend = c.backend if c.backend != "auto" else (
+        "nccl" if _device(c, 0).type == "cuda" else "gloo")
     t_start = time.perf_counter()
     if torchrun:
-        rank = int(os.environ["RANK"])
         torch.set_num_threads(threads)
-        dist.init_process_group("gloo")  # the trainer computes on CPU
+        dist.init_process_group(backend, timeout=timedelta(seconds=c.timeout_s))
         try:
-            res0 = _run(rank, c.workers, *args)
+            res0 = _run(rank, c.workers, c, task, ckpt)
             dist.barrier()  # nobody tears the group down while a peer still uses it
         finally:
             dist.destroy_process_group()
         if rank != 0:
-            return {"rank": rank}
+            return {"rank": rank, "out": c.out}
     elif c.workers == 1:
         prev = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            res0 = _run(0, 1, *args)
+            res0 = _run(0, 1, c, task, ckpt)
         finally:
             torch.set_num_threads(prev)
     else:
-        from signsgd.distributed.launch import spawn
-
-        res0 = spawn(_run, c.workers, args, timeout=c.timeout_s,
-                     pg_timeout=min(c.timeout_s, 600.0), threads=threads)[0]
+        res0 = launch.spawn(_run, c.workers, (c, task, ckpt), timeout=30 * 24 * 3600.0,
+                            pg_timeout=c.timeout_s, threads=threads, backend=backend)[0]
     launch_wall = time.perf_counter() - t_start
+    summary = _summary(c, task, res0, threads, launch_wall)
+    if return_params:
+        summary["params"] = res0["params"]
+    return summary
 
-    out, metrics, eval_name = Path(c.out), res0["metrics"], args[3]
-    last = [m for m in metrics if m["kind"] == "epoch"][-1]
+
+def _summary(c: TrainConfig, task: Task, res0: dict[str, Any], threads: int,
+             launch_wall: float) -> dict[str, Any]:
+    """Write ``summary.json`` and ``curves.png``; return the summary."""
+    out, metrics = Path(c.out), res0["metrics"]
+    held = [m for m in metrics if m["kind"] in ("epoch", "eval")][-1]
     steps = max(int(res0["steps"]), 1)
     sent = [s / steps for s, _ in res0["bytes"]]
     recv = [r / steps for _, r in res0["bytes"]]
     summary: dict[str, Any] = {
         "name": c.name or c.optimizer, "data": c.data, "model": c.model,
         "optimizer": c.optimizer, "workers": c.workers,
-        f"{eval_name}_accuracy": last[f"{eval_name}_accuracy"],
-        f"{eval_name}_loss": last[f"{eval_name}_loss"],
-        "train_loss": last["train_loss"], "train_accuracy": last["train_accuracy"],
+        **{k: v for k, v in held.items() if k.startswith(task.eval_name + "_")},
+        "train_loss": held["train_loss"], "train_accuracy": held["train_accuracy"],
         "wall_time_s": res0["wall_time_s"], "launch_wall_time_s": launch_wall,
         # CPU seconds of the training loops of all workers (this segment, if resumed): on a
         # machine with free cores the run needs about this much core time.
@@ -335,8 +440,4 @@ def train(cfg: TrainConfig, *, return_params: bool = False) -> dict[str, Any]:
         json.dumps(jsonable(summary), indent=2) + "\n"))
     plot_curves(metrics, out / "curves.png", title=f"{summary['name']} ({c.workers} worker"
                 f"{'s' if c.workers > 1 else ''})")
-    if return_params:
-        summary["params"] = res0["params"]
     return summary
-
-

@@ -7,7 +7,7 @@ LayerNorm. No dropout and no biases in the linear layers (LayerNorms keep theirs
 model is a pure function of its parameters (every worker computes the same thing).
 
 Sizes (:data:`SIZES`): ``gpt`` (the default, for 2 CPU cores: 4 layers, 4 heads, 128 wide,
-block 128, about 0.8M parameters with Shakespeare's 85 characters) and ``gpt-10m`` (6
+block 128, 816,000 parameters with Shakespeare's 85 characters) and ``gpt-10m`` (6
 layers, 6 heads, 384 wide, block 256: the configuration of the well-known character-level
 Shakespeare baseline, about 10.7M parameters; for machines with a GPU).
 
@@ -86,6 +86,10 @@ class GPT(nn.Module):
     Raises:
         ValueError: a size that is not a positive int, or ``n_head`` not dividing
             ``d_model``.
+
+    Example:
+        >>> sum(p.numel() for p in GPT(85, **vars(SIZES["gpt"])).parameters())
+        816000
     """
 
     def __init__(self, vocab_size: int, n_layer: int, n_head: int, d_model: int,

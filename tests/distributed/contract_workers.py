@@ -250,9 +250,24 @@ def hook_case(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
+def settings_case(rank: int, world: int) -> dict[str, Any]:
+    """Rank 1 has another learning rate / weight decay: every rank must refuse the step."""
+    import signsgd
+
+    out: dict[str, Any] = {}
+    for name, hp in (("lr", {"lr": 0.1 * (1 + (rank == 1 % world))}),
+                     ("weight_decay", {"lr": 0.1, "weight_decay": 0.01 * (rank == 1 % world)})):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = signsgd.Signum([p], **hp, aggregator=MajorityVote())
+        p.grad = torch.ones(3)
+        out[name] = (_error(opt.step), torch.equal(p.detach(), torch.ones(3)))
+    return out
+
+
 def contract_suite(rank: int, world: int) -> dict[str, Any]:
     """Every reducer and the hook, one after the other, on the whole group."""
     out: dict[str, Any] = {name: reducer_case(rank, world, name, make, compressor)
                            for name, make, compressor in REDUCERS}
     out["ddp-hook"] = hook_case(rank, world)
+    out["settings"] = settings_case(rank, world)
     return out

@@ -90,3 +90,14 @@ def test_pickles_without_the_process_group(suite, case):
     for res in _ranks(suite, case):
         assert not res["pickle_has_group"]
         assert res["unpickled_group"] is None
+
+
+@pytest.mark.parametrize("what", ["lr", "weight_decay"])
+def test_hyperparameters_that_differ_raise_on_every_rank(suite, what):
+    m, results = suite
+    if m == 1:
+        pytest.skip("one rank cannot disagree with itself")
+    messages = [res["settings"][what][0] for res in results]
+    assert len(set(messages)) == 1 and messages[0] is not None, messages
+    assert messages[0].startswith("ValueError:") and "hyper-parameters differ" in messages[0]
+    assert all(res["settings"][what][1] for res in results)  # nothing applied

@@ -93,6 +93,16 @@ class AverageGradients(Optimizer):
         self.optimizer.step()
         return loss
 
+    @property
+    def bytes_sent(self) -> int:
+        """Payload bytes this rank sent in the last step."""
+        return int(self.reducer.bytes_sent)
+
+    @property
+    def bytes_received(self) -> int:
+        """Payload bytes this rank received in the last step."""
+        return int(self.reducer.bytes_received)
+
     def state_dict(self) -> dict[str, Any]:
         """``{"optimizer": ..., "reducer": ...}``."""
         return {"optimizer": self.optimizer.state_dict(), "reducer": self.reducer.state_dict()}
@@ -103,7 +113,9 @@ class AverageGradients(Optimizer):
             raise ValueError("AverageGradients state must hold 'optimizer' and 'reducer'")
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.reducer.load_state_dict(state_dict["reducer"])
-        self.state = self.optimizer.state
+        # torch's load_state_dict makes new group dicts: share them again (an LR scheduler
+        # on this wrapper must keep driving the wrapped optimiser)
+        self.param_groups, self.state = self.optimizer.param_groups, self.optimizer.state
 
     def __repr__(self) -> str:
         return f"AverageGradients({self.optimizer!r}, {self.reducer!r})"

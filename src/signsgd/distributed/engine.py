@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 from collections.abc import Callable
@@ -68,9 +69,19 @@ class _Engine:
             with self._state:
                 self._pending -= 1
 
+    def stop(self, timeout: float = 10.0) -> None:
+        """Let the thread finish its queued jobs and return (at interpreter exit: a thread
+        still running a future's callback while Python shuts down aborts the process)."""
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._jobs.put((None, None))  # type: ignore[arg-type]
+            thread.join(timeout)
+
     def _loop(self) -> None:
         while True:
             job, fut = self._jobs.get()
+            if job is None:  # stop()
+                return
             with self._running:
                 try:
                     result = job()
@@ -88,6 +99,14 @@ class _Engine:
 
 _ENGINES: dict[int, _Engine] = {}
 _LOCK = threading.Lock()
+
+
+@atexit.register
+def _stop_all() -> None:
+    with _LOCK:
+        engines = list(_ENGINES.values())
+    for engine in engines:
+        engine.stop()
 
 
 def _engine(group: Any) -> _Engine:

@@ -29,7 +29,24 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["free_port", "spawn", "WorkerError"]
+__all__ = ["free_port", "spawn", "heartbeat", "WorkerError"]
+
+#: In a worker started by :func:`spawn`: (rank, the queue to the launcher).
+_LAUNCHER: tuple[int, Any] | None = None
+
+
+def heartbeat(step: int) -> None:
+    """Tell the launcher this worker reached ``step`` (a no-op outside :func:`spawn`).
+
+    When the launch fails, a worker whose last step is behind the others' is named as the
+    one that did not arrive (alive but stalled, or stuck before a collective).
+
+    Example:
+        >>> heartbeat(1)   # not in a spawned worker: nothing happens
+    """
+    if _LAUNCHER is not None:
+        rank, queue_ = _LAUNCHER
+        queue_.put((rank, None, step))
 
 
 class WorkerError(RuntimeError):
@@ -64,13 +81,21 @@ def _last_line(text: str) -> str:
     return lines[-1].strip() if lines else text
 
 
+def _stalled(progress: dict[int, int], world_size: int) -> list[int]:
+    """The workers whose last heartbeat is behind the others' (none without heartbeats)."""
+    if not progress:
+        return []
+    ahead = max(progress.values())
+    return [r for r in range(world_size) if progress.get(r, 0) < ahead]
+
+
 def _report(world_size: int, failures: dict[int, str], died: list[int]) -> tuple[str, int]:
     """The launch's error message: the root cause first, one line per other rank, then the
     full tracebacks. A worker that died (``died``, in the order it was seen) is the root
     cause: its peers only saw their connections close."""
     cause = died[0] if died else next(iter(failures))
-    lines = [f"{len(failures)} of {world_size} workers failed; the cause: rank {cause}: "
-             f"{_last_line(failures[cause])}"]
+    how = failures[cause].splitlines()[0] if died else _last_line(failures[cause])
+    lines = [f"{len(failures)} of {world_size} workers failed; the cause: rank {cause}: {how}"]
     lines += [f"  rank {r}: {_last_line(failures[r])}" for r in sorted(failures) if r != cause]
     lines += [f"--- rank {r} ---\n{failures[r]}" for r in [cause] + sorted(
         r for r in failures if r != cause)]
@@ -123,6 +148,8 @@ def _worker(
     )
     if threads is not None:
         torch.set_num_threads(threads)
+    global _LAUNCHER
+    _LAUNCHER = (rank, results)
     try:
         dist.init_process_group(
             backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout)
@@ -195,6 +222,7 @@ def spawn(
     outputs: dict[int, Any] = {}
     failures: dict[int, str] = {}
     died: list[int] = []  # workers that ended without reporting, in the order seen
+    progress: dict[int, int] = {}  # the last step each worker reached (heartbeat)
     deadline = time.monotonic() + timeout
     grace_deadline: float | None = None
     try:
@@ -205,6 +233,9 @@ def spawn(
                 break
             try:
                 rank, ok, value = results.get(timeout=min(0.2, limit - now))
+                if ok is None:  # a heartbeat: the step this worker completed
+                    progress[rank] = value
+                    continue
             except queue.Empty:
                 # A worker that died without reporting (killed, segfault) is a failure too.
                 for rank, p in enumerate(procs):
@@ -214,6 +245,9 @@ def spawn(
                         try:
                             while True:
                                 r, ok2, v = results.get_nowait()
+                                if ok2 is None:
+                                    progress[r] = v
+                                    continue
                                 (outputs if ok2 else failures)[r] = v
                         except queue.Empty:
                             pass
@@ -253,6 +287,14 @@ def spawn(
                     and p.exitcode not in (0, None) and p.exitcode != -signal.SIGTERM:
                 failures[r] = _exit_text(r, p.exitcode)
                 died.append(r)
+        stalled = _stalled(progress, world_size)
+        if stalled and not died:
+            for r in stalled:
+                failures[r] = (f"worker {r} did not arrive: it reached step "
+                               f"{progress.get(r, 0)} while the others reached step "
+                               f"{max(progress.values())} (alive but not progressing)\n"
+                               + failures.get(r, ""))
+            died = stalled
         message, cause = _report(world_size, failures, died)
         raise WorkerError(message, failures, cause)
     return [pickle.loads(outputs[r]) for r in range(world_size)]

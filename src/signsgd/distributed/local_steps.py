@@ -79,6 +79,12 @@ class LocalSteps(Optimizer):
     Raises:
         ValueError: a bad hyper-parameter (named), or an inner optimiser that already
             communicates.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> opt = LocalSteps(torch.optim.AdamW([w], lr=0.1), sync_every=4, outer_lr=0.01)
+        >>> w.grad = torch.ones(2); opt.step(); opt.outer["position"]
+        1
     """
 
     def __init__(self, optimizer: Optimizer, sync_every: int, outer_lr: float,
@@ -183,17 +189,20 @@ class LocalSteps(Optimizer):
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """The inner optimiser's state, the outer state (anchor, momentum, worker error,
-        position in the round) and the reducer's."""
+        position in the round), this rank's parameters (they differ between ranks inside a
+        round) and the reducer's state."""
         outer = {k: ([t.clone() for t in v] if isinstance(v, list) else v)
                  for k, v in self.outer.items()}
         return {"optimizer": self.optimizer.state_dict(), "outer": outer,
-                "reducer": self.reducer.state_dict()}
+                "reducer": self.reducer.state_dict(),
+                "params": [p.detach().clone() for p in self._params()]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (checked before anything changes)."""
         if not isinstance(state_dict, dict) or set(state_dict) != {"optimizer", "outer",
-                                                                    "reducer"}:
-            raise ValueError("LocalSteps state must hold 'optimizer', 'outer' and 'reducer'")
+                                                                    "reducer", "params"}:
+            raise ValueError("LocalSteps state must hold 'optimizer', 'outer', 'reducer' and "
+                             "'params'")
         outer = state_dict["outer"]
         params = self._params()
         if set(outer) != set(self._fresh_outer()) or len(outer["anchor"]) != len(params) or \
@@ -202,11 +211,19 @@ class LocalSteps(Optimizer):
         if not 0 <= int(outer["position"]) < self.sync_every:
             raise ValueError(f"LocalSteps state: position {outer['position']} is not in "
                              f"[0, {self.sync_every})")
+        local = state_dict["params"]
+        if len(local) != len(params) or any(a.shape != p.shape for a, p in zip(local, params)):
+            raise ValueError("LocalSteps state: the parameters do not match")
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.reducer.load_state_dict(state_dict["reducer"])
-        self.state = self.optimizer.state
+        # torch's load_state_dict makes new group dicts: share them again (an LR scheduler
+        # on this wrapper must keep driving the inner optimiser)
+        self.param_groups, self.state = self.optimizer.param_groups, self.optimizer.state
         self.outer = {k: ([t.clone() for t in v] if isinstance(v, list) else v)
                       for k, v in outer.items()}
+        with torch.no_grad():
+            for p, v in zip(params, local):
+                p.copy_(v)
 
     def __repr__(self) -> str:
         return (f"LocalSteps({self.optimizer!r}, sync_every={self.sync_every}, "
