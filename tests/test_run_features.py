@@ -124,6 +124,11 @@ def test_local_steps_send_one_hth_of_the_vote(text_file, tmp_path):
         assert main(lm_args(text_file, out, "--optimizer", "signum", "--lr", "1e-3",
                             "--workers", "2", "--steps", "8", "--sync-every", str(h))) == 0
         sent[h] = json.loads((out / "summary.json").read_text())["bytes_sent_per_step"]
+        comm = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+                if '"comm"' in line]
+        assert comm and all(r["compression_ratio"] > 1 and r["time_collectives_s"] > 0
+                            for r in comm)
+        assert {"time_pack_s", "time_unpack_s", "bytes_sent_total"} <= set(comm[-1])
     assert sent[4] == pytest.approx(sent[1] / 4, rel=0.01)
 
 

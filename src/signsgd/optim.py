@@ -212,6 +212,11 @@ class StagedOptimizer(Optimizer):
         return 0 if self.aggregator is None else int(self.aggregator.bytes_received)
 
     @property
+    def timings(self) -> dict[str, float]:
+        """Seconds of the last step's reduction in packing, collectives and unpacking."""
+        return {} if self.aggregator is None else dict(self.aggregator.timings)
+
+    @property
     def _workspace(self) -> Scratch:
         """Scratch buffers reused between steps (not state: never saved or pickled)."""
         ws = self.__dict__.get("_scratch")

@@ -154,10 +154,7 @@ def _comm_stats(opt: Any) -> dict[str, Any]:
     unpack), when it communicates."""
     stats = {"bytes_sent": int(getattr(opt, "bytes_sent", 0)),
              "bytes_received": int(getattr(opt, "bytes_received", 0))}
-    reducer = getattr(opt, "aggregator", None) or getattr(opt, "reducer", None)
-    timings = getattr(reducer, "timings", None)
-    if timings:
-        stats.update({f"time_{k}_s": v for k, v in timings.items()})
+    stats.update({f"time_{k}_s": v for k, v in getattr(opt, "timings", {}).items()})
     return stats
 
 

@@ -103,6 +103,11 @@ class AverageGradients(Optimizer):
         """Payload bytes this rank received in the last step."""
         return int(self.reducer.bytes_received)
 
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds of the last step's reduction in packing, collectives and unpacking."""
+        return dict(self.reducer.timings)
+
     def state_dict(self) -> dict[str, Any]:
         """``{"optimizer": ..., "reducer": ...}``."""
         return {"optimizer": self.optimizer.state_dict(), "reducer": self.reducer.state_dict()}

@@ -12,6 +12,10 @@ Example:
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -20,7 +24,49 @@ from torch import Tensor
 
 from signsgd.errors import CollectiveError
 
-__all__ = ["world", "all_gather", "all_to_all", "all_reduce", "broadcast", "header_device"]
+__all__ = ["world", "all_gather", "all_to_all", "all_reduce", "broadcast", "header_device",
+           "phase", "timing"]
+
+#: The phases a reducer step's time is split into (the trainer logs them).
+PHASES = ("pack", "collectives", "unpack")
+_CLOCK = threading.local()
+
+
+@contextmanager
+def timing() -> Iterator[dict[str, float]]:
+    """Collect the seconds this thread spends in each phase (:func:`phase`) of a step.
+
+    Example:
+        >>> with timing() as spent:
+        ...     with phase("pack"):
+        ...         pass
+        >>> sorted(spent)
+        ['collectives', 'pack', 'unpack']
+    """
+    spent = {p: 0.0 for p in PHASES}
+    previous, _CLOCK.spent = getattr(_CLOCK, "spent", None), spent
+    try:
+        yield spent
+    finally:
+        _CLOCK.spent = previous
+
+
+@contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Count the time of the ``with`` block towards phase ``name`` of the current step
+    (nothing happens outside :func:`timing`).
+
+    Example:
+        >>> with phase("unpack"):
+        ...     pass
+    """
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        spent = getattr(_CLOCK, "spent", None)
+        if spent is not None:
+            spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
 
 
 def world(group: Any) -> tuple[int, int]:
@@ -58,7 +104,8 @@ def _failed(what: str, group: Any, exc: BaseException) -> CollectiveError:
 def all_gather(out: Tensor, inp: Tensor, group: Any) -> None:
     """``all_gather_single``: ``out`` holds every rank's ``inp`` in rank order."""
     try:
-        dist.all_gather_single(out, inp, group=group)
+        with phase("collectives"):
+            dist.all_gather_single(out, inp, group=group)
     except RuntimeError as exc:
         raise _failed("all_gather", group, exc) from exc
 
@@ -66,7 +113,8 @@ def all_gather(out: Tensor, inp: Tensor, group: Any) -> None:
 def all_to_all(out: Tensor, inp: Tensor, group: Any) -> None:
     """``all_to_all_single`` with equal splits."""
     try:
-        dist.all_to_all_single(out, inp, group=group)
+        with phase("collectives"):
+            dist.all_to_all_single(out, inp, group=group)
     except RuntimeError as exc:
         raise _failed("all_to_all_single", group, exc) from exc
 
@@ -74,7 +122,8 @@ def all_to_all(out: Tensor, inp: Tensor, group: Any) -> None:
 def all_reduce(t: Tensor, group: Any) -> None:
     """Sum ``all_reduce`` in place."""
     try:
-        dist.all_reduce(t, group=group)
+        with phase("collectives"):
+            dist.all_reduce(t, group=group)
     except RuntimeError as exc:
         raise _failed("all_reduce", group, exc) from exc
 
@@ -82,6 +131,7 @@ def all_reduce(t: Tensor, group: Any) -> None:
 def broadcast(t: Tensor, src: int, group: Any) -> None:
     """``broadcast`` of ``t`` from group rank ``src``, in place."""
     try:
-        dist.broadcast(t, group_src=src, group=group)
+        with phase("collectives"):
+            dist.broadcast(t, group_src=src, group=group)
     except RuntimeError as exc:
         raise _failed("broadcast", group, exc) from exc

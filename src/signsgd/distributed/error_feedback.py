@@ -15,7 +15,7 @@ from torch import Tensor
 
 from signsgd.compression import Compressor, WireCodec
 from signsgd.distributed.adversary import Adversary
-from signsgd.distributed.collectives import all_gather, all_reduce, all_to_all, world
+from signsgd.distributed.collectives import all_gather, all_reduce, all_to_all, phase, world
 from signsgd.distributed.header import Agreed
 from signsgd.distributed.reducer import FlatReduction, Reducer, ring_nbytes
 from signsgd.distributed.vote import shard_nbytes
@@ -148,12 +148,13 @@ class ErrorFeedbackAllReduce(Reducer):
         # is the honest C(p), decoded before any attack.
         send = buf("send", m * block, torch.uint8).view(m, block)
         tx = buf("tx", d)
-        for r in range(m):
-            lo, n = r * c, n_of[r]
-            codec.encode(flat[lo:lo + n], chunks[r], send[r], tx[lo:lo + n], shard=c,
-                         scratch=self.scratch)
-        if self.adversary is not None:
-            codec.corrupt(send, self.adversary, step=step, shard=c, dtype=dtype)
+        with phase("pack"):
+            for r in range(m):
+                lo, n = r * c, n_of[r]
+                codec.encode(flat[lo:lo + n], chunks[r], send[r], tx[lo:lo + n], shard=c,
+                             scratch=self.scratch)
+            if self.adversary is not None:
+                codec.corrupt(send, self.adversary, step=step, shard=c, dtype=dtype)
         recv = buf("recv", m * block, torch.uint8).view(m, block)
         if d:
             all_to_all(recv.view(-1), send.view(-1), self.group)
@@ -163,22 +164,25 @@ class ErrorFeedbackAllReduce(Reducer):
         # that raises leaves the old one intact.
         n, mine = n_of[rank], chunks[rank]
         q = buf("server_b" if self.scratch.owns("server_a", err) else "server_a", c)
-        codec.decode_sum([recv[w] for w in range(m)], mine, q[:n], shard=c)
-        q[:n].div_(m)
-        if err is not None:
-            q[:n].add_(err[:n])
         out_row = buf("out_row", block, torch.uint8)
         upd = buf("update", d)
         lo = rank * c
-        codec.encode(q[:n], mine, out_row, upd[lo:lo + n], shard=c, scratch=self.scratch)
-        q[:n].sub_(upd[lo:lo + n])
-        q[n:].zero_()
+        with phase("unpack"):
+            codec.decode_sum([recv[w] for w in range(m)], mine, q[:n], shard=c)
+            q[:n].div_(m)
+            if err is not None:
+                q[:n].add_(err[:n])
+        with phase("pack"):
+            codec.encode(q[:n], mine, out_row, upd[lo:lo + n], shard=c, scratch=self.scratch)
+            q[:n].sub_(upd[lo:lo + n])
+            q[n:].zero_()
         gathered = buf("gathered", m * block, torch.uint8).view(m, block)
         if d:
             all_gather(gathered.view(-1), out_row, self.group)
-        for r in range(m):
-            if r != rank and n_of[r]:
-                codec.decode(gathered[r], chunks[r], upd[r * c:r * c + n_of[r]], shard=c)
+        with phase("unpack"):
+            for r in range(m):
+                if r != rank and n_of[r]:
+                    codec.decode(gathered[r], chunks[r], upd[r * c:r * c + n_of[r]], shard=c)
         self._pending = (q, key)
         nbytes = 2 * (m - 1) * block if d else 0
         return FlatReduction(upd, tx, False, False, nbytes, nbytes)

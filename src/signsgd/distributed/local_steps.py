@@ -115,8 +115,9 @@ class LocalSteps(Optimizer):
         super().__init__(optimizer.param_groups, optimizer.defaults)  # the same group dicts
         self.state = optimizer.state
         self.outer: dict[str, Any] = self._fresh_outer()
-        self.bytes_sent = 0
+        self.bytes_sent = 0                                 # of the last step (0: no sync)
         self.bytes_received = 0
+        self.timings: dict[str, float] = {}                 # of the last step's sync
 
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -147,6 +148,7 @@ class LocalSteps(Optimizer):
                 outer["failed"] = str(exc)
         outer["position"] += 1
         self.bytes_sent = self.bytes_received = 0
+        self.timings = {}
         if outer["position"] == self.sync_every:
             self._synchronise()
         return loss
@@ -185,6 +187,7 @@ class LocalSteps(Optimizer):
             a.sub_(step, alpha=self.outer_lr)
             p.copy_(a)
         self.bytes_sent, self.bytes_received = self.reducer.bytes_sent, self.reducer.bytes_received
+        self.timings = dict(self.reducer.timings)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -52,7 +52,7 @@ from torch import Tensor
 from signsgd.compression import Compressor
 from signsgd.distributed import engine
 from signsgd.distributed.adversary import Adversary
-from signsgd.distributed.collectives import all_reduce, world
+from signsgd.distributed.collectives import all_reduce, phase, timing, world
 from signsgd.distributed.header import Agreed, TensorSpec, exchange, spec_of
 from signsgd.scratch import Scratch
 
@@ -185,6 +185,8 @@ class Reducer:
         self.bytes_received = 0
         self.total_bytes_sent = 0
         self.total_bytes_received = 0
+        # seconds of the last step in packing, collectives and unpacking (not state)
+        self.timings: dict[str, float] = {}
         # reused buffers (never state: not saved, not pickled)
         self.scratch = Scratch()
 
@@ -234,12 +236,15 @@ class Reducer:
         config = self.config(compressor)
 
         def job() -> tuple[Reduction, int, int]:
-            agreed = exchange(specs, group=group, finite=bool(finite), step=step,
-                              seed=self.seed(), config=config, who=who, settings=settings,
-                              device=device)
-            flat, owned = self._flatten(tensors, agreed, device)
-            out = self.reduce_flat(flat, agreed, step=step, compressor=compressor,
-                                   owned=owned)
+            with timing() as spent:
+                agreed = exchange(specs, group=group, finite=bool(finite), step=step,
+                                  seed=self.seed(), config=config, who=who, settings=settings,
+                                  device=device)
+                with phase("pack"):
+                    flat, owned = self._flatten(tensors, agreed, device)
+                out = self.reduce_flat(flat, agreed, step=step, compressor=compressor,
+                                       owned=owned)
+            self.timings = spent
             transmitted: list[Tensor | None] | None
             if out.transmitted is None:
                 transmitted = list(tensors) if out.exact else None
@@ -345,14 +350,15 @@ class AllReduce(Reducer):
         _, m = world(self.group)
         transmitted = None
         if compressor is not None:
-            off = 0
-            for s in agreed.specs:
-                if s is not None:
-                    seg = flat[off:off + s.numel]
-                    seg.copy_(compressor(seg.view(s.shape)).reshape(-1))
-                    off += s.numel
-            transmitted = self.scratch.get("transmitted", flat.numel(), flat.dtype,
-                                           flat.device).copy_(flat)
+            with phase("pack"):
+                off = 0
+                for s in agreed.specs:
+                    if s is not None:
+                        seg = flat[off:off + s.numel]
+                        seg.copy_(compressor(seg.view(s.shape)).reshape(-1))
+                        off += s.numel
+                transmitted = self.scratch.get("transmitted", flat.numel(), flat.dtype,
+                                               flat.device).copy_(flat)
         wire = flat if self.adversary is None else self.adversary.corrupt_gradient(flat,
                                                                                    step=step)
         if m > 1 and wire.numel():

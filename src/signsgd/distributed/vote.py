@@ -53,7 +53,7 @@ from torch import Tensor
 from signsgd.compression import Compressor
 from signsgd.distributed import engine
 from signsgd.distributed.adversary import Adversary
-from signsgd.distributed.collectives import all_gather, all_to_all, world
+from signsgd.distributed.collectives import all_gather, all_to_all, phase, world
 from signsgd.distributed.header import HEADER_WORDS, Agreed, TensorSpec, exchange, spec_of
 from signsgd.distributed.random_bits import tie_bits
 from signsgd.distributed.reducer import FlatReduction, Reducer
@@ -145,30 +145,35 @@ def vote_flat(flat: Tensor, *, group: Any, mode: str, seed: int, step: int,
     nb = packed_nbytes(d)
     total = _send_nbytes(d, m, mode)
     send = scratch.get("vote_send", total, torch.uint8, flat.device)
-    pack_signs(flat, out=send[:nb])
-    send[nb:] = 0
-    if adversary is not None:
-        send = adversary.corrupt_signs(send, step=step, word_offset=word_offset)
+    with phase("pack"):
+        pack_signs(flat, out=send[:nb])
+        send[nb:] = 0
+        if adversary is not None:
+            send = adversary.corrupt_signs(send, step=step, word_offset=word_offset)
     if m == 1:
-        unpack_signs(send, d, out=out)
+        with phase("unpack"):
+            unpack_signs(send, d, out=out)
         return 0, 0
     if mode == "sharded":
         s = total // m
         recv = scratch.get("vote_recv", total, torch.uint8, flat.device)
         all_to_all(recv, send, group)
-        ties = (tie_bits(seed, step, word_offset + rank * s // 8, s // 8, flat.device)
-                if m % 2 == 0 else None)
-        verdict = majority_tally(recv.view(m, s), ties,
-                                 out=scratch.get("vote_verdict", s, torch.uint8, flat.device))
+        with phase("unpack"):  # the tally of this rank's shard
+            ties = (tie_bits(seed, step, word_offset + rank * s // 8, s // 8, flat.device)
+                    if m % 2 == 0 else None)
+            verdict = majority_tally(recv.view(m, s), ties, out=scratch.get(
+                "vote_verdict", s, torch.uint8, flat.device))
         gathered = scratch.get("vote_gathered", total, torch.uint8, flat.device)
         all_gather(gathered, verdict, group)
-        unpack_signs(gathered, d, out=out)
+        with phase("unpack"):
+            unpack_signs(gathered, d, out=out)
         nbytes = 2 * (m - 1) * s
         return nbytes, nbytes
     gathered = scratch.get("vote_gathered", m * total, torch.uint8, flat.device)
     all_gather(gathered, send, group)
-    ties = tie_bits(seed, step, word_offset, total // 8, flat.device) if m % 2 == 0 else None
-    unpack_signs(majority_tally(gathered.view(m, total), ties), d, out=out)
+    with phase("unpack"):
+        ties = tie_bits(seed, step, word_offset, total // 8, flat.device) if m % 2 == 0 else None
+        unpack_signs(majority_tally(gathered.view(m, total), ties), d, out=out)
     nbytes = (m - 1) * total
     return nbytes, nbytes
 
