@@ -126,8 +126,10 @@ def test_local_steps_send_one_hth_of_the_vote(text_file, tmp_path):
         sent[h] = json.loads((out / "summary.json").read_text())["bytes_sent_per_step"]
         comm = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
                 if '"comm"' in line]
-        assert comm and all(r["compression_ratio"] > 1 and r["time_collectives_s"] > 0
-                            for r in comm)
+        synced = [r for r in comm if r["bytes_sent"]]  # windows with a synchronisation
+        assert synced and all(r["compression_ratio"] > 1 and r["time_collectives_s"] > 0
+                              for r in synced)
+        assert all(r["compression_ratio"] is None for r in comm if not r["bytes_sent"])
         assert {"time_pack_s", "time_unpack_s", "bytes_sent_total"} <= set(comm[-1])
     assert sent[4] == pytest.approx(sent[1] / 4, rel=0.01)
 
