@@ -54,6 +54,7 @@ __all__ = [
     "lerp_",
     "copy_",
     "first_nonfinite",
+    "all_finite",
 ]
 
 #: Elements per batch of the multi-tensor sign updates; a multiple of 4096 so that a cut
@@ -230,6 +231,24 @@ def first_nonfinite(tensors: Sequence[Tensor]) -> int | None:
         if not bool(torch.isfinite(tensors[i]).all()):
             return i
     return None
+
+
+def all_finite(tensors: Sequence[Tensor]) -> bool | Tensor:
+    """Whether no entry of ``tensors`` is NaN or ±inf, without waiting for the device.
+
+    On CPU (and for no tensors) a Python bool, from :func:`first_nonfinite`. On an
+    accelerator a 0-d bool tensor on its device (an exact ``isfinite`` reduction, enqueued,
+    not read back), so a distributed step can carry the flag in its header and read it with
+    the header: one host synchronisation per step instead of two.
+
+    Example:
+        >>> all_finite([torch.ones(2), torch.tensor([1.0, float("inf")])])
+        False
+    """
+    if not tensors or tensors[0].device.type == "cpu":
+        return first_nonfinite(tensors) is None
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return torch.stack(flags).all() if len(flags) > 1 else flags[0]
 
 
 # --------------------------------------------------------------------------- Signum

@@ -248,13 +248,14 @@ class StagedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work, bad = self._gather()
+        work = self._gather()
         if self.aggregator is None:
+            bad = self._first_nonfinite(work)
             if bad is not None:
                 raise NonFiniteGradientError(self._nonfinite_error(bad))
             self._local(work)
         else:
-            self._reduced_step(work, bad)
+            self._reduced_step(work)
         return loss
 
     def _local(self, work: _Work) -> None:
@@ -263,8 +264,12 @@ class StagedOptimizer(Optimizer):
             if params:
                 self._local_step(group, params, grads)
 
-    def _reduced_step(self, work: _Work, bad: _Entry | None) -> None:
-        """Transform → reduce → commit, with every parameter of every group in one step."""
+    def _reduced_step(self, work: _Work) -> None:
+        """Transform → reduce → commit, with every parameter of every group in one step.
+
+        The finite flag travels in the reducer's step header (on an accelerator it is not
+        read back before: one host synchronisation per step, the header's)."""
+        finite = F.all_finite([g for _, _, grads in work for g in grads])
         plans = []
         sends: dict[int, Tensor] = {}
         for group, params, grads in work:
@@ -277,9 +282,10 @@ class StagedOptimizer(Optimizer):
         everything = [p for group in self.param_groups for p in group["params"]]
         try:
             red = self.aggregator.reduce(  # type: ignore[union-attr]
-                [sends.get(id(p)) for p in everything], finite=bad is None,
+                [sends.get(id(p)) for p in everything], finite=finite,
                 compressor=self._compressor(), settings=self._settings())
         except NonFiniteGradientError as exc:
+            bad = self._first_nonfinite(work)
             if bad is not None:
                 raise NonFiniteGradientError(f"{self._nonfinite_error(bad)}; {exc}") from None
             raise
@@ -309,14 +315,13 @@ class StagedOptimizer(Optimizer):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ gathering
-    def _gather(self) -> tuple[_Work, _Entry | None]:
-        """Per group ``(group, params with a gradient, gradients)``; the first non-finite one.
+    def _gather(self) -> _Work:
+        """Per group ``(group, params with a gradient, gradients)`` (``maximize``: −g).
 
         Raises RuntimeError for a sparse gradient or a complex parameter, before anything
         changes.
         """
         work: _Work = []
-        all_grads: list[Tensor] = []
         for gi, group in enumerate(self.param_groups):
             params: list[Tensor] = []
             grads: list[Tensor] = []
@@ -328,18 +333,21 @@ class StagedOptimizer(Optimizer):
                     self._unsupported(gi, group, p)
                 params.append(p)
                 grads.append(g)
-            all_grads.extend(grads)
             if group.get("maximize") and grads:  # ascend: the algorithm sees −g
                 grads = list(torch._foreach_neg(grads))
             work.append((group, params, grads))
-        bad = F.first_nonfinite(all_grads)
+        return work
+
+    def _first_nonfinite(self, work: _Work) -> _Entry | None:
+        """(group index, index in the group, parameter) of the first non-finite gradient."""
+        bad = F.first_nonfinite([g for _, _, grads in work for g in grads])
         if bad is None:
-            return work, None
+            return None
         for gi, (group, params, _) in enumerate(work):
             if bad < len(params):
                 p = params[bad]
                 pi = next(i for i, q in enumerate(group["params"]) if q is p)
-                return work, (gi, pi, p)
+                return gi, pi, p
             bad -= len(params)
         raise RuntimeError("internal error: non-finite index out of range")  # unreachable
 

@@ -25,7 +25,7 @@ from torch.optim import Optimizer
 
 from signsgd.distributed.reducer import AllReduce, Reducer
 from signsgd.errors import NonFiniteGradientError
-from signsgd.functional import first_nonfinite
+from signsgd.functional import all_finite, first_nonfinite
 from signsgd.optim import hyperparameters
 
 __all__ = ["AverageGradients"]
@@ -72,11 +72,11 @@ class AverageGradients(Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         grads = [p.grad for p in params]
         present = [g for g in grads if g is not None]
-        bad = first_nonfinite(present)
         try:
-            red = self.reducer.reduce(grads, finite=bad is None,
+            red = self.reducer.reduce(grads, finite=all_finite(present),
                                       settings=hyperparameters(self.param_groups))
         except NonFiniteGradientError as exc:
+            bad = first_nonfinite(present)
             if bad is not None:
                 raise NonFiniteGradientError(
                     f"{type(self.optimizer).__name__}: non-finite gradient (NaN or inf) in "

@@ -9,7 +9,11 @@ rank — chaining collectives inside ``Future.then`` callbacks would let Gloo's 
 threads reorder them. Other collectives on the same group must not run concurrently from
 other threads; the DDP hook therefore votes on a group of its own.
 
-On CUDA a job runs on the stream that was current when it was submitted.
+On CUDA a job runs on a stream of its own (one per device): it waits for an event recorded
+on the caller's current stream at submission, and the caller's stream waits for an event
+recorded when the job is done — no device-wide synchronisation; the tensors of the result
+are marked as used by the caller's stream (``record_stream``), and :func:`submit` returns
+a CUDA-aware future.
 
 Example:
     >>> run(None, lambda: 1 + 1)
@@ -43,8 +47,9 @@ class _Engine:
         self._pending = 0                # jobs submitted or running inline, not finished
         self._thread: threading.Thread | None = None
 
-    def submit(self, job: Callable[[], Any]) -> torch.futures.Future:
-        fut: torch.futures.Future = torch.futures.Future()
+    def submit(self, job: Callable[[], Any], devices: list[torch.device] | None = None
+               ) -> torch.futures.Future:
+        fut: torch.futures.Future = torch.futures.Future(devices=devices)
         with self._state:
             self._pending += 1
             if self._thread is None:
@@ -118,26 +123,58 @@ def _engine(group: Any) -> _Engine:
     return engine
 
 
+_STREAMS: dict[torch.device, Any] = {}
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for x in obj for t in _tensors(x)]
+    if isinstance(obj, dict):
+        return [t for x in obj.values() for t in _tensors(x)]
+    values = getattr(obj, "__dict__", None)
+    return _tensors(values) if isinstance(values, dict) else []
+
+
 def _on_stream(job: Callable[[], Any], device: torch.device | None) -> Callable[[], Any]:
+    """``job`` run on the device's communication stream, ordered after the caller's work so
+    far and before the caller's later work by events (see the module docstring)."""
     if device is None or device.type != "cuda":
         return job
-    stream = torch.cuda.current_stream(device)
+    caller = torch.cuda.current_stream(device)
+    with _LOCK:
+        comm = _STREAMS.get(device)
+        if comm is None:
+            comm = _STREAMS[device] = torch.cuda.Stream(device)
+    ready = torch.cuda.Event()
+    ready.record(caller)
 
     def on_stream() -> Any:
-        with torch.cuda.stream(stream):
-            return job()
+        comm.wait_event(ready)
+        with torch.cuda.stream(comm):
+            result = job()
+            done = torch.cuda.Event()
+            done.record(comm)
+        caller.wait_event(done)
+        for t in _tensors(result):
+            if t.is_cuda:
+                t.record_stream(caller)
+        return result
     return on_stream
 
 
 def submit(group: Any, job: Callable[[], Any], device: torch.device | None = None
            ) -> torch.futures.Future:
-    """Queue ``job()`` on ``group``'s engine thread; the future yields its result.
+    """Queue ``job()`` on ``group``'s engine thread; the future yields its result (on CUDA a
+    future aware of ``device``).
 
     Example:
         >>> submit(None, lambda: "done").wait()
         'done'
     """
-    return _engine(group).submit(_on_stream(job, device))
+    cuda = [device] if device is not None and device.type == "cuda" else None
+    return _engine(group).submit(_on_stream(job, device), cuda)
 
 
 def run(group: Any, job: Callable[[], Any], device: torch.device | None = None) -> Any:

@@ -170,7 +170,7 @@ def exchange(
     specs: Sequence[TensorSpec | None],
     *,
     group: Any,
-    finite: bool,
+    finite: bool | Tensor,
     step: int,
     seed: int,
     config: Any,
@@ -184,7 +184,10 @@ def exchange(
     has no value for (its layout then comes from the ranks that have it). ``config`` and
     ``settings`` are any ``repr``-able values that must be equal on every rank (the
     reducer's configuration; the optimiser's hyper-parameters, ``None`` for none).
-    ``device`` is where the data lives: the header travels on it under NCCL.
+    ``device`` is where the data lives: the header travels on it under NCCL. ``finite`` may
+    be a 0-d bool tensor on that device (:func:`signsgd.functional.all_finite`): it goes into
+    the header on the device, and reading the gathered headers back is then the step's one
+    host synchronisation.
 
     Raises:
         ValueError: the ranks disagree (the message names each rank's values).
@@ -196,10 +199,13 @@ def exchange(
         2
     """
     rank, m = world(group)
+    if m == 1 or (isinstance(finite, Tensor) and finite.device.type == "cpu"):
+        finite = bool(finite)
     present = [s for s in specs if s is not None]
     layout = [None if s is None else (s.numel, dtype_code(s.dtype), s.shape) for s in specs]
     mine = StepHeader(
-        finite=finite, count=len(specs), numel=sum(s.numel for s in present),
+        finite=finite if isinstance(finite, bool) else True, count=len(specs),
+        numel=sum(s.numel for s in present),
         dtype_code=dtype_code(present[0].dtype) if present else -1, layout_crc=crc(layout),
         all_present=len(present) == len(specs),
         max_ndim=max((len(s.shape) for s in present), default=0), step=int(step),
@@ -213,8 +219,11 @@ def exchange(
             )
         return Agreed(list(specs), False, 0, 0)
     dev = header_device(group, device)
+    local = torch.tensor(mine.words(), dtype=torch.int64, device=dev)
+    if isinstance(finite, Tensor):  # the device's flag, written without reading it back
+        local[1] = finite.to(device=dev, dtype=torch.int64)
     gathered = torch.empty(m * HEADER_WORDS, dtype=torch.int64, device=dev)
-    all_gather(gathered, torch.tensor(mine.words(), dtype=torch.int64, device=dev), group)
+    all_gather(gathered, local, group)
     rows = gathered.view(m, HEADER_WORDS).tolist()
     sent = received = (m - 1) * 8 * HEADER_WORDS
     if any(row[0] != _MAGIC for row in rows):

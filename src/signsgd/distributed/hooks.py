@@ -457,14 +457,14 @@ def majority_vote_hook(
         else:  # Lion: m ← lerp(m, g, 1 − β2), from this rank's gradient
             new = [(id(p), torch.lerp(m, g, 1.0 - state.betas[1]))
                    for p, m, g in zip(params, bufs, grads)]
-    finite = F.first_nonfinite([buf]) is None
+    finite = F.all_finite([buf])  # on a GPU a device flag, read with the header
     group = state.vote_group()
     generation, step = state._begin_bucket(bucket)
     index = bucket.index()
-    bad_names = [] if finite else [
-        state._names.get(id(p), f"shape {tuple(p.shape)}")
-        for p, g in zip(params, grads) if F.first_nonfinite([g]) is not None
-    ]
+
+    def bad_names() -> list[str]:
+        return [state._names.get(id(p), f"shape {tuple(p.shape)}")
+                for p, g in zip(params, grads) if F.first_nonfinite([g]) is not None]
     try:
         voter = MajorityVote(group, state.mode, _ONE_BUCKET, state.seed, state.adversary)
         verdict = torch.empty_like(direction)
@@ -482,9 +482,8 @@ def majority_vote_hook(
             state._bucket_failed(generation)
             text = _root_message(exc)
             if isinstance(exc, NonFiniteGradientError) or "non-finite" in text.lower():
-                where = (
-                    f"; this rank's non-finite gradients: {bad_names}" if bad_names else ""
-                )
+                names = bad_names()
+                where = f"; this rank's non-finite gradients: {names}" if names else ""
                 raise NonFiniteGradientError(
                     f"majority_vote_hook: a non-finite gradient (NaN or inf) on some rank in "
                     f"DDP bucket {index}, step {state.step}{where}; momentum left unchanged, do "

@@ -58,7 +58,7 @@ from signsgd.compression import ScaledSign
 from signsgd.distributed.reducer import Reducer
 from signsgd.distributed.vote import MajorityVote
 from signsgd.errors import NonFiniteGradientError
-from signsgd.functional import first_nonfinite
+from signsgd.functional import all_finite
 from signsgd.optim import hyperparameters
 
 __all__ = ["LocalSteps"]
@@ -160,7 +160,7 @@ class LocalSteps(Optimizer):
         deltas = [a - p.detach() for a, p in zip(anchor, params)]
         if outer["error"] is not None:
             deltas = [d + e for d, e in zip(deltas, outer["error"])]
-        finite = outer["failed"] is None and first_nonfinite(deltas) is None
+        finite = all_finite(deltas) if outer["failed"] is None else False
         outer["position"], failed = 0, outer["failed"]
         outer["failed"] = None
         try:

@@ -213,14 +213,15 @@ class Reducer:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ the front-end
-    def reduce(self, tensors: list[Tensor | None], *, finite: bool = True,
+    def reduce(self, tensors: list[Tensor | None], *, finite: bool | Tensor = True,
                compressor: Compressor | None = None, settings: Any = None) -> Reduction:
         """Reduce ``tensors`` across the ranks (see the module docstring).
 
         Args:
             tensors: this rank's tensors, ``None`` where it has no value; the same number
                 (and, where present, the same layouts) on every rank.
-            finite: ``False`` when this rank's input holds a NaN or inf (the caller checks).
+            finite: ``False`` when this rank's input holds a NaN or inf (the caller checks;
+                a 0-d bool tensor on an accelerator travels without a host read).
             compressor: the optimiser's compressor (EF-SGD), ``None`` for sign optimisers.
             settings: the optimiser's hyper-parameters (any ``repr``-able value), checked to
                 be equal on every rank.
@@ -237,7 +238,7 @@ class Reducer:
 
         def job() -> tuple[Reduction, int, int]:
             with timing() as spent:
-                agreed = exchange(specs, group=group, finite=bool(finite), step=step,
+                agreed = exchange(specs, group=group, finite=finite, step=step,
                                   seed=self.seed(), config=config, who=who, settings=settings,
                                   device=device)
                 with phase("pack"):

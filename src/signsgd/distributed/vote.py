@@ -57,7 +57,7 @@ from signsgd.distributed.collectives import all_gather, all_to_all, phase, world
 from signsgd.distributed.header import HEADER_WORDS, Agreed, TensorSpec, exchange, spec_of
 from signsgd.distributed.random_bits import tie_bits
 from signsgd.distributed.reducer import FlatReduction, Reducer
-from signsgd.functional import first_nonfinite
+from signsgd.functional import all_finite
 from signsgd.packing import majority_tally, pack_signs, packed_nbytes, unpack_signs
 from signsgd.scratch import thread_scratch
 
@@ -278,7 +278,7 @@ class MajorityVote(Reducer):
             received += r
         return sent, received
 
-    def vote_job(self, flat: Tensor, spec: TensorSpec, *, step: int, finite: bool,
+    def vote_job(self, flat: Tensor, spec: TensorSpec, *, step: int, finite: bool | Tensor,
                  out: Tensor, settings: Any = None, who: str = "majority_vote") -> Any:
         """The job of one vote of one flat tensor (header and payload): returns a function
         that runs it and returns ``(verdict, sent, received)`` — for :func:`engine.run`
@@ -377,7 +377,7 @@ def majority_vote(
             step = _CALLS.get(key, 0)
             _CALLS[key] = step + 1
     _check_int("step", step)
-    finite = first_nonfinite([flat]) is None
+    finite = all_finite([flat])
     verdict, _, _ = engine.run(group, voter.vote_job(flat, spec, step=step, finite=finite,
                                                      out=dst), t.device)
     return verdict.view(t.shape)
@@ -390,7 +390,7 @@ def vote_async(
     mode: str = "sharded",
     seed: int = 0,
     step: int = 0,
-    finite: bool = True,
+    finite: bool | Tensor = True,
     adversary: Adversary | None = None,
     out: Tensor | None = None,
 ) -> torch.futures.Future:
@@ -428,5 +428,5 @@ def vote_async(
     spec = spec_of(flat)
     dst = _check_out(out, flat, "vote_async")
     world(group)  # fail early (on the caller's thread) for a bad group
-    job = voter.vote_job(flat, spec, step=step, finite=bool(finite), out=dst)
+    job = voter.vote_job(flat, spec, step=step, finite=finite, out=dst)
     return engine.submit(group, lambda: job()[0], flat.device)
