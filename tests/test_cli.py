@@ -110,7 +110,8 @@ def test_builtin_default_is_the_demo():
     assert got == [("adam", 1, 3, "fashion-mnist", "cnn"), ("sgd", 1, 3, "fashion-mnist", "cnn"),
                    ("signum", 1, 3, "fashion-mnist", "cnn"),
                    ("signum", 4, 3, "fashion-mnist", "cnn"),
-                   ("ef-signsgd", 4, 3, "fashion-mnist", "cnn")]
+                   ("ef-signsgd", 4, 3, "fashion-mnist", "cnn"),
+                   ("lion", 1, 3, "fashion-mnist", "cnn"), ("lion", 4, 3, "fashion-mnist", "cnn")]
     assert runs[1].momentum == 0.9
 
 
@@ -185,14 +186,16 @@ def test_reproduce_unknown_lists_experiments(capsys):
 @pytest.mark.parametrize(
     "accs, verdicts",
     [
-        ((0.90, 0.90, 0.895, 0.886, 0.899), [True, True, True, True]),
-        ((0.885, 0.90, 0.87, 0.875, 0.885), [False, False, True, False]),
+        ((0.90, 0.90, 0.895, 0.886, 0.899, 0.895, 0.89), [True] * 6),
+        ((0.885, 0.90, 0.87, 0.875, 0.885, 0.87, 0.86), [False, False, True, False, False,
+                                                         True]),
     ],
 )
 def test_quality_bar_checks(accs, verdicts):
     from signsgd.compare import evaluate_checks, parse_checks
 
-    names = ["Adam", "SGD+momentum", "Signum", "Signum, majority vote", "EF-signSGD"]
+    names = ["Adam", "SGD+momentum", "Signum", "Signum, majority vote", "EF-signSGD", "Lion",
+             "Lion, majority vote"]
     rows = [dict(name=n, test_accuracy=a) for n, a in zip(names, accs)]
     got = evaluate_checks(parse_checks(DEFAULT_COMPARE), rows)
     assert [ok for ok, _ in got] == verdicts

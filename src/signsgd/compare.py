@@ -40,6 +40,8 @@ run = [
   {name = "Signum", optimizer = "signum", lr = 1e-3, momentum = 0.9},
   {name = "Signum, majority vote", optimizer = "signum", lr = 1e-3, batch_size = 32, workers = 4},
   {name = "EF-signSGD", optimizer = "ef-signsgd", lr = 0.3, batch_size = 32, workers = 4},
+  {name = "Lion", optimizer = "lion", lr = 1e-3},
+  {name = "Lion, majority vote", optimizer = "lion", lr = 1e-3, batch_size = 32, workers = 4},
 ]
 # The quality bar of the main job (issue 4), checked and printed after the table.
 check = [
@@ -47,6 +49,8 @@ check = [
   {run = "Signum", reference = "Adam", max_gap = 0.01},
   {run = "Signum, majority vote", reference = "Signum", max_gap = 0.01},
   {run = "EF-signSGD", reference = "SGD+momentum", max_gap = 0.01},
+  {run = "Lion", reference = "Adam", max_gap = 0.01},
+  {run = "Lion, majority vote", reference = "Lion", max_gap = 0.01},
 ]
 
 [defaults]
