@@ -14,6 +14,7 @@ al.), decoupled weight decay after the vote. Keep SGD's momentum at 0 — the mo
 in the hook, before the vote.
 """
 
+import datetime
 import os
 import sys
 
@@ -78,7 +79,8 @@ def _spawned(rank: int, world: int) -> None:
 
 if __name__ == "__main__":
     if "RANK" in os.environ:  # started by torchrun
-        dist.init_process_group("gloo")
+        # A dead or stalled rank ends in an error on every rank after 5 minutes, not a hang.
+        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=5))
         train(dist.get_rank(), dist.get_world_size())
         dist.destroy_process_group()
     else:  # plain `python examples/ddp_hook.py`: start 3 local Gloo processes

@@ -11,6 +11,7 @@ et al. (ICML 2018), with decoupled weight decay after the vote. On GPUs use
 ``init_process_group("nccl")`` and move the model and data to ``cuda:LOCAL_RANK``.
 """
 
+import datetime
 import os
 
 import torch
@@ -21,7 +22,9 @@ from signsgd.distributed import MajorityVote
 
 
 def main() -> None:
-    dist.init_process_group("gloo")  # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR, ...
+    # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR, ...; a dead or stalled rank ends in an
+    # error on every rank after the timeout instead of a hang.
+    dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=5))
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
 
