@@ -300,6 +300,12 @@ def _fit(opt_name: str, data: dict[str, torch.Tensor], adversary: Any, group: An
         opt: torch.optim.Optimizer = signsgd.Signum(
             model.parameters(), lr=0.04, momentum=0.9,
             aggregator=MajorityVote(group=group, adversary=adversary))
+    elif opt_name == "local_vote":  # H = 4 local SGD steps, then a vote on sign(x0 - x_m)
+        from signsgd.distributed import LocalSteps
+
+        opt = LocalSteps(torch.optim.SGD(model.parameters(), lr=0.05), sync_every=4,
+                         outer_lr=0.16, outer_momentum=0.5,
+                         reducer=MajorityVote(group=group, adversary=adversary))
     else:  # mean all-reduce SGD: EF-SGD with the identity compressor is plain SGD
         opt = signsgd.EFSGD(model.parameters(), lr=0.05, compressor=Identity(),
                             aggregator=AllReduce(group=group, adversary=adversary))
