@@ -29,6 +29,14 @@ demo: venv
 		|| $(MAKE) data
 	$(VENV)/bin/signsgd compare --out $(DEMO_OUT)
 
+# The language-model job: a small character-level transformer on Shakespeare (configs/lm.toml,
+# docs/lm.md). Fetches the text first when it is not found.
+LM_OUT ?= runs/demo-lm
+demo-lm: venv
+	@$(PY) -c "import signsgd.text as t; t.locate_shakespeare()" >/dev/null 2>&1 \
+		|| $(MAKE) data-shakespeare
+	$(VENV)/bin/signsgd compare configs/lm.toml --out $(LM_OUT)
+
 # `make data` fetches both datasets into ./data (no root needed), checking what it got:
 # - Fashion-MNIST from Debian's dataset-fashion-mnist package: `apt-get download` (with a
 #   private package list when the system's is empty) and `dpkg-deb -x`; present only when

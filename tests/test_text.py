@@ -151,3 +151,22 @@ def test_generation_is_deterministic_with_a_seed():
     assert torch.equal(a, b) and a.numel() == 23 and torch.equal(a[:3], prompt)
     greedy = generate(model, prompt, 20, temperature=0)
     assert torch.equal(greedy, generate(model, prompt, 20, temperature=0))
+
+
+@pytest.mark.parametrize("workers, batch_size", [(2, 3), (4, 1)])
+def test_validation_windows_depend_on_the_global_batch_only(workers, batch_size):
+    """A run of M workers with batch b validates on the windows of a 1-worker run with
+    batch M·b: the same loss for the same model."""
+    from signsgd.config import TrainConfig
+    from signsgd.tasks import LanguageModelling
+
+    corpus = T.Corpus.from_texts([POEM], [POEM[::-1]])
+
+    def loss(w: int, b: int) -> float:
+        c = TrainConfig(model="gpt", n_layer=1, n_head=2, d_model=8, block_size=8,
+                        batch_size=b, workers=w, steps=4, eval_batches=3)
+        task = LanguageModelling(c, corpus)
+        torch.manual_seed(0)
+        return task.evaluate(task.model(), 0, 1)["val_loss"]  # one rank sees all windows
+
+    assert loss(workers, batch_size) == pytest.approx(loss(1, workers * batch_size), rel=1e-6)

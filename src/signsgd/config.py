@@ -124,8 +124,8 @@ class TrainConfig:
     eval_every: int | None = _option(None, "evaluate (and checkpoint) every N steps "
                                      "(default: every epoch of image data; 10 times per text "
                                      "run)", rule=_at_least(1), resume=False)
-    eval_batches: int = _option(20, "text: validation batches per evaluation (fixed, the same "
-                                "every time)", rule=_at_least(1))
+    eval_batches: int = _option(20, "text: validation batches per evaluation, of the global "
+                                "batch (fixed, the same every time)", rule=_at_least(1))
     checkpoint_every: int = _option(0, "also checkpoint every N steps (0: at evaluations only)",
                                     rule=_at_least(0), resume=False)
     n_layer: int | None = _option(None, "gpt: transformer blocks (default: the size's)",

@@ -183,8 +183,10 @@ class LanguageModelling(Task):
         corpus.check(self.shape["block_size"])
         self.total_steps = c.steps or 1000
         self.eval_every = c.eval_every or max(1, self.total_steps // 10)
-        self._val = corpus.eval_batches(count=c.eval_batches, batch_size=c.batch_size,
-                                        block=self.shape["block_size"])
+        # eval_batches global batches (batch_size·workers windows each), so runs with the
+        # same global batch validate on the same windows whatever their number of workers.
+        self._val = corpus.eval_batches(count=c.eval_batches * c.workers,
+                                        batch_size=c.batch_size, block=self.shape["block_size"])
 
     def model(self) -> nn.Module:
         return GPT(self.corpus.vocab_size, **self.shape)
