@@ -48,6 +48,9 @@ class Config:
     Example:
         >>> Config("signum", lr=5e-3, momentum=0.9, adversaries=2).attack
         'negate'
+
+    The loss curve and the test accuracy of a local-steps run are those of the anchor x0
+    (the parameters every rank agrees on), not of rank 0's local iterate.
     """
 
     method: str = "signsgd"
@@ -63,6 +66,13 @@ class Config:
     eval_every: int = 20
     seed: int = 0
     label: str = ""
+    # Local steps (sync_every = H > 1): ``method`` / ``lr`` / ``momentum`` are then the
+    # inner optimiser's, and every H steps a LocalSteps round ends with a majority vote on
+    # sign(x0 − x_m) (the adversary corrupts the signs this rank sends); the anchor moves by
+    # outer_lr with outer momentum outer_momentum. ``steps`` counts gradient steps.
+    sync_every: int = 1
+    outer_lr: float = 0.0
+    outer_momentum: float = 0.0
 
 
 class Splits(NamedTuple):
@@ -131,14 +141,36 @@ def _train(rank: int, world: int, group: Any, cfg: Config, sets: list[tuple[Tens
     model = models.build("mlp", data.train.shape, data.train.num_classes, hidden=(cfg.hidden,))
     bad = rank >= world - cfg.adversaries
     adversary = attack(cfg.attack, seed=1000 + rank, scale=cfg.attack_scale) if bad else None
-    opt = registry.build(cfg.method, model.parameters(), world_size=world, group=group,
-                         adversary=adversary, seed=cfg.seed, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.sync_every > 1:
+        from signsgd.distributed import LocalSteps, MajorityVote
+
+        inner = registry.build(cfg.method, model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+        opt: Any = LocalSteps(inner, cfg.sync_every, cfg.outer_lr, cfg.outer_momentum,
+                              MajorityVote(group, seed=cfg.seed, adversary=adversary))
+    else:
+        opt = registry.build(cfg.method, model.parameters(), world_size=world, group=group,
+                             adversary=adversary, seed=cfg.seed, lr=cfg.lr,
+                             momentum=cfg.momentum)
+
+    def score(xy: tuple[Tensor, Tensor]) -> tuple[float, float]:
+        if cfg.sync_every == 1:
+            return _loss_acc(model, xy)
+        params = list(model.parameters())
+        local = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, a in zip(params, opt.outer["anchor"]):
+                p.copy_(a)
+            out = _loss_acc(model, xy)
+            for p, v in zip(params, local):
+                p.copy_(v)
+        return out
+
     hist: dict[str, Any] = {"step": [], "train_loss": [], "label": cfg.label,
                             "diverged_at": None}
     for t in range(cfg.steps + 1):
         if rank == 0 and (t % cfg.eval_every == 0 or t == cfg.steps):
             hist["step"].append(t)
-            hist["train_loss"].append(_loss_acc(model, evaluate)[0])
+            hist["train_loss"].append(score(evaluate)[0])
         if t == cfg.steps:
             break
         idx = batch_indices(x.shape[0], cfg.batch, rank, t, cfg.seed)
@@ -146,13 +178,14 @@ def _train(rank: int, world: int, group: Any, cfg: Config, sets: list[tuple[Tens
         F.cross_entropy(model(x[idx]), y[idx]).backward()
         try:
             opt.step()
-        except NonFiniteGradientError:  # raised on every rank alike: all stop together
+        except NonFiniteGradientError:  # raised on every rank alike (local steps: at the
+            # vote): all stop together
             hist["diverged_at"] = t
             if rank == 0:
                 hist["step"].append(t)
-                hist["train_loss"].append(_loss_acc(model, evaluate)[0])
+                hist["train_loss"].append(score(evaluate)[0])
             break
-    hist["test_loss"], hist["test_acc"] = _loss_acc(model, test) if rank == 0 else (0.0, 0.0)
+    hist["test_loss"], hist["test_acc"] = score(test) if rank == 0 else (0.0, 0.0)
     hist["diverged"] = hist["diverged_at"] is not None or not math.isfinite(hist["test_loss"])
     return hist
 

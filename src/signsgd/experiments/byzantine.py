@@ -39,16 +39,11 @@ per worker, all configurations in one launch (:mod:`signsgd.experiments._cluster
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from signsgd import models, registry
-from signsgd.errors import NonFiniteGradientError
 from signsgd.experiments import _cluster as C
 from signsgd.experiments._common import pyplot, verdict
 
@@ -61,27 +56,6 @@ KS = (0, 1, 2, 3)
 ATTACKS = ("negate", "random")
 H = 4                          # local steps per vote of the "local" rule
 CHANCE = 0.1
-
-
-@dataclass
-class LocalConfig(C.Config):
-    """A :class:`~signsgd.experiments._cluster.Config` trained with local steps.
-
-    ``method`` / ``lr`` / ``momentum`` are the inner optimiser's (built without an
-    aggregator); every ``sync_every`` = H steps a :class:`signsgd.distributed.LocalSteps`
-    round ends with a :class:`~signsgd.distributed.MajorityVote` on ``sign(x0 − x_m)``
-    (the adversary, if any, corrupts the signs this rank sends), and the anchor moves by
-    ``outer_lr`` (with outer momentum ``outer_momentum``). ``steps`` counts gradient
-    steps, so a run has ``steps / H`` votes.
-
-    Example:
-        >>> LocalConfig("signum", lr=1e-3, momentum=0.9, steps=8).sync_every
-        4
-    """
-
-    sync_every: int = H
-    outer_lr: float = 4e-3
-    outer_momentum: float = 0.0
 
 
 # The inner optimisers and outer step sizes :func:`tune` tries (full run; --quick
@@ -123,90 +97,21 @@ def configs(quick: bool, seed: int) -> list[C.Config]:
     mean = dict(method="sgd", lr=0.1, momentum=0.0)
     local = _local(quick, **LOCAL["quick" if quick else "full"])
     out: list[C.Config] = []
-    for rule, hp, kind in (("vote", vote, C.Config), ("mean", mean, C.Config),
-                           ("local", local, LocalConfig)):
-        out.append(kind(**hp, **base, adversaries=0, label=f"{rule}/none/0"))
+    for rule, hp in (("vote", vote), ("mean", mean), ("local", local)):
+        out.append(C.Config(**hp, **base, adversaries=0, label=f"{rule}/none/0"))
         for attack in ATTACKS:
             for k in KS[1:]:
-                out.append(kind(**hp, **base, adversaries=k, attack=attack,
-                                label=f"{rule}/{attack}/{k}"))
+                out.append(C.Config(**hp, **base, adversaries=k, attack=attack,
+                                    label=f"{rule}/{attack}/{k}"))
     for k in KS[1:]:
         out.append(C.Config(**mean, **base, adversaries=k, attack="negate",
                             attack_scale=float(WORLD), label=f"mean/negate_x{WORLD}/{k}"))
     return out
 
 
-def _train_local(rank: int, world: int, cfg: LocalConfig, sets: list[Any],
-                 data: C.Splits) -> dict[str, Any]:
-    """One rank of a :class:`LocalConfig`: the loop of ``_cluster._train`` (same model,
-    initialisation, batches, adversary seeds) around a ``LocalSteps`` optimiser. The loss
-    curve and the test accuracy are those of the anchor x0 (the parameters every rank
-    agrees on), not of rank 0's local iterate."""
-    from signsgd.distributed import LocalSteps, MajorityVote
-    from signsgd.distributed.adversary import attack
-
-    (x, y), evaluate, test = sets
-    torch.manual_seed(cfg.seed)  # the same initial parameters on every rank
-    model = models.build("mlp", data.train.shape, data.train.num_classes, hidden=(cfg.hidden,))
-    bad = rank >= world - cfg.adversaries
-    adversary = attack(cfg.attack, seed=1000 + rank, scale=cfg.attack_scale) if bad else None
-    inner = registry.build(cfg.method, model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    opt = LocalSteps(inner, cfg.sync_every, cfg.outer_lr, cfg.outer_momentum,
-                     MajorityVote(seed=cfg.seed, adversary=adversary))
-    params = list(model.parameters())
-
-    def anchor_loss_acc(xy: Any) -> tuple[float, float]:
-        local = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, a in zip(params, opt.outer["anchor"]):
-                p.copy_(a)
-            out = C._loss_acc(model, xy)
-            for p, v in zip(params, local):
-                p.copy_(v)
-        return out
-
-    hist: dict[str, Any] = {"step": [], "train_loss": [], "label": cfg.label,
-                            "diverged_at": None}
-    for t in range(cfg.steps + 1):
-        if rank == 0 and (t % cfg.eval_every == 0 or t == cfg.steps):
-            hist["step"].append(t)
-            hist["train_loss"].append(anchor_loss_acc(evaluate)[0])
-        if t == cfg.steps:
-            break
-        idx = C.batch_indices(x.shape[0], cfg.batch, rank, t, cfg.seed)
-        opt.zero_grad()
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-        try:
-            opt.step()
-        except NonFiniteGradientError:  # raised on every rank at the vote: all stop
-            hist["diverged_at"] = t
-            if rank == 0:
-                hist["step"].append(t)
-                hist["train_loss"].append(anchor_loss_acc(evaluate)[0])
-            break
-    hist["test_loss"], hist["test_acc"] = anchor_loss_acc(test) if rank == 0 else (0.0, 0.0)
-    hist["diverged"] = hist["diverged_at"] is not None or not math.isfinite(hist["test_loss"])
-    return hist
-
-
-def _worker(rank: int, world: int, cfgs: list[C.Config], data: C.Splits
-            ) -> list[dict[str, Any]]:
-    """Entry point of the launch: per-step configurations through ``_cluster._train``
-    (the code :func:`signsgd.experiments._cluster.run` runs), local-step ones through
-    :func:`_train_local`, in order."""
-    sets = [d.batch(torch.arange(len(d))) for d in data]  # normalised once per process
-    out = [_train_local(rank, world, c, sets, data) if isinstance(c, LocalConfig)
-           else C._train(rank, world, None, c, sets, data) for c in cfgs]
-    return out if rank == 0 else []
-
-
 def _launch(cfgs: list[C.Config], data: C.Splits) -> list[dict[str, Any]]:
     """All ``cfgs`` on one launch of :data:`WORLD` Gloo processes; rank 0's results."""
-    from signsgd.distributed.launch import spawn
-
-    if any(c.workers not in (None, WORLD) for c in cfgs):
-        raise ValueError(f"every configuration runs on all {WORLD} ranks")
-    return spawn(_worker, WORLD, (cfgs, data), timeout=3000.0)[0]
+    return C.run(WORLD, cfgs, data, timeout=3000.0)
 
 
 def _splits(quick: bool, seed: int) -> C.Splits:
@@ -238,8 +143,8 @@ def tune(quick: bool = False, seed: int = 0) -> dict[str, float]:
         for lr in TUNE_OUTER_LR:
             for mom in TUNE_OUTER_MOMENTUM:
                 hp = _local(quick, inner, lr * (10 if quick else 1), mom)
-                cfgs.append(LocalConfig(**hp, **base,
-                                        label=f"local/{inner}/{hp['outer_lr']:g}/{mom:g}"))
+                cfgs.append(C.Config(**hp, **base,
+                                     label=f"local/{inner}/{hp['outer_lr']:g}/{mom:g}"))
     data = _splits(quick, seed)
     runs = _launch(cfgs, data._replace(test=data.evaluate))  # score on the held-out split
     return {c.label: r["test_acc"] for c, r in zip(cfgs, runs)}
@@ -292,7 +197,7 @@ def run_experiment(quick: bool = False, seed: int = 0) -> dict[str, Any]:
         f"local_H{H}_clean_within_80pct_of_per_step_vote":
             local0 - CHANCE >= 0.8 * (vote0 - CHANCE),
     }
-    local_cfg = next(c for c in cfgs if isinstance(c, LocalConfig))
+    local_cfg = next(c for c in cfgs if c.sync_every > 1)
     return {
         "paper": PAPER, "mode": "real: 7 Gloo processes (signsgd.distributed.launch.spawn)",
         "world": WORLD, "k": list(KS),
