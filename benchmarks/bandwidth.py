@@ -29,6 +29,22 @@ On the emulator the bytes also cross the namespace's loopback, whose one-flow th
 ``R_lo`` caps every rate (:func:`effective_rate`); :func:`fixed_cost` is a measured time
 less its wire time at that rate.
 
+PowerSGD (torch's ``powerSGD_hook``, Vogels et al. 2019), bytes per rank per step
+(:func:`powersgd_nbytes`): every gradient tensor is viewed as a matrix ``n × m`` with
+``n = shape[0]`` and ``m = numel / n`` (a 1-D tensor is ``n × 1``); with
+``r' = min(n, m, r)`` it is compressed iff ``(n + m)·r'·min_compression_rate < n·m``
+(torch's ``_should_compress``, ``min_compression_rate = 2`` by default; so vectors never
+are). A compressed matrix sends ``P`` (``n·r'``) and ``Q`` (``m·r'``) fp32 values, each
+all-reduced; the other tensors are all-reduced as they are, in fp32. Three ring
+all-reduces (uncompressed, all P, all Q), so per rank
+
+.. math:: W_{\\mathrm{PowerSGD}} = 2 \\cdot \\frac{M-1}{M} \\cdot 4 \\cdot
+    \\Big(\\sum_{\\text{uncompressed}} n m + \\sum_{\\text{compressed}} (n + m)\\, r'\\Big)
+
+bytes each way (each of the three counts rounded up to a multiple of M, as
+:func:`signsgd.distributed.reducer.ring_nbytes` does). That holds from step
+``start_powerSGD_iter`` on; before it the hook all-reduces the whole bucket in fp32.
+
 Example:
     >>> predict_time(0.5, 125_000_000, 10**9)      # 1 Gbit at 1 Gbit/s, plus 0.5 s
     1.5
@@ -37,10 +53,13 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+from signsgd.distributed.reducer import ring_nbytes
+
 __all__ = ["bottleneck_bytes", "predict_time", "break_even_rate", "effective_rate", "fixed_cost",
-           "predicted"]
+           "predicted", "powersgd_split", "powersgd_nbytes"]
 
 
 def bottleneck_bytes(sent_per_rank: float, world_size: int, *, shared: bool = True) -> float:
@@ -135,3 +154,48 @@ def predicted(cell: dict[str, Any], unshaped: dict[str, Any] | None,
     wire = cell["world_size"] * cell["sent"]
     return predict_time(fixed_cost(unshaped["median_s"], wire, None, loopback_bps), wire,
                         effective_rate(cell["rate_bps"], loopback_bps))
+
+
+def powersgd_split(shapes: Iterable[Sequence[int]], rank: int, *,
+                   min_compression_rate: float = 2.0) -> tuple[int, int, int]:
+    """``(uncompressed elements, P elements, Q elements)`` of one PowerSGD step over
+    tensors of ``shapes``, with torch's rule (module docstring).
+
+    Example:
+        >>> powersgd_split([(16, 1, 3, 3), (16,), (128, 1568)], rank=1)  # conv, bias, linear
+        (16, 144, 1577)
+        >>> powersgd_split([(16, 1, 3, 3)], rank=4)   # (16 + 9)·4·2 > 144: not worth it
+        (144, 0, 0)
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank!r}")
+    unc = p = q = 0
+    for shape in shapes:
+        shape = tuple(int(s) for s in shape)
+        if not shape:
+            raise ValueError("a 0-dimensional tensor has no shape[0] (torch's hook fails too)")
+        n = shape[0]
+        m = math.prod(shape) // n if n else 0
+        r = min(n, m, rank)
+        if (n + m) * r * min_compression_rate < n * m:
+            p += n * r
+            q += m * r
+        else:
+            unc += n * m
+    return unc, p, q
+
+
+def powersgd_nbytes(shapes: Iterable[Sequence[int]], rank: int, world_size: int, *,
+                    min_compression_rate: float = 2.0) -> int:
+    """Bytes one rank sends (and receives) in one compressed PowerSGD step: the ring
+    volume of its three fp32 all-reduces (module docstring).
+
+    Example:
+        >>> shapes = [(1024, 1024), (1024,)]       # a 1024×1024 weight and its bias
+        >>> powersgd_nbytes(shapes, 1, 4)          # 2·3/4·4·(1024 + 1024 + 1024) values
+        18432
+        >>> powersgd_nbytes(shapes, 1, 4) / ring_nbytes(1024 * 1025, 4, 4)   # vs fp32
+        0.002926829268292683
+    """
+    unc, p, q = powersgd_split(shapes, rank, min_compression_rate=min_compression_rate)
+    return sum(ring_nbytes(n, world_size, 4) for n in (unc, p, q))

@@ -4,17 +4,30 @@ For each link rate (unshaped, 10 Gbit/s, 1 Gbit/s, 100 Mbit/s), number of worker
 vector size d, M Gloo workers in a fresh network namespace (``signsgd.netem``;
 loopback shaped with ``tc tbf``, i.e. M ranks sharing one link of that rate) time one
 aggregation of a random d-vector with: sharded majority vote, allgather majority vote,
-EF all-reduce (1-bit ScaledSign), fp16 all-reduce and fp32 all-reduce. Every ratio is
+EF all-reduce (1-bit ScaledSign), fp16 all-reduce and fp32 all-reduce — and the peers a
+user would pick instead, through ``torch.nn.parallel.DistributedDataParallel`` and torch's
+own communication hooks: DDP fp32 (no hook), DDP + ``fp16_compress_hook``, DDP +
+``powerSGD_hook`` of rank 1, 2 and 4 (one bucket: with several, the hook fails over Gloo),
+and DDP + ``noop_hook`` (no communication: DDP's own cost). The DDP rows hold d as
+1024-row matrices (``workers.comm_layout``) with a negligible forward (``½·Σ p²``, so the
+gradient is the rank's vector) and time backward + DDP + the hook; PowerSGD's two fp32
+warm-up iterations are taken untimed before (``workers`` module docstring). Every ratio is
 against fp32 all-reduce in the same launch (same rate, M, d). The predicted time is the
 bandwidth model of docs/performance.md: unshaped time of the same cell + 8·M·sent / rate.
+torch's ``bf16_compress_hook`` needs CUDA + NCCL and is not measured here.
 
 Repetitions are adaptive (``benchmarks/workers.py``): an op slower than 2 s is measured once;
 cells whose wire time is predicted above ``--skip-above`` seconds are skipped and listed.
+When the methods' buffers of one d would not fit half the available memory, they are
+measured in consecutive groups (each interleaved).
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_comm.py --quick            # about a minute
+    .venv/bin/python benchmarks/bench_comm.py --quick            # a few minutes
     .venv/bin/python benchmarks/bench_comm.py                    # the full grid
+    .venv/bin/python benchmarks/bench_comm.py --methods fp32-allreduce majority-vote \\
+        fp32-ddp fp16-ddp powersgd-r1 powersgd-r2 powersgd-r4 noop-ddp --workers 4 \\
+        --markdown benchmarks/results/comm_peers.md      # the peers only, M = 4
     .venv/bin/python benchmarks/bench_comm.py --render benchmarks/results/comm.json
 
 Writes ``--json`` (raw records, rewritten after every launch), ``--markdown`` and
@@ -173,8 +186,16 @@ def markdown(data: dict[str, Any]) -> str:
         + (f" ({lo_bps / 1e9:.2f} Gbit/s)" if lo_bps else "")
         + "; `pred/meas` its ratio to the measurement.",
         "- Bytes: `sent`/`recv` = payload of one rank per step (the aggregators' counters; "
-        "ring all-reduce 2(M−1)/M·4d for fp32); `wire` = the namespace's loopback byte "
-        "counter per step, all ranks together, TCP/IP headers included.",
+        "ring all-reduce 2(M−1)/M·4d for fp32; PowerSGD: its P and Q and the tensors it "
+        "does not compress, fp32, three ring all-reduces, `bandwidth.powersgd_nbytes`); "
+        "`wire` = the namespace's loopback byte counter per step, all ranks together, "
+        "TCP/IP headers included.",
+        "- DDP rows: `torch.nn.parallel.DistributedDataParallel` and torch's hooks over d "
+        "held as 1024-row matrices (d = 1M: one 1024 × 977), timing backward of a "
+        "negligible loss (½·Σ p², so the gradient is the rank's vector) + DDP's copies + the "
+        "hook; `DDP + noop hook` is that cost without communication. PowerSGD: torch's "
+        "`powerSGD_hook` with error feedback and warm start, one bucket, timed after its "
+        "2 warm-up iterations. torch's bf16 hook needs CUDA + NCCL: not measured.",
         "",
     ]
     goal = [c for c in cells if c["rate"] in ("1gbit", "1Gbit/s") and c["world_size"] == 4
@@ -316,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="a one-minute subset: d=1M, M=4, unshaped / 1gbit / 100mbit")
+                   help="a few-minute subset: d=1M, M=4, unshaped / 1gbit / 100mbit")
     p.add_argument("--dims", type=size_arg, nargs="+", help="vector sizes (e.g. 1m 11m 25m)")
     p.add_argument("--workers", type=workers_arg, nargs="+", help="numbers of workers M")
     p.add_argument("--rates", type=rate_arg, nargs="+",

@@ -4,9 +4,14 @@ Part 1 (``--part steps``): M = 4 Gloo workers in a fresh network namespace
 (``signsgd.netem``, loopback shaped with ``tc tbf``: the M ranks share one link of the
 given rate) each run whole training steps — forward, backward, aggregation, update — of a
 ResNet-18 (11.7M parameters; ``benchmarks/workers.py``, ``resnet18``) on a fixed batch of
-random 32×32 images, for every method of ``workers.E2E_LABELS`` and every rate. Ratios are
-against ``sgd`` (SGD + fp32 all-reduce: one flat all-reduce after backward) measured in the
-same launch; ``sgd-ddp`` (bucketed, overlapping backward) is there too.
+random 32×32 images, for every method of :data:`STEP_METHODS` (rows of the methods table,
+``workers.METHODS``; ``--methods`` takes any of its names) and every rate: ours, and the
+peers a user would pick instead — DDP fp32 (``sgd-ddp``), DDP + torch's ``fp16_compress_hook``
+(``fp16-ddp``), DDP + torch's ``powerSGD_hook`` of rank 1, 2, 4 (one bucket; timed after its
+``start_powerSGD_iter = 2`` fp32 steps, which are taken untimed first) and DDP + torch's
+``noop_hook`` (``noop-ddp``: no communication, the floor). Ratios are against ``sgd`` (SGD +
+fp32 all-reduce: one flat all-reduce after backward) and ``sgd-ddp`` (bucketed, overlapping
+backward) measured in the same launch. Time to target with the peers: ``bench_tta.py``.
 
 Part 2 (``--part tta``): time-to-accuracy on Fashion-MNIST at 100 Mbit/s, M = 4, the small
 CNN of ``signsgd.models`` (``cnn``), batch 32 per worker: Signum + majority vote against
@@ -47,7 +52,7 @@ from common import (
     write_json,
     write_text,
 )
-from workers import E2E_LABELS, step_time_worker, tta_worker
+from workers import E2E_LABELS, method_arg, step_time_worker, tta_worker
 
 from signsgd.netem import (
     NetworkEmulator,
@@ -58,6 +63,9 @@ from signsgd.netem import (
 )
 
 TTA_METHODS = {"signum": 1e-3, "sgd": 0.05, "signum-ddp-hook": 1e-3}
+#: The step-time methods by default: ours, the fp32 baselines and torch's hooks.
+STEP_METHODS = ["signum", "signum-ddp-hook", "ef-signsgd", "sgd", "sgd-ddp", "sgd-local",
+                "fp16-ddp", "powersgd-r1", "powersgd-r2", "powersgd-r4", "noop-ddp"]
 
 
 def run_steps(args: argparse.Namespace, data: dict[str, Any], emu_ok: bool) -> None:
@@ -158,7 +166,9 @@ def markdown(data: dict[str, Any]) -> str:
             "",
             "Median over steps of the slowest rank's step time (forward + backward + "
             "aggregation + update; one warm-up step first; a step slower than 4 s is timed "
-            "once). `× SGD` = time / (SGD + fp32 all-reduce) in the same launch; "
+            "once; PowerSGD (torch's hook, error feedback and warm start, one DDP bucket) after "
+            "its 2 fp32 warm-up steps, LocalSteps in whole rounds / H). `× SGD` = time / "
+            "(SGD + fp32 all-reduce) in the same launch; "
             "`pred.` = bandwidth model T0 + 8·M·sent/min(rate, R_lo) with T0 from the "
             "unshaped row (docs/performance.md).",
             "",
@@ -292,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--part", choices=("steps", "tta", "both"), default="both")
     p.add_argument("--workers", type=workers_arg, default=4)
     p.add_argument("--rates", type=rate_arg, nargs="+", default=list(DEFAULT_RATES))
-    p.add_argument("--methods", nargs="+", choices=list(E2E_LABELS), default=list(E2E_LABELS))
+    p.add_argument("--methods", nargs="+", type=method_arg, default=list(STEP_METHODS),
+                   help="rows of workers.METHODS (default: %(default)s)")
     p.add_argument("--batch", type=int, default=16, help="images per worker per step")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--target-s", type=float, default=6.0)

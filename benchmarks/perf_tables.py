@@ -8,11 +8,16 @@ Reads ``benchmarks/results/comm.json`` (``bench_comm.py``) and, if present,
 3. the best observed fixed cost per cell (smallest measured − wire time over the rates) and,
    from it, the break-even rate above which each compressed method stops beating fp32
    all-reduce, on the emulated shared link and on a switched network (per-machine links);
-4. the same for whole ResNet-18 training steps.
+4. the same for whole ResNet-18 training steps (the peers — DDP + torch's fp16 and
+   PowerSGD hooks — against the same baselines; ``noop-ddp``, no communication, is a
+   floor and has no break-even);
+5. from ``benchmarks/results/tta_*.json`` (``bench_tta.py``), if present: time to target
+   per workload, method and rate, as a multiple of DDP fp32's (SGD and AdamW), and the
+   fastest method at each rate.
 
 Usage::
 
-    .venv/bin/python benchmarks/perf_tables.py [--comm PATH] [--e2e PATH]
+    .venv/bin/python benchmarks/perf_tables.py [--comm PATH] [--e2e PATH] [--tta PATH ...]
 """
 
 from __future__ import annotations
@@ -156,7 +161,7 @@ def e2e_tables(data: dict[str, Any]) -> str:
     for meth, t0 in best.items():
         cols = []
         for _name, tb, wb in bases:
-            if meth in ("sgd", "sgd-ddp", "sgd-local"):
+            if meth in ("sgd", "sgd-ddp", "sgd-local", "noop-ddp"):
                 cols += ["–", "–"]
                 continue
             cols += [_rate_text(break_even_rate(t0, m * sent[meth], tb, m * wb)),
@@ -166,17 +171,72 @@ def e2e_tables(data: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def tta_tables(data: dict[str, Any]) -> str:
+    """Section 5 from a time-to-target run: per workload, time to target (s) per method and
+    rate with its multiple of ``sgd-ddp``'s and ``adamw-ddp``'s, then the fastest method
+    per rate."""
+    from bench_tta import rows
+
+    table = rows(data)
+    out: list[str] = []
+    for w in data["settings"]["workloads"]:
+        tr = [r for r in table if r["workload"] == w]
+        if not tr:
+            continue
+        rates = list(dict.fromkeys(r["rate"] for r in tr))
+        ws = data["settings"]["per_workload"][w]
+        out += [f"### Time to target, `{w}` (target {ws['target']:g}), M = "
+                f"{data['settings']['workers']}", "",
+                "Cells: seconds of training to the target (model: steps to target × step "
+                "time at that rate) / × SGD + DDP / × AdamW + DDP. `–`: not reached or not "
+                "trained to a target.", "",
+                "| method | " + " | ".join(format_rate(parse_rate(r)) for r in rates) + " |",
+                "|---|" + "---:|" * len(rates)]
+        for m in dict.fromkeys(r["method"] for r in tr):
+            cells = []
+            for rate in rates:
+                r = next((x for x in tr if x["method"] == m and x["rate"] == rate), None)
+                if r is None or r["tta_s"] is None:
+                    cells.append("–")
+                    continue
+                vs = [f"{v:.2f}" if v is not None else "–"
+                      for v in (r["vs"]["sgd-ddp"], r["vs"]["adamw-ddp"])]
+                cells.append(f"{r['tta_s']:.1f} / {vs[0]} / {vs[1]}")
+            out.append(f"| {E2E_LABELS[m]} | " + " | ".join(cells) + " |")
+        fastest = []
+        for rate in rates:
+            done = sorted((r["tta_s"], r["method"]) for r in tr
+                          if r["rate"] == rate and r["tta_s"] is not None)
+            if not done:
+                continue
+            best = f"{E2E_LABELS[done[0][1]]} | {done[0][0]:.1f}"
+            nxt = (f"{E2E_LABELS[done[1][1]]} | {done[1][0]:.1f}" if len(done) > 1
+                   else "– | –")
+            fastest.append(f"| {format_rate(parse_rate(rate))} | {best} | {nxt} |")
+        if fastest:
+            out += ["", "| rate | fastest to the target | time (s) | next | time (s) |",
+                    "|---|---|---:|---|---:|", *fastest]
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the tables."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--comm", default=str(HERE / "results" / "comm.json"))
     p.add_argument("--e2e", default=str(HERE / "results" / "e2e.json"))
+    p.add_argument("--tta", nargs="*", default=None,
+                   help="bench_tta.py results (default: results/tta_*.json)")
     p.add_argument("--pred-m", type=int, default=None,
                    help="list predicted vs measured only for this M (summary: all)")
     args = p.parse_args(argv)
     print(comm_tables(read_results(args.comm), args.pred_m))
     if Path(args.e2e).exists():
         print(e2e_tables(read_results(args.e2e)))
+    tta = args.tta if args.tta is not None else sorted(
+        str(p) for p in (HERE / "results").glob("tta_*.json"))
+    for path in tta:
+        print(tta_tables(read_results(path)))
     return 0
 
 

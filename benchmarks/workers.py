@@ -1,4 +1,5 @@
-"""What runs on every rank of the network benchmarks (``bench_comm.py``, ``bench_e2e.py``).
+"""What runs on every rank of the network benchmarks (``bench_comm.py``, ``bench_e2e.py``,
+``bench_tta.py``), and the benchmarks' one table of training methods (:data:`METHODS`).
 
 The scripts hand these functions to :func:`signsgd.netem.launch`, which runs them in M Gloo
 workers behind a shaped loopback; the workers import this module through the parent's
@@ -15,23 +16,74 @@ method                       what one step does
 ``ef-allreduce``             ``ErrorFeedbackAllReduce().reduce([x], compressor=ScaledSign())``
 ``fp16-allreduce``           cast to fp16, ``torch.distributed.all_reduce`` (Gloo), back, / M
 ``fp32-allreduce``           ``AllReduce().reduce([x])`` (one Gloo ``all_reduce`` of fp32, / M)
+``fp32-ddp``                 DDP (default 25 MB buckets, no hook: its fp32 all-reduce)
+``fp16-ddp``                 DDP + torch's ``fp16_compress_hook``
+``powersgd-r1/-r2/-r4``      DDP (one bucket) + torch's ``powerSGD_hook``, rank 1 / 2 / 4
+``noop-ddp``                 DDP + torch's ``noop_hook``: no communication (the floor)
 ===========================  ==================================================================
 
-**Whole training steps** (:func:`step_time_worker`, :func:`tta_worker`) of the methods of
-:data:`E2E_LABELS`; the optimisers come from :func:`signsgd.registry.build`:
+The DDP rows need matrices: their module holds ``d`` as the layout of
+:func:`comm_layout` (as many 1024 × 1024 matrices as fit, then one 1024 × c with
+``c = ⌈rest / 1024⌉``, so a little more than ``d``: +0.05 % at d = 1M), with the rank's
+random vector as the parameters, and a negligible forward, ``loss = ½·Σ p²``, so that
+backward yields the fixed gradient ``p`` and one DDP step is backward + DDP's copies +
+the hook. That step costs O(d) elementwise work that the reducer rows do not have;
+``noop-ddp`` measures it. PowerSGD runs its compressed steps in every timed call: its
+``start_powerSGD_iter = 2`` warm-up iterations (torch's minimum with error feedback or warm
+start) are taken untimed, before the measurement, with torch's ``noop_hook`` in place of the
+vanilla fp32 all-reduce (a dispatching hook; the warm-up only advances the state's counter
+and lets DDP rebuild its bucket, and the values of a timing run do not matter), so a slow
+link does not pay two fp32 all-reduces per cell. Everything else is torch's hook as it is.
 
-=====================  ======================================================================
-``signum``             ``build("signum", world_size=M)``: Signum(0.9) + sharded majority vote
-``signum-ddp-hook``    DDP + ``majority_vote_hook`` (momentum 0.9 in the hook) +
-                       ``torch.optim.SGD(momentum=0)``
-``ef-signsgd``         ``build("ef-signsgd", world_size=M)``: ScaledSign + EF all-reduce
-``sgd``                ``build("sgd", momentum=0.9, world_size=M)``: gradients averaged by one
-                       fp32 ``AllReduce`` after backward (the same structure as ``signum``)
-``sgd-ddp``            DDP (fp32 bucketed all-reduce overlapping backward) +
-                       ``torch.optim.SGD(momentum=0.9)``: what most users run today
-``sgd-local``          ``build("sgd", momentum=0.9)`` with no communication at all: the
-                       compute-only step time under the same CPU sharing
-=====================  ======================================================================
+**The methods table** (:data:`METHODS`, labels in :data:`E2E_LABELS`): one row per
+training method — label, how :class:`Trainer` builds it, default learning rate per
+workload. Our optimisers come from :func:`signsgd.registry.build` (with ``world_size=M``
+they communicate through their reducer); the peers are ``torch.nn.parallel.
+DistributedDataParallel`` with torch's own communication hooks
+(``torch.distributed.algorithms.ddp_comm_hooks``), and their local optimiser from the
+registry with ``world_size=1`` (``torch.optim.SGD`` / ``torch.optim.AdamW``):
+
+==========================  =======================================================================
+``signum``                  ``build("signum", world_size=M)``: Signum(0.9) + sharded majority vote
+``signum-ddp-hook``         DDP + ``majority_vote_hook`` (momentum 0.9 in the hook) +
+                            ``torch.optim.SGD(momentum=0)``
+``ef-signsgd``              ``build("ef-signsgd", world_size=M)``: ScaledSign + EF all-reduce
+``lion``                    ``build("lion", world_size=M)``: Lion + sharded majority vote
+``sgd``                     ``build("sgd", momentum=0.9, world_size=M)``: gradients averaged by one
+                            fp32 ``AllReduce`` after backward (the same structure as ``signum``)
+``adamw``                   ``build("adamw", world_size=M)``: AdamW + one fp32 all-reduce of the
+                            gradients after backward (``AverageGradients``)
+``sgd-ddp``                 DDP (fp32 bucketed all-reduce overlapping backward) +
+                            ``torch.optim.SGD(momentum=0.9)``: what most users run today
+``adamw-ddp``               DDP fp32 + ``torch.optim.AdamW``: what most language-model users run
+``fp16-ddp``                DDP + ``default_hooks.fp16_compress_hook`` + SGD(momentum=0.9)
+``powersgd-r1/-r2/-r4``     DDP with **one bucket** + ``powerSGD_hook`` with
+                            ``PowerSGDState(process_group=None, matrix_approximation_rank=r,
+                            start_powerSGD_iter=S, use_error_feedback=True, warm_start=True)``
+                            + SGD(momentum=0.9), as torch's docs use it
+``powersgd-r2-adamw``       the same hook (r = 2) + ``torch.optim.AdamW`` (for the language model,
+                            where SGD is weak)
+``noop-ddp``                DDP + ``debugging_hooks.noop_hook`` + SGD: no communication at all, the
+                            ranks' models drift apart; a lower bound for step times only
+``sgd-local``               ``build("sgd", momentum=0.9)``, no communication, no DDP: the
+                            compute-only step time under the same CPU sharing
+``local-adamw-hH``          ``LocalSteps(build("adamw"), sync_every=H, outer_lr, outer_momentum,
+``local-signum-hH``         reducer=MajorityVote())``: H local steps, then one voted outer step;
+                            any H (the name is parsed), :data:`LOCAL_H` by default
+==========================  =======================================================================
+
+Facts about torch's hooks that the table relies on (read in torch 2.13's
+``ddp_comm_hooks/powerSGD_hook.py``): PowerSGD views every gradient tensor as
+``shape[0] × rest`` and compresses it only if ``(n + m)·r·min_compression_rate < n·m``
+(``min_compression_rate = 2``; so biases and norm weights, ``n × 1``, never are) — bytes in
+:func:`bandwidth.powersgd_nbytes`; it all-reduces the whole bucket in fp32 for the first
+``start_powerSGD_iter`` steps (counted per DDP iteration, on the last bucket), and needs
+``start_powerSGD_iter >= 2`` with error feedback or warm start (DDP rebuilds its buckets
+after the first iteration); error feedback adds each rank's compression error to its next
+gradient; warm start reuses the previous step's Q. Over Gloo with several buckets the hook
+fails ("Received data size doesn't match expected size"), so its rows use one bucket
+(``bucket_cap_mb`` above the model's size). ``bf16_compress_hook`` needs CUDA and NCCL (not
+on a CPU-only machine), so it is not in the table.
 
 DDP models are built with ``init_sync=False`` (every rank builds the same model from the
 same seed), so constructing them does not broadcast the parameters over the slow link.
@@ -41,10 +93,14 @@ rank's. Repetitions are adaptive: the first call is a warm-up that sets the numb
 repetitions (about ``target_s`` seconds' worth, ``min_reps`` to ``max_reps``); a first call
 slower than ``slow_s`` is instead the only measurement (one aggregation) or followed by one
 timed step (a training step). The methods take turns in rounds, so drift of a shared
-machine hits all of them alike; the median is reported.
+machine hits all of them alike; the median is reported. A LocalSteps method is timed in
+whole rounds of H steps (its time per step is the round's / H); a PowerSGD method only
+after its ``start_powerSGD_iter`` fp32 steps (taken untimed first).
 
-Bytes: ``sent`` / ``received`` are the payload bytes of one rank (the reducers' and the
-hook's counters, header included; for fp16 and DDP the ring volume ``2·(M−1)·⌈n/M⌉·size``);
+Bytes: ``sent`` / ``received`` are the payload bytes of one rank per step (the reducers' and
+the hook's counters, header included; for DDP fp32 / fp16 the ring volume
+``2·(M−1)·⌈n/M⌉·size``; for PowerSGD :func:`bandwidth.powersgd_nbytes` once compressing, the
+fp32 ring before; ``noop`` 0; LocalSteps the reducer's bytes of one synchronisation / H);
 ``wire`` is the namespace's loopback byte counter around each timed call, rank 0's reading:
 every byte all ranks put on the wire in one step, TCP/IP headers and acknowledgements and
 the small barrier and timing messages included (only meaningful inside a namespace).
@@ -52,14 +108,19 @@ the small barrier and timing messages included (only meaningful inside a namespa
 
 from __future__ import annotations
 
+import math
+import os
+import re
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from common import barrier, timed
+from bandwidth import powersgd_nbytes
+from common import ROOT, barrier, timed
 from torch import Tensor, nn
 
 from signsgd import registry
@@ -67,16 +128,20 @@ from signsgd.compression import ScaledSign
 from signsgd.distributed import (
     AllReduce,
     ErrorFeedbackAllReduce,
+    LocalSteps,
     MajorityVote,
     MajorityVoteHookState,
     majority_vote_hook,
 )
 from signsgd.distributed.reducer import ring_nbytes
 from signsgd.distributed.vote import vote_nbytes
+from signsgd.errors import NonFiniteGradientError
 from signsgd.netem import read_lo_bytes
 
-__all__ = ["COMM_LABELS", "E2E_LABELS", "comm_worker", "payload_bytes", "make_op", "resnet18",
-           "Trainer", "step_time_worker", "tta_worker"]
+__all__ = ["COMM_LABELS", "E2E_LABELS", "METHODS", "LOCAL_H", "WORKLOADS", "Method",
+           "method", "method_arg", "comm_layout", "comm_worker", "payload_bytes", "make_op",
+           "resnet18", "Trainer", "make_workload", "step_time_worker", "workload_step_worker",
+           "curve_worker", "tta_worker"]
 
 #: the aggregation methods of :func:`comm_worker` and their table labels.
 COMM_LABELS: dict[str, str] = {
@@ -85,16 +150,14 @@ COMM_LABELS: dict[str, str] = {
     "ef-allreduce": "EF all-reduce (1 bit)",
     "fp16-allreduce": "fp16 all-reduce",
     "fp32-allreduce": "fp32 all-reduce",
+    "fp32-ddp": "DDP fp32 (buckets of 25 MB)",
+    "fp16-ddp": "DDP + fp16 hook",
+    "powersgd-r1": "DDP + PowerSGD r=1 (1 bucket)",
+    "powersgd-r2": "DDP + PowerSGD r=2 (1 bucket)",
+    "powersgd-r4": "DDP + PowerSGD r=4 (1 bucket)",
+    "noop-ddp": "DDP + noop hook (no communication)",
 }
-#: the training methods of :class:`Trainer` and their table labels.
-E2E_LABELS: dict[str, str] = {
-    "signum": "Signum + majority vote",
-    "signum-ddp-hook": "DDP + majority-vote hook",
-    "ef-signsgd": "EF-signSGD + EF all-reduce",
-    "sgd": "SGD + fp32 all-reduce",
-    "sgd-ddp": "SGD + DDP (fp32)",
-    "sgd-local": "no communication (compute only)",
-}
+_COMM_DDP = ("fp32-ddp", "fp16-ddp", "powersgd-r1", "powersgd-r2", "powersgd-r4", "noop-ddp")
 
 
 # ------------------------------------------------------------------------------- timing
@@ -139,30 +202,117 @@ def _measure(steps: dict[str, Callable[[], Any]], rank: int, in_namespace: bool,
 
 
 # ------------------------------------------------------------------------------- one step
+def comm_layout(d: int, rows: int = 1024) -> list[tuple[int, int]]:
+    """The matrices that hold ``d`` values for the DDP rows of :func:`comm_worker`: as many
+    ``rows × rows`` as fit, then one ``rows × ⌈rest / rows⌉`` (a little more than ``d``).
+
+    Example:
+        >>> comm_layout(1_000_000)
+        [(1024, 977)]
+        >>> len(comm_layout(25_000_000)), comm_layout(25_000_000)[-1]
+        (24, (1024, 863))
+    """
+    if d < 1:
+        raise ValueError(f"d must be >= 1, got {d!r}")
+    full, rest = divmod(int(d), rows * rows)
+    return [(rows, rows)] * full + ([(rows, -(-rest // rows))] if rest else [])
+
+
 def payload_bytes(method: str, d: int, world_size: int) -> tuple[int, int]:
     """Payload bytes one rank sends and receives in one step, from the wire formats alone.
 
     The votes from :func:`signsgd.distributed.vote.vote_nbytes`; EF all-reduce as the
     sharded vote (1 bit each way; the per-chunk scales are ignored here); the all-reduces
-    as a ring, :func:`signsgd.distributed.reducer.ring_nbytes`.
+    as a ring, :func:`signsgd.distributed.reducer.ring_nbytes` (the DDP rows over the
+    :func:`comm_layout` of ``d``); PowerSGD from :func:`bandwidth.powersgd_nbytes`.
 
     Example:
         >>> payload_bytes("fp32-allreduce", 1000, 4)
         (6000, 6000)
+        >>> payload_bytes("powersgd-r1", 1_000_000, 4)    # (1024 + 977)·1 fp32 values, a ring
+        (12024, 12024)
     """
     if method in ("majority-vote", "majority-vote-allgather", "ef-allreduce"):
         mode = "allgather" if method == "majority-vote-allgather" else "sharded"
         return vote_nbytes(d, world_size, mode)
-    width = {"fp32-allreduce": 4, "fp16-allreduce": 2}.get(method)
+    if method.startswith("powersgd-r") and method in COMM_LABELS:
+        b = powersgd_nbytes(comm_layout(d), int(method[len("powersgd-r"):]), world_size)
+        return b, b
+    if method in _COMM_DDP:
+        d = sum(n * m for n, m in comm_layout(d))
+    width = {"fp32-allreduce": 4, "fp16-allreduce": 2, "fp32-ddp": 4, "fp16-ddp": 2,
+             "noop-ddp": 0}.get(method)
     if width is None:
         raise ValueError(f"unknown method {method!r}; choose from {list(COMM_LABELS)}")
     b = ring_nbytes(d, world_size, width)
     return b, b
 
 
+class _Held(nn.Module):
+    """Parameters in a given layout; ``forward() = ½·Σ p²``, so each gradient is ``p``."""
+
+    def __init__(self, values: Tensor, shapes: Sequence[tuple[int, int]]) -> None:
+        super().__init__()
+        flat = torch.zeros(sum(n * m for n, m in shapes))
+        flat[:values.numel()] = values
+        self.ps = nn.ParameterList(nn.Parameter(t.view(s).clone()) for t, s in zip(
+            flat.split([n * m for n, m in shapes]), shapes))
+
+    def forward(self) -> Tensor:
+        return sum((0.5 * (p * p).sum() for p in self.ps), torch.zeros(()))
+
+
+def _noop_warmup(hook: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """``hook`` (torch's ``powerSGD_hook``), with torch's ``noop_hook`` in place of the
+    vanilla all-reduce for the state's first ``start_powerSGD_iter`` iterations (the
+    iteration counter advances exactly as in the hook's own vanilla branch)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
+
+    def dispatch(state, bucket):  # type: ignore[no-untyped-def]  # DDP checks annotations
+        if state.iter < state.start_powerSGD_iter:
+            state.maybe_increase_iter(bucket)
+            return noop_hook(None, bucket)
+        return hook(state, bucket)
+    return dispatch
+
+
+def _comm_ddp(method: str, x: Tensor) -> Callable[[], Any]:
+    """One DDP step of ``method`` over the :func:`comm_layout` of ``x`` (module docstring);
+    PowerSGD's two warm-up iterations are taken here."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+    from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    shapes = comm_layout(x.numel())
+    module = _Held(x, shapes)
+    if method.startswith("powersgd"):
+        ddp = DDP(module, init_sync=False, bucket_cap_mb=_one_bucket_mb(module))
+        state = powerSGD_hook.PowerSGDState(
+            process_group=None, matrix_approximation_rank=int(method[len("powersgd-r"):]),
+            start_powerSGD_iter=2, use_error_feedback=True, warm_start=True)
+        ddp.register_comm_hook(state, _noop_warmup(powerSGD_hook.powerSGD_hook))
+    else:
+        ddp = DDP(module, init_sync=False)
+        if method == "fp16-ddp":
+            ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+        elif method == "noop-ddp":
+            ddp.register_comm_hook(None, noop_hook)
+
+    def step() -> None:
+        module.zero_grad(set_to_none=True)
+        ddp().backward()
+
+    if method.startswith("powersgd"):
+        for _ in range(2):
+            step()
+    return step
+
+
 def make_op(method: str, x: Tensor, world_size: int
             ) -> tuple[Callable[[], Any], Callable[[], tuple[int, int]]]:
     """``(op, nbytes)``: ``op()`` does one aggregation of ``x``; ``nbytes()`` its payload.
+
+    The DDP methods need an initialised process group.
 
     Example:
         >>> op, nbytes = make_op("majority-vote", torch.tensor([0.5, -2.0]), 1)  # 1 process
@@ -187,7 +337,47 @@ def make_op(method: str, x: Tensor, world_size: int
             return buf.to(torch.float32).div_(world_size)
 
         return fp16, (lambda: payload_bytes(method, x.numel(), world_size))
+    if method in _COMM_DDP:
+        return _comm_ddp(method, x), (lambda: payload_bytes(method, x.numel(), world_size))
     raise ValueError(f"unknown method {method!r}; choose from {list(COMM_LABELS)}")
+
+
+#: rough bytes per coordinate each method holds while its op exists (for the grouping).
+_OP_BYTES = {"majority-vote": 2, "majority-vote-allgather": 4, "ef-allreduce": 8,
+             "fp16-allreduce": 6, "fp32-allreduce": 8, "fp32-ddp": 12, "fp16-ddp": 14,
+             "noop-ddp": 12, "powersgd-r1": 20, "powersgd-r2": 20, "powersgd-r4": 20}
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f
+                        if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return None
+
+
+def _groups(methods: Sequence[str], d: int, world_size: int, budget: int | None
+            ) -> list[list[str]]:
+    """Consecutive groups of ``methods`` whose ops fit ``budget`` bytes per rank together
+    (all in one group when they fit, or when the budget is unknown).
+
+    Example:
+        >>> _groups(["fp32-ddp", "powersgd-r1", "majority-vote"], 10**6, 4, 30 * 10**6)
+        [['fp32-ddp'], ['powersgd-r1', 'majority-vote']]
+    """
+    if budget is None:
+        return [list(methods)]
+    out: list[list[str]] = [[]]
+    used = 4 * d  # the vector itself
+    for m in methods:
+        need = _OP_BYTES.get(m, 8) * d
+        if out[-1] and used + need > budget:
+            out.append([])
+            used = 4 * d
+        out[-1].append(m)
+        used += need
+    return out
 
 
 def comm_worker(
@@ -205,6 +395,11 @@ def comm_worker(
 ) -> list[dict[str, Any]]:
     """Time every ``(d, method)``; return one record per pair (the same on every rank).
 
+    The methods of one ``d`` take turns (module docstring); when their buffers would not
+    fit half the machine's available memory (``MemAvailable`` / M per rank) they are
+    measured in consecutive groups that do, each group interleaved (``group`` in the
+    record).
+
     Args:
         dims: vector sizes d.
         methods: names from :data:`COMM_LABELS`.
@@ -216,37 +411,48 @@ def comm_worker(
 
     Returns:
         dicts with ``d, method, world_size, times, wire, median_s, reps, sent, received,
-        wire_per_step`` (``None`` outside a namespace and on ranks > 0) and ``status``
-        (``"ok"`` or ``"skipped: ..."``).
+        wire_per_step`` (``None`` outside a namespace and on ranks > 0), ``group`` and
+        ``status`` (``"ok"`` or ``"skipped: ..."``).
 
     Example:
         >>> comm_worker(0, 1, [8], ["fp32-allreduce"], in_namespace=False)[0]["sent"]
         0
     """
     records: list[dict[str, Any]] = []
+    avail = _mem_available()
+    # the same budget on every rank: the smallest reading
+    budget_t = torch.tensor([avail if avail is not None else -1], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(budget_t, op=dist.ReduceOp.MIN)
+    budget = int(budget_t) // (2 * world_size) if float(budget_t) > 0 else None
     for d in dims:
         x = torch.randn(int(d), generator=torch.Generator().manual_seed(1000 + rank))
-        ops: dict[str, tuple[Callable[[], Any], Callable[[], tuple[int, int]]]] = {}
+        todo: list[str] = []
+        cells: dict[str, dict[str, Any]] = {}
         for method in methods:
             sent, received = payload_bytes(method, int(d), world_size)
             rec: dict[str, Any] = {"d": int(d), "method": method, "world_size": world_size,
                                    "times": [], "wire": [], "median_s": None, "reps": 0,
                                    "sent": sent, "received": received,
-                                   "wire_per_step": None, "status": "ok"}
+                                   "wire_per_step": None, "group": None, "status": "ok"}
             records.append(rec)
+            cells[method] = rec
             pred = world_size * sent * 1.1 * 8 / rate_bps if rate_bps else 0.0
             if skip_above_s is not None and pred > skip_above_s:
                 rec["status"] = f"skipped: predicted {pred:.0f} s > {skip_above_s:g} s"
             else:
-                ops[method] = make_op(method, x, world_size)
-        timing = _measure({m: op for m, (op, _) in ops.items()}, rank, in_namespace,
-                          slow_s=slow_s, target_s=target_s, min_reps=min_reps,
-                          max_reps=max_reps, keep_slow_first=True)
-        for rec in records[-len(methods):]:
-            if rec["method"] in ops:
-                rec.update({k: v for k, v in timing[rec["method"]].items() if k != "warmup_s"})
-                rec["sent"], rec["received"] = ops[rec["method"]][1]()
-        del ops, x
+                todo.append(method)
+        for g, group in enumerate(_groups(todo, int(d), world_size, budget)):
+            ops = {m: make_op(m, x, world_size) for m in group}
+            timing = _measure({m: op for m, (op, _) in ops.items()}, rank, in_namespace,
+                              slow_s=slow_s, target_s=target_s, min_reps=min_reps,
+                              max_reps=max_reps, keep_slow_first=True)
+            for m, (_, nbytes) in ops.items():
+                cells[m].update({k: v for k, v in timing[m].items() if k != "warmup_s"})
+                cells[m]["sent"], cells[m]["received"] = nbytes()
+                cells[m]["group"] = g
+            del ops
+        del x
     return records
 
 
@@ -288,15 +494,268 @@ def resnet18(num_classes: int = 1000) -> nn.Module:
                          nn.Linear(512, num_classes))
 
 
+# ------------------------------------------------------------------------------- methods
+#: Default learning rates per workload. ``cnn``: the values tuned on Fashion-MNIST with the
+#: small CNN at a global batch of 128 (docs/tuning.md; AdamW takes Adam's). ``gpt``: NOT
+#: tuned — the best of a few 200-step smoke runs (one process, 32 sequences of 128 = the
+#: global batch of 4 workers, warm-up 30 then cosine, clipping 1.0; validation loss at step
+#: 200): AdamW 5e-3 (2.44) of {2e-3, 5e-3}; Signum 1e-3 (2.46) of {3e-4, 1e-3}; Lion 1e-3
+#: (2.52) of {3e-4, 1e-3}; SGD(0.9) 0.1 (2.56) of {0.1, 0.3, 1}; EF-signSGD not tried.
+#: The AdamW, Signum and Lion values sit at the edge of what was tried. Override them
+#: (``bench_tta.py --lr``) with tuned language-model rates where those exist.
+_LR_SGD = {"cnn": 0.1, "gpt": 0.1}
+_LR_ADAMW = {"cnn": 3e-3, "gpt": 5e-3}
+_LR_SIGNUM = {"cnn": 1e-3, "gpt": 1e-3}
+_LR_LION = {"cnn": 1e-3, "gpt": 1e-3}
+_LR_EF = {"cnn": 0.3, "gpt": 0.3}
+
+#: The H of the ``local-*-hH`` methods listed by default (any H >= 1 is accepted by name).
+LOCAL_H: tuple[int, ...] = (4, 8, 16)
+_LOCAL = re.compile(r"local-(adamw|signum)-h([1-9][0-9]*)")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the methods table: its label, how :class:`Trainer` builds it, and its
+    default learning rate per workload.
+
+    ``build(trainer)`` sets ``trainer.model`` (what the forward pass calls: the model or
+    its DDP wrapper), ``trainer.opt`` and ``trainer.counter`` (what :meth:`Trainer.bytes`
+    reads). ``ddp``: built on DDP (needs an initialised process group even for M = 1).
+    ``tta``: the ranks' models stay identical, so it can be trained to a target.
+    ``sync_every``: H of a LocalSteps method (1 otherwise). ``powersgd_rank``: r of a
+    PowerSGD method.
+
+    Example:
+        >>> METHODS["powersgd-r2"].powersgd_rank, METHODS["noop-ddp"].tta
+        (2, False)
+    """
+
+    name: str
+    label: str
+    build: Callable[[Trainer], None] = field(repr=False)
+    lr: dict[str, float]
+    ddp: bool = False
+    tta: bool = True
+    sync_every: int = 1
+    powersgd_rank: int | None = None
+    inner: str | None = None  # the registry's optimiser this method runs
+
+
+def _counted(tr: Trainer) -> tuple[int, int]:
+    c = tr.counter
+    return (int(c.bytes_sent), int(c.bytes_received)) if c is not None else (0, 0)
+
+
+def _ours(name: str, *, local: bool = False, **hp: Any) -> Callable[[Trainer], None]:
+    """``registry.build(name, world_size=M)`` (``local``: world_size 1, no communication)."""
+    def build(tr: Trainer) -> None:
+        tr.opt = registry.build(name, tr.module.parameters(),
+                                world_size=1 if local else tr.world_size, lr=tr.lr, **hp)
+        tr.counter = getattr(tr.opt, "aggregator", None) or getattr(tr.opt, "reducer", None)
+        tr.nbytes = _counted
+    return build
+
+
+def _one_bucket_mb(model: nn.Module) -> float:
+    """A ``bucket_cap_mb`` that puts every parameter of ``model`` in one DDP bucket."""
+    return math.ceil(sum(p.numel() * p.element_size() for p in model.parameters())
+                     / 2**20) + 1
+
+
+def _ddp(opt: str, hook: str | None = None, *, rank: int | None = None,
+         **hp: Any) -> Callable[[Trainer], None]:
+    """DDP + torch's hook ``hook`` (``None``: DDP's own fp32 all-reduce; ``fp16``, ``noop``,
+    ``powersgd`` with ``rank``; ``vote``: our ``majority_vote_hook``) + the registry's local
+    ``opt`` (``torch.optim.SGD`` / ``AdamW``)."""
+    def build(tr: Trainer) -> None:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+        from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        m = tr.module
+        fp32 = ring_nbytes(tr.numel, tr.world_size, 4)
+        if hook == "powersgd":
+            tr.model = DDP(m, init_sync=False, bucket_cap_mb=_one_bucket_mb(m))
+            tr.powersgd = powerSGD_hook.PowerSGDState(
+                process_group=None, matrix_approximation_rank=rank,
+                start_powerSGD_iter=tr.start_powersgd_iter, use_error_feedback=True,
+                warm_start=True)
+            tr.model.register_comm_hook(tr.powersgd, powerSGD_hook.powerSGD_hook)
+            compressed = powersgd_nbytes(tr.shapes, int(rank or 1), tr.world_size)
+
+            def nbytes(t: Trainer) -> tuple[int, int]:  # the hook's phase of the last step
+                assert t.powersgd is not None
+                b = compressed if t.powersgd.iter > t.powersgd.start_powerSGD_iter else fp32
+                return b, b
+            tr.nbytes = nbytes
+        else:
+            tr.model = DDP(m, init_sync=False)
+            if hook == "vote":
+                tr.counter = MajorityVoteHookState(momentum=0.9, module=tr.model)
+                tr.model.register_comm_hook(tr.counter, majority_vote_hook)
+                tr.nbytes = _counted
+            else:
+                if hook == "fp16":
+                    tr.model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+                elif hook == "noop":
+                    tr.model.register_comm_hook(None, noop_hook)
+                b = {None: fp32, "fp16": ring_nbytes(tr.numel, tr.world_size, 2),
+                     "noop": 0}[hook]
+                tr.nbytes = lambda t: (b, b)
+        tr.opt = registry.build(opt, tr.model.parameters(), world_size=1, lr=tr.lr, **hp)
+    return build
+
+
+def _local(inner: str, h: int) -> Callable[[Trainer], None]:
+    """``LocalSteps(registry.build(inner, world_size=1), sync_every=h, ...)`` (train.py's
+    construction, with the majority vote as the outer reducer)."""
+    def build(tr: Trainer) -> None:
+        opt = registry.build(inner, tr.module.parameters(), lr=tr.lr)
+        outer_lr = tr.outer_lr if tr.outer_lr is not None else tr.lr
+        tr.opt = LocalSteps(opt, h, outer_lr, tr.outer_momentum, MajorityVote())
+        tr.counter = tr.opt.reducer
+        per_sync = vote_nbytes(tr.numel, tr.world_size)[0]
+
+        def nbytes(t: Trainer) -> tuple[int, int]:  # one synchronisation's bytes / H
+            c = t.counter
+            sent = int(c.bytes_sent) or per_sync
+            received = int(c.bytes_received) or per_sync
+            return round(sent / h), round(received / h)
+        tr.nbytes = nbytes
+    return build
+
+
+def _rows() -> Iterator[Method]:
+    yield Method("signum", "Signum + majority vote", _ours("signum", momentum=0.9), _LR_SIGNUM,
+                 inner="signum")
+    yield Method("signum-ddp-hook", "DDP + majority-vote hook",
+                 _ddp("sgd", "vote", momentum=0.0), _LR_SIGNUM, ddp=True, inner="signum")
+    yield Method("ef-signsgd", "EF-signSGD + EF all-reduce", _ours("ef-signsgd"), _LR_EF,
+                 inner="ef-signsgd")
+    yield Method("lion", "Lion + majority vote", _ours("lion"), _LR_LION, inner="lion")
+    yield Method("sgd", "SGD + fp32 all-reduce", _ours("sgd", momentum=0.9), _LR_SGD,
+                 inner="sgd")
+    yield Method("adamw", "AdamW + fp32 all-reduce", _ours("adamw"), _LR_ADAMW, inner="adamw")
+    yield Method("sgd-ddp", "SGD + DDP (fp32)", _ddp("sgd", momentum=0.9), _LR_SGD, ddp=True,
+                 inner="sgd")
+    yield Method("adamw-ddp", "AdamW + DDP (fp32)", _ddp("adamw"), _LR_ADAMW, ddp=True,
+                 inner="adamw")
+    yield Method("fp16-ddp", "SGD + DDP + fp16 hook", _ddp("sgd", "fp16", momentum=0.9),
+                 _LR_SGD, ddp=True, inner="sgd")
+    for r in (1, 2, 4):
+        yield Method(f"powersgd-r{r}", f"SGD + DDP + PowerSGD r={r} (1 bucket)",
+                     _ddp("sgd", "powersgd", rank=r, momentum=0.9), _LR_SGD, ddp=True,
+                     powersgd_rank=r, inner="sgd")
+    yield Method("powersgd-r2-adamw", "AdamW + DDP + PowerSGD r=2 (1 bucket)",
+                 _ddp("adamw", "powersgd", rank=2), _LR_ADAMW, ddp=True, powersgd_rank=2,
+                 inner="adamw")
+    yield Method("noop-ddp", "SGD + DDP + noop hook (no communication)",
+                 _ddp("sgd", "noop", momentum=0.9), _LR_SGD, ddp=True, tta=False,
+                 inner="sgd")
+    yield Method("sgd-local", "no communication (compute only)",
+                 _ours("sgd", local=True, momentum=0.9), _LR_SGD, tta=False, inner="sgd")
+
+
+#: The fixed rows of the methods table (the ``local-*-hH`` rows come from :func:`method`).
+METHODS: dict[str, Method] = {m.name: m for m in _rows()}
+
+
+def method(name: str) -> Method:
+    """The row of method ``name``: a fixed row of :data:`METHODS`, or
+    ``local-adamw-hH`` / ``local-signum-hH`` for any H >= 1.
+
+    Example:
+        >>> m = method("local-signum-h8")
+        >>> m.sync_every, m.label, m.lr["cnn"]
+        (8, 'Signum, 8 local steps + voted outer step', 0.001)
+    """
+    row = METHODS.get(name)
+    if row is not None:
+        return row
+    match = _LOCAL.fullmatch(name)
+    if match is None:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}, "
+                         "local-adamw-hH, local-signum-hH (H >= 1)")
+    inner, h = match.group(1), int(match.group(2))
+    return Method(name, f"{'AdamW' if inner == 'adamw' else 'Signum'}, {h} local steps + "
+                  "voted outer step", _local(inner, h),
+                  _LR_ADAMW if inner == "adamw" else _LR_SIGNUM, sync_every=h, inner=inner)
+
+
+_lookup = method  # for Trainer, whose argument is called ``method``
+
+
+def method_arg(text: str) -> str:
+    """argparse type: a method name :func:`method` knows.
+
+    Example:
+        >>> method_arg("local-adamw-h32")
+        'local-adamw-h32'
+    """
+    import argparse
+
+    try:
+        method(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+class _Labels(Mapping[str, str]):
+    """Method name → table label: the fixed rows, then ``local-*-hH`` for H in
+    :data:`LOCAL_H` when iterated; any ``local-*-hH`` when looked up."""
+
+    def _names(self) -> list[str]:
+        return [*METHODS, *(f"local-{inner}-h{h}" for inner in ("adamw", "signum")
+                            for h in LOCAL_H)]
+
+    def __getitem__(self, name: str) -> str:
+        try:
+            return method(name).label
+        except ValueError:
+            raise KeyError(name) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
+#: the training methods of :class:`Trainer` and their table labels.
+E2E_LABELS: Mapping[str, str] = _Labels()
+
+
 # ------------------------------------------------------------------------------- training
+def _cross_entropy(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(model(x), y)
+
+
 class Trainer:
-    """One method's model, optimiser and training step (:data:`E2E_LABELS`).
+    """One method's model, optimiser and training step (:func:`method`).
 
     Args:
-        method: a key of :data:`E2E_LABELS`.
+        method: a name :func:`method` knows.
         make_model: builds the model (seeded identically on every rank).
         world_size: M; the DDP methods and M > 1 need ``torch.distributed`` initialised.
-        lr: the learning rate.
+        lr: the learning rate (``None``: the row's default for ``workload``).
+        workload: the key of the row's default learning rates (``cnn`` / ``gpt``).
+        loss: ``loss(model, x, y)`` (default: cross-entropy of ``model(x)``).
+        grad_clip: clip the gradient's global norm to this after backward (0: off): for
+            DDP after its all-reduce, for our optimisers each rank's own gradient before
+            the step aggregates it (as ``signsgd train --grad-clip`` does).
+        schedule: ``factor(step)`` of the learning rate (``LambdaLR``; ``None``: constant).
+        start_powersgd_iter: S of the PowerSGD rows (>= 2, torch's minimum with error
+            feedback or warm start): fp32 all-reduce of the whole bucket for the first S
+            steps, PowerSGD after. torch's advice (``PowerSGDState`` docstring): "To tune
+            ``start_powerSGD_iter``, we suggest to start with 10% of total training steps,
+            and increase it until a satisfactory accuracy is reached. If there is a warm-up
+            stage in the training, ``start_powerSGD_iter`` typically should be no less than
+            the number of warm-up steps." Time-to-target runs use about 10 % of the
+            expected steps; step-time runs use 2 and time only the steps after it.
+        outer_lr, outer_momentum: the LocalSteps rows' outer step (``None``: ``lr``, the
+            default of ``signsgd train --outer-lr``).
 
     Example:
         >>> tr = Trainer("sgd-local", lambda: nn.Linear(2, 2), 1, lr=0.1)
@@ -305,52 +764,97 @@ class Trainer:
     """
 
     def __init__(self, method: str, make_model: Callable[[], nn.Module], world_size: int,
-                 lr: float) -> None:
-        if method not in E2E_LABELS:
-            raise ValueError(f"unknown method {method!r}; choose from {list(E2E_LABELS)}")
+                 lr: float | None = None, *, workload: str = "cnn",
+                 loss: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None,
+                 grad_clip: float = 0.0, schedule: Callable[[int], float] | None = None,
+                 start_powersgd_iter: int = 2, outer_lr: float | None = None,
+                 outer_momentum: float = 0.0) -> None:
+        self.spec = _lookup(method)
         self.method = method
         self.world_size = world_size
+        self.lr = float(lr if lr is not None else self.spec.lr[workload])
+        self.start_powersgd_iter = int(start_powersgd_iter)
+        self.outer_lr, self.outer_momentum = outer_lr, float(outer_momentum)
+        self.loss_fn = loss or _cross_entropy
+        self.grad_clip = float(grad_clip)
         torch.manual_seed(0)  # identical initial parameters on every rank
-        model = make_model()
-        self.numel = sum(p.numel() for p in model.parameters())
-        self.hook_state: MajorityVoteHookState | None = None
-        self.model: nn.Module = model
-        if method in ("signum-ddp-hook", "sgd-ddp"):
-            from torch.nn.parallel import DistributedDataParallel as DDP
+        self.module: nn.Module = make_model()
+        self.model: nn.Module = self.module
+        self.shapes = [tuple(p.shape) for p in self.module.parameters()]
+        self.numel = sum(p.numel() for p in self.module.parameters())
+        self.counter: Any = None
+        self.powersgd: Any = None
+        self.nbytes: Callable[[Trainer], tuple[int, int]] = lambda t: (0, 0)
+        self.opt: torch.optim.Optimizer
+        self.spec.build(self)
+        self.sched = (torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
+                      if schedule is not None else None)
+        self.steps = 0
 
-            self.model = DDP(model, init_sync=False)
-            if method == "signum-ddp-hook":
-                self.hook_state = MajorityVoteHookState(momentum=0.9, module=self.model)
-                self.model.register_comm_hook(self.hook_state, majority_vote_hook)
-            momentum = 0.0 if method == "signum-ddp-hook" else 0.9
-            self.opt: torch.optim.Optimizer = torch.optim.SGD(
-                self.model.parameters(), lr=lr, momentum=momentum)
-        else:
-            name = "sgd" if method == "sgd-local" else method
-            hp = {"momentum": 0.9} if name in ("sgd", "signum") else {}
-            self.opt = registry.build(name, model.parameters(),
-                                      world_size=1 if method == "sgd-local" else world_size,
-                                      lr=lr, **hp)
-        self.reducer = getattr(self.opt, "aggregator", None) or getattr(self.opt, "reducer",
-                                                                        None)
+    @property
+    def sync_every(self) -> int:
+        """H: the steps of one LocalSteps round (1 for the other methods)."""
+        return self.spec.sync_every
+
+    @property
+    def in_warmup(self) -> bool:
+        """Whether the next step is one of PowerSGD's first S (fp32) steps."""
+        return self.powersgd is not None and self.powersgd.iter < self.start_powersgd_iter
 
     def step(self, x: Tensor, y: Tensor) -> float:
         """One training step on ``(x, y)``; returns the loss."""
         self.opt.zero_grad(set_to_none=False)
-        loss = F.cross_entropy(self.model(x), y)
+        loss = self.loss_fn(self.model, x, y)
         loss.backward()
+        if self.grad_clip:
+            nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
         self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
+        self.steps += 1
         return float(loss.detach())
 
     def bytes(self) -> tuple[int, int]:
-        """Payload bytes (sent, received) of this rank in the last step."""
-        counter = self.reducer if self.reducer is not None else self.hook_state
-        if counter is not None:
-            return int(counter.bytes_sent), int(counter.bytes_received)
-        if self.method == "sgd-ddp":
-            b = ring_nbytes(self.numel, self.world_size, 4)
-            return b, b
-        return 0, 0
+        """Payload bytes (sent, received) of this rank in the last step (LocalSteps: per
+        step, averaged over a round)."""
+        return self.nbytes(self)
+
+
+def _time_trainers(trainers: dict[str, Trainer], batch: tuple[Tensor, Tensor], rank: int,
+                   in_namespace: bool, *, slow_s: float, target_s: float, min_reps: int,
+                   max_reps: int) -> dict[str, dict[str, Any]]:
+    """Median step time of every trainer on ``batch``, interleaved (module docstring).
+
+    PowerSGD trainers first take their S fp32 steps, untimed; a LocalSteps trainer is
+    timed in whole rounds of H steps (``round_s``; ``median_s`` = ``round_s`` / H, and the
+    per-round ``times`` and ``wire`` are divided by H too)."""
+    x, y = batch
+    for tr in trainers.values():
+        while tr.in_warmup:
+            tr.step(x, y)
+
+    def op(tr: Trainer) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(tr.sync_every):
+                tr.step(x, y)
+        return run
+
+    timing = _measure({m: op(tr) for m, tr in trainers.items()}, rank, in_namespace,
+                      slow_s=slow_s, target_s=target_s, min_reps=min_reps,
+                      max_reps=max_reps, keep_slow_first=False)
+    for m, tr in trainers.items():
+        rec, h = timing[m], tr.sync_every
+        rec["round_s"] = rec["median_s"]
+        rec["sync_every"] = h
+        if h > 1:
+            rec["median_s"] /= h
+            rec["warmup_s"] /= h
+            rec["times"] = [t / h for t in rec["times"]]
+            rec["wire"] = [w / h for w in rec["wire"]]
+            if rec["wire_per_step"] is not None:
+                rec["wire_per_step"] /= h
+        rec["start_powersgd_iter"] = tr.start_powersgd_iter if tr.powersgd is not None else None
+    return timing
 
 
 def step_time_worker(
@@ -367,13 +871,15 @@ def step_time_worker(
 ) -> list[dict[str, Any]]:
     """Median step time of each method on ResNet-18 with synthetic inputs.
 
-    Every method first takes one untimed warm-up step; then a method whose warm-up took
-    more than ``slow_s`` is timed for one step, the others for about ``target_s`` seconds
-    (``min_reps`` to ``max_reps`` steps), interleaved across methods.
+    Every method first takes one untimed warm-up step (PowerSGD: its S = 2 fp32 steps,
+    then one); then a method whose warm-up took more than ``slow_s`` is timed for one step
+    (a LocalSteps method: one round), the others for about ``target_s`` seconds
+    (``min_reps`` to ``max_reps`` steps or rounds), interleaved across methods.
 
     Returns:
         One dict per method: ``method, world_size, batch, image_size, numel, warmup_s,
-        times, wire, median_s, reps, sent, received, wire_per_step``.
+        times, wire, median_s, reps, sent, received, wire_per_step, round_s, sync_every,
+        start_powersgd_iter``.
 
     Example:
         >>> recs = step_time_worker(0, 1, ["sgd-local"], batch=2, target_s=0.0,
@@ -384,10 +890,10 @@ def step_time_worker(
     gen = torch.Generator().manual_seed(100 + rank)
     x = torch.randn(batch, 3, image_size, image_size, generator=gen)
     y = torch.randint(0, 1000, (batch,), generator=gen)
-    trainers = {m: Trainer(m, resnet18, world_size, lr=1e-4) for m in methods}
-    timing = _measure({m: (lambda tr=tr: tr.step(x, y)) for m, tr in trainers.items()},
-                      rank, in_namespace, slow_s=slow_s, target_s=target_s,
-                      min_reps=min_reps, max_reps=max_reps, keep_slow_first=False)
+    trainers = {m: Trainer(m, resnet18, world_size, lr=1e-4, start_powersgd_iter=2)
+                for m in methods}
+    timing = _time_trainers(trainers, (x, y), rank, in_namespace, slow_s=slow_s,
+                            target_s=target_s, min_reps=min_reps, max_reps=max_reps)
     records = []
     for m, tr in trainers.items():
         sent, received = tr.bytes()
@@ -397,6 +903,206 @@ def step_time_worker(
     return records
 
 
+# ------------------------------------------------------------------------------- workloads
+#: The two workloads of the time-to-target benchmark: ``cnn`` (the small CNN on
+#: Fashion-MNIST, batch 32 per worker, constant learning rate; metric: accuracy on the
+#: 10,000 test images) and ``gpt`` (the character-level transformer ``gpt`` on Shakespeare,
+#: 8 sequences of 128 characters per worker, linear warm-up then cosine, gradient clipping
+#: 1.0; metric: validation loss in nats per character on fixed validation batches).
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "cnn": {"data": "fashion-mnist", "model": "cnn", "batch_size": 32, "grad_clip": 0.0,
+            "lr_schedule": "constant", "metric": "test_accuracy", "higher": True},
+    "gpt": {"data": "shakespeare", "model": "gpt", "batch_size": 8, "block_size": 128,
+            "grad_clip": 1.0, "lr_schedule": "cosine", "metric": "val_loss",
+            "higher": False},
+}
+
+
+def make_workload(name: str, world_size: int, *, steps: int = 1000, warmup_steps: int = 0,
+                  eval_batches: int = 32, seed: int = 0, data: Any = None
+                  ) -> tuple[Any, Any, Callable[[int], float] | None]:
+    """``(config, task, schedule)`` of workload ``name`` (:data:`WORKLOADS`) for M ranks:
+    the library's own task (:func:`signsgd.tasks.make_task`, as ``signsgd train`` builds
+    it: each rank's batch of step s is a pure function of (seed, rank, s)) and the
+    trainer's learning-rate factor over ``steps`` steps (``None`` when constant).
+
+    Example:
+        >>> from signsgd.text import Corpus
+        >>> corpus = Corpus.from_texts(["to be or not to be " * 40], ["not to be " * 40])
+        >>> c, task, sched = make_workload("gpt", 2, steps=100, warmup_steps=10,
+        ...                                eval_batches=1, data=corpus)
+        >>> task.batch(0, 2, 0)[0].shape, round(sched(4), 2), round(sched(99), 4)
+        (torch.Size([8, 128]), 0.5, 0.0003)
+    """
+    from signsgd.config import TrainConfig, validate
+    from signsgd.tasks import make_task
+    from signsgd.train import _schedule  # the trainer's schedule (warm-up, then cosine)
+
+    spec = WORKLOADS[name]
+    keys = ("data", "model", "batch_size", "block_size", "grad_clip", "lr_schedule")
+    data_dir = (None if os.environ.get("SIGNSGD_DATA") or not (ROOT / "data").is_dir()
+                else str(ROOT / "data"))  # the repository's data/, from any folder
+    cfg = validate(TrainConfig(**{k: spec[k] for k in keys if k in spec}, steps=steps,
+                               warmup_steps=warmup_steps, eval_batches=eval_batches,
+                               workers=world_size, seed=seed, data_dir=data_dir))
+    task = make_task(cfg, world_size, data=data)
+    constant = cfg.lr_schedule == "constant" and not cfg.warmup_steps
+    return cfg, task, None if constant else _schedule(cfg, steps)
+
+
+def _trainer(name: str, world_size: int, workload: str, task: Any,
+             schedule: Callable[[int], float] | None, lr: float | None,
+             options: dict[str, Any]) -> Trainer:
+    return Trainer(name, task.model, world_size, lr, workload=workload,
+                   loss=lambda m, x, y: task.loss(m, x, y)[0],
+                   grad_clip=WORKLOADS[workload]["grad_clip"], schedule=schedule,
+                   start_powersgd_iter=options.get("start_powersgd_iter", 2),
+                   outer_lr=options.get("outer_lr", {}).get(name),
+                   outer_momentum=options.get("outer_momentum", 0.0))
+
+
+def workload_step_worker(
+    rank: int,
+    world_size: int,
+    workload: str,
+    methods: Sequence[str],
+    lrs: dict[str, float] | None = None,
+    options: dict[str, Any] | None = None,
+    slow_s: float = 4.0,
+    target_s: float = 4.0,
+    min_reps: int = 3,
+    max_reps: int = 15,
+    in_namespace: bool = True,
+) -> list[dict[str, Any]]:
+    """Median step time of every method on ``workload`` (a real batch of this rank),
+    interleaved (:func:`_time_trainers`): PowerSGD timed after its S = 2 fp32 steps,
+    LocalSteps in whole rounds.
+
+    ``options``: ``outer_lr`` (per method), ``outer_momentum`` (the trainers'), ``steps``
+    and ``warmup_steps`` (the schedule), ``data_seed``.
+
+    Returns:
+        One dict per method: ``workload, method, world_size, numel, lr, warmup_s, times,
+        wire, median_s, round_s, sync_every, reps, sent, received, wire_per_step,
+        start_powersgd_iter``.
+
+    Example:
+        >>> recs = workload_step_worker(0, 1, "cnn", ["sgd-local"], target_s=0.0,
+        ...                             min_reps=1, max_reps=1)  # doctest: +SKIP
+        >>> recs[0]["method"], recs[0]["sync_every"]   # doctest: +SKIP
+        ('sgd-local', 1)
+    """
+    options = dict(options or {}, start_powersgd_iter=2)
+    _, task, sched = make_workload(workload, world_size, steps=options.get("steps", 1000),
+                                   warmup_steps=options.get("warmup_steps", 0),
+                                   eval_batches=1, seed=options.get("data_seed", 0))
+    batch = task.batch(rank, world_size, 0)
+    trainers = {m: _trainer(m, world_size, workload, task, sched, (lrs or {}).get(m), options)
+                for m in methods}
+    timing = _time_trainers(trainers, batch, rank, in_namespace, slow_s=slow_s,
+                            target_s=target_s, min_reps=min_reps, max_reps=max_reps)
+    records = []
+    for m, tr in trainers.items():
+        sent, received = tr.bytes()
+        records.append({"workload": workload, "method": m, "world_size": world_size,
+                        "numel": tr.numel, "lr": tr.lr, **timing[m], "sent": sent,
+                        "received": received})
+    return records
+
+
+def _better(metric: float, target: float, higher: bool) -> bool:
+    return metric >= target if higher else metric <= target
+
+
+def curve_worker(
+    rank: int,
+    world_size: int,
+    workload: str,
+    name: str,
+    lr: float | None = None,
+    steps: int = 1000,
+    eval_every: int = 50,
+    target: float | None = None,
+    options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train ``workload`` with method ``name`` until ``target`` or ``steps`` steps.
+
+    Each rank trains on its own data (the task's batch of this rank and step); every
+    ``eval_every`` steps (rounded up to a multiple of H for LocalSteps, so that the ranks'
+    models agree) the held-out metric of :data:`WORKLOADS` is taken on all ranks together
+    (:meth:`signsgd.tasks.Task.evaluate`). The clock counts training steps only: each step
+    is timed between barriers (the slowest rank's time, :func:`common.timed`).
+
+    ``options``: ``start_powersgd_iter`` (S, default 10 % of ``steps``, at least 2 and at
+    least the schedule's warm-up), ``warmup_steps`` (of the schedule), ``outer_lr`` (per
+    method), ``outer_momentum``, ``eval_batches``, ``data_seed``.
+
+    Returns:
+        ``{"workload", "method", "lr", "world_size", "numel", "metric", "target",
+        "curve": [(step, metric, mean train loss since the last evaluation, train_s)],
+        "steps_to_target", "steps", "train_s", "final", "bytes_sent_per_step",
+        "start_powersgd_iter", "sync_every", "eval_every", "diverged"}``
+        (``steps_to_target`` is ``None`` if the target was not reached).
+
+    Example:
+        >>> curve_worker(0, 1, "cnn", "sgd", steps=1, eval_every=1)["steps"]  # doctest: +SKIP
+        1
+    """
+    spec = WORKLOADS[workload]
+    options = dict(options or {})
+    warm = int(options.get("warmup_steps", 0))
+    options.setdefault("start_powersgd_iter", max(2, warm, round(0.1 * steps)))
+    _, task, sched = make_workload(workload, world_size, steps=steps, warmup_steps=warm,
+                                   eval_batches=int(options.get("eval_batches", 32)),
+                                   seed=int(options.get("data_seed", 0)))
+    tr = _trainer(name, world_size, workload, task, sched, lr, options)
+    if not tr.spec.tta:
+        raise ValueError(f"{name} is not usable for time to target (its ranks' models "
+                         "differ)")
+    h = tr.sync_every
+    every = -(-int(eval_every) // h) * h
+    key, higher = spec["metric"], spec["higher"]
+
+    def evaluate() -> float:
+        return float(task.evaluate(tr.module, rank, world_size)[key])
+
+    curve: list[tuple[int, float, float | None, float]] = [(0, evaluate(), None, 0.0)]
+    clock, sent, reached, diverged = 0.0, 0, None, None
+    losses: list[float] = []
+    step = 0
+    while step < steps:
+        x, y = task.batch(rank, world_size, step)
+        try:
+            clock += timed(lambda: losses.append(tr.step(x, y)))[0]  # noqa: B023
+        except NonFiniteGradientError as exc:  # raised on every rank alike
+            diverged = f"step {step + 1}: {exc}"
+            break
+        step += 1
+        sent += tr.bytes()[0]
+        if step % every == 0 or step == steps:
+            loss_t = torch.tensor([sum(losses), len(losses)], dtype=torch.float64)
+            if world_size > 1:
+                dist.all_reduce(loss_t)
+            metric = evaluate()
+            curve.append((step, metric, float(loss_t[0] / max(loss_t[1], 1)), clock))
+            losses = []
+            if not math.isfinite(metric):
+                diverged = f"step {step}: non-finite {key}"
+                break
+            if target is not None and _better(metric, target, higher):
+                reached = step
+                break
+    return {"workload": workload, "method": name, "lr": tr.lr, "world_size": world_size,
+            "numel": tr.numel, "metric": key, "target": target, "curve": curve,
+            "steps_to_target": reached, "steps": step, "train_s": clock,
+            "final": curve[-1][1], "bytes_sent_per_step": sent / max(step, 1),
+            "start_powersgd_iter": tr.start_powersgd_iter if tr.powersgd is not None else None,
+            "sync_every": h, "eval_every": every, "diverged": diverged,
+            "outer_lr": tr.opt.outer_lr if isinstance(tr.opt, LocalSteps) else None,
+            "outer_momentum": tr.outer_momentum if h > 1 else None}
+
+
+# ------------------------------------------------------------------------------- bench_e2e
 def _accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch: int = 1000) -> float:
     was = model.training
     model.eval()
