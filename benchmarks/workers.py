@@ -919,7 +919,7 @@ WORKLOADS: dict[str, dict[str, Any]] = {
 
 
 def make_workload(name: str, world_size: int, *, steps: int = 1000, warmup_steps: int = 0,
-                  eval_batches: int = 32, seed: int = 0, data: Any = None
+                  eval_batches: int = 16, seed: int = 0, data: Any = None
                   ) -> tuple[Any, Any, Callable[[int], float] | None]:
     """``(config, task, schedule)`` of workload ``name`` (:data:`WORKLOADS`) for M ranks:
     the library's own task (:func:`signsgd.tasks.make_task`, as ``signsgd train`` builds
@@ -1053,7 +1053,7 @@ def curve_worker(
     warm = int(options.get("warmup_steps", 0))
     options.setdefault("start_powersgd_iter", max(2, warm, round(0.1 * steps)))
     _, task, sched = make_workload(workload, world_size, steps=steps, warmup_steps=warm,
-                                   eval_batches=int(options.get("eval_batches", 32)),
+                                   eval_batches=int(options.get("eval_batches", 16)),
                                    seed=int(options.get("data_seed", 0)))
     tr = _trainer(name, world_size, workload, task, sched, lr, options)
     if not tr.spec.tta:
