@@ -936,7 +936,7 @@ def make_workload(name: str, world_size: int, *, steps: int = 1000, warmup_steps
     """
     from signsgd.config import TrainConfig, validate
     from signsgd.tasks import make_task
-    from signsgd.train import _schedule  # the trainer's schedule (warm-up, then cosine)
+    from signsgd.train import lr_schedule  # the trainer's schedule (warm-up, then cosine)
 
     spec = WORKLOADS[name]
     keys = ("data", "model", "batch_size", "block_size", "grad_clip", "lr_schedule")
@@ -947,7 +947,7 @@ def make_workload(name: str, world_size: int, *, steps: int = 1000, warmup_steps
                                workers=world_size, seed=seed, data_dir=data_dir))
     task = make_task(cfg, world_size, data=data)
     constant = cfg.lr_schedule == "constant" and not cfg.warmup_steps
-    return cfg, task, None if constant else _schedule(cfg, steps)
+    return cfg, task, None if constant else lr_schedule(cfg, steps)
 
 
 def _trainer(name: str, world_size: int, workload: str, task: Any,

@@ -52,7 +52,7 @@ from signsgd.models import count_parameters
 from signsgd.outputs import MetricsLog, check_out, jsonable, plot_curves, write_atomic
 from signsgd.tasks import ImageClassification, Task, make_task
 
-__all__ = ["train"]
+__all__ = ["train", "lr_schedule"]
 
 
 def _make_optimizer(c: TrainConfig, model: nn.Module, rank: int, world: int
@@ -80,9 +80,16 @@ def _make_optimizer(c: TrainConfig, model: nn.Module, rank: int, world: int
                       c.outer_momentum, outer)
 
 
-def _schedule(c: TrainConfig, total_steps: int) -> Callable[[int], float]:
-    """The learning-rate factor of step ``s``: a linear warm-up, then ``lr_schedule``
-    over the remaining steps."""
+def lr_schedule(c: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """The learning-rate factor of step ``s`` (for ``LambdaLR``): a linear warm-up of
+    ``c.warmup_steps``, then ``c.lr_schedule`` (constant, cosine to 0, or two ×0.1 steps
+    at 1/2 and 3/4) over the remaining steps.
+
+    Example:
+        >>> f = lr_schedule(TrainConfig(warmup_steps=2, lr_schedule="cosine"), 6)
+        >>> [round(f(s), 2) for s in range(6)]
+        [0.5, 1.0, 1.0, 0.85, 0.5, 0.15]
+    """
     warm, rest = c.warmup_steps, max(1, total_steps - c.warmup_steps)
 
     def factor(s: int) -> float:
@@ -168,7 +175,7 @@ def _run(rank: int, world: int, c: TrainConfig, task: Task, ckpt: dict[str, Any]
     model = task.model().to(device)
     opt = _make_optimizer(c, model, rank, world)
     total = task.total_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(c, total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(c, total))
     step, time_offset = 0, 0.0
     counters = {"sent": 0, "received": 0, "epoch": [0.0, 0.0, 0.0], "window": [0.0, 0.0, 0.0]}
     if ckpt is not None:
