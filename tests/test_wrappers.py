@@ -65,3 +65,28 @@ def test_local_steps_refuses_an_inner_optimiser_that_communicates():
     p = torch.nn.Parameter(torch.ones(2))
     with pytest.raises(ValueError, match="must be local"):
         LocalSteps(signsgd.Signum([p], lr=0.1, aggregator=MajorityVote()), 2, 0.1)
+
+
+@pytest.mark.parametrize("factors", [(1.0, 1.0), (0.5, 0.25), (0.0, 1.0)])
+def test_the_outer_step_follows_the_learning_rate_schedule(factors):
+    """Round r's outer step is outer_lr · lr_r / lr_0 (one process: the vote of one rank is
+    sign(x0 − x), zero → +1), computed by hand in float64."""
+    p = torch.nn.Parameter(torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64))
+    opt = LocalSteps(torch.optim.SGD([p], lr=0.2), sync_every=2, outer_lr=0.125)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 1.0 if s < 2 else factors[0] if s < 4 else factors[1])
+    x0 = p.detach().clone()
+    grads = [[1.0, -2.0, 0.0], [0.5, 0.5, -1.0], [-1.0, 0.0, 2.0], [0.0, 1.0, 1.0],
+             [1.0, 1.0, 1.0], [-2.0, 0.5, 0.0]]
+    for r in range(3):
+        lr = 0.2 * (1.0, *factors)[r]
+        x = x0.clone()
+        for t in range(2):
+            g = torch.tensor(grads[2 * r + t], dtype=torch.float64)
+            x -= lr * g
+            p.grad = g.clone()
+            opt.step()
+            sched.step()
+        vote = torch.where(x0 - x >= 0, 1.0, -1.0).to(torch.float64)
+        x0 = x0 - 0.125 * (1.0, *factors)[r] * vote
+        assert torch.equal(p.detach(), x0)

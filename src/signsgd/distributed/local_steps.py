@@ -20,6 +20,14 @@ variant ``reducer=ErrorFeedbackAllReduce()``: the pseudo-gradients travel as sca
 with a worker error (kept here, added to the next round's Δ) and a server error, and ``u``
 smooths the real-valued update.
 
+**The outer step follows the learning-rate schedule**: each param group's outer step is
+``outer_lr · lr_t / lr_0``, where ``lr_0`` is the group's learning rate when ``LocalSteps``
+was built and ``lr_t`` its current one — so a scheduler on this wrapper (or on the inner
+optimiser: they share the group dicts) warms up and decays the outer sign steps with the
+inner ones. Without a scheduler the factor is 1. (A sign step does not shrink by itself
+as the pseudo-gradients do; a constant outer step would set a noise floor at the end of
+a decayed schedule.)
+
 That is 1/H bit per coordinate per step each way with the vote; the vote's robustness to
 Byzantine workers is kept (give the reducer an adversary). The inner optimisers' states
 stay on each rank and are **not** reset at a round boundary (as in DiLoCo). Bytes: the
@@ -125,7 +133,8 @@ class LocalSteps(Optimizer):
     def _fresh_outer(self) -> dict[str, Any]:
         """The outer state: anchor x0, outer momentum u, worker error, round position."""
         return {"anchor": [p.detach().clone() for p in self._params()],
-                "momentum": None, "error": None, "position": 0, "failed": None}
+                "momentum": None, "error": None, "position": 0, "failed": None,
+                "base_lr": tuple(float(g["lr"]) for g in self.param_groups)}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -183,8 +192,10 @@ class LocalSteps(Optimizer):
             u = [v.view_as(a).to(a.dtype) for v, a in zip(red.update, anchor)]
         if red.transmitted is not None:
             outer["error"] = [d - t.view_as(d) for d, t in zip(deltas, red.transmitted)]
-        for a, p, step in zip(anchor, params, u):
-            a.sub_(step, alpha=self.outer_lr)
+        scale = [float(g["lr"]) / base if base else 1.0  # the schedule's factor, per group
+                 for g, base in zip(self.param_groups, outer["base_lr"]) for _ in g["params"]]
+        for a, p, step, f in zip(anchor, params, u, scale):
+            a.sub_(step, alpha=self.outer_lr * f)
             p.copy_(a)
         self.bytes_sent, self.bytes_received = self.reducer.bytes_sent, self.reducer.bytes_received
         self.timings = dict(self.reducer.timings)
