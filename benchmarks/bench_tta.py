@@ -338,6 +338,7 @@ def markdown(data: dict[str, Any]) -> str:
         "- PowerSGD: torch's `powerSGD_hook` with error feedback and warm start, one DDP bucket "
         "(with several buckets the hook fails over Gloo); torch's `bf16_compress_hook` needs "
         "CUDA + NCCL and is not measured.",
+        *(f"- Note: {n}" for n in data.get("notes", [])),
         "",
     ]
     for w in st["workloads"]:
