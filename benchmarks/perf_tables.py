@@ -220,6 +220,84 @@ def tta_tables(data: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+#: The families the break-even table compares; a family stands for its fastest member at
+#: 100 Mbit/s (``*`` matches any suffix).
+FAMILIES = {"majority vote (per step)": ("signum", "lion"), "EF all-reduce": ("ef-signsgd",),
+            "PowerSGD (best rank)": ("powersgd-*",), "16-bit all-reduce": ("fp16-*",),
+            "fp32 DDP": ("sgd-ddp", "adamw-ddp"), "local steps + vote": ("local-*",)}
+
+
+def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares ``(a, b)`` of ``t = a + b·x`` through ``(x, t)`` points."""
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    mt = sum(t for _, t in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    b = sum((x - mx) * (t - mt) for x, t in points) / sxx if sxx else 0.0
+    return mt - b * mx, b
+
+
+def tta_break_even(data: dict[str, Any]) -> str:
+    """Break-even link rates of time to target between method families.
+
+    Per method, the modelled times to target at the measured rates are fitted by
+    ``T(R) = a + b / R`` (``a``: the compute and fixed costs of every step to the target,
+    ``b``: its bits over the shared link; the unshaped loopback counts as its measured
+    one-flow rate). Two families' lines cross at ``R* = (b₁ − b₂) / (a₂ − a₁)``: below R*
+    the one with fewer bits to send is faster, above it the one with the smaller fixed
+    cost. A family is its fastest member at 100 Mbit/s.
+    """
+    from bench_tta import rows
+
+    lo = float(data.get("loopback_bps") or 16e9)
+    table = [r for r in rows(data) if r["tta_s"] is not None]
+    out: list[str] = []
+    for w in data["settings"]["workloads"]:
+        tr = [r for r in table if r["workload"] == w]
+        fits: dict[str, tuple[float, float]] = {}
+        slow: dict[str, float] = {}
+        for m in dict.fromkeys(r["method"] for r in tr):
+            pts = [(1.0 / (parse_rate(r["rate"]) or lo), r["tta_s"]) for r in tr
+                   if r["method"] == m]
+            if len(pts) >= 2:
+                a, b = _fit(pts)
+                fits[m] = (a, b) if b >= 0 else (a + b / 1e8, 0.0)  # noise: no bits < 0
+                slow[m] = fits[m][0] + fits[m][1] / 1e8
+        best: dict[str, str] = {}
+        for fam, pats in FAMILIES.items():
+            members = [m for m in fits if any(m == p or p.endswith("*") and
+                                              m.startswith(p[:-1]) for p in pats)]
+            if members:
+                best[fam] = min(members, key=lambda m: slow[m])
+        if len(best) < 2:
+            continue
+        out += [f"### Break-even rates of time to target, `{w}`", "",
+                "T(R) = a + b/R fitted per method over the measured rates; a family is its "
+                "fastest member at 100 Mbit/s. Cell: the rates at which the *row* reaches the "
+                "target before the column (`always` / `never`: the lines do not cross at a "
+                "positive rate); b < 0 fitted from noise is taken as 0.", "",
+                "| family (method) | a (s) | b (Gbit) | " + " | ".join(best) + " |",
+                "|---|---:|---:|" + "---:|" * len(best)]
+        for fam, m in best.items():
+            a1, b1 = fits[m]
+            cells = []
+            for fam2, m2 in best.items():
+                if fam2 == fam:
+                    cells.append("–")
+                    continue
+                a2, b2 = fits[m2]
+                if a1 == a2 or (b1 - b2) * (a2 - a1) <= 0:
+                    faster = a1 + b1 / 1e8 < a2 + b2 / 1e8
+                    cells.append("always" if faster else "never")
+                else:  # fewer bits and a higher fixed cost: faster below R*, else above
+                    side = "below" if b1 < b2 else "above"
+                    cells.append(f"{side} {_rate_text((b1 - b2) / (a2 - a1))}")
+            out.append(f"| {fam} ({m}) | {a1:.1f} | {b1 / 1e9:.2f} | " + " | ".join(cells)
+                       + " |")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the tables."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -237,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         str(p) for p in (HERE / "results").glob("tta_*.json"))
     for path in tta:
         print(tta_tables(read_results(path)))
+        print(tta_break_even(read_results(path)))
     return 0
 
 
