@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -24,6 +25,8 @@ import bench_tta  # noqa: E402
 import workers as W  # noqa: E402
 from bandwidth import powersgd_nbytes, powersgd_split  # noqa: E402
 
+from signsgd import data as D  # noqa: E402
+from signsgd import text as T  # noqa: E402
 from signsgd.distributed.launch import spawn  # noqa: E402
 from signsgd.distributed.reducer import ring_nbytes  # noqa: E402
 from signsgd.distributed.vote import vote_nbytes  # noqa: E402
@@ -232,9 +235,30 @@ def test_comm_layout_holds_d_in_1024_row_matrices() -> None:
         assert all(n == 1024 for n, _ in shapes) and d <= total < d + 1024
 
 
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data folder of both workloads' formats, small enough for a test (a clone has none):
+    Fashion-MNIST as IDX .gz files, and 42 works named as Shakespeare's, the held-out ones
+    among them."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 256), ("t10k", 64)):
+        D.write_idx(root / "fashion-mnist" / f"{split}-images-idx3-ubyte.gz",
+                    rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        D.write_idx(root / "fashion-mnist" / f"{split}-labels-idx1-ubyte.gz",
+                    rng.integers(0, 10, n, dtype=np.uint8))
+    names = [*T.VALIDATION_WORKS, *T.TUNING_WORKS]
+    names += [f"work_{i:02d}_gut" for i in range(42 - len(names))]
+    (root / "shakespeare").mkdir()
+    for i, name in enumerate(names):
+        (root / "shakespeare" / f"{name}.txt").write_text(
+            f"ACT {i}. To be, or not to be, that is the question.\n" * 40)
+    return root
+
+
 @pytest.mark.slow
-def test_curves_and_step_times_of_both_workloads() -> None:
-    out = spawn(_workload_job, 2, timeout=300)
+def test_curves_and_step_times_of_both_workloads(small_data: Path) -> None:
+    out = spawn(_workload_job, 2, timeout=300, env={"SIGNSGD_DATA": str(small_data)})
     c0, c1 = out[0]["curves"], out[1]["curves"]
     assert [c["curve"] for c in c0] == [c["curve"] for c in c1]  # every rank agrees
     psgd, local, gpt = c0
