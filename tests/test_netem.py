@@ -215,7 +215,10 @@ def test_launch_runs_workers_inside_namespace() -> None:
 
 _SIGINT_SCRIPT = textwrap.dedent(
     """
-    import sys
+    import signal, sys
+    # Ctrl-C's default, also when this suite runs in the background (a shell starts
+    # background jobs with SIGINT ignored, and Python then installs no KeyboardInterrupt).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path.insert(0, {tests!r})
     from signsgd.netem import launch
     from test_netem import _sleeper
