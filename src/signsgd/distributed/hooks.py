@@ -321,6 +321,12 @@ class MajorityVoteHookState:
     def _reset_iteration(self) -> None:
         # A new generation: callbacks of votes from an earlier (failed) step that finish
         # late carry the old generation and are ignored.
+        if getattr(self, "_open", False):
+            # The last iteration never completed: DDP raised at its first failed bucket
+            # and did not wait for the others, whose callbacks may still be on their way.
+            # It changes nothing, like a failed one, so every rank restarts from the same
+            # vote counter whichever of its callbacks arrived in time.
+            self.votes = self._votes_before
         self._generation = getattr(self, "_generation", 0) + 1
         self._open = False
         self._expected: int | None = None
