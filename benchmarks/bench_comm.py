@@ -47,21 +47,20 @@ from bandwidth import predicted
 from common import (
     DEFAULT_RATES,
     command_line,
+    emit,
     load_text,
     loopback_rate,
-    machine,
     rate_arg,
     read_results,
+    run_record,
+    shaped_link,
     size_arg,
-    utc_now,
     workers_arg,
     write_json,
-    write_text,
 )
 from workers import COMM_LABELS, comm_worker
 
 from signsgd.netem import (
-    NetworkEmulator,
     format_rate,
     launch,
     parse_rate,
@@ -77,10 +76,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the grid; return (and keep writing to ``args.json``) the raw results."""
     reason = shaping_unavailable_reason()
     data: dict[str, Any] = {
-        "command": args.command_line,
-        "date": utc_now(),
-        "machine": machine(),
-        "shaping": reason or "tc tbf on the loopback of a fresh network namespace",
+        **run_record(args.command_line, reason),
         "settings": {"dims": args.dims, "workers": args.workers, "rates": args.rates,
                      "methods": args.methods, "skip_above_s": args.skip_above,
                      "target_s": args.target_s},
@@ -96,10 +92,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.monotonic()
     for rate in args.rates:
         rate_bps = parse_rate(rate)
-        emu = NetworkEmulator(rate_bps) if reason is None else None
-        try:
-            if emu is not None:
-                emu.open()
+        with shaped_link(rate_bps, reason is None) as emu:
             for m in args.workers:
                 t0 = time.monotonic()
                 out = launch(
@@ -116,9 +109,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 _summarise(out.results[0], rate, m)
                 if args.json:
                     write_json(args.json, data)
-        finally:
-            if emu is not None:
-                emu.close()
     data["wall_s"] = round(time.monotonic() - t_start, 1)
     if args.json:
         write_json(args.json, data)
@@ -377,10 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         text += (f"\n## Additional run ({Path(path).name})\n"
                  "\nA separate launch, with its own command, date and ratios; the grid above "
                  "is unchanged.\n" + body + "\n")
-    if args.markdown:
-        write_text(args.markdown, text)
-    else:
-        print(text)
+    emit(text, args.markdown)
     if args.plot:
         plot(data, args.plot)
     return 0

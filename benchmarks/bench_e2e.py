@@ -42,20 +42,19 @@ from bandwidth import predicted
 from common import (
     DEFAULT_RATES,
     command_line,
+    emit,
     load_text,
     loopback_rate,
-    machine,
     rate_arg,
     read_results,
-    utc_now,
+    run_record,
+    shaped_link,
     workers_arg,
     write_json,
-    write_text,
 )
 from workers import E2E_LABELS, method_arg, step_time_worker, tta_worker
 
 from signsgd.netem import (
-    NetworkEmulator,
     format_rate,
     launch,
     parse_rate,
@@ -73,18 +72,12 @@ def run_steps(args: argparse.Namespace, data: dict[str, Any], emu_ok: bool) -> N
     for rate in args.rates:
         rate_bps = parse_rate(rate)
         t0 = time.monotonic()
-        emu = NetworkEmulator(rate_bps) if emu_ok else None
-        try:
-            if emu is not None:
-                emu.open()
+        with shaped_link(rate_bps, emu_ok) as emu:
             out = launch(step_time_worker, args.workers,
                          (args.methods, args.batch, args.image_size, 4.0, args.target_s,
                           2, 8, emu is not None),
                          emulator=emu, rate=rate, timeout=args.timeout,
                          pg_timeout=args.timeout)
-        finally:
-            if emu is not None:
-                emu.close()
         for rec in out.results[0]:
             rec.update(rate=rate, rate_bps=rate_bps, shaped=out.shaped)
             data["steps"].append(rec)
@@ -101,10 +94,7 @@ def run_steps(args: argparse.Namespace, data: dict[str, Any], emu_ok: bool) -> N
 def run_tta(args: argparse.Namespace, data: dict[str, Any], emu_ok: bool) -> None:
     """Part 2: time-to-accuracy on Fashion-MNIST at ``args.tta_rate``."""
     rate_bps = parse_rate(args.tta_rate)
-    emu = NetworkEmulator(rate_bps) if emu_ok else None
-    try:
-        if emu is not None:
-            emu.open()
+    with shaped_link(rate_bps, emu_ok) as emu:
         for method in args.tta_methods:
             lr = TTA_METHODS[method]
             t0 = time.monotonic()
@@ -122,9 +112,6 @@ def run_tta(args: argparse.Namespace, data: dict[str, Any], emu_ok: bool) -> Non
                   f"{res['target_acc']:.0%}: {res['reached_s']}", file=sys.stderr)
             if args.json:
                 write_json(args.json, data)
-    finally:
-        if emu is not None:
-            emu.close()
 
 
 # ------------------------------------------------------------------------------- report
@@ -333,10 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             args.json = str(Path(args.markdown).with_suffix(".json"))
         reason = shaping_unavailable_reason()
         data = {
-            "command": command_line(__file__, argv),
-            "date": utc_now(),
-            "machine": machine(),
-            "shaping": reason or "tc tbf on the loopback of a fresh network namespace",
+            **run_record(command_line(__file__, argv), reason),
             "settings": {"rates": args.rates, "methods": args.methods,
                          "tta_budget": args.tta_budget, "tta_rate": args.tta_rate},
             "steps": [], "tta": [],
@@ -354,11 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         data["wall_s"] = round(time.monotonic() - t_start, 1)
         if args.json:
             write_json(args.json, data)
-    text = markdown(data)
-    if args.markdown:
-        write_text(args.markdown, text)
-    else:
-        print(text)
+    emit(markdown(data), args.markdown)
     if args.plot_prefix:
         plots(data, args.plot_prefix)
     return 0

@@ -67,15 +67,15 @@ from typing import Any
 from common import (
     DEFAULT_RATES,
     command_line,
+    emit,
     load_text,
     loopback_rate,
-    machine,
     rate_arg,
     read_results,
-    utc_now,
+    run_record,
+    shaped_link,
     workers_arg,
     write_json,
-    write_text,
 )
 from workers import (
     E2E_LABELS,
@@ -88,7 +88,6 @@ from workers import (
 )
 
 from signsgd.netem import (
-    NetworkEmulator,
     format_rate,
     launch,
     parse_rate,
@@ -217,10 +216,7 @@ def run_curves(args: argparse.Namespace, data: dict[str, Any], key: str = "curve
                rate: str = "unshaped", emu_ok: bool = True) -> None:
     """(a), or (d) with ``key="validate"`` at a shaped ``rate``."""
     rate_bps = parse_rate(rate)
-    emu = NetworkEmulator(rate_bps) if emu_ok else None
-    try:
-        if emu is not None:
-            emu.open()
+    with shaped_link(rate_bps, emu_ok) as emu:
         for w in args.workloads:
             for name in args.methods[w]:
                 if not method(name).tta:
@@ -243,9 +239,6 @@ def run_curves(args: argparse.Namespace, data: dict[str, Any], key: str = "curve
                       f"{rec['train_s']:.1f} s", file=sys.stderr)
                 if args.json:
                     write_json(args.json, data)
-    finally:
-        if emu is not None:
-            emu.close()
 
 
 def step_methods(methods: list[str]) -> list[str]:
@@ -266,10 +259,7 @@ def run_steps(args: argparse.Namespace, data: dict[str, Any], emu_ok: bool) -> N
     """(b): step times per rate and workload."""
     for rate in args.rates:
         rate_bps = parse_rate(rate)
-        emu = NetworkEmulator(rate_bps) if emu_ok else None
-        try:
-            if emu is not None:
-                emu.open()
+        with shaped_link(rate_bps, emu_ok) as emu:
             for w in args.workloads:
                 t0 = time.monotonic()
                 names = step_methods(args.methods[w])
@@ -293,9 +283,6 @@ def run_steps(args: argparse.Namespace, data: dict[str, Any], emu_ok: bool) -> N
                                   for r in out.results[0]), file=sys.stderr)
                 if args.json:
                     write_json(args.json, data)
-        finally:
-            if emu is not None:
-                emu.close()
 
 
 # ------------------------------------------------------------------------------- report
@@ -551,10 +538,7 @@ def main(argv: list[str] | None = None) -> int:
             args.json = str(Path(args.markdown).with_suffix(".json"))
         reason = shaping_unavailable_reason()
         data = {
-            "command": command_line(__file__, argv),
-            "date": utc_now(),
-            "machine": machine(),
-            "shaping": reason or "tc tbf on the loopback of a fresh network namespace",
+            **run_record(command_line(__file__, argv), reason),
             "settings": {"workers": args.workers, "workloads": args.workloads,
                          "rates": args.rates, "methods": methods,
                          "per_workload": {w: {k: per[k][w] for k in per} for w in WORKLOADS},
@@ -578,11 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         data["wall_s"] = round(time.monotonic() - t_start, 1)
         if args.json:
             write_json(args.json, data)
-    text = markdown(data)
-    if args.markdown:
-        write_text(args.markdown, text)
-    else:
-        print(text)
+    emit(markdown(data), args.markdown)
     if args.plot:
         plot(data, args.plot)
     return 0

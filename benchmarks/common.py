@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -21,6 +22,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +176,41 @@ def write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path``, creating its folder."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(text)
+
+
+def emit(text: str, path: str | Path | None) -> None:
+    """A report: to ``path`` (:func:`write_text`), or to standard output without one."""
+    if path:
+        write_text(path, text)
+    else:
+        print(text)
+
+
+def run_record(command: str, shaping_unavailable: str | None) -> dict[str, Any]:
+    """The fields every results file starts with: the command, when, on what machine, and
+    how the network was shaped (``shaping_unavailable``: why it could not be, or ``None``).
+
+    Example:
+        >>> sorted(run_record("python x.py", None))
+        ['command', 'date', 'machine', 'shaping']
+    """
+    return {"command": command, "date": utc_now(), "machine": machine(),
+            "shaping": shaping_unavailable
+            or "tc tbf on the loopback of a fresh network namespace"}
+
+
+def shaped_link(rate_bps: int | None, shape: bool
+                ) -> AbstractContextManager[NetworkEmulator | None]:
+    """A fresh :class:`NetworkEmulator` at ``rate_bps``, open inside the ``with`` and
+    removed after it; ``None`` when ``shape`` is false (launches then run on the host's
+    loopback).
+
+    Example:
+        >>> with shaped_link(None, False) as emu:
+        ...     emu is None
+        True
+    """
+    return NetworkEmulator(rate_bps) if shape else contextlib.nullcontext()
 
 
 def read_results(path: str | Path) -> dict[str, Any]:
