@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -25,8 +24,7 @@ import bench_tta  # noqa: E402
 import workers as W  # noqa: E402
 from bandwidth import powersgd_nbytes, powersgd_split  # noqa: E402
 
-from signsgd import data as D  # noqa: E402
-from signsgd import text as T  # noqa: E402
+from datafiles import write_random_fashion_mnist, write_shakespeare  # noqa: E402
 from signsgd.distributed.launch import spawn  # noqa: E402
 from signsgd.distributed.reducer import ring_nbytes  # noqa: E402
 from signsgd.distributed.vote import vote_nbytes  # noqa: E402
@@ -241,18 +239,9 @@ def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Fashion-MNIST as IDX .gz files, and 42 works named as Shakespeare's, the held-out ones
     among them."""
     root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 256), ("t10k", 64)):
-        D.write_idx(root / "fashion-mnist" / f"{split}-images-idx3-ubyte.gz",
-                    rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-        D.write_idx(root / "fashion-mnist" / f"{split}-labels-idx1-ubyte.gz",
-                    rng.integers(0, 10, n, dtype=np.uint8))
-    names = [*T.VALIDATION_WORKS, *T.TUNING_WORKS]
-    names += [f"work_{i:02d}_gut" for i in range(42 - len(names))]
-    (root / "shakespeare").mkdir()
-    for i, name in enumerate(names):
-        (root / "shakespeare" / f"{name}.txt").write_text(
-            f"ACT {i}. To be, or not to be, that is the question.\n" * 40)
+    write_random_fashion_mnist(root, 256, 64, seed=0)
+    write_shakespeare(root, lambda i, _: f"ACT {i}. To be, or not to be, that is the question.\n"
+                      * 40)
     return root
 
 

@@ -13,12 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
+from datafiles import write_random_fashion_mnist
 from signsgd import checkpoint
-from signsgd import data as D
 from signsgd.cli import main
 from signsgd.errors import CheckpointError
 
@@ -36,12 +35,7 @@ def text_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def image_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(3)
-    for split, n in (("train", 40), ("t10k", 16)):
-        D.write_idx(root / "fashion-mnist" / f"{split}-images-idx3-ubyte.gz",
-                    rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-        D.write_idx(root / "fashion-mnist" / f"{split}-labels-idx1-ubyte.gz",
-                    rng.integers(0, 10, n, dtype=np.uint8))
+    write_random_fashion_mnist(root, 40, 16, seed=3)
     return root
 
 

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from datafiles import write_shakespeare
 from signsgd import text as T
 from signsgd.errors import DataError
 from signsgd.transformer import GPT, SIZES, generate
@@ -23,13 +24,9 @@ POEM = ("Shall I compare thee to a summer's day?\nThou art more lovely and more 
 @pytest.fixture
 def works(tmp_path):
     """A fake Shakespeare folder: 42 small works with the real names of the held-out ones."""
-    folder = tmp_path / "shakespeare"
-    folder.mkdir()
-    names = list(T.VALIDATION_WORKS + T.TUNING_WORKS)
-    names += [f"work_{i:02d}_gut" for i in range(42 - len(names))]
-    for i, name in enumerate(names):  # each work starts with its index, in digits
-        (folder / f"{name}.txt").write_text(f"<{i:02d}>\n" + POEM[i:] + ("Z" if
-                                            name == "hamlet_gut" else ""))
+    names = write_shakespeare(  # each work starts with its index, in digits
+        tmp_path, lambda i, name: f"<{i:02d}>\n" + POEM[i:] + ("Z" if name == "hamlet_gut"
+                                                               else ""))
     return tmp_path, names
 
 
