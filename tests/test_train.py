@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from signsgd import checkpoint
 from signsgd import data as D
 from signsgd.config import TrainConfig, validate
 from signsgd.errors import CheckpointError, ConfigError
 from signsgd.outputs import read_metrics
+from signsgd.tasks import make_task
 from signsgd.train import train
 
 N_TRAIN, N_TEST = 64, 32
@@ -273,6 +275,29 @@ def test_docstring_examples_run_and_every_public_name_has_one(module):
         obj = getattr(mod, name)
         if callable(obj):
             assert ">>>" in (obj.__doc__ or ""), f"{module}.{name} has no example"
+
+
+def test_local_steps_end_with_a_synchronisation(data_dir, tmp_path):
+    """--steps not a multiple of --sync-every: the last, partial round is synchronised, so
+    every rank ends with the saved model and the summary reports that model (2 Gloo ranks)."""
+    c = cfg(data_dir, tmp_path / "ls", optimizer="adamw", workers=2, sync_every=2, steps=3,
+            outer_lr=1e-3)
+    s = train(c)
+    ck = checkpoint.read(tmp_path / "ls" / "checkpoint.pt")
+    assert ck["step"] == 3
+    task = make_task(validate(c))
+    model = task.model()
+    model.load_state_dict(ck["model"])
+    saved = list(model.parameters())
+    for rank, part in enumerate(ck["ranks"]):
+        local = part["optimizer"]  # LocalSteps' state: this rank's parameters and anchor
+        assert local["outer"]["position"] == 0, rank
+        for got in (local["params"], local["outer"]["anchor"]):
+            assert all(torch.equal(a, b) for a, b in zip(got, saved)), rank
+    held = task.evaluate(model, 0, 1)  # the saved model, in one process
+    summary = json.loads((tmp_path / "ls" / "summary.json").read_text())
+    assert summary["test_accuracy"] == s["test_accuracy"] == held["test_accuracy"]
+    assert summary["test_loss"] == pytest.approx(held["test_loss"], rel=1e-5)
 
 
 # A crashing worker (2 Gloo processes) is tested through the CLI in tests/test_cli.py.

@@ -6,10 +6,11 @@ trains in one process, in ``workers`` local Gloo processes
 ``MASTER_ADDR`` are set, in the process group ``torchrun`` started. What is learned comes
 from :mod:`signsgd.tasks` (image classification, or a character-level language model);
 the optimiser from :func:`signsgd.registry.build` (wrapped in
-:class:`~signsgd.distributed.LocalSteps` when ``sync_every > 1``). The loop is counted in
-steps: rank ``r``'s batch of step ``s`` is a pure function of ``(seed, r, s)``, so a run
-resumed at any checkpointed step continues bit-identically. Batch-norm statistics stay
-per worker until rank 0's are broadcast before each evaluation.
+:class:`~signsgd.distributed.LocalSteps` when ``sync_every > 1``; the last step ends the
+round, also a partial one, so the model evaluated and saved at the end is every rank's).
+The loop is counted in steps: rank ``r``'s batch of step ``s`` is a pure function of
+``(seed, r, s)``, so a run resumed at any checkpointed step continues bit-identically.
+Batch-norm statistics stay per worker until rank 0's are broadcast before each evaluation.
 
 ``out`` receives ``metrics.jsonl`` (``"step"`` records every ``log_every`` steps: loss and
 accuracy over the workers' batches since the last one, samples/s, bytes and the
@@ -222,6 +223,8 @@ def _run(rank: int, world: int, c: TrainConfig, task: Task, ckpt: dict[str, Any]
             if c.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
             opt.step()
+            if step + 1 == total and hasattr(opt, "synchronise"):
+                opt.synchronise()  # local steps: the partial last round, so all ranks agree
             lr_used = float(opt.param_groups[0]["lr"])
             sched.step()
             stats = _comm_stats(opt)
