@@ -34,6 +34,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from datetime import timedelta
@@ -177,6 +178,9 @@ def _run(rank: int, world: int, c: TrainConfig, task: Task, ckpt: dict[str, Any]
     opt = _make_optimizer(c, model, rank, world)
     total = task.total_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(c, total))
+    outer = getattr(opt, "outer_optimizer", None)  # local steps: the outer step's schedule
+    outer_sched = None if outer is None else torch.optim.lr_scheduler.LambdaLR(
+        outer, lr_schedule(c, total))
     step, time_offset = 0, 0.0
     counters = {"sent": 0, "received": 0, "epoch": [0.0, 0.0, 0.0], "window": [0.0, 0.0, 0.0]}
     if ckpt is not None:
@@ -187,6 +191,8 @@ def _run(rank: int, world: int, c: TrainConfig, task: Task, ckpt: dict[str, Any]
                 buf.copy_(saved)
         opt.load_state_dict(part["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
+        if outer_sched is not None:  # its lr came back with the optimiser's state
+            outer_sched.last_epoch = sched.last_epoch
         torch.set_rng_state(part["rng"])
         counters = part["counters"]
         step, time_offset = int(ckpt["step"]), float(ckpt["wall_time_s"])
@@ -227,6 +233,10 @@ def _run(rank: int, world: int, c: TrainConfig, task: Task, ckpt: dict[str, Any]
                 opt.synchronise()  # local steps: the partial last round, so all ranks agree
             lr_used = float(opt.param_groups[0]["lr"])
             sched.step()
+            if outer_sched is not None:
+                with warnings.catch_warnings():  # the outer optimiser steps at syncs only
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+                    outer_sched.step()
             stats = _comm_stats(opt)
             counters["sent"] += stats["bytes_sent"]
             counters["received"] += stats["bytes_received"]

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 import signsgd
-from signsgd.distributed import ErrorFeedbackAllReduce, LocalSteps, MajorityVote
+from signsgd.distributed import AllReduce, ErrorFeedbackAllReduce, LocalSteps, MajorityVote
 from signsgd.errors import NonFiniteGradientError
 
 from .workers import _snapshot, grads_for, make_params
@@ -94,7 +94,7 @@ def nan_in_a_local_step(rank: int, group: Any, inner: str) -> dict[str, Any]:
     local = (signsgd.Signum(params, lr=0.01) if inner == "signum"
              else torch.optim.SGD(params, lr=0.01))
     opt = LocalSteps(local, sync_every=3, outer_lr=0.01, reducer=MajorityVote(group))
-    anchor = [a.clone() for a in opt.outer["anchor"]]
+    anchor = [a.clone() for a in opt.anchor]
     errors = []
     for step in range(3):
         _feed(params, rank, step)
@@ -105,8 +105,7 @@ def nan_in_a_local_step(rank: int, group: Any, inner: str) -> dict[str, Any]:
         except NonFiniteGradientError as exc:
             errors.append((step, str(exc)))
     return {"errors": errors,
-            "anchor_unchanged": all(torch.equal(a, b) for a, b in zip(anchor,
-                                                                       opt.outer["anchor"])),
+            "anchor_unchanged": all(torch.equal(a, b) for a, b in zip(anchor, opt.anchor)),
             "at_anchor": all(torch.equal(p, a) for p, a in zip(params, anchor)),
             "next_round_ok": _next_round(opt, params, rank)}
 
@@ -116,6 +115,38 @@ def _next_round(opt: LocalSteps, params: list[torch.nn.Parameter], rank: int) ->
         _feed(params, rank, 10 + step)
         opt.step()
     return all(bool(torch.isfinite(p).all()) for p in params)
+
+
+def diloco(rank: int, group: Any, steps: int, h: int) -> dict[str, Any]:
+    """DiLoCo: inner SGD(lr=1/4), the fp32 mean of the pseudo-gradients, outer
+    SGD(lr=0.7, momentum=0.9, nesterov=True); a partial last round ended by synchronise()."""
+    params = make_params(torch.float64)
+    opt = LocalSteps(torch.optim.SGD(params, lr=0.25), sync_every=h, reducer=AllReduce(group),
+                     outer_optimizer=torch.optim.SGD(params, lr=0.7, momentum=0.9,
+                                                     nesterov=True))
+    traj = []
+    for step in range(steps):
+        _feed(params, rank, step)
+        opt.step()
+        traj.append(_snapshot(params))
+    return {"traj": traj, "synchronised": opt.synchronise(), "final": _snapshot(params)}
+
+
+def absent_gradients(rank: int, group: Any, kind: str) -> dict[str, Any]:
+    """A parameter without a gradient on any rank and one with a gradient on rank 0 only,
+    two rounds of H = 2 with every reducer: the first never moves."""
+    params = make_params(torch.float64)
+    never = torch.nn.Parameter(torch.full((5,), 3.0, dtype=torch.float64))
+    rank0 = torch.nn.Parameter(torch.full((3,), -1.0, dtype=torch.float64))
+    reducer = {"vote": MajorityVote(group, seed=3), "ef": ErrorFeedbackAllReduce(group),
+               "mean": AllReduce(group)}[kind]
+    opt = LocalSteps(torch.optim.AdamW(params + [never, rank0], lr=0.1), sync_every=2,
+                     outer_lr=0.5, reducer=reducer)
+    for step in range(4):
+        _feed(params, rank, step)
+        rank0.grad = torch.ones(3, dtype=torch.float64) if rank == 0 else None
+        opt.step()
+    return {"never": _snapshot([never])[0], "rank0": _snapshot([rank0])[0]}
 
 
 def local_suite(rank: int, world_size: int) -> dict[str, Any]:
@@ -132,4 +163,7 @@ def local_suite(rank: int, world_size: int) -> dict[str, Any]:
         out["resume"] = resume_mid_round(rank, g, 10, 4)
         out["nan/signum"] = nan_in_a_local_step(rank, g, "signum")
         out["nan/sgd"] = nan_in_a_local_step(rank, g, "sgd")
+        out["diloco"] = diloco(rank, g, 5, 2)
+        for kind in ("vote", "ef", "mean"):
+            out[f"absent/{kind}"] = absent_gradients(rank, g, kind)
     return out

@@ -101,3 +101,52 @@ def test_nan_in_a_local_step_raises_everywhere_at_the_sync(suite, inner):
         assert [s for s, _ in r["errors"]] == [2], r["errors"]
         assert "rank(s) [1]" in r["errors"][0][1]
         assert r["anchor_unchanged"] and r["at_anchor"] and r["next_round_ok"]
+
+
+def diloco_reference(m: int, steps: int, h: int) -> tuple[list[list[np.ndarray]], list]:
+    """torchft's DiLoCo arithmetic in float64: Δ̄ = mean_r(x0 − x_r); x ← x0;
+    Nesterov SGD on Δ̄ (b ← Δ̄ first, then b ← 0.9·b + Δ̄; x ← x − 0.7·(Δ̄ + 0.9·b));
+    the last, partial round (steps % h local steps) synchronised the same way."""
+    x0 = [p.detach().numpy().copy() for p in W.make_params(torch.float64)]
+    xs = [[t.copy() for t in x0] for _ in range(m)]
+    buf: list[np.ndarray] | None = None
+    traj = []
+
+    def sync() -> None:
+        nonlocal x0, xs, buf
+        mean = [sum(x0[i] - xs[r][i] for r in range(m)) / m for i in range(len(x0))]
+        buf = mean if buf is None else [0.9 * b + g for b, g in zip(buf, mean)]
+        x0 = [x - 0.7 * (g + 0.9 * b) for x, g, b in zip(x0, mean, buf)]
+        xs = [[t.copy() for t in x0] for _ in range(m)]
+
+    for step in range(steps):
+        for r in range(m):
+            gs = W.grads_for([torch.from_numpy(t) for t in xs[r]], r, step, zeros=False)
+            xs[r] = [t - 0.25 * g.numpy() for t, g in zip(xs[r], gs)]
+        if (step + 1) % h == 0:
+            sync()
+        traj.append([t.copy() for t in xs[0]])
+    sync()
+    return traj, x0
+
+
+def test_diloco_is_the_mean_pseudo_gradient_under_nesterov_sgd(suite):
+    ref, final = diloco_reference(3, 5, 2)
+    for res in suite[:3]:
+        r = res["diloco"]
+        for step in (1, 3):
+            assert all(np.allclose(a.numpy(), b, rtol=0, atol=1e-12)
+                       for a, b in zip(r["traj"][step], ref[step])), step
+        assert r["synchronised"]
+        assert all(np.allclose(a.numpy(), b, rtol=0, atol=1e-12)
+                   for a, b in zip(r["final"], final))
+        assert all(torch.equal(a, b) for a, b in zip(r["final"], suite[0]["diloco"]["final"]))
+
+
+@pytest.mark.parametrize("kind", ["vote", "ef", "mean"])
+def test_a_parameter_without_gradients_anywhere_never_moves(suite, kind):
+    for res in suite[:3]:
+        r = res[f"absent/{kind}"]
+        assert torch.equal(r["never"], torch.full((5,), 3.0, dtype=torch.float64))
+        assert not torch.equal(r["rank0"], torch.full((3,), -1.0, dtype=torch.float64))
+        assert torch.equal(r["rank0"], suite[0][f"absent/{kind}"]["rank0"])

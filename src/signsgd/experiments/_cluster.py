@@ -155,15 +155,8 @@ def _train(rank: int, world: int, group: Any, cfg: Config, sets: list[tuple[Tens
     def score(xy: tuple[Tensor, Tensor]) -> tuple[float, float]:
         if cfg.sync_every == 1:
             return _loss_acc(model, xy)
-        params = list(model.parameters())
-        local = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, a in zip(params, opt.outer["anchor"]):
-                p.copy_(a)
-            out = _loss_acc(model, xy)
-            for p, v in zip(params, local):
-                p.copy_(v)
-        return out
+        with opt.at_anchor():
+            return _loss_acc(model, xy)
 
     hist: dict[str, Any] = {"step": [], "train_loss": [], "label": cfg.label,
                             "diverged_at": None}
