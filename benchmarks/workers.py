@@ -112,6 +112,7 @@ import math
 import os
 import re
 import statistics
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -787,8 +788,10 @@ class Trainer:
         self.nbytes: Callable[[Trainer], tuple[int, int]] = lambda t: (0, 0)
         self.opt: torch.optim.Optimizer
         self.spec.build(self)
-        self.sched = (torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
-                      if schedule is not None else None)
+        # LocalSteps: its outer optimiser follows the same schedule (its own LambdaLR)
+        optimisers = [self.opt, getattr(self.opt, "outer_optimizer", None)]
+        self.scheds = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in optimisers
+                       if o is not None and schedule is not None]
         self.steps = 0
 
     @property
@@ -809,8 +812,10 @@ class Trainer:
         if self.grad_clip:
             nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
         self.opt.step()
-        if self.sched is not None:
-            self.sched.step()
+        with warnings.catch_warnings():  # an outer optimiser steps at synchronisations only
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+            for sched in self.scheds:
+                sched.step()
         self.steps += 1
         return float(loss.detach())
 
