@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,lightning,accelerate,transformers]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,train,lightning,accelerate,transformers]'
 	touch $(STAMP)
 
 lint: venv

@@ -26,7 +26,7 @@ from torch.optim import Optimizer
 from signsgd.distributed.reducer import AllReduce, Reducer
 from signsgd.errors import NonFiniteGradientError
 from signsgd.functional import all_finite, first_nonfinite
-from signsgd.optim import hyperparameters
+from signsgd.reduction import hyperparameters
 
 __all__ = ["AverageGradients"]
 

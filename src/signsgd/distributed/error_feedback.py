@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from signsgd.compression import Compressor, WireCodec
+from signsgd.compression import Compressor
 from signsgd.distributed.adversary import Adversary
+from signsgd.distributed.codecs import WireCodec, codec_for
 from signsgd.distributed.collectives import all_gather, all_reduce, all_to_all, phase, world
 from signsgd.distributed.header import Agreed
 from signsgd.distributed.reducer import FlatReduction, Reducer, ring_nbytes
@@ -50,7 +51,7 @@ class ErrorFeedbackAllReduce(Reducer):
        ``Δ'_c = C(q_c)`` and ``e_s ← q − Δ'``; ``Δ'`` goes back to every rank, and every
        rank applies the same update ``x ← x − Δ'``.
 
-    How ``C(p)`` travels is the compressor's :meth:`~signsgd.compression.Compressor.codec`:
+    How ``C(p)`` travels is :func:`~signsgd.distributed.codecs.codec_for` of the compressor:
 
     * :class:`~signsgd.compression.ScaledSign` (EF-signSGD): 1 bit per coordinate plus one
       scale per chunk each way (zero goes out as +1), in one ``all_to_all_single`` and one
@@ -105,10 +106,7 @@ class ErrorFeedbackAllReduce(Reducer):
 
     @staticmethod
     def _codec(compressor: Any) -> WireCodec:
-        from signsgd.compression import Values
-
-        codec = getattr(compressor, "codec", None)
-        return codec() if callable(codec) else Values(compressor)
+        return codec_for(compressor)
 
     def reduce(self, tensors: list[Tensor | None], *, finite: bool = True,
                compressor: Compressor | None = None, settings: Any = None) -> Any:

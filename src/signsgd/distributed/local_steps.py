@@ -75,8 +75,8 @@ from signsgd.distributed.reducer import Reducer
 from signsgd.distributed.vote import MajorityVote
 from signsgd.errors import NonFiniteGradientError
 from signsgd.functional import all_finite
-from signsgd.optim import hyperparameters
 from signsgd.outer import DampedMomentum
+from signsgd.reduction import hyperparameters
 
 __all__ = ["LocalSteps"]
 

@@ -1,5 +1,6 @@
-"""The reducer protocol — the one place where optimising and communicating meet — and
-:class:`AllReduce`, the plain fp32 mean that every other reducer is measured against.
+"""The reducers' shared front-end (:class:`Reducer`, implementing
+:class:`signsgd.reduction.Reducer`) and :class:`AllReduce`, the plain fp32 mean that every
+other reducer is measured against.
 
 An optimiser step of this library is always: gather the gradients and check finiteness
 once → the local transform, out of place (momentum, error compensation, weight decay) →
@@ -54,25 +55,11 @@ from signsgd.distributed import engine
 from signsgd.distributed.adversary import Adversary
 from signsgd.distributed.collectives import all_reduce, phase, timing, world
 from signsgd.distributed.header import Agreed, TensorSpec, exchange, spec_of
+from signsgd.reduction import Reducer as ReducerProtocol
+from signsgd.reduction import Reduction
 from signsgd.scratch import Scratch
 
 __all__ = ["Reducer", "Reduction", "FlatReduction", "AllReduce", "ring_nbytes"]
-
-
-@dataclass
-class Reduction:
-    """What :meth:`Reducer.reduce` returns, one entry per input tensor.
-
-    Example:
-        >>> r = AllReduce().reduce([torch.ones(2)])
-        >>> r.update, r.transmitted, r.signs
-        ([tensor([1., 1.])], [tensor([1., 1.])], False)
-    """
-
-    update: list[Tensor | None]        # identical on every rank; None: absent on every rank
-    transmitted: list[Tensor | None] | None  # this rank's input after its codec (None
-    #                                    entries: absent here); None: not accounted (a vote)
-    signs: bool                        # every update entry holds only ±1 (a vote)
 
 
 @dataclass
@@ -154,7 +141,7 @@ def split(flat: Tensor, agreed: Agreed) -> list[Tensor | None]:
     return out
 
 
-class Reducer:
+class Reducer(ReducerProtocol):
     """Base class of the reducers: the shared front-end, counters, checkpoints, pickling.
 
     Subclasses implement :meth:`reduce_flat` (the core), and may refine

@@ -1,0 +1,95 @@
+"""The boundary between optimising and communicating: the :class:`Reducer` protocol, what a
+reduction returns (:class:`Reduction`) and the settings every rank must share.
+
+This module sits below both sides: the optimisers (:mod:`signsgd.optim`) depend on it and
+nothing else of the distributed package; :mod:`signsgd.distributed` implements it
+(:class:`~signsgd.distributed.MajorityVote`, :class:`~signsgd.distributed.AllReduce`,
+:class:`~signsgd.distributed.ErrorFeedbackAllReduce`). An optimiser step with a reducer is:
+gather the gradients and check finiteness once → the local transform, out of place →
+``reducer.reduce(...)`` → commit (parameters and state change only now).
+
+Example:
+    >>> hyperparameters([{"params": [], "lr": 0.1, "foreach": None}])
+    ((('lr', 0.1),),)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from torch import Tensor
+
+__all__ = ["Reducer", "Reduction", "hyperparameters"]
+
+
+@dataclass
+class Reduction:
+    """What :meth:`Reducer.reduce` returns, one entry per input tensor.
+
+    Example:
+        >>> import torch
+        >>> Reduction([torch.ones(1)], None, True).signs
+        True
+    """
+
+    update: list[Tensor | None]        # identical on every rank; None: absent on every rank
+    transmitted: list[Tensor | None] | None  # this rank's input after its codec (None
+    #                                    entries: absent here); None: not accounted (a vote)
+    signs: bool                        # every update entry holds only ±1 (a vote)
+
+
+@runtime_checkable
+class Reducer(Protocol):
+    """Turns each rank's local tensors into one result, identical on every rank.
+
+    The contract (checked for every implementation by the distributed contract test):
+    ``None`` entries contribute zeros and a tensor ``None`` on every rank gets ``None``
+    back; every rank issues the same collectives in the same order; ``finite=False`` on
+    any rank raises :class:`~signsgd.errors.NonFiniteGradientError` on every rank before
+    any payload moves; a step that raises changes no state; ``input == transmitted +
+    residual``; ``bytes_sent`` / ``bytes_received`` count the last step's payload.
+
+    Example:
+        >>> from signsgd.distributed import AllReduce
+        >>> isinstance(AllReduce(), Reducer)
+        True
+    """
+
+    bytes_sent: int
+    bytes_received: int
+    timings: dict[str, float]
+
+    def check_compressor(self, compressor: Any) -> None:
+        """Raise ``ValueError`` if this reducer cannot serve an optimiser that transmits
+        with ``compressor`` (``None``: a sign optimiser, which keeps no residual)."""
+
+    def reduce(self, tensors: list[Tensor | None], *, finite: Any = True,
+               compressor: Any = None, settings: Any = None) -> Reduction:
+        """Reduce ``tensors`` across the ranks; ``settings`` must be equal on every rank."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's reducer state (step counter, server error)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; raises ``ValueError`` (changing nothing) if malformed."""
+
+
+def hyperparameters(param_groups: list[dict[str, Any]]) -> tuple[Any, ...]:
+    """Every group's hyper-parameters (not its parameters) as plain values, in order: what
+    must be equal on every rank of a distributed step (its digest travels in the header).
+
+    Example:
+        >>> hyperparameters([{"params": [], "lr": 0.1, "betas": (0.9, 0.99)}])
+        ((('betas', (0.9, 0.99)), ('lr', 0.1)),)
+    """
+    def plain(v: Any) -> Any:
+        if isinstance(v, Tensor) and v.numel() == 1:
+            return float(v.item())
+        if isinstance(v, (tuple, list)):
+            return tuple(plain(x) for x in v)
+        return v if isinstance(v, (bool, int, float, str, type(None))) else repr(v)
+
+    return tuple(tuple((k, plain(v)) for k, v in sorted(group.items())
+                       if k not in ("params", "foreach"))
+                 for group in param_groups)
