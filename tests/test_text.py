@@ -8,6 +8,7 @@ untrained loss, and seeded generation.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -167,3 +168,66 @@ def test_validation_windows_depend_on_the_global_batch_only(workers, batch_size)
         return task.evaluate(task.model(), 0, 1)["val_loss"]  # one rank sees all windows
 
     assert loss(workers, batch_size) == pytest.approx(loss(1, workers * batch_size), rel=1e-6)
+
+
+def test_the_last_validation_window_ends_exactly_at_the_corpus_end():
+    """The evenly spaced validation windows reach the last character and never past it, also
+    for a split longer than float32 counts exactly (2**24: a 300 MB file crashed there)."""
+    block = 8
+    for n in (block + 1, 3 * block + 2, 2**24 + block + 4):  # one window; small; float32-odd
+        val = (torch.arange(n) % 200 + 1).to(torch.uint8)
+        c = T.Corpus("t", [chr(32 + i) for i in range(200)], val[:block + 2], val)
+        *_, (x, y) = c.eval_batches(count=3, batch_size=2, block=block)
+        assert int(y[-1, -1]) == int(val[-1]), n
+        assert x.dtype == y.dtype == torch.int64  # what an embedding takes
+
+
+def test_the_corpus_is_held_as_one_byte_per_character(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text(POEM + "é€😀")  # multi-byte characters (in the validation split)
+    c = T.load_text(f"text:{path}")
+    assert c.train.dtype == c.val.dtype == torch.uint8
+    assert c.decode(c.train) + c.decode(c.val).replace("\ufffd", "?") == POEM + "???"
+    x, y = c.batch(batch_size=2, block=8, seed=0, rank=0, step=0)
+    assert x.dtype == y.dtype == torch.int64
+    path.write_text("".join(map(chr, range(0x100, 0x100 + 256))) * 2)
+    with pytest.raises(DataError, match="256 distinct characters in its training split, more "
+                                        "than 255"):
+        T.load_text(f"text:{path}")
+
+
+def _lm_run(path, out, *extra: str) -> int:
+    from signsgd.cli import main
+
+    return main(["train", "--data", f"text:{path}", "--model", "gpt", "--n-layer", "1",
+                 "--n-head", "2", "--d-model", "8", "--block-size", "8", "--batch-size", "2",
+                 "--eval-batches", "1", "--threads", "1", "--no-progress", "--optimizer",
+                 "adamw", "--lr", "1e-2", "--out", str(out), *extra])
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda t: "Zé" + t, r"alphabet: 33 characters, now 35 \(new: 'Z', 'é'\)"),
+    (lambda t: t.replace("a", "q"), r"alphabet: 33 characters, now 33 \(new: 'q'; gone: 'a'\)"),
+    (lambda t: t[::-1], r"sha256 [0-9a-f]{12}\.\.\., now [0-9a-f]{12}\.\.\.; same alphabet"),
+    (None, "no file at"),  # the file is gone
+], ids=["new-characters", "other-characters", "same-alphabet", "file-gone"])
+def test_a_run_keeps_its_vocabulary_when_the_corpus_changes(tmp_path, capsys, change, needle):
+    """``sample`` decodes with the run's own vocabulary whatever became of the text, and
+    ``--resume`` refuses a changed corpus in one line, leaving the checkpoint as it was."""
+    from signsgd.sample import sample
+
+    path, out = tmp_path / "poem.txt", tmp_path / "run"
+    path.write_text(POEM)
+    assert _lm_run(path, out, "--steps", "2") == 0
+    before = sample(out, "Shall", 60, seed=1)
+    ckpt = (out / "checkpoint.pt").read_bytes()
+    if change is None:
+        path.unlink()
+    else:
+        path.write_text(change(POEM))
+    assert sample(out, "Shall", 60, seed=1) == before
+    capsys.readouterr()
+    assert _lm_run(path, out, "--steps", "4", "--resume") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(needle, err), err
+    assert (out / "checkpoint.pt").read_bytes() == ckpt

@@ -7,13 +7,16 @@ needs, the same for every worker count:
 * :meth:`Task.batch` — rank ``r``'s batch of global step ``s``, a pure function of
   ``(seed, r, s)``, so a run resumed at any step sees exactly the batches it would have;
 * :meth:`Task.evaluate` — the held-out metrics, each rank taking its share, summed;
-* :attr:`Task.total_steps`, :attr:`Task.eval_every` — the budget and when to evaluate.
+* :attr:`Task.total_steps`, :attr:`Task.eval_every` — the budget and when to evaluate;
+* :meth:`Task.check_resume` — refuse a checkpoint whose data is not this task's.
 
 :class:`ImageClassification` shards each epoch's permutation across the workers
 (``DistributedSampler`` semantics) and evaluates at the end of every epoch;
 :class:`LanguageModelling` draws random windows of a text (:mod:`signsgd.text`), trains for
 ``steps`` steps and evaluates every ``eval_every`` steps on a fixed set of validation
-batches, reporting nats per character and bits per character.
+batches, reporting nats per character and bits per character. Its model carries the
+corpus's vocabulary and digest (``model.vocabulary``), which the checkpoint stores: ``signsgd
+sample`` decodes with it, and a resumed run on a changed text is refused.
 
 Example:
     >>> from signsgd.config import TrainConfig, validate
@@ -35,24 +38,30 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from signsgd.data import Dataset, epoch_batches, load, shard_indices
+from signsgd.errors import CheckpointError
 from signsgd.models import build
-from signsgd.text import Corpus, load_text
+from signsgd.text import Corpus, is_text, load_text
 from signsgd.transformer import GPT, SIZES
 
 if TYPE_CHECKING:
     from signsgd.config import TrainConfig
 
-__all__ = ["Task", "ImageClassification", "LanguageModelling", "make_task", "is_text"]
+__all__ = ["Task", "ImageClassification", "LanguageModelling", "make_task", "is_text",
+           "gpt_shape"]
 
 
-def is_text(data: str) -> bool:
-    """Whether ``--data`` names a text corpus (``shakespeare`` or ``text:PATH``).
+def gpt_shape(c: TrainConfig) -> dict[str, int]:
+    """The GPT's ``n_layer``, ``n_head``, ``d_model`` and ``block_size``: the named size
+    ``c.model`` of :data:`signsgd.transformer.SIZES`, overridden by the fields given.
 
     Example:
-        >>> is_text("shakespeare"), is_text("text:poems.txt"), is_text("cifar10")
-        (True, True, False)
+        >>> from signsgd.config import TrainConfig
+        >>> gpt_shape(TrainConfig(model="gpt", d_model=64))["d_model"]
+        64
     """
-    return data == "shakespeare" or data.startswith("text:")
+    size = SIZES[c.model]
+    return {k: getattr(c, k) or getattr(size, k)
+            for k in ("n_layer", "n_head", "d_model", "block_size")}
 
 
 def _allsum(values: list[float], world: int) -> list[float]:
@@ -97,6 +106,10 @@ class Task:
     def epoch_of(self, step: int) -> float:
         """Training progress in epochs after ``step`` steps (a fraction for text)."""
         return 0.0
+
+    def check_resume(self, ckpt: dict[str, Any] | None) -> None:
+        """Raise :class:`~signsgd.errors.CheckpointError` when the checkpoint a run resumes
+        from was trained on other data (nothing to check for image data)."""
 
 
 class ImageClassification(Task):
@@ -176,10 +189,8 @@ class LanguageModelling(Task):
     """
 
     def __init__(self, c: TrainConfig, corpus: Corpus) -> None:
-        self.c, self.corpus = c, corpus
-        size = SIZES[c.model]
-        self.shape = {k: getattr(c, k) or getattr(size, k)
-                      for k in ("n_layer", "n_head", "d_model", "block_size")}
+        self.c, self.corpus, self.shape = c, corpus, gpt_shape(c)
+        self.vocabulary = {"chars": corpus.chars, "sha256": corpus.sha256}
         corpus.check(self.shape["block_size"])
         self.total_steps = c.steps or 1000
         self.eval_every = c.eval_every or max(1, self.total_steps // 10)
@@ -189,7 +200,10 @@ class LanguageModelling(Task):
                                         batch_size=c.batch_size, block=self.shape["block_size"])
 
     def model(self) -> nn.Module:
-        return GPT(self.corpus.vocab_size, **self.shape)
+        """The GPT, its ``vocabulary`` attribute the corpus's (for the checkpoint)."""
+        model = GPT(self.corpus.vocab_size, **self.shape)
+        model.vocabulary = self.vocabulary
+        return model
 
     def batch(self, rank: int, world: int, step: int) -> tuple[Tensor, Tensor]:
         return self.corpus.batch(batch_size=self.c.batch_size, block=self.shape["block_size"],
@@ -198,6 +212,27 @@ class LanguageModelling(Task):
     def epoch_of(self, step: int) -> float:
         seen = step * self.c.batch_size * self.shape["block_size"] * self.c.workers
         return seen / max(1, self.corpus.train.numel())
+
+    def check_resume(self, ckpt: dict[str, Any] | None) -> None:
+        """Refuse a checkpoint trained on another text: the digest or the alphabet differ
+        (a checkpoint that stored no vocabulary is not checked)."""
+        saved = (ckpt or {}).get("vocabulary")
+        if saved is None or saved == self.vocabulary:
+            return
+        old, new = saved["chars"], self.corpus.chars
+        what = [f"sha256 {saved['sha256'][:12]}..., now {self.corpus.sha256[:12]}..."]
+        if old == new:
+            what.append(f"same alphabet of {len(new)} characters")
+        else:
+            diff = [f"{label}: " + ", ".join(map(repr, chars[:10])) + (", ..." if chars[10:]
+                                                                       else "")
+                    for label, chars in (("new", sorted(set(new) - set(old))),
+                                         ("gone", sorted(set(old) - set(new)))) if chars]
+            what.append(f"alphabet: {len(old)} characters, now {len(new)} ({'; '.join(diff)})")
+        raise CheckpointError(
+            f"--resume: --data {self.c.data} is not the text the checkpoint in {self.c.out} "
+            f"was trained on ({'; '.join(what)}); resume on that text, or start a new run "
+            "with another --out")
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, rank: int, world: int) -> dict[str, float]:
