@@ -410,15 +410,35 @@ class StagedOptimizer(Optimizer):
         return state
 
     def state_dict(self) -> dict[str, Any]:
-        """``torch.optim`` state plus the aggregator's state under ``"aggregator"``."""
-        sd = super().state_dict()
+        """``torch.optim`` state plus the aggregator's state under ``"aggregator"`` (and
+        :meth:`_extra_state`). The state-dict post hooks see the whole of it, and what
+        they return is returned, as ``torch.optim`` documents."""
+        post = self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_post_hooks = {}  # type: ignore[assignment]
+        try:
+            sd = super().state_dict()
+        finally:
+            self._optimizer_state_dict_post_hooks = post
         if self.aggregator is not None:
             sd["aggregator"] = self.aggregator.state_dict()
+        sd.update(self._extra_state())
+        for hook in list(post.values()):
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (aggregator state included)."""
+        """Restore what :meth:`state_dict` returned (aggregator state included). The
+        load pre hooks see the whole state dict and may return the one to load; the post
+        hooks run once everything (aggregator state included) is loaded."""
         state_dict = dict(state_dict)
+        pre = self._optimizer_load_state_dict_pre_hooks
+        post = self._optimizer_load_state_dict_post_hooks
+        for hook in list(pre.values()):
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = dict(result)
         agg_state = state_dict.pop("aggregator", None)
         extra = self._pop_extra_state(state_dict)
         if agg_state is not None and self.aggregator is None:
@@ -427,10 +447,21 @@ class StagedOptimizer(Optimizer):
             )
         for group in state_dict.get("param_groups", []):
             _check_group(type(self).__name__, {**self.defaults, **group}, self._options)
-        super().load_state_dict(state_dict)
+        self._optimizer_load_state_dict_pre_hooks = {}  # type: ignore[assignment]
+        self._optimizer_load_state_dict_post_hooks = {}  # type: ignore[assignment]
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre
+            self._optimizer_load_state_dict_post_hooks = post
         if self.aggregator is not None and agg_state is not None:
             self.aggregator.load_state_dict(agg_state)
         self._load_extra_state(extra)
+        for hook in list(post.values()):
+            hook(self)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
 
     def _pop_extra_state(self, state_dict: dict[str, Any]) -> Any:
         return None
@@ -776,10 +807,8 @@ class EFSGD(StagedOptimizer):
         if extra is not None and hasattr(self.compressor, "load_state_dict"):
             self.compressor.load_state_dict(extra)
 
-    def state_dict(self) -> dict[str, Any]:
-        """``torch.optim`` state, the aggregator's under ``"aggregator"`` and the
-        compressor's (RandomK's generator) under ``"compressor"``."""
-        sd = super().state_dict()
+    def _extra_state(self) -> dict[str, Any]:
+        """The compressor's state (RandomK's generator) under ``"compressor"``."""
         if hasattr(self.compressor, "state_dict"):
-            sd["compressor"] = self.compressor.state_dict()
-        return sd
+            return {"compressor": self.compressor.state_dict()}
+        return {}
