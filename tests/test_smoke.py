@@ -36,6 +36,8 @@ MODULES = ["signsgd", "signsgd.functional", "signsgd.optim", "signsgd.compressio
            "signsgd.distributed.error_feedback", "signsgd.distributed.header",
            "signsgd.distributed.random_bits", "signsgd.distributed.engine",
            "signsgd.distributed.average", "signsgd.distributed.local_steps",
+           "signsgd.reduction", "signsgd.outer", "signsgd.distributed.codecs",
+           "signsgd.distributed.quantized",
            "signsgd.tasks", "signsgd.text", "signsgd.transformer"]
 
 

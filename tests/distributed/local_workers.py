@@ -9,7 +9,13 @@ import torch
 import torch.distributed as dist
 
 import signsgd
-from signsgd.distributed import AllReduce, ErrorFeedbackAllReduce, LocalSteps, MajorityVote
+from signsgd.distributed import (
+    AllReduce,
+    ErrorFeedbackAllReduce,
+    LocalSteps,
+    MajorityVote,
+    QuantizedMean,
+)
 from signsgd.errors import NonFiniteGradientError
 
 from .workers import _snapshot, grads_for, make_params
@@ -149,14 +155,48 @@ def absent_gradients(rank: int, group: Any, kind: str) -> dict[str, Any]:
     return {"never": _snapshot([never])[0], "rank0": _snapshot([rank0])[0]}
 
 
+def quantized_mean(rank: int, group: Any, precision: str) -> dict[str, Any]:
+    """Two steps of QuantizedMean on float64 tensors of 700 and 45 elements (this rank's
+    values: a seeded normal times (rank + 1), the second tensor absent on rank 1)."""
+    g = torch.Generator().manual_seed(50 + rank)
+    red = QuantizedMean(precision, group=group)
+    out = []
+    for _ in range(2):
+        a = torch.randn(700, generator=g, dtype=torch.float64) * (rank + 1)
+        b = torch.randn(45, generator=g, dtype=torch.float64)
+        r = red.reduce([a, None if rank == 1 else b])
+        out.append({"inputs": [a, b], "update": [t.clone() for t in r.update],
+                    "transmitted": [None if t is None else t.clone() for t in r.transmitted],
+                    "sent": red.bytes_sent, "received": red.bytes_received})
+    return {"steps": out, "state": red.state_dict()}
+
+
+def diloco_int8(rank: int, group: Any) -> dict[str, Any]:
+    """DiLoCo with the int8 mean: every rank ends identical."""
+    params = make_params(torch.float64)
+    opt = LocalSteps(torch.optim.AdamW(params, lr=0.01), sync_every=2,
+                     reducer=QuantizedMean("int8", group=group),
+                     outer_optimizer=torch.optim.SGD(params, lr=0.7, momentum=0.9,
+                                                     nesterov=True))
+    for step in range(4):
+        _feed(params, rank, step)
+        opt.step()
+    return {"final": _snapshot(params), "sent": opt.reducer.total_bytes_sent}
+
+
 def local_suite(rank: int, world_size: int) -> dict[str, Any]:
     groups = {m: dist.new_group(list(range(m))) for m in (1, 3, 4)}
     out: dict[str, Any] = {}
     for m in (1, 3, 4):
         if rank < m:
             out[f"h1/{m}"] = h1_equals_signsgd(rank, groups[m], 6)
+    for precision in ("bf16", "int8"):
+        for m in (3, 4):
+            if rank < m:
+                out[f"quantized/{precision}/{m}"] = quantized_mean(rank, groups[m], precision)
     if rank < 3:
         g = groups[3]
+        out["diloco/int8"] = diloco_int8(rank, g)
         out["vote/h2"] = rounds(rank, g, 6, 2, 0.0, "vote")
         out["vote/h3/momentum"] = rounds(rank, g, 9, 3, 0.5, "vote")
         out["ef/h2"] = rounds(rank, g, 6, 2, 0.0, "ef")

@@ -150,3 +150,64 @@ def test_a_parameter_without_gradients_anywhere_never_moves(suite, kind):
         assert torch.equal(r["never"], torch.full((5,), 3.0, dtype=torch.float64))
         assert not torch.equal(r["rank0"], torch.full((3,), -1.0, dtype=torch.float64))
         assert torch.equal(r["rank0"], suite[0][f"absent/{kind}"]["rank0"])
+
+
+def _bf16(x: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(x).to(torch.bfloat16).to(torch.float64).numpy()
+
+
+def _int8(x: np.ndarray, block: int = 256) -> np.ndarray:
+    """Per block of 256 (blocks start at 0: shards are whole blocks) s = max|x|/127,
+    q = round(x/s) half to even, decoded q·s."""
+    pad = np.zeros(-(-x.size // block) * block)
+    pad[:x.size] = x
+    blocks = pad.reshape(-1, block)
+    s = np.abs(blocks).max(axis=1) / 127
+    q = np.round(blocks / np.where(s > 0, s, 1.0)[:, None])
+    return (q * s[:, None]).reshape(-1)[:x.size]
+
+
+@pytest.mark.parametrize("m", [3, 4])
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_quantized_mean_matches_its_float64_definition(suite, precision, m):
+    """Each rank's input quantized, the decoded copies summed in rank order and divided by
+    M, the mean quantized again; a tensor absent on one rank contributes zeros there."""
+    from signsgd.distributed.quantized import quantized_nbytes
+
+    quant = {"bf16": _bf16, "int8": _int8}[precision]
+    runs = [res[f"quantized/{precision}/{m}"] for res in suite[:m]]
+    for step in range(2):
+        flats = []
+        for r, run in enumerate(runs):
+            a, b = (t.numpy() for t in run["steps"][step]["inputs"])
+            flats.append(quant(np.concatenate([a, np.zeros(45) if r == 1 else b])))
+        total = flats[0].copy()
+        for f in flats[1:]:
+            total = total + f
+        expected = quant(total / m)
+        for r, run in enumerate(runs):
+            got = run["steps"][step]
+            assert np.array_equal(np.concatenate([t.numpy() for t in got["update"]]), expected)
+            tx = got["transmitted"]
+            assert (tx[1] is None) == (r == 1)
+            assert np.array_equal(tx[0].numpy(), flats[r][:700])
+            nbytes = quantized_nbytes(745, m, precision, itemsize=8)
+            assert got["sent"] - nbytes == got["received"] - nbytes > 0  # plus the header
+        assert all(run["state"] == {"step": 2} for run in runs)
+
+
+def test_quantized_mean_sends_a_half_and_a_quarter_of_fp32():
+    from signsgd.distributed.quantized import quantized_nbytes
+    from signsgd.distributed.reducer import ring_nbytes
+
+    fp32 = ring_nbytes(10**6, 4, 4)
+    assert 0.5 <= quantized_nbytes(10**6, 4, "bf16") / fp32 < 0.51
+    assert 0.25 <= quantized_nbytes(10**6, 4, "int8") / fp32 < 0.26
+
+
+def test_diloco_with_the_int8_mean_keeps_every_rank_identical(suite):
+    first = suite[0]["diloco/int8"]
+    assert first["sent"] > 0
+    for res in suite[1:3]:
+        assert all(torch.equal(a, b) for a, b in zip(res["diloco/int8"]["final"],
+                                                     first["final"]))

@@ -3,20 +3,22 @@
 * :class:`MajorityVote` — the 1-bit vote, for ``SignSGD`` / ``Signum`` / ``Lion``.
 * :class:`ErrorFeedbackAllReduce` — two-stage compressed all-reduce, for ``EFSGD``.
 * :class:`AllReduce` — the fp32 mean all-reduce baseline.
+* :class:`QuantizedMean` — the mean sent in bf16 or int8 (the DiLoCo family's outer steps).
 * :class:`AverageGradients` — any ``torch.optim`` optimiser on all-reduced gradients.
-* :class:`LocalSteps` — H local steps of any optimiser, then a voted outer update.
+* :class:`LocalSteps` — H local steps of any optimiser, then a reduced outer step (DiLoCo).
 * :func:`majority_vote` / :func:`vote_async` — the vote as a function / a future.
 * :func:`majority_vote_hook` / :class:`MajorityVoteHookState` — DDP communication hook.
 * :mod:`signsgd.distributed.adversary` — Byzantine workers for fault-tolerance runs.
 * :func:`signsgd.distributed.launch.spawn` — M local Gloo workers on 127.0.0.1.
 
-:mod:`signsgd.distributed.reducer` describes the protocol every reducer implements.
+:mod:`signsgd.reduction` states the protocol every reducer implements.
 """
 
 from signsgd.distributed.average import AverageGradients
 from signsgd.distributed.error_feedback import ErrorFeedbackAllReduce
 from signsgd.distributed.hooks import MajorityVoteHookState, majority_vote_hook
 from signsgd.distributed.local_steps import LocalSteps
+from signsgd.distributed.quantized import QuantizedMean
 from signsgd.distributed.reducer import AllReduce, Reducer, Reduction
 from signsgd.distributed.vote import MajorityVote, majority_vote, vote_async
 from signsgd.errors import CollectiveError, NonFiniteGradientError
@@ -30,6 +32,7 @@ __all__ = [
     "MajorityVote",
     "MajorityVoteHookState",
     "NonFiniteGradientError",
+    "QuantizedMean",
     "Reducer",
     "Reduction",
     "majority_vote",
