@@ -34,7 +34,7 @@ from signsgd.distributed.adversary import ATTACKS
 from signsgd.distributed.vote import MODES
 from signsgd.errors import ConfigError
 from signsgd.models import MODELS
-from signsgd.tasks import is_text
+from signsgd.text import is_text
 from signsgd.transformer import SIZES
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "COMPARE_KEYS", "TrainConfig", "validate",
