@@ -37,6 +37,22 @@ def kill_one_rank(rank: int, world_size: int, victim: int) -> int:
     return rank
 
 
+def lag_one_rank(rank: int, world_size: int, victim: int, how: str) -> int:
+    """At step 2, before its heartbeat, ``victim`` stops itself (``how="stop"``: SIGSTOP) or
+    raises (``"raise"``); the others wait for it in the collective."""
+    from signsgd.distributed.launch import heartbeat
+
+    t = torch.tensor([1.0])
+    for step in range(3):
+        if rank == victim and step == 2:
+            if how == "raise":
+                raise ValueError(f"rank {rank} fails at step {step}")
+            os.kill(os.getpid(), signal.SIGSTOP)
+        heartbeat(step)
+        dist.all_reduce(t)
+    return rank
+
+
 def write_pid_and_sleep(rank: int, world_size: int, folder: str) -> None:
     Path(folder, f"pid{rank}").write_text(str(os.getpid()))
     time.sleep(300)

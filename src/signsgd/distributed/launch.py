@@ -3,7 +3,9 @@
 Used by the tests (``tests/distributed``), the benchmarks and ``signsgd train --workers M``.
 Each worker joins a ``torch.distributed`` group on ``127.0.0.1`` at a free port. A worker
 that raises ends the whole launch with that worker's traceback; workers still blocked in
-a collective are terminated, so a launch never hangs past ``timeout``.
+a collective are terminated, so a launch never hangs past ``timeout``. The root cause is
+named first: a worker that died (with its signal or exit code), else one that stalled
+(stopped, or behind the others' :func:`heartbeat`), else the first to fail.
 
 Example:
     >>> def work(rank: int, world_size: int) -> int:   # must live in an importable module
@@ -38,8 +40,9 @@ _LAUNCHER: tuple[int, Any] | None = None
 def heartbeat(step: int) -> None:
     """Tell the launcher this worker reached ``step`` (a no-op outside :func:`spawn`).
 
-    When the launch fails, a worker whose last step is behind the others' is named as the
-    one that did not arrive (alive but stalled, or stuck before a collective).
+    When the launch fails, a worker found stopped (SIGSTOP) or whose last step is behind
+    the others' is named as the cause: ``no progress for N s, since step S`` (its last
+    heartbeat), not by the signal the launcher itself then ends it with.
 
     Example:
         >>> heartbeat(1)   # not in a spawned worker: nothing happens
@@ -89,12 +92,32 @@ def _stalled(progress: dict[int, int], world_size: int) -> list[int]:
     return [r for r in range(world_size) if progress.get(r, 0) < ahead]
 
 
+def _stopped(pid: int | None) -> bool:
+    """Whether process ``pid`` is stopped (SIGSTOP, SIGTSTP, a debugger); False where
+    ``/proc`` is unavailable."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
+def _stall_text(rank: int, progress: dict[int, int], quiet_s: float, stopped: bool) -> str:
+    """Why worker ``rank`` is the cause although it is alive: it made no progress."""
+    since = f"since step {progress[rank]}" if rank in progress else "since it started"
+    ahead = max(progress.values(), default=0)
+    why = ("stopped by SIGSTOP or a debugger" if stopped else
+           f"alive but it did not arrive where the others reached step {ahead}")
+    return f"no progress for {quiet_s:.0f} s, {since} (stalled: {why})"
+
+
 def _report(world_size: int, failures: dict[int, str], died: list[int]) -> tuple[str, int]:
     """The launch's error message: the root cause first, one line per other rank, then the
-    full tracebacks. A worker that died (``died``, in the order it was seen) is the root
-    cause: its peers only saw their connections close."""
+    full tracebacks. A worker in ``died`` (died, in the order it was seen, or stalled) is
+    the root cause: its peers only saw their connections close or time out."""
     cause = died[0] if died else next(iter(failures))
-    how = failures[cause].splitlines()[0] if died else _last_line(failures[cause])
+    text = failures[cause]
+    how = _last_line(text) if text.startswith("Traceback") else text.splitlines()[0]
     lines = [f"{len(failures)} of {world_size} workers failed; the cause: rank {cause}: {how}"]
     lines += [f"  rank {r}: {_last_line(failures[r])}" for r in sorted(failures) if r != cause]
     lines += [f"--- rank {r} ---\n{failures[r]}" for r in [cause] + sorted(
@@ -223,7 +246,11 @@ def spawn(
     failures: dict[int, str] = {}
     died: list[int] = []  # workers that ended without reporting, in the order seen
     progress: dict[int, int] = {}  # the last step each worker reached (heartbeat)
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    beats: dict[int, float] = {}  # when each worker's last heartbeat arrived
+    stopped: list[int] = []  # workers found stopped when the launch ended
+    ended: set[int] = set()  # workers this launcher had to end (their exit code is ours)
+    deadline = start + timeout
     grace_deadline: float | None = None
     try:
         while len(outputs) + len(failures) < world_size:
@@ -234,7 +261,7 @@ def spawn(
             try:
                 rank, ok, value = results.get(timeout=min(0.2, limit - now))
                 if ok is None:  # a heartbeat: the step this worker completed
-                    progress[rank] = value
+                    progress[rank], beats[rank] = value, time.monotonic()
                     continue
             except queue.Empty:
                 # A worker that died without reporting (killed, segfault) is a failure too.
@@ -246,7 +273,7 @@ def spawn(
                             while True:
                                 r, ok2, v = results.get_nowait()
                                 if ok2 is None:
-                                    progress[r] = v
+                                    progress[r], beats[r] = v, time.monotonic()
                                     continue
                                 (outputs if ok2 else failures)[r] = v
                         except queue.Empty:
@@ -256,6 +283,9 @@ def spawn(
                             died.append(rank)
                 if failures and grace_deadline is None:
                     grace_deadline = time.monotonic() + 10.0
+                if failures and all(_stopped(p.pid) for r, p in enumerate(procs)
+                                    if r not in outputs and r not in failures):
+                    break  # only stopped workers are left: no point in waiting for them
                 continue
             if ok:
                 outputs[rank] = value
@@ -266,9 +296,15 @@ def spawn(
                     # then kill whoever is still blocked.
                     grace_deadline = time.monotonic() + 10.0
     finally:
-        for p in procs:
+        over = time.monotonic()
+        for r, p in enumerate(procs):
             if p.is_alive():
-                p.terminate()
+                ended.add(r)
+                if _stopped(p.pid):
+                    stopped.append(r)
+                    p.kill()  # a stopped process would not act on SIGTERM
+                else:
+                    p.terminate()
         for p in procs:
             p.join(timeout=5)
             if p.is_alive():
@@ -283,17 +319,19 @@ def spawn(
         )
     if failures:
         for r, p in enumerate(procs):  # a late exit code: died without reporting after all
-            if r not in died and failures.get(r, "").startswith(f"worker {r} did not finish") \
-                    and p.exitcode not in (0, None) and p.exitcode != -signal.SIGTERM:
+            if r not in died and r not in ended and r in missing \
+                    and p.exitcode not in (0, None):
                 failures[r] = _exit_text(r, p.exitcode)
                 died.append(r)
-        stalled = _stalled(progress, world_size)
+        # the cause when none died: a worker found stopped, else one behind the others
+        # (stalled if it never reported; else its own error, e.g. it raised first)
+        stalled = [r for r in stopped if r in missing]
+        stalled += [r for r in _stalled(progress, world_size) if r not in stalled]
         if stalled and not died:
             for r in stalled:
-                failures[r] = (f"worker {r} did not arrive: it reached step "
-                               f"{progress.get(r, 0)} while the others reached step "
-                               f"{max(progress.values())} (alive but not progressing)\n"
-                               + failures.get(r, ""))
+                if r in missing:
+                    failures[r] = (_stall_text(r, progress, over - beats.get(r, start),
+                                               r in stopped) + "\n" + failures[r])
             died = stalled
         message, cause = _report(world_size, failures, died)
         raise WorkerError(message, failures, cause)
