@@ -27,7 +27,7 @@ DEMO_OUT ?= runs/demo
 demo: venv
 	@$(PY) -c "import signsgd.data as d; d.locate('fashion-mnist')" >/dev/null 2>&1 \
 		|| $(MAKE) data
-	$(VENV)/bin/signsgd compare --out $(DEMO_OUT)
+	$(VENV)/bin/signsgd compare --out $(DEMO_OUT) --overwrite
 
 # The language-model job: a small character-level transformer on Shakespeare (configs/lm.toml,
 # docs/lm.md). Fetches the text first when it is not found.
@@ -35,7 +35,7 @@ LM_OUT ?= runs/demo-lm
 demo-lm: venv
 	@$(PY) -c "import signsgd.text as t; t.locate_shakespeare()" >/dev/null 2>&1 \
 		|| $(MAKE) data-shakespeare
-	$(VENV)/bin/signsgd compare configs/lm.toml --out $(LM_OUT)
+	$(VENV)/bin/signsgd compare configs/lm.toml --out $(LM_OUT) --overwrite
 
 # `make data` fetches both datasets into ./data (no root needed), checking what it got:
 # - Fashion-MNIST from Debian's dataset-fashion-mnist package: `apt-get download` (with a

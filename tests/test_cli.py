@@ -157,14 +157,33 @@ def test_missing_data(tmp_path, capsys):
         ("[[run]]\noptimiser = 'adam'\n", "unknown option 'optimiser'"),
         ("[[run]]\nname = 'a'\n[[run]]\nname = 'a'\n", "two runs are named 'a'"),
         ("[[run]\n", "invalid TOML"),
-        ("[[run]]\noptimizer = 'lamb'\n", "valid optimizers"),
+        ("[[run]]\noptimizer = 'lamb'\n", "run 'lamb-1': unknown optimizer 'lamb'; valid"),
+        # Wrong types: the key, the table and the value, never a traceback.
+        ("[[run]]\nname = 123\n", "run 1: name must be a string, got 123"),
+        ("[[run]]\nname = 'a'\nlr = '0.1'\n", "run 1 ('a'): lr must be a number, got '0.1'"),
+        ("[defaults]\nworkers = 2.5\n[[run]]\n", "[defaults]: workers must be an integer, got "
+         "2.5"),
+        ("[[run]]\nseed = true\n", "run 1: seed must be an integer, got True"),
+        ("[[run]]\nbetas = [0.9, 'x']\n", "run 1: betas must be two numbers, got [0.9, 'x']"),
+        ("[[run]]\nforce_workers = 'yes'\n", "run 1: force_workers must be true or false"),
+        ("run = [1]\n", "run 1 must be a table"),
+        ("defaults = 1\n[[run]]\n", "[defaults] must be a table"),
+        ("[[run]]\nname = 'a'\n[[check]]\nrun = 'a'\nmin_accuracy = '0.5'\n",
+         "check 1: min_accuracy must be a number, got '0.5'"),
+        ("[[run]]\nname = 'a'\n[[check]]\nrun = 1\nmin_accuracy = 0.5\n",
+         "check 1: run must be the name of a run (a string), got 1"),
+        ("[[run]]\nname = 'a'\ncheck = [1]\n", "unknown option 'check' in run 1"),
+        ("check = [1]\n[[run]]\nname = 'a'\n", "check 1 must be a table"),
+        ("[[run]]\nname = 'A b'\n[[run]]\nname = 'a-b'\n", "runs 'A b' and 'a-b' would both "
+         "write to"),
     ],
 )
 def test_bad_compare_file(tmp_path, capsys, text, message):
     path = tmp_path / "bad.toml"
     path.write_text(text)
     rc = main(["compare", str(path), "--out", str(tmp_path / "o")])
-    assert rc == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "o").exists()
 
 

@@ -20,6 +20,7 @@ from datafiles import write_random_fashion_mnist
 from signsgd import checkpoint
 from signsgd.cli import main
 from signsgd.errors import CheckpointError
+from signsgd.outputs import read_metrics
 
 POEM = ("From fairest creatures we desire increase,\nThat thereby beauty's rose might never "
         "die,\nBut as the riper should by time decease,\nHis tender heir might bear his memory\n")
@@ -157,15 +158,19 @@ def _tmpfs(path: Path, options: str) -> bool:
 
 
 @pytest.fixture
-def small_disk(tmp_path, image_dir):
-    """A disk with room for one checkpoint of the run below, not for two."""
-    assert main(image_args(image_dir, tmp_path / "probe", "--steps", "1")) == 0
-    size = (tmp_path / "probe" / "checkpoint.pt").stat().st_size
-    where = tmp_path / "small"
-    if not _tmpfs(where, f"size={int(1.6 * size) // 1024}k"):
-        pytest.skip("needs root and tmpfs to make a small disk")
-    yield where
-    subprocess.run(["umount", str(where)], check=False)
+def small_disk(tmp_path):
+    """``small_disk(size)``: a folder on a disk of ``size`` bytes (unmounted afterwards)."""
+    mounted: list[Path] = []
+
+    def mount(size: int) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        if not _tmpfs(where, f"size={max(size // 1024, 4)}k"):
+            pytest.skip("needs root and tmpfs to make a small disk")
+        mounted.append(where)
+        return where
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", str(where)], check=False)
 
 
 @pytest.fixture
@@ -183,15 +188,50 @@ def test_read_only_out_is_one_clear_line(image_dir, read_only_dir, capsys):
     assert len(err) == 1 and "cannot be written" in err[0]
 
 
-def test_full_disk_keeps_the_previous_checkpoint_and_leaves_nothing(image_dir, small_disk,
-                                                                    capsys):
-    out = small_disk / "run"
-    # The first checkpoint fits; the second needs room for a second copy and does not.
-    rc = main(image_args(image_dir, out, "--steps", "10", "--checkpoint-every", "1"))
+def _fill(disk: Path) -> None:
+    """Write a file on ``disk`` until it is full."""
+    with open(disk / "filler", "wb", buffering=0) as f:
+        try:
+            while f.write(bytes(1 << 16)):
+                pass
+        except OSError:
+            pass
+
+
+@pytest.mark.parametrize("what, opts", [
+    # The first checkpoint fits on a disk of 1.6 checkpoints; the second does not.
+    ("checkpoint.pt", ("--steps", "10", "--checkpoint-every", "1")),
+    # A 32 KiB disk fills with step records long before the one evaluation at the end.
+    ("metrics.jsonl", ("--steps", "400", "--log-every", "1", "--eval-every", "400")),
+    ("metrics.jsonl", ("--steps", "400", "--log-every", "1", "--eval-every", "400",
+                       "--workers", "2")),
+    # The disk fills up just before the summary is written.
+    ("summary.json", ("--steps", "2",)),
+], ids=["checkpoint", "metrics", "metrics-2-workers", "summary"])
+def test_a_full_disk_is_one_clean_line_and_leaves_nothing(image_dir, tmp_path, small_disk,
+                                                          monkeypatch, capsys, what, opts):
+    """Whichever write finds the disk full: exit status 2, one line naming the file and the
+    reason (no torch internals), no temporary file, and what was written before intact."""
+    assert main(image_args(image_dir, tmp_path / "probe", "--steps", "1")) == 0
+    size = (tmp_path / "probe" / "checkpoint.pt").stat().st_size
+    out = small_disk(32 * 1024 if what == "metrics.jsonl" else int(1.6 * size)) / "run"
+    if what == "summary.json":
+        write_text = Path.write_text
+
+        def fill_first(path, *args, **kwargs):
+            if path.name.startswith(".summary.tmp"):
+                _fill(path.parent.parent)
+            return write_text(path, *args, **kwargs)
+        monkeypatch.setattr(Path, "write_text", fill_first)
+    capsys.readouterr()
+    rc = main(image_args(image_dir, out, *opts))
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "cannot write" in err[0], err
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files
-    assert checkpoint.read(out / "checkpoint.pt")["step"] >= 1      # the last good one
+    assert rc == 2 and len(err) == 1, err
+    assert f"cannot write {out / what}: No space left on device" in err[0], err
+    assert not [p.name for p in out.iterdir() if ".tmp." in p.name]  # no temporary files
+    assert read_metrics(out / "metrics.jsonl")                      # whole lines only
+    if what != "metrics.jsonl":
+        assert checkpoint.read(out / "checkpoint.pt")["step"] >= 1  # the last good one
 
 
 def _same(a, b) -> bool:

@@ -46,10 +46,14 @@ def _fingerprint(c: TrainConfig) -> dict[str, Any]:
             if f.metadata.get("resume", True)}
 
 
-def _seal(obj: Any) -> dict[str, Any]:
+def _bytes(obj: Any) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
-    data = buf.getvalue()
+    return buf.getvalue()
+
+
+def _seal(obj: Any) -> dict[str, Any]:
+    data = _bytes(obj)
     return {"sha256": hashlib.sha256(data).hexdigest(), "data": data}
 
 
@@ -64,11 +68,13 @@ def _open(sealed: Any, what: str, path: Path) -> Any:
 
 def save(out: Path, c: TrainConfig, **state: Any) -> Path:
     """Write ``out/checkpoint.pt`` atomically: the format tag and one sealed blob of the
-    fingerprint, the config and ``state``, whose ``ranks`` list is sealed rank by rank.
+    fingerprint, the config and ``state``, whose ``ranks`` list is sealed rank by rank. The
+    file is serialised in memory first, so that a failing write is the OS's error.
 
     Raises:
-        OutputError: the file cannot be written (e.g. a full disk); the previous checkpoint
-            stays as it was and no temporary file is left behind.
+        OutputError: the file cannot be written (e.g. a full disk: the message says so, in
+            the OS's words); the previous checkpoint stays as it was and no temporary file
+            is left behind.
 
     Example:
         >>> import tempfile; from signsgd.config import TrainConfig
@@ -77,8 +83,8 @@ def save(out: Path, c: TrainConfig, **state: Any) -> Path:
     """
     payload = {"fingerprint": _fingerprint(c), "config": c.to_dict(), **state,
                "ranks": [_seal(part) for part in state.get("ranks", [])]}
-    blob = {"format": _FORMAT, **_seal(payload)}
-    return write_atomic(out / CHECKPOINT, lambda tmp: torch.save(blob, tmp))
+    data = _bytes({"format": _FORMAT, **_seal(payload)})
+    return write_atomic(out / CHECKPOINT, lambda tmp: tmp.write_bytes(data))
 
 
 def read(path: Path) -> dict[str, Any]:

@@ -7,8 +7,11 @@ its options, and optional checks, printed as PASS/FAIL under the table: ``run`` 
 ``min_accuracy`` (a fraction), or ``run``, ``reference`` and ``max_gap`` (the run's accuracy
 may be at most ``max_gap`` below the reference's); for language models ``run`` with
 ``max_loss`` (nats per character), or ``run``, ``reference`` and ``max_loss_gap`` (the
-run's validation loss may be at most that much above the reference's). Each run writes to
-``OUT/SLUG-OF-ITS-NAME``, replacing what an earlier compare left there.
+run's validation loss may be at most that much above the reference's). Every key's type is
+checked (the message names the key and its table). Each run writes to
+``OUT/SLUG-OF-ITS-NAME``; an ``OUT`` that holds an earlier compare's results is refused
+(``overwrite`` replaces them), and so is a link in it, where a run's folder or a result
+would go.
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ import math
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 from signsgd.config import COMPARE_KEYS, TrainConfig, validate
-from signsgd.errors import ConfigError
-from signsgd.outputs import plot_overlay, read_metrics
+from signsgd.errors import ConfigError, OutputError
+from signsgd.outputs import RUN_FILES, lock_run, plot_overlay, read_metrics, write_atomic
 
 __all__ = ["DEFAULT_COMPARE", "parse_compare", "parse_checks", "evaluate_checks",
            "format_table", "compare"]
@@ -75,13 +79,35 @@ def _load_toml(text: str, source: str) -> dict[str, Any]:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from exc
 
 
+#: What ``signsgd compare`` writes into ``OUT`` besides the runs' folders.
+RESULT_FILES = ("table.md", "table.json", "compare.png")
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# The type a compare key's value must have: (test, words), by the field's type.
+_TYPES: dict[Any, tuple[Callable[[Any], bool], str]] = {
+    str: (lambda v: isinstance(v, str), "a string"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (_number, "a number"),
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    tuple[float, float]: (lambda v: isinstance(v, list) and len(v) == 2 and all(map(_number, v)),
+                          "two numbers"),
+}
+_KEY_TYPES = {k: _TYPES[next(a for a in (get_args(h) or (h,)) if a is not type(None))]
+              for k, h in get_type_hints(TrainConfig).items() if k in COMPARE_KEYS}
+
+
 def parse_compare(text: str, source: str = "<built-in default>") -> list[TrainConfig]:
     """The runs of the compare TOML document ``text`` (called ``source`` in error messages),
     as configs (``out`` not yet set).
 
     Raises:
-        ConfigError: bad TOML, no ``[[run]]``, unknown keys (the message lists the valid
-            ones) or two runs with one name.
+        ConfigError: bad TOML, no ``[[run]]``, a run or ``[defaults]`` that is not a table,
+            unknown keys (the message lists the valid ones), a value of the wrong type (the
+            message names the key and the table) or two runs with one name.
 
     Example:
         >>> parse_compare("[defaults]\\nepochs = 1\\n[[run]]\\noptimizer = 'adam'\\n")[0].name
@@ -96,17 +122,24 @@ def parse_compare(text: str, source: str = "<built-in default>") -> list[TrainCo
     if not isinstance(runs, list) or not runs:
         raise ConfigError(f"{source}: no [[run]] tables; add at least one run")
 
-    def norm(table: dict[str, Any], where: str) -> dict[str, Any]:
-        for k in table:
+    def norm(table: Any, where: str) -> dict[str, Any]:
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: {where} must be a table, got {table!r}")
+        for k, v in table.items():
             if k.replace("-", "_") not in COMPARE_KEYS:
                 raise ConfigError(f"{source}: unknown option {k!r} in {where}; valid options: "
                                   f"{', '.join(COMPARE_KEYS)}")
+            ok, what = _KEY_TYPES[k.replace("-", "_")]
+            if not ok(v):
+                raise ConfigError(f"{source}: {where}: {k} must be {what}, got {v!r}")
         return {k.replace("-", "_"): v for k, v in table.items()}
 
     base = norm(doc.get("defaults", {}), "[defaults]")
     configs: list[TrainConfig] = []
     for i, run in enumerate(runs):
-        opts = {**base, **norm(run, f"run {i + 1}")}
+        name = run.get("name") if isinstance(run, dict) else None
+        opts = {**base, **norm(run, f"run {i + 1}" + (f" ({name!r})" if isinstance(name, str)
+                                                        else ""))}
         opts.setdefault("name", f"{opts.get('optimizer', 'signum')}-{i + 1}")
         if any(c.name == opts["name"] for c in configs):
             raise ConfigError(f"{source}: two runs are named {opts['name']!r}; names must differ")
@@ -122,7 +155,8 @@ def parse_checks(text: str, source: str = "<built-in default>") -> list[dict[str
     """The ``[[check]]`` tables of a compare document, validated against its run names.
 
     Raises:
-        ConfigError: a check with other keys, or naming a run that does not exist.
+        ConfigError: a check that is not a table, has other keys or values of the wrong type
+            (a run's name, a number), or names a run that does not exist.
 
     Example:
         >>> parse_checks(DEFAULT_COMPARE)[0]
@@ -134,13 +168,20 @@ def parse_checks(text: str, source: str = "<built-in default>") -> list[dict[str
     if not isinstance(checks, list):
         raise ConfigError(f"{source}: 'check' must be an array of tables ([[check]])")
     for i, ch in enumerate(checks):
+        if not isinstance(ch, dict):
+            raise ConfigError(f"{source}: check {i + 1} must be a table, got {ch!r}")
         if set(ch) not in _CHECKS:
             raise ConfigError(f"{source}: check {i + 1} has keys {sorted(ch)}; use run + "
                               "min_accuracy, run + reference + max_gap, run + max_loss, or "
                               "run + reference + max_loss_gap")
-        for key in ("run", "reference"):
-            if key in ch and ch[key] not in names:
-                raise ConfigError(f"{source}: check {i + 1}: no run named {ch[key]!r} "
+        for key, v in ch.items():
+            named = key in ("run", "reference")
+            if not (isinstance(v, str) if named else _number(v)):
+                raise ConfigError(f"{source}: check {i + 1}: {key} must be "
+                                  f"{'the name of a run (a string)' if named else 'a number'}"
+                                  f", got {v!r}")
+            if named and v not in names:
+                raise ConfigError(f"{source}: check {i + 1}: no run named {v!r} "
                                   f"(runs: {', '.join(sorted(map(str, names)))})")
     return checks
 
@@ -214,15 +255,39 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _check_results_out(out: Path, slugs: list[str], overwrite: bool) -> None:
+    """Refuse a link where a run's folder or a result would go, and (unless ``overwrite``,
+    which removes the earlier results) an ``out`` with an earlier compare's results."""
+    links = [n for n in (*slugs, *RESULT_FILES) if (out / n).is_symlink()]
+    if links:
+        raise OutputError(f"--out {out}: {links[0]} is a symbolic link; compare writes only "
+                          "inside --out, never through a link — remove it or give another --out")
+    earlier = [n for n in RESULT_FILES if (out / n).exists()] + [
+        f"{s}/" for s in slugs if any((out / s / f).exists() for f in RUN_FILES)]
+    if earlier and not overwrite:
+        raise OutputError(f"--out {out} holds the results of an earlier compare "
+                          f"({', '.join(earlier)}); add --overwrite to replace them or give "
+                          "another --out")
+    for name in RESULT_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
 def compare(configs: list[TrainConfig], out: Path, *, progress: bool = True,
-            data_dir: str | None = None, checks: list[dict[str, Any]] | None = None
-            ) -> list[dict[str, Any]]:
+            data_dir: str | None = None, checks: list[dict[str, Any]] | None = None,
+            overwrite: bool = False) -> list[dict[str, Any]]:
     """Validate every run (and the data) first, then train them in order; return their
     summaries (see :func:`signsgd.train.train`).
 
     Run ``NAME`` writes to ``out/SLUG-OF-NAME``; then ``out/table.md`` (with the PASS/FAIL
     lines of ``checks``, from :func:`parse_checks`), ``out/table.json`` and ``out/compare.png``
-    are written. ``data_dir`` (if given) overrides every run's.
+    are written. ``data_dir`` (if given) overrides every run's. ``out`` is held
+    (:func:`signsgd.outputs.lock_run`) until the end.
+
+    Raises:
+        ConfigError: a run's bad config (the message names the run) or two runs whose
+            folders would be the same.
+        OutputError: ``out`` holds an earlier compare's results (unless ``overwrite``), a
+            link where a run's folder or a result would go, or is in use by another run.
 
     Example:
         >>> compare(parse_compare(DEFAULT_COMPARE), Path("runs/demo"))  # doctest: +SKIP
@@ -230,35 +295,46 @@ def compare(configs: list[TrainConfig], out: Path, *, progress: bool = True,
     from signsgd.tasks import ImageClassification, make_task
     from signsgd.train import train
 
-    out, prepared = Path(out), []
+    out, prepared, slugs = Path(out), [], {}
     for c in configs:
         slug = re.sub(r"[^a-z0-9]+", "-", c.name.lower()).strip("-") or "run"
-        prepared.append(validate(dataclasses.replace(
-            c, out=str(out / slug), progress=progress, overwrite=True,
-            data_dir=c.data_dir if data_dir is None else data_dir)))
+        if slug in slugs:
+            raise ConfigError(f"runs {slugs[slug]!r} and {c.name!r} would both write to "
+                              f"{out / slug}; give them names that differ in letters or digits")
+        slugs[slug] = c.name
+        try:
+            prepared.append(validate(dataclasses.replace(
+                c, out=str(out / slug), progress=progress, overwrite=True,
+                data_dir=c.data_dir if data_dir is None else data_dir)))
+        except ConfigError as exc:
+            raise ConfigError(f"run {c.name!r}: {exc}") from None
     tasks: dict[tuple[str, str | None], Any] = {}
     for c in prepared:  # every dataset found and every size checked before the first run
         key = (c.data, c.data_dir)
         if key not in tasks:
             tasks[key] = make_task(c)
         if isinstance(tasks[key], ImageClassification):
-            validate(c, n_train=len(tasks[key].train_ds) + (c.validation or 0))
-    out.mkdir(parents=True, exist_ok=True)
-    summaries, t0 = [], time.perf_counter()
-    for i, c in enumerate(prepared):
-        budget = f"{c.steps} steps" if c.steps else f"{c.epochs} epochs"
-        print(f"[{i + 1}/{len(prepared)}] {c.name}: {c.optimizer}, {c.workers} worker(s), "
-              f"lr {c.lr}, batch {c.batch_size}/worker, {budget}", flush=True)
-        summaries.append(train(c))
-    total = time.perf_counter() - t0
-    table = format_table(summaries)
-    results = evaluate_checks(checks or [], summaries)
-    if results:
-        table += "\nQuality bar:\n\n" + "".join(f"- {line}\n" for _, line in results)
-    (out / "table.md").write_text(table)
-    (out / "table.json").write_text(json.dumps(
-        {"total_wall_time_s": total, "runs": [{k: v for k, v in s.items() if k != "params"}
-                                              for s in summaries]}, indent=2, default=str))
-    plot_overlay([(s["name"], read_metrics(Path(s["config"]["out"]) / "metrics.jsonl"))
-                  for s in summaries], out / "compare.png")
+            try:
+                validate(c, n_train=len(tasks[key].train_ds) + (c.validation or 0))
+            except ConfigError as exc:
+                raise ConfigError(f"run {c.name!r}: {exc}") from None
+    with lock_run(out):
+        _check_results_out(out, list(slugs), overwrite)
+        summaries, t0 = [], time.perf_counter()
+        for i, c in enumerate(prepared):
+            budget = f"{c.steps} steps" if c.steps else f"{c.epochs} epochs"
+            print(f"[{i + 1}/{len(prepared)}] {c.name}: {c.optimizer}, {c.workers} worker(s), "
+                  f"lr {c.lr}, batch {c.batch_size}/worker, {budget}", flush=True)
+            summaries.append(train(c))
+        total = time.perf_counter() - t0
+        table = format_table(summaries)
+        results = evaluate_checks(checks or [], summaries)
+        if results:
+            table += "\nQuality bar:\n\n" + "".join(f"- {line}\n" for _, line in results)
+        write_atomic(out / "table.md", lambda tmp: tmp.write_text(table))
+        runs = [{k: v for k, v in s.items() if k != "params"} for s in summaries]
+        write_atomic(out / "table.json", lambda tmp: tmp.write_text(json.dumps(
+            {"total_wall_time_s": total, "runs": runs}, indent=2, default=str)))
+        plot_overlay([(s["name"], read_metrics(Path(s["config"]["out"]) / "metrics.jsonl"))
+                      for s in summaries], out / "compare.png")
     return summaries

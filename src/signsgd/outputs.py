@@ -1,11 +1,15 @@
-"""What runs write: ``metrics.jsonl`` records, JSON summaries and plots, each atomically."""
+"""What runs write: ``metrics.jsonl`` records, JSON summaries and plots, each atomically,
+into a run directory that one run at a time holds (:func:`lock_run`)."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +18,8 @@ import torch
 
 from signsgd.errors import OutputError
 
-__all__ = ["write_atomic", "check_out", "jsonable", "MetricsLog", "read_metrics", "plot_curves",
-           "plot_overlay"]
+__all__ = ["write_atomic", "lock_run", "check_out", "jsonable", "MetricsLog", "read_metrics",
+           "plot_curves", "plot_overlay"]
 
 #: The files a run writes into its directory.
 RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "checkpoint.pt")
@@ -23,7 +27,12 @@ RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "checkpoint.pt")
 
 def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it to ``path``
-    (readers see the old file or the new one, never half of one).
+    (readers see the old file or the new one, never half of one). Whatever stops it — an
+    error, a full disk, Ctrl-C or SIGTERM — the temporary file is removed.
+
+    Raises:
+        OutputError: ``write`` or the rename failed with an ``OSError`` (e.g. a full disk);
+            the message names ``path`` and the reason.
 
     Example:
         >>> import tempfile
@@ -36,19 +45,93 @@ def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
-            "no space left on device" if "write" in str(exc).lower() else str(exc))
-        raise OutputError(f"cannot write {path}: {reason}; the previous version of the file, "
-                          "if any, is unchanged") from None
+        if not isinstance(exc, OSError):
+            raise
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}; the previous version "
+                          "of the file, if any, is unchanged") from None
     return path
+
+
+#: The lock file in a run directory: the run that writes there holds an exclusive ``flock``
+#: on it (and wrote its pid into it).
+LOCK = ".lock"
+
+
+def _unwritable(out: Path, exc: OSError) -> OutputError:
+    return OutputError(f"--out {out} cannot be written ({exc.strerror or exc}); give a "
+                       "directory you can write to")
+
+
+def _make_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file, not a directory; give a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _unwritable(out, exc) from None
+
+
+def _sweep(out: Path) -> None:
+    """Remove the temporary files of :func:`write_atomic` (and of the probe of
+    :func:`check_out`) that an interrupted or killed writer left in ``out``."""
+    for tmp in out.glob(".*.tmp.*"):
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def lock_run(out: Path, *, create: bool = True) -> Iterator[None]:
+    """Hold the run directory ``out`` (created, unless ``create`` is false: then a missing
+    ``out`` is left missing and nothing is held) for the ``with`` block: an exclusive,
+    non-blocking ``flock`` on ``out/.lock``, which the OS releases when the process ends,
+    however it ends. Holding it, no other process writes in ``out``, so the temporary files
+    an interrupted or killed run left there are removed, on entry and on exit.
+
+    Raises:
+        OutputError: another process holds ``out`` (the message names ``out`` and that
+            process's pid), or ``out`` is a file or cannot be written.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> with lock_run(d), lock_run(d):
+        ...     pass
+        Traceback (most recent call last):
+        signsgd.errors.OutputError: --out ... is in use by another run (pid ...); ...
+    """
+    out = Path(out)
+    if not create and not out.is_dir():
+        yield
+        return
+    _make_dir(out)
+    try:
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise _unwritable(out, exc) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            raise OutputError(f"--out {out} is in use by another run (pid {pid}); wait for it "
+                              "to end or give another --out") from None
+        with contextlib.suppress(OSError):  # the pid only serves the message above
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        _sweep(out)
+        try:
+            yield
+        finally:
+            _sweep(out)
+    finally:
+        os.close(fd)
 
 
 def check_out(out: Path, *, overwrite: bool) -> None:
     """Refuse a run directory that cannot take a new run, before anything starts: a file,
     a folder that cannot be written, or one holding an earlier run (unless ``overwrite``,
-    which removes that run's files).
+    which removes that run's files). Call it holding :func:`lock_run`.
 
     Raises:
         OutputError: with the one-line reason and what to do.
@@ -62,20 +145,17 @@ def check_out(out: Path, *, overwrite: bool) -> None:
         signsgd.errors.OutputError: ... an earlier run (metrics.jsonl); add --resume to ...
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} is a file, not a directory; give a directory")
+    _make_dir(out)
     earlier = [name for name in RUN_FILES if (out / name).exists()]
     if earlier and not overwrite:
         raise OutputError(f"--out {out} holds an earlier run ({', '.join(earlier)}); add "
                           "--resume to continue it or --overwrite to replace it")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test.{os.getpid()}"
+        probe = out / f".write-test.tmp.{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise OutputError(f"--out {out} cannot be written ({exc.strerror or exc}); give a "
-                          "directory you can write to") from None
+        raise _unwritable(out, exc) from None
     for name in earlier:
         (out / name).unlink()
 
@@ -106,6 +186,8 @@ def jsonable(obj: Any) -> Any:
 class MetricsLog:
     """The records of a run, kept in ``records`` and appended to a ``metrics.jsonl`` file
     (its folder created) that starts with ``records`` (those of a resumed run's checkpoint).
+    The file always holds whole lines: a record that does not fit (a full disk) is taken
+    back out of it.
 
     Example:
         >>> import tempfile
@@ -120,13 +202,24 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path, lambda tmp: tmp.write_text(
             "".join(json.dumps(r) + "\n" for r in self.records)))
-        self._file = open(self.path, "a")  # noqa: SIM115 - closed by close()
+        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
 
     def write(self, record: dict[str, Any]) -> None:
-        """Keep ``record`` and append it to the file (flushed)."""
+        """Append ``record`` to the file (unbuffered) and keep it.
+
+        Raises:
+            OutputError: the line could not be written (e.g. a full disk); the file is as
+                it was before.
+        """
+        line, end = (json.dumps(record) + "\n").encode(), self._file.tell()
+        try:
+            if self._file.write(line) != len(line):  # a short write: the disk filled up
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as exc:
+            self._file.truncate(end)
+            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}; the records "
+                              "before this one are kept") from None
         self.records.append(record)
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
 
     def close(self) -> None:
         """Close the file."""

@@ -51,7 +51,7 @@ from signsgd.config import TrainConfig, validate
 from signsgd.distributed import launch
 from signsgd.errors import ConfigError
 from signsgd.models import count_parameters
-from signsgd.outputs import MetricsLog, check_out, jsonable, plot_curves, write_atomic
+from signsgd.outputs import MetricsLog, check_out, jsonable, lock_run, plot_curves, write_atomic
 from signsgd.tasks import ImageClassification, Task, make_task
 
 __all__ = ["train", "lr_schedule"]
@@ -391,40 +391,42 @@ def train(cfg: TrainConfig, *, return_params: bool = False) -> dict[str, Any]:
     if isinstance(task, ImageClassification):
         c = validate(c, n_train=len(task.train_ds) + (c.validation or 0))
     rank = int(os.environ["RANK"]) if torchrun else 0
-    ckpt = checkpoint.load(Path(c.out), c, task.total_steps,
-                           getattr(task, "steps_per_epoch", None)) if c.resume else None
-    task.check_resume(ckpt)  # the same data (a text's digest and alphabet)
     if not torchrun:
         _local_workers(c, task)
-    if rank == 0 and not c.resume:
-        check_out(Path(c.out), overwrite=c.overwrite)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", c.workers)) if torchrun else c.workers
-    threads = c.threads if c.threads is not None else max(1, (os.cpu_count() or 1) // local)
-    backend = c.backend if c.backend != "auto" else (
-        "nccl" if _device(c, 0).type == "cuda" else "gloo")
-    t_start = time.perf_counter()
-    if torchrun:
-        torch.set_num_threads(threads)
-        dist.init_process_group(backend, timeout=timedelta(seconds=c.timeout_s))
-        try:
-            res0 = _run(rank, c.workers, c, task, ckpt)
-            dist.barrier()  # nobody tears the group down while a peer still uses it
-        finally:
-            dist.destroy_process_group()
-        if rank != 0:
-            return {"rank": rank, "out": c.out}
-    elif c.workers == 1:
-        prev = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            res0 = _run(0, 1, c, task, ckpt)
-        finally:
-            torch.set_num_threads(prev)
-    else:
-        res0 = launch.spawn(_run, c.workers, (c, task, ckpt), timeout=30 * 24 * 3600.0,
-                            pg_timeout=c.timeout_s, threads=threads, backend=backend)[0]
-    launch_wall = time.perf_counter() - t_start
-    summary = _summary(c, task, res0, threads, launch_wall)
+    # Rank 0 holds the run directory for the whole run: another run into it refuses at once.
+    with lock_run(Path(c.out), create=not c.resume) if rank == 0 else nullcontext():
+        ckpt = checkpoint.load(Path(c.out), c, task.total_steps,
+                               getattr(task, "steps_per_epoch", None)) if c.resume else None
+        task.check_resume(ckpt)  # the same data (a text's digest and alphabet)
+        if rank == 0 and not c.resume:
+            check_out(Path(c.out), overwrite=c.overwrite)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", c.workers)) if torchrun else c.workers
+        threads = c.threads if c.threads is not None else max(1, (os.cpu_count() or 1) // local)
+        backend = c.backend if c.backend != "auto" else (
+            "nccl" if _device(c, 0).type == "cuda" else "gloo")
+        t_start = time.perf_counter()
+        if torchrun:
+            torch.set_num_threads(threads)
+            dist.init_process_group(backend, timeout=timedelta(seconds=c.timeout_s))
+            try:
+                res0 = _run(rank, c.workers, c, task, ckpt)
+                dist.barrier()  # nobody tears the group down while a peer still uses it
+            finally:
+                dist.destroy_process_group()
+            if rank != 0:
+                return {"rank": rank, "out": c.out}
+        elif c.workers == 1:
+            prev = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                res0 = _run(0, 1, c, task, ckpt)
+            finally:
+                torch.set_num_threads(prev)
+        else:
+            res0 = launch.spawn(_run, c.workers, (c, task, ckpt), timeout=30 * 24 * 3600.0,
+                                pg_timeout=c.timeout_s, threads=threads, backend=backend)[0]
+        launch_wall = time.perf_counter() - t_start
+        summary = _summary(c, task, res0, threads, launch_wall)
     if return_params:
         summary["params"] = res0["params"]
     return summary
