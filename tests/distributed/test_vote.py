@@ -1,7 +1,10 @@
 """majority_vote / vote_async / MajorityVote against a numpy majority, on real Gloo groups.
 
 One launch per world size M = 1, 2, 3, 4 runs every case; the parent recomputes the vote
-with numpy (zero -> +1, ties from ``tie_bits(seed, step)``) and checks each rank's result.
+with numpy (zero -> +1, ties from ``tie_bits(seed, step)``, 0 on a zero chunk that is zero
+on every rank) and checks each rank's result. One more launch of 3 ranks checks float64
+trajectories of the optimisers and the DDP hook where tensors and chunks are zero on every
+rank (they stay exactly still; the rest moves as with zero -> +1).
 """
 
 from __future__ import annotations
@@ -15,10 +18,14 @@ import torch
 from signsgd.distributed.launch import spawn
 from signsgd.distributed.vote import (
     HEADER_WORDS,
+    ZERO_CHUNK,
+    activity_words,
     majority_vote,
+    segment_lengths,
     shard_nbytes,
     tie_bits,
     vote_nbytes,
+    zero_chunks,
 )
 
 from . import workers as W
@@ -35,15 +42,34 @@ CASES = [
 CASE_IDS = [f"n{c[0]}-{c[2]}-{str(c[1])[6:]}-s{c[4]}-{i}" for i, c in enumerate(CASES)]
 
 
-def expected_vote(world_size: int, case: tuple) -> np.ndarray:
+def still_mask(x: np.ndarray, lengths: tuple[int, ...], bucket: int) -> np.ndarray:
+    """Coordinates whose zero chunk (:func:`zero_chunks` of each bucket) is zero on every
+    rank of ``x`` ``(M, d)``."""
+    d = x.shape[1]
+    still = np.zeros(d, dtype=bool)
+    for start in range(0, d, bucket):
+        end, clipped, off = min(start + bucket, d), [], 0
+        for n in lengths:
+            lo, hi = max(off, start), min(off + n, end)
+            if lo < hi:
+                clipped.append(hi - lo)
+            off += n
+        for s, n, c, _ in zero_chunks(tuple(clipped)):
+            for a in range(start + s, start + s + n, c):
+                b = min(a + c, start + s + n)
+                still[a:b] = not x[:, a:b].any()
+    return still
+
+
+def expected_vote(world_size: int, case: tuple, key: str = "votes") -> np.ndarray:
     numel, dtype, _, seed, step, data_seed = case
     x = W.case_inputs(world_size, numel, dtype, data_seed).double().numpy()
     votes = np.where(x >= 0, 1, -1).sum(axis=0)
     words = (numel + 63) // 64
     ties = np.unpackbits(tie_bits(seed, step, 0, words).numpy(), bitorder="little")[:numel]
-    return np.where(votes > 0, 1, np.where(votes < 0, -1, np.where(ties == 1, 1, -1)))
-
-
+    want = np.where(votes > 0, 1, np.where(votes < 0, -1, np.where(ties == 1, 1, -1)))
+    layout = ((numel // 3, numel - numel // 3), 512) if key == "buckets" else ((numel,), 1 << 62)
+    return np.where(still_mask(x, *layout), 0, want)
 def bucket_bytes(world_size: int, numel: int, mode: str) -> int:
     """Bytes of MajorityVote(bucket_bytes=64): header + each 512-coordinate bucket."""
     if world_size == 1:
@@ -83,9 +109,9 @@ def run(request, launch):
 def test_vote_matches_numpy_majority(run, i):
     m, results = run
     case = CASES[i]
-    want = expected_vote(m, case)
     for rank, res in enumerate(results):
         for key in ("votes", "async", "buckets"):
+            want = expected_vote(m, case, key)
             got = res[key][i]
             assert got.dtype == case[1], (rank, key)
             np.testing.assert_array_equal(got.double().numpy(), want, err_msg=f"rank {rank} {key}")
@@ -120,15 +146,15 @@ def test_ties_identical_on_every_rank_and_about_half_positive(run):
 
 @pytest.mark.parametrize(
     ("numel", "m", "mode", "want"),
-    [
+    [  # W = ⌈d/64⌉ sign words + ⌈d/16384⌉ activity words; S = 8·⌈W/M⌉
         (0, 4, "sharded", 0),
         (1, 1, "sharded", 0),
         (1_000_000, 1, "allgather", 0),
-        (1, 2, "sharded", 2 * 1 * 8),
-        (1_000_000, 4, "sharded", 2 * 3 * 31_256),
-        (1_000_000, 4, "allgather", 3 * 125_000),
-        (25_000_000, 4, "sharded", 2 * 3 * 781_256),
-        (100, 3, "allgather", 2 * 16),
+        (1, 2, "sharded", 2 * 1 * 8),                      # W = 1 + 1
+        (1_000_000, 4, "sharded", 2 * 3 * 31_376),         # W = 15 625 + 62
+        (1_000_000, 4, "allgather", 3 * 8 * 15_687),
+        (25_000_000, 4, "sharded", 2 * 3 * 784_304),       # W = 390 625 + 1 526
+        (100, 3, "allgather", 2 * 8 * 3),                  # W = 2 + 1
     ],
 )
 def test_vote_nbytes_formula(numel, m, mode, want):
@@ -139,9 +165,54 @@ def test_vote_nbytes_formula(numel, m, mode, want):
 
 @pytest.mark.parametrize(("numel", "m"), [(1_000_000, 4), (25_000_000, 4), (1 << 20, 2)])
 def test_bits_per_coordinate_each_way_at_most_one(numel, m):
-    # each leg (signs out, verdicts back) carries (M-1)·S bytes <= 1.05 bits per coordinate
-    leg = (m - 1) * shard_nbytes(numel, m)
+    # each leg (signs and activity bits out, verdicts back) carries (M-1)·S bytes, S the
+    # vote's shard: <= 1.05 bits per coordinate; the signs alone are shard_nbytes
+    leg = vote_nbytes(numel, m, header=False)[0] // 2
     assert leg * 8 / numel <= 1.05
+    assert leg >= (m - 1) * shard_nbytes(numel, m)
+
+
+@pytest.mark.parametrize(
+    ("lengths", "want"),
+    [
+        ((), ()),
+        ((0, 0), ()),
+        ((1,), ((0, 1, 1, 0),)),
+        ((600, 0, 10), ((0, 600, 256, 0), (600, 10, 10, 3))),
+        # d = 16 385: two activity words (128 bits); 65 chunks of 256 do not fit in 64
+        # bits, but d > 16 384 gives 128, so the chunk stays 256
+        ((16_385,), ((0, 16_385, 256, 0),)),
+        # 64 bits for d = 16 384 in 2 tensors: 256-chunks need 33 + 32 = 65 bits, so the
+        # chunk grows to the smallest length that fits (260: 32 + 32 bits)
+        ((8_300, 8_084), ((0, 8_300, 260, 0), (8_300, 8_084, 260, 32))),
+        # more tensors (100) than bits (64): runs of 2 tensors share a chunk
+        ((3,) * 100, tuple((6 * b, 6, 6, b) for b in range(50))),
+    ],
+)
+def test_zero_chunks_table(lengths, want):
+    runs = zero_chunks(lengths)
+    assert runs == want
+    d = sum(lengths)
+    covered = [i for s, n, _, _ in runs for i in range(s, s + n)]
+    assert covered == list(range(d))  # a partition of [0, d)
+    bits = sum(-(-n // c) for _, n, c, _ in runs)
+    assert bits <= 64 * activity_words(d) and all(c >= min(n, ZERO_CHUNK)
+                                                   for _, n, c, _ in runs)
+
+
+@pytest.mark.parametrize(
+    ("views", "want"),
+    [
+        (lambda b: [b[2:5], b[6:10]], (2, 3, 1, 4)),
+        (lambda b: [b[6:10], b[0:6]], (6, 4)),
+        (lambda b: [b[0:6], b[4:8]], (10,)),      # overlapping: one tensor
+        (lambda b: [b[::2]], (10,)),              # not a slice: one tensor
+        (lambda b: [], (10,)),
+    ],
+)
+def test_segment_lengths(views, want):
+    b = torch.zeros(10)
+    assert segment_lengths(b, views(b)) == want
 
 
 @pytest.mark.parametrize(("start", "n"), [(0, 1), (3, 5), (1000, 64)])
@@ -156,6 +227,7 @@ def test_tie_bits_slices_are_consistent(start, n):
     [
         ([0.0, -0.0, -1e-30], [1, 1, -1]),
         ([2.0, -3.0, 5.0], [1, -1, 1]),
+        ([0.0, -0.0, 0.0], [0, 0, 0]),  # zero everywhere: still, as sign(0) = 0
     ],
 )
 def test_single_process_without_group_is_sign_with_zero_plus_one(values, want):
@@ -180,3 +252,89 @@ def test_single_process_non_finite_raises(bad):
 def test_bad_arguments(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         majority_vote(torch.ones(3), step=0, **kwargs)
+
+
+# ------------------------------------------------------------------ zero chunks: trajectories
+ZERO_STEPS = 6
+
+
+def reference_trajectory(m: int, beta: float, zeros_still: bool) -> list[list[torch.Tensor]]:
+    """Signum (lr 1/8, float64) with a majority vote of ``m`` ranks fed ``W.zero_grads``:
+    zero -> +1, ties from ``tie_bits(3, step)`` over the flat layout, and, with
+    ``zeros_still``, 0 on each 256-coordinate chunk of a tensor that is zero on every rank."""
+    params = [p.detach().clone() for p in W.zero_params()]
+    bufs = [[torch.zeros_like(p) for p in params] for _ in range(m)]
+    lengths = [p.numel() for p in params]
+    d = sum(lengths)
+    traj = []
+    for step in range(ZERO_STEPS):
+        dirs = []
+        for r in range(m):
+            gs = W.zero_grads(r, step)
+            if beta:
+                bufs[r] = [torch.lerp(b, g, 1.0 - beta) for b, g in zip(bufs[r], gs)]
+                gs = bufs[r]
+            dirs.append(torch.cat([g.reshape(-1) for g in gs]).numpy())
+        x = np.stack(dirs)
+        votes = np.where(x >= 0, 1, -1).sum(axis=0)
+        ties = np.unpackbits(tie_bits(3, step, 0, (d + 63) // 64).numpy(),
+                             bitorder="little")[:d]
+        v = np.where(votes > 0, 1.0, np.where(votes < 0, -1.0, np.where(ties == 1, 1.0, -1.0)))
+        if zeros_still:
+            off = 0
+            for n in lengths:
+                for a in range(off, off + n, 256):
+                    b = min(a + 256, off + n)
+                    if not x[:, a:b].any():
+                        v[a:b] = 0.0
+                off += n
+        off = 0
+        for p, n in zip(params, lengths):
+            p.add_(torch.from_numpy(v[off:off + n]).view_as(p), alpha=-0.125)
+            off += n
+        traj.append([p.clone() for p in params])
+    return traj
+
+
+@pytest.fixture(scope="module")
+def zero_runs():
+    return spawn(W.zero_chunk_trajectories, 3, (ZERO_STEPS,), timeout=180)
+
+
+def _still(params: list[torch.Tensor], start: list[torch.Tensor]) -> bool:
+    """Tensor 1, and tensor 2's first chunk, equal their start exactly."""
+    return torch.equal(params[1], start[1]) and torch.equal(params[2][:256], start[2][:256])
+
+
+@pytest.mark.parametrize("m", [1, 2, 3], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize(("case", "beta"), [("signsgd", 0.0), ("signum", 0.9)])
+def test_zero_everywhere_stays_still_and_the_rest_moves_as_before(zero_runs, m, case, beta):
+    start = [p.detach() for p in W.zero_params()]
+    want = reference_trajectory(m, beta, zeros_still=True)
+    before = reference_trajectory(m, beta, zeros_still=False)  # zero -> +1 everywhere
+    for rank in range(m):
+        got = zero_runs[rank][m][case]
+        for step in range(ZERO_STEPS):
+            for i, (g, w) in enumerate(zip(got[step], want[step])):
+                assert torch.equal(g, w), (rank, step, i)
+            assert _still(got[step], start)
+    # what does not stay still moves exactly as under zero -> +1: tensors 0 and 3 (zero
+    # on rank 0 only, so zero everywhere for M = 1) and tensor 2 after its first chunk
+    last, old = want[-1], before[-1]
+    assert torch.equal(last[0], old[0]) and torch.equal(last[2][256:], old[2][256:])
+    assert torch.equal(last[3], old[3] if m > 1 else start[3])
+    assert not torch.equal(last[0], start[0]) and not torch.equal(old[3], start[3])
+    assert not torch.equal(old[1], start[1])  # zero -> +1 would have moved tensor 1
+
+
+@pytest.mark.parametrize("m", [1, 2, 3], ids=lambda m: f"M{m}")
+def test_ddp_hook_keeps_zero_everywhere_still(zero_runs, m):
+    start = [p.detach() for p in W.zero_params()]
+    runs = [zero_runs[rank][m]["hook"] for rank in range(m)]
+    for traj in runs:
+        assert all(_still(step, start) for step in traj)
+        assert all(torch.equal(a, b) for a, b in zip(traj[-1], runs[0][-1]))
+    assert not torch.equal(runs[0][-1][0], start[0])
+    if m % 2:  # no ties: the hook's buckets vote as the optimiser's flat buffer does
+        for a, b in zip(runs[0][-1], zero_runs[0][m]["signsgd"][-1]):
+            assert torch.equal(a, b)

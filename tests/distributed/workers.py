@@ -427,3 +427,84 @@ def die_in_vote(rank: int, world_size: int, timeout_s: float) -> str:
             f"{type(exc).__name__}: {exc}"
         ) from exc
     return "no error"
+
+
+# ----------------------------------------------------------------------------- zero chunks
+
+#: tensors of the zero-chunk trajectories: dense, zero on every rank, zero on every rank in
+#: its first 256-coordinate chunk only, and one whose zeros differ across ranks.
+ZERO_SHAPES = [(13, 11), (300,), (600,), (70,)]
+
+
+def zero_grads(rank: int, step: int) -> list[torch.Tensor]:
+    """A rank's float64 gradients for :data:`ZERO_SHAPES`: multiples of 1/2 (exact zeros
+    here and there); tensor 1 zero everywhere, tensor 2 zero on ``[0, 256)`` everywhere,
+    tensor 3 zero on rank 0 only."""
+    g = torch.Generator().manual_seed(7919 * rank + step)
+    out = [torch.round(torch.randn(s, generator=g, dtype=torch.float64) * 2) / 2
+           for s in ZERO_SHAPES]
+    out[1].zero_()
+    out[2][:256] = 0.0
+    out[2][256] = -0.0 if step % 2 else 0.0  # -0.0 is zero too
+    if rank == 0:
+        out[3].zero_()
+    return out
+
+
+def zero_params() -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(99)
+    return [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64))
+            for s in ZERO_SHAPES]
+
+
+class _ZeroNet(torch.nn.Module):
+    """Parameters :data:`ZERO_SHAPES`; ``forward(grads)`` is a loss whose gradient is
+    ``grads`` exactly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ps = torch.nn.ParameterList(zero_params())
+
+    def forward(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        return sum((p * g).sum() for p, g in zip(self.ps, grads))
+
+
+def zero_chunk_trajectories(rank: int, world_size: int, steps: int) -> dict[int, Any]:
+    """Sub-groups of 1..world_size ranks: SignSGD and Signum (float64) with MajorityVote
+    and the DDP hook with SGD, fed :func:`zero_grads`; the parameters after every step."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from signsgd.distributed import MajorityVoteHookState, majority_vote_hook
+
+    groups = {m: (dist.new_group(list(range(m))), dist.new_group(list(range(m))))
+              for m in range(1, world_size + 1)}
+    out: dict[int, Any] = {}
+    for m, (group, hook_group) in groups.items():
+        if rank >= m:
+            continue
+        res: dict[str, Any] = {}
+        for name, beta, mode in (("signsgd", 0.0, "sharded"), ("signum", 0.9, "allgather")):
+            params = zero_params()
+            opt = signsgd.Signum(params, lr=0.125, momentum=beta,
+                                 aggregator=MajorityVote(group, mode=mode, seed=3))
+            traj = []
+            for step in range(steps):
+                for p, g in zip(params, zero_grads(rank, step)):
+                    p.grad = g
+                opt.step()
+                traj.append(_snapshot(params))
+            res[name] = traj
+        net = _ZeroNet()
+        ddp = DDP(net, process_group=group, bucket_cap_mb=0.004)  # several buckets
+        ddp.register_comm_hook(MajorityVoteHookState(hook_group, momentum=0.0, seed=3),
+                               majority_vote_hook)
+        sgd = torch.optim.SGD(ddp.parameters(), lr=0.125)
+        traj = []
+        for step in range(steps):
+            sgd.zero_grad()
+            ddp(zero_grads(rank, step)).backward()
+            sgd.step()
+            traj.append(_snapshot(list(net.ps)))
+        res["hook"] = traj
+        out[m] = res
+    return out

@@ -46,7 +46,7 @@ __all__ = ["HEADER_WORDS", "TensorSpec", "StepHeader", "Agreed", "spec_of", "exc
 
 #: int64 words in the per-rank header of every step (the protocol tag and 11 fields).
 HEADER_WORDS = 12
-_MAGIC = 0x5167_5347_0001  # "SgSG" + protocol version 1
+_MAGIC = 0x5167_5347_0002  # "SgSG" + protocol version 2 (votes carry activity bits)
 
 #: dtypes a step may carry, in the order of their wire codes.
 DTYPES: tuple[torch.dtype, ...] = (

@@ -107,7 +107,7 @@ from torch import Tensor
 from signsgd import functional as F
 from signsgd.distributed import engine
 from signsgd.distributed.header import spec_of
-from signsgd.distributed.vote import MajorityVote, check_seed
+from signsgd.distributed.vote import MajorityVote, check_seed, segment_lengths
 from signsgd.errors import NonFiniteGradientError
 
 # No ``from __future__ import annotations`` here: DDP's register_comm_hook compares the
@@ -475,7 +475,8 @@ def majority_vote_hook(
         voter = MajorityVote(group, state.mode, _ONE_BUCKET, state.seed, state.adversary)
         verdict = torch.empty_like(direction)
         job = voter.vote_job(direction, spec_of(direction), step=step, finite=finite,
-                             out=verdict, who="majority_vote")
+                             out=verdict, who="majority_vote",
+                             lengths=segment_lengths(buf, grads))
         fut = engine.submit(group, job, direction.device)
     except BaseException:
         state._bucket_failed(generation)

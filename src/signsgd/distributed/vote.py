@@ -7,18 +7,29 @@ verdict is the elementwise sign of their sum, and every rank gets the same ±1 r
 .. math:: v_j = \operatorname{sign}\Big(\sum_{r=1}^{M} s_{r,j}\Big),\quad
           s_{r,j} = +1 \text{ if } x_{r,j} \ge 0 \text{ else } -1
 
+except that ``v_j = 0`` where ``j``'s zero chunk is zero on every rank (below).
+
 Wire format: a coordinate travels as one bit, 1 for a value >= 0 (zero → +1), 0 for a
-value < 0, packed little-endian (:func:`signsgd.packing.pack_signs`).
+value < 0, packed little-endian (:func:`signsgd.packing.pack_signs`); after the signs
+come the activity bits, one per *zero chunk* (:func:`zero_chunks`: about ``ZERO_CHUNK``
+coordinates, never spanning two tensors), 1 where this rank's chunk holds a non-zero
+value. The activity bits are ORed over the ranks instead of voted, and the verdict is 0 on
+every chunk that is zero on every rank: a tensor (or chunk) whose gradient is exactly zero
+everywhere stays exactly still, as ``sign(0) = 0`` leaves it in single-process Signum,
+where sending zero as +1 would move it by −lr each step. Inside a chunk with a non-zero
+value somewhere, zero still counts as +1. The activity bits travel in the same buffers as
+the signs (no extra collective), ``activity_words(d) = ⌈d/(64·ZERO_CHUNK)⌉`` words.
 
 A vote is one step of three collectives on the process group, in the same order on every
 rank: the step header (:mod:`signsgd.distributed.header`), then
 
-* ``mode="sharded"`` (default): the packed signs, padded to ``M·S`` bytes, go out with one
-  ``all_to_all_single``; rank ``r`` receives the ``M`` rows of its shard of ``S`` bytes
-  (``S`` a multiple of 8 so the tally works on 64-bit words), tallies them with
-  :func:`signsgd.packing.majority_tally`, and one ``all_gather`` returns the packed
-  verdicts. Each rank sends and receives about ``2·d/8`` bytes whatever M is.
-* ``mode="allgather"``: one ``all_gather`` of all packed signs; every rank tallies
+* ``mode="sharded"`` (default): the packed words (signs, activity), padded to ``M·S``
+  bytes, go out with one ``all_to_all_single``; rank ``r`` receives the ``M`` rows of its
+  shard of ``S`` bytes (``S`` a multiple of 8 so the tally works on 64-bit words),
+  tallies them with :func:`signsgd.packing.majority_tally` (ORs the activity bits), and
+  one ``all_gather`` returns the packed verdicts. Each rank sends and receives about
+  ``2·d/8`` bytes whatever M is.
+* ``mode="allgather"``: one ``all_gather`` of all packed words; every rank tallies
   everything (``(M−1)·d/8`` bytes in): the simple reference.
 
 Ties (even M) are broken by :func:`~signsgd.distributed.random_bits.tie_bits` of
@@ -27,8 +38,8 @@ and of bucketing, so ``"sharded"`` and ``"allgather"`` give bit-identical verdic
 
 Bytes (:func:`vote_nbytes`): payload this rank sends to / receives from the other ranks,
 each block moving once between each pair of ranks. For ``d`` coordinates and ``M`` ranks
-with ``S = 8·⌈⌈⌈d/8⌉/8⌉/M⌉``: ``sharded`` ``2·(M−1)·S`` ≈ 2·(M−1)/M · d/8 each way;
-``allgather`` ``(M−1)·P`` with ``P = 8·⌈⌈d/8⌉/8⌉``; plus the header
+with ``W = ⌈d/64⌉ + activity_words(d)`` words and ``S = 8·⌈W/M⌉``: ``sharded``
+``2·(M−1)·S`` ≈ 2·(M−1)/M · d/8 each way; ``allgather`` ``(M−1)·8·W``; plus the header
 ``(M−1)·8·HEADER_WORDS``. With ``M = 1`` nothing moves and no collective runs.
 
 Which to call: an optimiser holds a :class:`MajorityVote` (it reuses its buffers across
@@ -44,7 +55,9 @@ ICLR 2019.
 
 from __future__ import annotations
 
+import functools
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -62,7 +75,8 @@ from signsgd.packing import majority_tally, pack_signs, packed_nbytes, unpack_si
 from signsgd.scratch import thread_scratch
 
 __all__ = ["MODES", "MajorityVote", "majority_vote", "vote_async", "vote_nbytes",
-           "shard_nbytes", "tie_bits", "check_seed", "HEADER_WORDS", "DEFAULT_BUCKET_BYTES"]
+           "shard_nbytes", "tie_bits", "check_seed", "HEADER_WORDS", "DEFAULT_BUCKET_BYTES",
+           "ZERO_CHUNK", "activity_words", "zero_chunks", "segment_lengths"]
 
 #: the vote modes.
 MODES = ("sharded", "allgather")
@@ -71,12 +85,150 @@ DEFAULT_BUCKET_BYTES = 1 << 25
 _ONE_BUCKET = 1 << 62
 
 
+#: nominal coordinates per zero chunk: a vote of d coordinates carries
+#: :func:`activity_words` ``(d)`` 64-bit words of activity bits, one per chunk.
+ZERO_CHUNK = 256
+
+Runs = tuple[tuple[int, int, int, int], ...]
+
+
 def _words(nbytes: int) -> int:
     return (nbytes + 7) // 8
 
 
+def activity_words(numel: int) -> int:
+    """64-bit words of activity bits in a vote of ``numel`` coordinates:
+    ``⌈d / (64·ZERO_CHUNK)⌉`` (1/``ZERO_CHUNK`` bit per coordinate).
+
+    Example:
+        >>> activity_words(1), activity_words(16384), activity_words(16385)
+        (1, 1, 2)
+    """
+    return -(-numel // (64 * ZERO_CHUNK))
+
+
+@functools.lru_cache(maxsize=256)
+def zero_chunks(lengths: tuple[int, ...]) -> Runs:
+    """The chunks of a vote of tensors of ``lengths`` coordinates (concatenated), as runs
+    ``(start, length, chunk, bit)``: ``flat[start:start + length]`` is cut into chunks of
+    ``chunk`` coordinates (the last may be shorter) whose activity bits are ``bit, bit+1, …``.
+
+    A chunk never spans two tensors. The chunk length is the smallest ``c >= ZERO_CHUNK``
+    for which the chunks of every tensor fit in the ``64·activity_words(d)`` bits, so the
+    number of bits on the wire depends on ``d`` alone. If even one chunk per tensor does
+    not fit (more tensors than bits: fewer than 64·``ZERO_CHUNK`` coordinates per 64
+    tensors), runs of consecutive tensors share one chunk. The same on every rank for the
+    same layout.
+
+    Example:
+        >>> zero_chunks((600, 0, 10))
+        ((0, 600, 256, 0), (600, 10, 10, 3))
+    """
+    capacity = 64 * activity_words(sum(lengths))
+    segs, start = [], 0
+    for n in lengths:
+        if n:
+            segs.append((start, n))
+        start += n
+    if not segs:
+        return ()
+    if len(segs) > capacity:
+        per = -(-len(segs) // capacity)
+        groups = [segs[i:i + per] for i in range(0, len(segs), per)]
+        return tuple((g[0][0], g[-1][0] + g[-1][1] - g[0][0],
+                      g[-1][0] + g[-1][1] - g[0][0], b) for b, g in enumerate(groups))
+    lo, hi = ZERO_CHUNK, max(ZERO_CHUNK, max(n for _, n in segs))
+    while lo < hi:  # the smallest chunk length whose chunks fit
+        mid = (lo + hi) // 2
+        if sum(-(-n // mid) for _, n in segs) <= capacity:
+            hi = mid
+        else:
+            lo = mid + 1
+    runs, bit = [], 0
+    for s, n in segs:
+        runs.append((s, n, min(lo, n), bit))
+        bit += -(-n // lo)
+    return tuple(runs)
+
+
+def segment_lengths(flat: Tensor, views: Sequence[Tensor]) -> tuple[int, ...]:
+    """The tensor lengths of ``flat`` for :func:`zero_chunks` when ``views`` are views of
+    it (a DDP bucket's gradients): each view, and each gap between them, is one tensor.
+    Views that are not disjoint slices of ``flat`` give ``(flat.numel(),)``.
+
+    Example:
+        >>> b = torch.zeros(10)
+        >>> segment_lengths(b, [b[2:5], b[6:10]])
+        (2, 3, 1, 4)
+    """
+    base, pos, out = flat.storage_offset(), 0, []
+    for v in sorted(views, key=lambda t: t.storage_offset()):
+        start = v.storage_offset() - base
+        if start < pos or start + v.numel() > flat.numel() or not v.is_contiguous():
+            return (flat.numel(),)
+        if start > pos:
+            out.append(start - pos)
+        out.append(v.numel())
+        pos = start + v.numel()
+    if pos < flat.numel():
+        out.append(flat.numel() - pos)
+    return tuple(out)
+
+
+def _bucket_lengths(lengths: Sequence[int], start: int, end: int) -> tuple[int, ...]:
+    """``lengths`` clipped to the coordinates ``[start, end)`` of their concatenation."""
+    out, off = [], 0
+    for n in lengths:
+        lo, hi = max(off, start), min(off + n, end)
+        if lo < hi:
+            out.append(hi - lo)
+        off += n
+    return tuple(out)
+
+
+def _pack_activity(flat: Tensor, runs: Runs, out: Tensor) -> None:
+    """This rank's activity bits into ``out`` (uint8, ``8·activity_words`` bytes): bit 1 for
+    a chunk with a non-zero coordinate (``-0.0`` is zero); the pad bits are 0."""
+    act = torch.zeros(8 * out.numel(), dtype=torch.int8, device=flat.device)
+    for s, n, c, b in runs:
+        f = n // c
+        if f:
+            act[b:b + f] = flat[s:s + f * c].view(f, c).any(dim=1)
+        if n % c:
+            act[b + f] = flat[s + f * c:s + n].any()
+    act.sub_(1)  # active 1 -> 0 (packs as bit 1); inactive and pad 0 -> -1 (bit 0)
+    pack_signs(act, out=out)
+
+
+def _hold_still(out: Tensor, activity: Tensor, runs: Runs) -> None:
+    """Zero the verdict ``out`` on every chunk whose activity bit (OR over the ranks) is 0."""
+    still = unpack_signs(activity, 8 * activity.numel(), torch.int8) < 0
+    cpu = out.device.type == "cpu"
+    if cpu and runs and not still[:runs[-1][3] + -(-runs[-1][1] // runs[-1][2])].any():
+        return
+    for s, n, c, b in runs:
+        f, nbits = n // c, -(-n // c)
+        mine = still[b:b + nbits]
+        if cpu and not mine.any():
+            continue
+        if f:
+            out[s:s + f * c].view(f, c).masked_fill_(mine[:f, None], 0)
+        if n % c:
+            out[s + f * c:s + n].masked_fill_(mine[f], 0)
+
+
+def _or_activity(rows: Tensor, verdict: Tensor, lo: int, hi: int) -> None:
+    """``verdict[lo:hi]`` ← the bitwise OR of ``rows[:, lo:hi]`` (activity bytes)."""
+    if lo < hi:
+        acc = verdict[lo:hi].copy_(rows[0, lo:hi])
+        for r in range(1, rows.shape[0]):
+            acc.bitwise_or_(rows[r, lo:hi])
+
+
 def shard_nbytes(numel: int, world_size: int) -> int:
-    """Bytes of packed signs one rank owns in ``mode="sharded"``: ``S = 8·⌈⌈⌈d/8⌉/8⌉/M⌉``.
+    """Bytes of packed signs in one rank's share of ``numel`` signs: ``8·⌈⌈⌈d/8⌉/8⌉/M⌉``
+    (the shard of :class:`~signsgd.distributed.ErrorFeedbackAllReduce`; a vote's shard also
+    carries the activity bits, :func:`vote_nbytes`).
 
     Example:
         >>> shard_nbytes(1000, 4)
@@ -93,16 +245,23 @@ def _check_mode(mode: Any) -> str:
     return mode
 
 
+def _wire_words(numel: int, zeros: bool = True) -> int:
+    """64-bit words of one rank's vote vector: the signs, then the activity bits."""
+    return _words(packed_nbytes(numel)) + (activity_words(numel) if zeros else 0)
+
+
 def vote_nbytes(numel: int, world_size: int, mode: str = "sharded", *,
                 header: bool = True) -> tuple[int, int]:
     """Payload bytes ``(sent, received)`` of one rank in one vote of ``numel`` coordinates.
 
-    ``sharded``: ``2·(M−1)·S``; ``allgather``: ``(M−1)·P``; plus the header
-    ``(M−1)·8·HEADER_WORDS`` when ``header``. Zero for ``M = 1``; sent equals received.
+    With ``W = ⌈d/64⌉ + activity_words(d)`` words per rank (signs, then one activity bit
+    per zero chunk) and ``S = 8·⌈W/M⌉``: ``sharded`` ``2·(M−1)·S``; ``allgather``
+    ``(M−1)·8·W``; plus the header ``(M−1)·8·HEADER_WORDS`` when ``header``. Zero for
+    ``M = 1``; sent equals received.
 
     Example:
         >>> vote_nbytes(1_000_000, 4, header=False)
-        (187536, 187536)
+        (188256, 188256)
     """
     _check_mode(mode)
     if numel < 0 or world_size < 1:
@@ -110,49 +269,56 @@ def vote_nbytes(numel: int, world_size: int, mode: str = "sharded", *,
     m = world_size
     if m == 1:
         return (0, 0)
-    if numel == 0:
-        payload = 0
-    elif mode == "sharded":
-        payload = 2 * (m - 1) * shard_nbytes(numel, m)
-    else:
-        payload = (m - 1) * 8 * _words(packed_nbytes(numel))
-    total = payload + ((m - 1) * 8 * HEADER_WORDS if header else 0)
+    total = (m - 1) * 8 * HEADER_WORDS if header else 0
+    if numel:
+        send = _send_nbytes(numel, m, mode)
+        total += 2 * (m - 1) * (send // m) if mode == "sharded" else (m - 1) * send
     return (total, total)
 
 
-def _send_nbytes(numel: int, m: int, mode: str) -> int:
-    """Bytes of this rank's packed send buffer: ``M·S`` (sharded) or ``P`` (allgather)."""
+def _send_nbytes(numel: int, m: int, mode: str, zeros: bool = True) -> int:
+    """Bytes of this rank's send buffer: ``M·S`` (sharded) or ``8·W`` (allgather)."""
+    w = _wire_words(numel, zeros)
     if mode == "sharded" and m > 1:
-        return m * shard_nbytes(numel, m)
-    return 8 * _words(packed_nbytes(numel))
+        return m * 8 * -(-w // m)
+    return 8 * w
 
 
 def vote_flat(flat: Tensor, *, group: Any, mode: str, seed: int, step: int,
               word_offset: int = 0, adversary: Adversary | None = None,
-              out: Tensor) -> tuple[int, int]:
-    """The payload of one vote of a flat vector (the step's header has run): the ±1 verdict
+              out: Tensor, runs: Runs | None = None) -> tuple[int, int]:
+    """The payload of one vote of a flat vector (the step's header has run): the verdict
     goes into ``out`` (it may be ``flat`` itself); returns the bytes ``(sent, received)``.
 
     ``word_offset`` is the index of the 64-bit word of the step's flat vector where
-    ``flat`` starts (for buckets), so ties do not depend on bucketing. The wire buffers
-    are per-thread scratch reused across calls.
+    ``flat`` starts (for buckets), so ties do not depend on bucketing. ``runs`` are the
+    zero chunks of ``flat`` (:func:`zero_chunks`): their activity bits follow the signs on
+    the wire, the owner of a bit ORs it over the ranks, and the verdict is 0 on a chunk
+    that is zero on every rank (``None``: no activity bits, zero is +1 everywhere; for
+    measurements). The adversary corrupts the signs only. The wire buffers are per-thread
+    scratch reused across calls.
     """
     rank, m = world(group)
     d = flat.numel()
     if d == 0:
         return 0, 0
     scratch = thread_scratch()
-    nb = packed_nbytes(d)
-    total = _send_nbytes(d, m, mode)
+    nb, ns = packed_nbytes(d), 8 * _words(packed_nbytes(d))  # sign bytes, sign words' bytes
+    na = 0 if runs is None else 8 * activity_words(d)
+    total = _send_nbytes(d, m, mode, runs is not None)
     send = scratch.get("vote_send", total, torch.uint8, flat.device)
     with phase("pack"):
         pack_signs(flat, out=send[:nb])
         send[nb:] = 0
         if adversary is not None:
-            send = adversary.corrupt_signs(send, step=step, word_offset=word_offset)
+            send[:ns] = adversary.corrupt_signs(send[:ns], step=step, word_offset=word_offset)
+        if runs is not None:
+            _pack_activity(flat, runs, send[ns:ns + na])
     if m == 1:
         with phase("unpack"):
             unpack_signs(send, d, out=out)
+            if runs is not None:
+                _hold_still(out, send[ns:ns + na], runs)
         return 0, 0
     if mode == "sharded":
         s = total // m
@@ -161,20 +327,28 @@ def vote_flat(flat: Tensor, *, group: Any, mode: str, seed: int, step: int,
         with phase("unpack"):  # the tally of this rank's shard
             ties = (tie_bits(seed, step, word_offset + rank * s // 8, s // 8, flat.device)
                     if m % 2 == 0 else None)
-            verdict = majority_tally(recv.view(m, s), ties, out=scratch.get(
+            rows = recv.view(m, s)
+            verdict = majority_tally(rows, ties, out=scratch.get(
                 "vote_verdict", s, torch.uint8, flat.device))
+            lo, hi = rank * s, (rank + 1) * s
+            _or_activity(rows, verdict, max(ns, lo) - lo, min(ns + na, hi) - lo)
         gathered = scratch.get("vote_gathered", total, torch.uint8, flat.device)
         all_gather(gathered, verdict, group)
-        with phase("unpack"):
-            unpack_signs(gathered, d, out=out)
         nbytes = 2 * (m - 1) * s
-        return nbytes, nbytes
-    gathered = scratch.get("vote_gathered", m * total, torch.uint8, flat.device)
-    all_gather(gathered, send, group)
+    else:
+        gathered = scratch.get("vote_gathered", m * total, torch.uint8, flat.device)
+        all_gather(gathered, send, group)
+        with phase("unpack"):
+            rows = gathered.view(m, total)
+            ties = (tie_bits(seed, step, word_offset, total // 8, flat.device)
+                    if m % 2 == 0 else None)
+            gathered = majority_tally(rows, ties)
+            _or_activity(rows, gathered, ns, ns + na)
+        nbytes = (m - 1) * total
     with phase("unpack"):
-        ties = tie_bits(seed, step, word_offset, total // 8, flat.device) if m % 2 == 0 else None
-        unpack_signs(majority_tally(gathered.view(m, total), ties), d, out=out)
-    nbytes = (m - 1) * total
+        unpack_signs(gathered, d, out=out)
+        if runs is not None:
+            _hold_still(out, gathered[ns:ns + na], runs)
     return nbytes, nbytes
 
 
@@ -202,12 +376,14 @@ class MajorityVote(Reducer):
 
     .. math:: v = \operatorname{sign}\Big(\sum_{r=1}^{M} \operatorname{sign}(u_r)\Big)
 
-    with zero sent as +1 and ties (even M) broken by bits every rank draws identically from
-    ``(seed, step)``. All tensors of a step go into one flat buffer, voted in buckets of
+    with zero sent as +1, ties (even M) broken by bits every rank draws identically from
+    ``(seed, step)``, and 0 on every zero chunk (about ``ZERO_CHUNK`` coordinates of one
+    tensor, :func:`zero_chunks`) that is zero on every rank, so such a tensor stays still.
+    All tensors of a step go into one flat buffer, voted in buckets of
     ``bucket_bytes`` packed bytes (``8·bucket_bytes`` coordinates, rounded down to whole
     64-bit words): per step one header ``all_gather`` plus, per bucket, one
     ``all_to_all_single`` and one ``all_gather`` (``"sharded"``) or one ``all_gather``
-    (``"allgather"``). ``None`` entries contribute zeros, which go out as +1.
+    (``"allgather"``). ``None`` entries contribute zeros.
 
     Args:
         group: process group (``None``: the default group, or one process when
@@ -219,9 +395,9 @@ class MajorityVote(Reducer):
             ranks; :mod:`signsgd.distributed.adversary`).
 
     Example:
-        >>> vote = MajorityVote()   # one process: the vote is sign with 0 -> +1
-        >>> vote.reduce([torch.tensor([0.0, -3.0]), None]).update
-        [tensor([ 1., -1.]), None]
+        >>> vote = MajorityVote()   # one process: sign with 0 -> +1, a zero tensor -> 0
+        >>> vote.reduce([torch.tensor([0.0, -3.0]), None, torch.zeros(2)]).update
+        [tensor([ 1., -1.]), None, tensor([0., 0.])]
 
     Reference: Bernstein et al., signSGD, ICML 2018, Algorithm 3; Bernstein et al.,
     signSGD with Majority Vote is Communication Efficient and Fault Tolerant, ICLR 2019.
@@ -263,31 +439,37 @@ class MajorityVote(Reducer):
                     compressor: Compressor | None, owned: bool) -> FlatReduction:
         verdict = self.scratch.get("verdict", flat.numel(), flat.dtype, flat.device,
                                    exact=True)
-        sent, received = self._vote(flat, step, verdict)
+        sent, received = self._vote(flat, step, verdict, agreed.lengths)
         return FlatReduction(verdict, None, False, True, sent, received)
 
-    def _vote(self, flat: Tensor, step: int, out: Tensor) -> tuple[int, int]:
+    def _vote(self, flat: Tensor, step: int, out: Tensor, lengths: Sequence[int]
+              ) -> tuple[int, int]:
         sent = received = 0
         d, bucket = flat.numel(), self.bucket_numel
         for start in range(0, d, bucket):
             end = min(start + bucket, d)
             s, r = vote_flat(flat[start:end], group=self.group, mode=self.mode,
                              seed=self.tie_seed, step=step, word_offset=start // 64,
-                             adversary=self.adversary, out=out[start:end])
+                             adversary=self.adversary, out=out[start:end],
+                             runs=zero_chunks(_bucket_lengths(lengths, start, end)))
             sent += s
             received += r
         return sent, received
 
     def vote_job(self, flat: Tensor, spec: TensorSpec, *, step: int, finite: bool | Tensor,
-                 out: Tensor, settings: Any = None, who: str = "majority_vote") -> Any:
+                 out: Tensor, settings: Any = None, who: str = "majority_vote",
+                 lengths: Sequence[int] | None = None) -> Any:
         """The job of one vote of one flat tensor (header and payload): returns a function
         that runs it and returns ``(verdict, sent, received)`` — for :func:`engine.run`
-        or :func:`engine.submit`."""
+        or :func:`engine.submit`. ``lengths``: the tensors ``flat`` concatenates, for the
+        zero chunks (default: one tensor)."""
+        parts = (flat.numel(),) if lengths is None else tuple(lengths)
+
         def job() -> tuple[Tensor, int, int]:
             agreed = exchange([spec], group=self.group, finite=finite, step=step,
-                              seed=self.tie_seed, config=self.config(None), who=who,
-                              settings=settings, device=flat.device)
-            sent, received = self._vote(flat, step, out)
+                              seed=self.tie_seed, config=(self.config(None), lengths),
+                              who=who, settings=settings, device=flat.device)
+            sent, received = self._vote(flat, step, out, parts)
             return out, agreed.sent + sent, agreed.received + received
         return job
 
@@ -331,8 +513,10 @@ def majority_vote(
         \operatorname{vote}(t)_j
         = \operatorname{sign}\Big(\sum_{r} \operatorname{sign}(t_{r,j})\Big)
 
-    with zero counted as +1 and ties (even number of ranks) broken by pseudo-random bits
-    every rank draws identically from ``(seed, step)``. 1 bit per coordinate each way.
+    with zero counted as +1, ties (even number of ranks) broken by pseudo-random bits
+    every rank draws identically from ``(seed, step)``, and 0 on every zero chunk of about
+    ``ZERO_CHUNK`` coordinates that is zero on every rank (:func:`zero_chunks`). About 1
+    bit per coordinate each way.
     In a loop pass ``out=`` (or hold a :class:`MajorityVote`): a fresh result tensor per
     call costs page faults, measured at 3× the vote itself on 25M coordinates.
 
@@ -350,8 +534,8 @@ def majority_vote(
             verdict (it may be ``t`` itself, like an in-place ``all_reduce``).
 
     Returns:
-        A ±1 tensor of ``t``'s shape and dtype (``out`` when given, viewed as ``t``'s
-        shape), identical on every rank.
+        A tensor of ±1 (0 on all-zero chunks) of ``t``'s shape and dtype (``out`` when
+        given, viewed as ``t``'s shape), identical on every rank.
 
     Raises:
         ValueError: ``t``'s numel, shape or dtype (or ``mode``, ``seed``, ``step``)
@@ -361,6 +545,8 @@ def majority_vote(
     Example:
         >>> majority_vote(torch.tensor([0.5, -2.0, 0.0]))   # one process: sign, 0 -> +1
         tensor([ 1., -1.,  1.])
+        >>> majority_vote(torch.zeros(3))                    # zero everywhere: still
+        tensor([0., 0., 0.])
 
     Reference: Bernstein et al., signSGD, ICML 2018, Algorithm 3.
     """
@@ -394,7 +580,7 @@ def vote_async(
     adversary: Adversary | None = None,
     out: Tensor | None = None,
 ) -> torch.futures.Future:
-    """Start a majority vote of a flat tensor; the future yields the flat ±1 verdict.
+    """Start a majority vote of a flat tensor; the future yields the flat verdict.
 
     For callers that overlap communication with computation (the DDP comm hook): the
     vote runs on the group's engine thread (:mod:`signsgd.distributed.engine`); votes on
@@ -411,8 +597,8 @@ def vote_async(
             itself) that receives the verdict.
 
     Returns:
-        ``torch.futures.Future`` of a ±1 tensor shaped like ``flat`` with its dtype,
-        identical on every rank.
+        ``torch.futures.Future`` of the verdict (±1, 0 on all-zero chunks) shaped like
+        ``flat`` with its dtype, identical on every rank.
 
     Example:
         >>> vote_async(torch.tensor([0.5, -2.0, 0.0])).wait()   # one process: signs
