@@ -49,7 +49,9 @@ SCHEDULES: tuple[str, ...] = ("constant", "cosine", "step")
 DATA: tuple[str, ...] = (*DATASETS, "shakespeare", "text:PATH")
 #: ``--model`` names: image models and the named sizes of the language model.
 MODEL_NAMES: tuple[str, ...] = (*MODELS, *SIZES)
-OUTER_REDUCERS: tuple[str, ...] = ("vote", "ef")
+OUTER_REDUCERS: tuple[str, ...] = ("vote", "ef", "mean", "bf16", "int8")
+#: The outer optimisers of local steps (``--outer-optimizer``).
+OUTER_OPTIMIZERS: tuple[str, ...] = ("sign-momentum", "nesterov")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 BACKENDS: tuple[str, ...] = ("auto", "gloo", "nccl")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
@@ -138,14 +140,22 @@ class TrainConfig:
     sync_every: int = _option(1, "local steps: synchronise every H steps with a voted outer "
                               "update of the pseudo-gradients (1: communicate every step)",
                               rule=_at_least(1))
-    outer_lr: float | None = _option(None, "local steps: the outer (sign) step size (default: "
-                                     "--lr)", rule=(lambda v: _is_num(v) and v > 0,
-                                                    "a finite number > 0"))
-    outer_momentum: float = _option(0.0, "local steps: the outer momentum β on the reduced "
-                                    "update (default %(default)s)", rule=_FRACTION)
+    outer_lr: float | None = _option(None, "local steps: the outer step size (default: --lr "
+                                     "with sign-momentum, 0.7 with nesterov)",
+                                     rule=(lambda v: _is_num(v) and v > 0,
+                                           "a finite number > 0"))
+    outer_momentum: float | None = _option(None, "local steps: the outer momentum β (default: "
+                                           "0 with sign-momentum, 0.9 with nesterov)",
+                                           rule=_FRACTION)
     outer_reducer: str = _option("vote", "local steps: how pseudo-gradients travel: {choices} "
-                                 "(vote: 1 bit each way; ef: the EF all-reduce)",
+                                 "(vote: 1 bit each way; ef: scaled signs with error "
+                                 "feedback; mean: fp32; bf16, int8: the quantized mean)",
                                  choices=(OUTER_REDUCERS, "outer reducer", "outer reducers"))
+    outer_optimizer: str = _option("sign-momentum", "local steps: the outer optimiser: "
+                                   "{choices} (sign-momentum: u ← βu + (1−β)v, x0 ← x0 − lr·u; "
+                                   "nesterov: SGD with Nesterov momentum, as DiLoCo)",
+                                   choices=(OUTER_OPTIMIZERS, "outer optimizer",
+                                            "outer optimizers"))
     seed: int = _option(0, "random seed (default %(default)s)", rule=_at_least(0))
     workers: int = _option(1, "local Gloo worker processes (under torchrun: its world size)",
                            rule=_at_least(1))
@@ -295,6 +305,19 @@ def validate(cfg: TrainConfig, *, n_train: int | None = None) -> TrainConfig:
     if c.resume and c.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other: --resume continues "
                           "the run in --out, --overwrite starts it again")
+    outer_given = [flag for flag, given in (
+        ("--outer-lr", c.outer_lr is not None), ("--outer-momentum", c.outer_momentum is not None),
+        ("--outer-reducer", c.outer_reducer != "vote"),
+        ("--outer-optimizer", c.outer_optimizer != "sign-momentum")) if given]
+    if c.sync_every == 1 and outer_given:
+        raise ConfigError(f"{', '.join(outer_given)} set the outer step of local steps: give "
+                          "--sync-every H > 1 too (with --sync-every 1 every step communicates)")
+    if c.outer_optimizer == "nesterov" and c.outer_momentum == 0:
+        raise ConfigError("--outer-optimizer nesterov needs --outer-momentum > 0 (DiLoCo: "
+                          "0.9); use sign-momentum for an outer step without momentum")
+    if c.adversaries and c.sync_every > 1 and c.outer_reducer in ("bf16", "int8"):
+        raise ConfigError(f"--adversaries needs --outer-reducer vote, ef or mean (the "
+                          f"{c.outer_reducer} mean has no Byzantine model)")
     if c.sync_every > 1 and c.workers == 1:
         raise ConfigError(f"--sync-every {c.sync_every} needs --workers >= 2 (local steps "
                           "between synchronisations of several workers)")

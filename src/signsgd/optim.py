@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,10 +39,8 @@ from torch.optim import Optimizer
 from signsgd import functional as F
 from signsgd.compression import Compressor, ScaledSign
 from signsgd.errors import NonFiniteGradientError
+from signsgd.reduction import Reducer, hyperparameters
 from signsgd.scratch import Scratch
-
-if TYPE_CHECKING:
-    from signsgd.distributed.reducer import Reducer
 
 __all__ = ["SignSGD", "Signum", "Lion", "EFSGD", "StagedOptimizer", "NonFiniteGradientError",
            "hyperparameters"]
@@ -111,26 +109,6 @@ def _check_group(owner: str, group: dict[str, Any], supported: frozenset[str] = 
                          f"{group.get('momentum')!r}")
 
 
-def hyperparameters(param_groups: list[dict[str, Any]]) -> tuple[Any, ...]:
-    """Every group's hyper-parameters (not its parameters) as plain values, in order: what
-    must be equal on every rank of a distributed step (its digest travels in the header).
-
-    Example:
-        >>> hyperparameters([{"params": [], "lr": 0.1, "foreach": None}])
-        ((('lr', 0.1),),)
-    """
-    def plain(v: Any) -> Any:
-        if isinstance(v, Tensor) and v.numel() == 1:
-            return float(v.item())
-        if isinstance(v, (tuple, list)):
-            return tuple(plain(x) for x in v)
-        return v if isinstance(v, (bool, int, float, str, type(None))) else repr(v)
-
-    return tuple(tuple((k, plain(v)) for k, v in sorted(group.items())
-                       if k not in ("params", "foreach"))
-                 for group in param_groups)
-
-
 def _reject_options(owner: str, options: dict[str, Any]) -> None:
     """Refuse keyword arguments this optimiser does not take, with a clear message."""
     for key, value in options.items():
@@ -172,8 +150,6 @@ class StagedOptimizer(Optimizer):
         super().__init__(params, defaults)
         self.aggregator = aggregator
         if aggregator is not None:
-            from signsgd.distributed.reducer import Reducer
-
             name = type(self).__name__
             if not isinstance(aggregator, Reducer):
                 raise ValueError(

@@ -73,13 +73,35 @@ def _make_optimizer(c: TrainConfig, model: nn.Module, rank: int, world: int
     if c.sync_every == 1:
         return registry.build(c.optimizer, list(model.parameters()), world_size=world,
                               adversary=adversary, vote=c.vote, seed=c.seed, **hp)
-    from signsgd.distributed import ErrorFeedbackAllReduce, LocalSteps, MajorityVote
+    return _local_steps(c, registry.build(c.optimizer, list(model.parameters()), **hp),
+                        adversary)
 
-    inner = registry.build(c.optimizer, list(model.parameters()), **hp)
-    outer = (MajorityVote(mode=c.vote, seed=c.seed, adversary=adversary)
-             if c.outer_reducer == "vote" else ErrorFeedbackAllReduce(adversary=adversary))
-    return LocalSteps(inner, c.sync_every, c.outer_lr or float(c.lr),  # type: ignore[arg-type]
-                      c.outer_momentum, outer)
+
+def _local_steps(c: TrainConfig, inner: torch.optim.Optimizer, adversary: Any
+                 ) -> torch.optim.Optimizer:
+    """``LocalSteps`` over ``inner`` with the outer reducer and optimiser ``c`` names; the
+    outer defaults: ``lr`` and β = 0 for sign-momentum, DiLoCo's 0.7 and 0.9 for nesterov."""
+    from signsgd.distributed import (
+        AllReduce,
+        ErrorFeedbackAllReduce,
+        LocalSteps,
+        MajorityVote,
+        QuantizedMean,
+    )
+
+    reducer = {"vote": lambda: MajorityVote(mode=c.vote, seed=c.seed, adversary=adversary),
+               "ef": lambda: ErrorFeedbackAllReduce(adversary=adversary),
+               "mean": lambda: AllReduce(adversary=adversary),
+               "bf16": lambda: QuantizedMean("bf16"),
+               "int8": lambda: QuantizedMean("int8")}[c.outer_reducer]()
+    if c.outer_optimizer == "nesterov":
+        params = [p for g in inner.param_groups for p in g["params"]]
+        momentum = 0.9 if c.outer_momentum is None else float(c.outer_momentum)
+        outer = torch.optim.SGD(params, lr=0.7 if c.outer_lr is None else float(c.outer_lr),
+                                momentum=momentum, nesterov=True)
+        return LocalSteps(inner, c.sync_every, reducer=reducer, outer_optimizer=outer)
+    return LocalSteps(inner, c.sync_every, float(c.lr if c.outer_lr is None else c.outer_lr),
+                      float(c.outer_momentum or 0.0), reducer)
 
 
 def lr_schedule(c: TrainConfig, total_steps: int) -> Callable[[int], float]:
