@@ -6,6 +6,10 @@ import dataclasses
 import doctest
 import importlib
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,7 +21,7 @@ from signsgd.config import TrainConfig, validate
 from signsgd.errors import CheckpointError, ConfigError
 from signsgd.outputs import read_metrics
 from signsgd.tasks import make_task
-from signsgd.train import train
+from signsgd.train import PER_RANK_OPTIONS, _schedule, train
 
 N_TRAIN, N_TEST = 64, 32
 
@@ -298,6 +302,60 @@ def test_local_steps_end_with_a_synchronisation(data_dir, tmp_path):
     summary = json.loads((tmp_path / "ls" / "summary.json").read_text())
     assert summary["test_accuracy"] == s["test_accuracy"] == held["test_accuracy"]
     assert summary["test_loss"] == pytest.approx(held["test_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize(("change", "shared"), [
+    # what changes the collective schedule: every torchrun rank must have the same
+    (dict(eval_every=3), True), (dict(checkpoint_every=2), True), (dict(log_every=3), True),
+    (dict(steps=5), True), (dict(epochs=3), True), (dict(batch_size=8), True),
+    (dict(model="cnn"), True), (dict(optimizer="lion"), True), (dict(workers=2), True),
+    (dict(data="mnist"), True), (dict(train_subset=32), True), (dict(resume=True), True),
+    (dict(density_every=2), True), (dict(seed=1), True),
+    # what each rank may have of its own
+    (dict(out="elsewhere"), False), (dict(data_dir="copy"), False), (dict(threads=2), False),
+    (dict(progress=True), False), (dict(timeout_s=5.0), False), (dict(name="x"), False),
+    (dict(device="cpu"), False), (dict(overwrite=True), False),
+])
+def test_the_schedule_digest_holds_what_the_ranks_must_share(data_dir, tmp_path, change,
+                                                             shared):
+    if change.get("data_dir") == "copy":
+        change = {"data_dir": str(shutil.copytree(data_dir, tmp_path / "copy"))}
+    if change.get("data") == "mnist":
+        shutil.copytree(data_dir / "fashion-mnist", tmp_path / "d" / "mnist")
+        change = {**change, "data_dir": str(tmp_path / "d")}
+
+    def schedule(c):
+        c = validate(c)
+        return _schedule(c, make_task(c), None)
+    base = cfg(data_dir, tmp_path / "a")
+    assert (schedule(base) != schedule(dataclasses.replace(base, **change))) == shared
+    assert PER_RANK_OPTIONS <= {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def test_torchrun_ranks_with_different_options_stop_with_one_clear_error(data_dir, tmp_path):
+    """Two torchrun nodes started with different --eval-every and --checkpoint-every: every
+    rank raises the same error naming both (exit 2) in the first exchange; no Gloo timeout
+    in a mismatched collective and no abort."""
+    from signsgd.distributed.launch import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
+           "1", "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    train_cmd = ["-m", "signsgd.cli", "train", "--data-dir", str(data_dir), "--model", "mlp",
+                 "--batch-size", "8", "--epochs", "1", "--threads", "1", "--no-progress",
+                 "--timeout", "20", "--out", str(tmp_path / "run")]
+    own = [["--eval-every", "2"], ["--eval-every", "3", "--checkpoint-every", "2"]]
+    nodes = [subprocess.Popen(cmd + ["--node-rank", str(r)] + train_cmd + own[r],
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"}, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for r in (0, 1)]
+    outputs = [p.communicate(timeout=180)[0] for p in nodes]
+    message = ("the ranks were started with different options (under torchrun every rank "
+               "needs the same ones): --eval-every is 2 on rank 0, 3 on rank 1; "
+               "--checkpoint-every is 0 on rank 0, 2 on rank 1")
+    for p, output in zip(nodes, outputs):
+        assert p.returncode != 0 and message in output, output[-3000:]
+        assert "exitcode  : 2" in output and "Timed out" not in output, output[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 # A crashing worker (2 Gloo processes) is tested through the CLI in tests/test_cli.py.

@@ -10,6 +10,9 @@ the optimiser from :func:`signsgd.registry.build` (wrapped in
 round, also a partial one, so the model evaluated and saved at the end is every rank's).
 The loop is counted in steps: rank ``r``'s batch of step ``s`` is a pure function of
 ``(seed, r, s)``, so a run resumed at any checkpointed step continues bit-identically.
+Under ``torchrun`` the ranks' first exchange is a digest of every option that fixes what
+they exchange and when (all but :data:`PER_RANK_OPTIONS`): ranks started with different
+ones all raise the same :class:`~signsgd.errors.ConfigError`, naming them.
 Batch-norm statistics stay per worker until rank 0's are broadcast before each evaluation.
 
 ``out`` receives ``metrics.jsonl`` (``"step"`` records every ``log_every`` steps: loss and
@@ -29,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -349,6 +353,47 @@ def _checkpoint(c: TrainConfig, out: Path, opt: Any, sched: Any, model: nn.Modul
                         vocabulary=getattr(model, "vocabulary", None))
 
 
+#: Options that may differ between the ranks of a torchrun launch: where a rank reads and
+#: writes, how it reports, its threads, device and timeout. Every other option changes what
+#: the ranks exchange and when (cadences, steps, data, model, optimiser, workers...).
+PER_RANK_OPTIONS = frozenset({"out", "data_dir", "progress", "threads", "device", "timeout_s",
+                              "name", "overwrite", "force_workers", "extra"})
+
+
+def _schedule(c: TrainConfig, task: Task, ckpt: dict[str, Any] | None) -> dict[str, Any]:
+    """What fixes the collective schedule of a rank: its options (by flag) but
+    :data:`PER_RANK_OPTIONS`, and what the data and the checkpoint make of them."""
+    sched = {f.metadata.get("flag") or "--" + f.name.replace("_", "-"): getattr(c, f.name)
+             for f in dataclasses.fields(c) if f.name not in PER_RANK_OPTIONS}
+    return {**sched, "the step budget": task.total_steps, "the evaluation interval":
+            task.eval_every, "the checkpoint's step": 0 if ckpt is None else int(ckpt["step"])}
+
+
+def _check_same_schedule(schedule: dict[str, Any], world: int, device: torch.device) -> None:
+    """The first exchange of a torchrun launch: every rank's digest of ``schedule``
+    (all-gathered, fixed size), so that ranks started with different options stop here,
+    all with the same error, instead of timing out in mismatched collectives.
+
+    Raises:
+        ConfigError: on every rank, naming each differing option and every rank's value.
+    """
+    text = json.dumps(jsonable(schedule), sort_keys=True, default=repr)
+    mine = torch.frombuffer(bytearray(hashlib.sha256(text.encode()).digest()),
+                            dtype=torch.uint8).to(device)
+    digests = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(digests, mine)
+    if all(torch.equal(d, mine) for d in digests):
+        return
+    every = _gather(schedule, world)
+    differ = [k for k in schedule if len({repr(s.get(k)) for s in every}) > 1]
+    flags = [k for k in differ if k.startswith("--")] or differ
+    raise ConfigError(
+        "the ranks were started with different options (under torchrun every rank needs the "
+        "same ones): " + "; ".join(
+            f"{k} is " + ", ".join(f"{s.get(k)!r} on rank {r}" for r, s in enumerate(every))
+            for k in flags))
+
+
 def _local_workers(c: TrainConfig, task: Task) -> None:
     """Refuse a local worker count the machine cannot hold (unless ``force_workers``)."""
     cores = os.cpu_count() or 1
@@ -431,6 +476,8 @@ def train(cfg: TrainConfig, *, return_params: bool = False) -> dict[str, Any]:
             torch.set_num_threads(threads)
             dist.init_process_group(backend, timeout=timedelta(seconds=c.timeout_s))
             try:
+                _check_same_schedule(_schedule(c, task, ckpt), c.workers, _device(c, rank)
+                                     if backend == "nccl" else torch.device("cpu"))
                 res0 = _run(rank, c.workers, c, task, ckpt)
                 dist.barrier()  # nobody tears the group down while a peer still uses it
             finally:
