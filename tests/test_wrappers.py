@@ -205,3 +205,14 @@ def test_an_outer_optimizer_needs_the_same_parameters_and_its_own_lr():
     with pytest.raises(ValueError, match="must be local"):
         LocalSteps(inner, 2, outer_optimizer=signsgd.Signum(
             [p], lr=0.1, aggregator=signsgd.distributed.MajorityVote()))
+
+
+def test_a_group_for_an_injected_outer_optimiser_must_be_added_there_first():
+    ps = _two_params()
+    opt = _nesterov_local(ps[:1])
+    with pytest.raises(ValueError, match="outer_optimizer first"):
+        opt.add_param_group({"params": [ps[1]]})
+    assert len(opt.param_groups) == len(opt.optimizer.param_groups) == 1  # nothing changed
+    opt.outer_optimizer.add_param_group({"params": [ps[1]]})
+    opt.add_param_group({"params": [ps[1]]})
+    assert len(opt.optimizer.param_groups) == 2 and len(opt.anchor) == 2

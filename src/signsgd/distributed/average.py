@@ -24,6 +24,7 @@ import torch
 from torch.optim import Optimizer
 
 from signsgd.distributed.reducer import AllReduce, Reducer
+from signsgd.distributed.wrapper import Wrapper
 from signsgd.errors import NonFiniteGradientError
 from signsgd.functional import all_finite, first_nonfinite
 from signsgd.reduction import hyperparameters
@@ -31,7 +32,7 @@ from signsgd.reduction import hyperparameters
 __all__ = ["AverageGradients"]
 
 
-class AverageGradients(Optimizer):
+class AverageGradients(Wrapper):
     """Wrap ``optimizer`` so that each ``step()`` first averages the gradients across ranks.
 
     The wrapper shares the wrapped optimiser's param groups and state (an LR scheduler on
@@ -53,14 +54,9 @@ class AverageGradients(Optimizer):
     """
 
     def __init__(self, optimizer: Optimizer, reducer: Reducer | None = None) -> None:
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
-                            f"{type(optimizer).__name__}")
-        self.optimizer = optimizer                     # the wrapped optimiser
         self.reducer = AllReduce() if reducer is None else reducer
         self.reducer.check_compressor(None)
-        super().__init__(optimizer.param_groups, optimizer.defaults)  # the same group dicts
-        self.state = optimizer.state
+        super().__init__(optimizer)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -108,19 +104,15 @@ class AverageGradients(Optimizer):
         """Seconds of the last step's reduction in packing, collectives and unpacking."""
         return dict(self.reducer.timings)
 
-    def state_dict(self) -> dict[str, Any]:
+    def _state(self) -> dict[str, Any]:
         """``{"optimizer": ..., "reducer": ...}``."""
         return {"optimizer": self.optimizer.state_dict(), "reducer": self.reducer.state_dict()}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
+    def _load(self, state_dict: dict[str, Any]) -> None:
         if not isinstance(state_dict, dict) or set(state_dict) != {"optimizer", "reducer"}:
             raise ValueError("AverageGradients state must hold 'optimizer' and 'reducer'")
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.reducer.load_state_dict(state_dict["reducer"])
-        # torch's load_state_dict makes new group dicts: share them again (an LR scheduler
-        # on this wrapper must keep driving the wrapped optimiser)
-        self.param_groups, self.state = self.optimizer.param_groups, self.optimizer.state
 
     def __repr__(self) -> str:
         return f"AverageGradients({self.optimizer!r}, {self.reducer!r})"

@@ -73,6 +73,7 @@ from torch.optim import Optimizer
 from signsgd.compression import ScaledSign
 from signsgd.distributed.reducer import Reducer
 from signsgd.distributed.vote import MajorityVote
+from signsgd.distributed.wrapper import Wrapper
 from signsgd.errors import NonFiniteGradientError
 from signsgd.functional import all_finite
 from signsgd.outer import DampedMomentum
@@ -101,7 +102,7 @@ class Round:
                 "touched": list(self.touched)}
 
 
-class LocalSteps(Optimizer):
+class LocalSteps(Wrapper):
     """Wrap a local ``optimizer``: every ``sync_every`` steps, a reduced outer step.
 
     Args:
@@ -152,8 +153,11 @@ class LocalSteps(Optimizer):
                     raise ValueError(f"Invalid {name}: {value!r}")
             if outer_momentum >= 1:
                 raise ValueError(f"Invalid outer_momentum: {outer_momentum!r} (must be < 1)")
-            outer_optimizer = DampedMomentum(params, lr=float(outer_lr),
+            outer_optimizer = DampedMomentum([{"params": g["params"]}
+                                              for g in optimizer.param_groups],
+                                             lr=float(outer_lr),
                                              momentum=float(outer_momentum))
+            self.owns_outer = True                          # groups added later join it
         else:
             if not isinstance(outer_optimizer, Optimizer):
                 raise TypeError(f"outer_optimizer must be a torch.optim.Optimizer, got "
@@ -162,6 +166,7 @@ class LocalSteps(Optimizer):
                 raise ValueError("give outer_lr and outer_momentum to the outer_optimizer, "
                                  f"not to LocalSteps (got outer_lr={outer_lr!r}, "
                                  f"outer_momentum={outer_momentum!r})")
+            self.owns_outer = False
             if getattr(outer_optimizer, "aggregator", None) is not None:
                 raise ValueError("the outer optimiser must be local (aggregator=None): the "
                                  "reducer already combined the pseudo-gradients")
@@ -170,13 +175,11 @@ class LocalSteps(Optimizer):
                 raise ValueError("outer_optimizer must hold the same parameters as the inner "
                                  f"optimiser ({len(outer_params)} vs {len(params)} tensors, "
                                  "or other tensors)")
-        self.optimizer = optimizer                          # this rank's inner optimiser
         self.outer_optimizer = outer_optimizer              # steps on the reduced Δ
         self.reducer = MajorityVote() if reducer is None else reducer
         self.compressor = _compressor_for(self.reducer)     # EF: the residual is kept here
         self.sync_every = sync_every
-        super().__init__(optimizer.param_groups, optimizer.defaults)  # the same group dicts
-        self.state = optimizer.state
+        super().__init__(optimizer)                         # this rank's inner optimiser
         self.round = self._fresh_round()
         self.bytes_sent = 0                                 # of the last step (0: no sync)
         self.bytes_received = 0
@@ -316,28 +319,34 @@ class LocalSteps(Optimizer):
                 hyperparameters(self.param_groups))
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
+    def _check_new_group(self, param_group: dict[str, Any]) -> None:
+        if self.owns_outer:
+            return
+        new = param_group["params"]
+        new = [new] if isinstance(new, Tensor) else list(new)
+        outer = {id(p) for g in self.outer_optimizer.param_groups for p in g["params"]}
+        if any(id(p) not in outer for p in new):
+            raise ValueError("add the group's parameters to the outer_optimizer first: "
+                             "LocalSteps steps them with it at every synchronisation")
+
+    def _group_added(self) -> None:
+        rnd, new = self.round, self.param_groups[-1]["params"]
+        rnd.anchor += [p.detach().clone() for p in new]
+        rnd.error += [None] * len(new)
+        rnd.touched += [False] * len(new)
+        if self.owns_outer:
+            self.outer_optimizer.add_param_group({"params": list(new)})
+
+    def _state(self) -> dict[str, Any]:
         """The inner and outer optimisers' states, the round (anchor, worker error,
         position), this rank's parameters (they differ between ranks inside a round) and
-        the reducer's state. ``torch.optim``'s state-dict hooks run as documented."""
-        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-            pre_hook(self)
-        state = {"optimizer": self.optimizer.state_dict(), "outer": self.round.as_dict(),
-                 "outer_optimizer": self.outer_optimizer.state_dict(),
-                 "reducer": self.reducer.state_dict(),
-                 "params": [p.detach().clone() for p in self._params()]}
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            result = post_hook(self, state)
-            if result is not None:
-                state = result
-        return state
+        the reducer's state."""
+        return {"optimizer": self.optimizer.state_dict(), "outer": self.round.as_dict(),
+                "outer_optimizer": self.outer_optimizer.state_dict(),
+                "reducer": self.reducer.state_dict(),
+                "params": [p.detach().clone() for p in self._params()]}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (checked before anything changes)."""
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
+    def _load(self, state_dict: dict[str, Any]) -> None:
         if not isinstance(state_dict, dict) or set(state_dict) != _STATE_KEYS:
             raise ValueError(f"LocalSteps state must hold {sorted(_STATE_KEYS)}")
         outer = state_dict["outer"]
@@ -357,24 +366,14 @@ class LocalSteps(Optimizer):
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.outer_optimizer.load_state_dict(state_dict["outer_optimizer"])
         self.reducer.load_state_dict(state_dict["reducer"])
-        # torch's load_state_dict makes new group dicts: share them again (an LR scheduler
-        # on this wrapper must keep driving the inner optimiser)
-        self.param_groups, self.state = self.optimizer.param_groups, self.optimizer.state
-        self.round = Round(anchor=[a.clone() for a in outer["anchor"]],
-                           error=[None if e is None else e.clone() for e in outer["error"]],
+        self.round = Round(anchor=[a.to(p, copy=True) for a, p in zip(outer["anchor"], params)],
+                           error=[None if e is None else e.to(p, copy=True)
+                                  for e, p in zip(outer["error"], params)],
                            position=int(outer["position"]), failed=outer["failed"],
                            touched=[bool(t) for t in outer["touched"]])
         with torch.no_grad():
             for p, v in zip(params, local):
                 p.copy_(v)
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
-
-    # ------------------------------------------------------------------ pickling
-    def __getstate__(self) -> dict[str, Any]:
-        # torch.optim.Optimizer pickles only defaults, state and param_groups; a LocalSteps
-        # is nothing without its optimisers, reducer and round (hooks are not pickled).
-        return {k: v for k, v in self.__dict__.items() if not k.endswith("_hooks")}
 
     def __repr__(self) -> str:
         return (f"LocalSteps({self.optimizer!r}, sync_every={self.sync_every}, "
