@@ -2,8 +2,8 @@
 
 signSGD and Signum (Bernstein et al., ICML 2018), majority vote across workers with 1 bit
 per coordinate each way, and error feedback (EF-SGD / EF-signSGD, Karimireddy et al.,
-ICML 2019); Lion and Distributed Lion (Chen et al. 2023; Liu et al. 2024). The
-conventions are stated in ``docs/design.md``.
+ICML 2019); Lion and Distributed Lion (Chen et al. 2023; Liu et al. 2024); 1-bit Adam(W)
+(Tang et al. 2021). The conventions are stated in ``docs/design.md``.
 
 Example:
     >>> import torch, signsgd
@@ -17,15 +17,15 @@ Example:
 
 from signsgd import compression
 from signsgd.errors import NonFiniteGradientError
+from signsgd.onebit_adam import OneBitAdam, OneBitAllReduce
 from signsgd.optim import EFSGD, Lion, SignSGD, Signum
 from signsgd.packing import pack_signs, unpack_signs
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SignSGD", "Signum", "Lion", "EFSGD", "NonFiniteGradientError", "pack_signs",
-    "unpack_signs",
-    "compression",
+    "SignSGD", "Signum", "Lion", "EFSGD", "OneBitAdam", "OneBitAllReduce",
+    "NonFiniteGradientError", "pack_signs", "unpack_signs", "compression",
 ]
 
 

@@ -38,7 +38,7 @@ from signsgd.text import is_text
 from signsgd.transformer import SIZES
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "COMPARE_KEYS", "TrainConfig", "validate",
-           "add_arguments", "from_args"]
+           "add_arguments", "from_args", "freeze_step_of"]
 
 #: ``--optimizer`` names: :data:`signsgd.registry.METHODS`, the methods the trainer gained
 #: later (``lion``) listed last, so that the order of the listing stays as it was.
@@ -55,6 +55,10 @@ OUTER_OPTIMIZERS: tuple[str, ...] = ("sign-momentum", "nesterov")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 BACKENDS: tuple[str, ...] = ("auto", "gloo", "nccl")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+
+#: ``--freeze-step``'s default as a fraction of the run's steps (DeepSpeed advises freezing
+#: 1-bit Adam's variance after roughly 15-25 % of training).
+FREEZE_FRACTION = 0.2
 
 Rule = tuple[Callable[[Any], bool], str]
 
@@ -110,6 +114,10 @@ class TrainConfig:
         "given); default per optimiser", rule=_FRACTION)
     weight_decay: float = _option(0.0, "weight decay (default %(default)s)",
                                   rule=(lambda v: _is_num(v) and v >= 0, "a finite number >= 0"))
+    freeze_step: int | None = _option(
+        None, "onebit-adam: Adam steps with the fp32 mean before v is frozen and the momentum "
+        "is sent with 1 bit (default: 20%% of the run's steps, DeepSpeed's advice being "
+        "15-25%%)", rule=_at_least(1))
     batch_size: int = _option(128, "per worker (text: sequences per worker)",
                               rule=_at_least(1))
     epochs: int = _option(3, "epochs of image data (default %(default)s)", rule=_at_least(1),
@@ -249,6 +257,16 @@ COMPARE_KEYS: tuple[str, ...] = tuple(sorted(f.name for f in fields(TrainConfig)
                                              if f.metadata.get("compare", True)))
 
 
+def freeze_step_of(c: TrainConfig, total_steps: int) -> int:
+    """``c.freeze_step``, else :data:`FREEZE_FRACTION` of ``total_steps`` (at least 1).
+
+    Example:
+        >>> freeze_step_of(TrainConfig(optimizer="onebit-adam"), 600)
+        120
+    """
+    return c.freeze_step or max(1, round(FREEZE_FRACTION * total_steps))
+
+
 def _one_of(value: Any, names: tuple[str, ...]) -> bool:
     """``value`` is one of ``names``; a name ``PREFIX:PATH`` admits any ``PREFIX:...``."""
     return value in names or isinstance(value, str) and any(
@@ -286,6 +304,9 @@ def validate(cfg: TrainConfig, *, n_train: int | None = None) -> TrainConfig:
         if given and key not in takes and "betas" not in takes:
             raise ConfigError(f"--{key}: optimizer {c.optimizer!r} takes no {key} (it takes "
                               f"{', '.join(takes)}); leave --{key} out")
+    if c.freeze_step is not None and "freeze_step" not in takes:
+        raise ConfigError(f"--freeze-step: optimizer {c.optimizer!r} takes no freeze step (it "
+                          "is the warm-up of onebit-adam); leave --freeze-step out")
     if c.betas is not None and c.momentum != c.betas[0]:
         raise ConfigError(f"--momentum {c.momentum} disagrees with --betas {c.betas[0]} "
                           f"{c.betas[1]} (--momentum is β1 of {c.optimizer}); give only one")

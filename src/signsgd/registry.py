@@ -4,22 +4,25 @@
 benchmarks all build their optimisers through :func:`build`, so every method has one
 spelling and one definition:
 
-=============  =============================================  ==============================
-name           optimiser                                      with ``world_size > 1``
-=============  =============================================  ==============================
-``signsgd``    :class:`signsgd.SignSGD`                       :class:`MajorityVote`
-``signum``     :class:`signsgd.Signum`                        :class:`MajorityVote`
-``ef-signsgd`` :class:`signsgd.EFSGD` (``ScaledSign``)        :class:`ErrorFeedbackAllReduce`
-``efsgd``      :class:`signsgd.EFSGD` (any compressor)        :class:`ErrorFeedbackAllReduce`
-``sgd``        ``torch.optim.SGD``                            :class:`AverageGradients` (fp32)
-``adam``       ``torch.optim.Adam``                           :class:`AverageGradients` (fp32)
-``adamw``      ``torch.optim.AdamW``                          :class:`AverageGradients` (fp32)
-``lion``       :class:`signsgd.Lion`                          :class:`MajorityVote`
-=============  =============================================  ==============================
+===============  =============================================  ================================
+name             optimiser                                      with ``world_size > 1``
+===============  =============================================  ================================
+``signsgd``      :class:`signsgd.SignSGD`                       :class:`MajorityVote`
+``signum``       :class:`signsgd.Signum`                        :class:`MajorityVote`
+``ef-signsgd``   :class:`signsgd.EFSGD` (``ScaledSign``)        :class:`ErrorFeedbackAllReduce`
+``efsgd``        :class:`signsgd.EFSGD` (any compressor)        :class:`ErrorFeedbackAllReduce`
+``sgd``          ``torch.optim.SGD``                            :class:`AverageGradients` (fp32)
+``adam``         ``torch.optim.Adam``                           :class:`AverageGradients` (fp32)
+``adamw``        ``torch.optim.AdamW``                          :class:`AverageGradients` (fp32)
+``lion``         :class:`signsgd.Lion`                          :class:`MajorityVote`
+``onebit-adam``  :class:`signsgd.OneBitAdam`                    :class:`signsgd.OneBitAllReduce`
+===============  =============================================  ================================
 
 The default learning rates were tuned on Fashion-MNIST with the small CNN
 (``docs/tuning.md``); ``signsgd``, ``efsgd`` and ``adamw`` take their closest tuned
-relative's (Signum, EF-signSGD, Adam). The language-model rates are in ``configs/lm.toml``.
+relative's (Signum, EF-signSGD, Adam; ``onebit-adam`` Adam's). The language-model rates
+are in ``configs/lm.toml``. ``onebit-adam``'s ``freeze_step`` here is a placeholder:
+``signsgd train`` sets it to a fraction of the run's steps (``--freeze-step``).
 
 Example:
     >>> import torch
@@ -86,6 +89,12 @@ def _error_feedback(group: Any, adversary: Any, vote: str, seed: int) -> Any:
     return ErrorFeedbackAllReduce(group, adversary=adversary)
 
 
+def _onebit(group: Any, adversary: Any, vote: str, seed: int) -> Any:
+    from signsgd.onebit_adam import OneBitAllReduce
+
+    return OneBitAllReduce(group, adversary)
+
+
 def _mean(group: Any, adversary: Any, vote: str, seed: int) -> Any:
     from signsgd.distributed import AllReduce
 
@@ -117,6 +126,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            _mean, {"lr": 3e-3, "betas": (0.9, 0.999), "weight_decay": 0.0}, library=False),
     Method("lion", "Lion: sign of an interpolation of momentum and gradient", _ours("Lion"),
            _vote, {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.0}),
+    Method("onebit-adam", "1-bit Adam(W): fp32 warm-up, then v frozen and the momentum sent "
+           "as 1-bit signs with error feedback", _ours("OneBitAdam"), _onebit,
+           {"lr": 3e-3, "betas": (0.9, 0.999), "weight_decay": 0.0, "freeze_step": 100}),
 )}
 
 

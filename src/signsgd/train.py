@@ -51,7 +51,7 @@ import torch.distributed as dist
 from torch import nn
 
 from signsgd import checkpoint, registry
-from signsgd.config import TrainConfig, validate
+from signsgd.config import TrainConfig, freeze_step_of, validate
 from signsgd.distributed import launch
 from signsgd.errors import ConfigError
 from signsgd.models import count_parameters
@@ -61,7 +61,7 @@ from signsgd.tasks import ImageClassification, Task, make_task
 __all__ = ["train", "lr_schedule"]
 
 
-def _make_optimizer(c: TrainConfig, model: nn.Module, rank: int, world: int
+def _make_optimizer(c: TrainConfig, model: nn.Module, rank: int, world: int, total: int
                     ) -> torch.optim.Optimizer:
     """This rank's optimiser; without ``betas``, ``momentum`` is β1 (β2 the registry's)."""
     from signsgd.distributed.adversary import attack
@@ -72,7 +72,8 @@ def _make_optimizer(c: TrainConfig, model: nn.Module, rank: int, world: int
     takes = registry.METHODS[c.optimizer].defaults
     hp = {"lr": float(c.lr), "weight_decay": float(c.weight_decay),  # type: ignore[arg-type]
           "momentum": float(c.momentum), "compressor": c.compressor,  # type: ignore[arg-type]
-          "betas": tuple(map(float, c.betas or (c.momentum, takes.get("betas", (0, 0))[1])))}
+          "betas": tuple(map(float, c.betas or (c.momentum, takes.get("betas", (0, 0))[1]))),
+          "freeze_step": freeze_step_of(c, total)}
     hp = {k: v for k, v in hp.items() if k in takes}
     if c.sync_every == 1:
         return registry.build(c.optimizer, list(model.parameters()), world_size=world,
@@ -201,8 +202,8 @@ def _run(rank: int, world: int, c: TrainConfig, task: Task, ckpt: dict[str, Any]
     random.seed(c.seed)
     np.random.seed(c.seed % 2**32)
     model = task.model().to(device)
-    opt = _make_optimizer(c, model, rank, world)
     total = task.total_steps
+    opt = _make_optimizer(c, model, rank, world, total)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(c, total))
     outer = getattr(opt, "outer_optimizer", None)  # local steps: the outer step's schedule
     outer_sched = None if outer is None else torch.optim.lr_scheduler.LambdaLR(

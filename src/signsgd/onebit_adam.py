@@ -1,0 +1,331 @@
+r"""1-bit Adam(W) (Tang et al. 2021): Adam with an fp32 warm-up, then the variance frozen and
+the momentum communicated with the error-compensated 1-bit all-reduce.
+
+:class:`OneBitAdam` follows the algorithm of DeepSpeed's ``OnebitAdam``
+(``deepspeed/runtime/fp16/onebit/adam.py``, with ``compressed_allreduce`` of
+``deepspeed/runtime/comm/nccl.py``), on this library's pipeline (gather and check → local
+transform → reduce → commit). :class:`OneBitAllReduce` is its reducer: one fp32 mean
+(:class:`~signsgd.distributed.AllReduce`) for the warm-up and one two-stage error-feedback
+all-reduce (:class:`~signsgd.distributed.ErrorFeedbackAllReduce` with
+:class:`~signsgd.compression.ScaledSign`) after the freeze, both on one process group.
+
+Where this implementation differs from DeepSpeed's, on purpose:
+
+* DeepSpeed's first ``step()`` is an initialisation pass: it allocates the compression
+  buffers, discards the gradient, moves nothing and still counts as step 1, so it runs
+  ``freeze_step − 1`` Adam steps before the freeze. Here every step is a step: the first
+  ``freeze_step`` steps are Adam steps.
+* DeepSpeed compresses with one scale ``‖v‖₂/√n`` per tensor (worker) and per rank's chunk
+  of it (server), zero sent as +1. Here the scale is ScaledSign's ``‖v‖₁/n`` (the scale that
+  minimises ``‖v − s·sign(v)‖₂``) per *chunk*, the intersection of a tensor with a rank's
+  shard of all the tensors concatenated (:class:`~signsgd.distributed.ErrorFeedbackAllReduce`);
+  zero also goes out as +1.
+* DeepSpeed resets the worker and server errors when a checkpoint is loaded; here they are
+  part of the state (the optimiser's ``"error"`` per parameter, the reducer's server error),
+  so a resumed run is bit-identical to an uninterrupted one.
+
+Example:
+    >>> import torch, signsgd
+    >>> w = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
+    >>> opt = signsgd.OneBitAdam([w], lr=0.1, freeze_step=1)
+    >>> w.grad = torch.tensor([1.0, -2.0]); opt.step(); opt.steps
+    1
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from signsgd.compression import ScaledSign
+from signsgd.optim import StagedOptimizer, _check_number, _Fresh, _reject_options, _scalar
+
+__all__ = ["OneBitAdam", "OneBitAllReduce"]
+
+_SIGNS = ScaledSign()  # what the momentum is sent with after the freeze (stateless)
+
+
+class OneBitAllReduce:
+    """:class:`OneBitAdam`'s reducer: an fp32 mean for the warm-up and the two-stage
+    error-feedback all-reduce with scaled signs after the freeze, on one process group.
+
+    ``reduce`` with ``compressor=None`` is :class:`~signsgd.distributed.AllReduce`'s mean;
+    with ``ScaledSign`` it is :class:`~signsgd.distributed.ErrorFeedbackAllReduce`'s 1 bit
+    each way plus one scale per chunk (server error kept here) — on one process, where
+    there is nothing to send, the exact mean (DeepSpeed compresses only with more than one
+    rank). ``bytes_sent``, ``bytes_received`` and ``timings`` are the last step's reducer's;
+    the state dict holds both reducers' states.
+
+    Args:
+        group: process group (``None``: the default group, or one process when
+            ``torch.distributed`` is not initialised).
+        adversary: a Byzantine attack on what this rank sends (both reducers).
+
+    Example:
+        >>> r = OneBitAllReduce()   # one process
+        >>> r.reduce([torch.tensor([1.0, -3.0])], compressor=ScaledSign()).update
+        [tensor([ 1., -3.])]
+    """
+
+    def __init__(self, group: Any = None, adversary: Any = None) -> None:
+        from signsgd.distributed import AllReduce, ErrorFeedbackAllReduce
+
+        self.group = group
+        self.mean = AllReduce(group, adversary)
+        self.ef = ErrorFeedbackAllReduce(group, adversary)
+        self.last: Any = self.mean   # the reducer of the last step
+
+    bytes_sent = property(lambda self: self.last.bytes_sent, doc="Bytes sent, last step.")
+    bytes_received = property(lambda self: self.last.bytes_received,
+                              doc="Bytes received in the last step.")
+    timings = property(lambda self: self.last.timings, doc="The last step's time split.")
+    total_bytes_sent = property(lambda self: self.mean.total_bytes_sent
+                                + self.ef.total_bytes_sent, doc="Bytes sent, all steps.")
+    total_bytes_received = property(lambda self: self.mean.total_bytes_received
+                                    + self.ef.total_bytes_received,
+                                    doc="Bytes received, all steps.")
+
+    def check_compressor(self, compressor: Any) -> None:
+        """Refuse any compressor but ``None`` (the warm-up) and ``ScaledSign``."""
+        if compressor is not None and type(compressor) is not ScaledSign:
+            raise ValueError(f"OneBitAllReduce sends the mean (no compressor) or scaled signs "
+                             f"(ScaledSign), not {compressor!r}")
+
+    def reduce(self, tensors: list[Tensor | None], *, finite: Any = True,
+               compressor: Any = None, settings: Any = None) -> Any:
+        """The mean of ``tensors`` (``compressor=None``), else their error-feedback 1-bit
+        all-reduce; see :meth:`signsgd.distributed.Reducer.reduce`."""
+        from signsgd.distributed.collectives import world
+
+        self.check_compressor(compressor)
+        use = self.ef if compressor is not None and world(self.group)[1] > 1 else self.mean
+        out = use.reduce(tensors, finite=finite, settings=settings,
+                         compressor=compressor if use is self.ef else None)
+        self.last = use
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"mean": ..., "ef": ...}``: both reducers' states (the server error in "ef")."""
+        return {"mean": self.mean.state_dict(), "ef": self.ef.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; raises ``ValueError`` (changing nothing) if malformed."""
+        if not isinstance(state, dict) or set(state) != {"mean", "ef"}:
+            raise ValueError(f"OneBitAllReduce state must be a dict with keys 'mean' and "
+                             f"'ef', got {state!r}")
+        old = self.mean.state_dict()
+        self.mean.load_state_dict(state["mean"])
+        try:
+            self.ef.load_state_dict(state["ef"])
+        except Exception:
+            self.mean.load_state_dict(old)
+            raise
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "group": None}
+
+    def __repr__(self) -> str:
+        return f"OneBitAllReduce(adversary={self.mean.adversary!r})"
+
+
+class OneBitAdam(StagedOptimizer):
+    r"""1-bit Adam(W) (Tang et al. 2021, DeepSpeed's ``OnebitAdam``).
+
+    Steps ``t = 1 … freeze_step`` (warm-up), on the mean gradient ``ḡ`` of the ranks:
+
+    .. math::
+        m \leftarrow \beta_1 m + (1-\beta_1)\,\bar g,\quad
+        v \leftarrow \beta_2 v + (1-\beta_2)\,\bar g^2,\quad
+        x \leftarrow x - \mathrm{lr}\,\bigl(m / (\sqrt v + \epsilon) + \mathrm{wd}\,x\bigr)
+
+    After the freeze ``v`` stays as it is; each rank updates its own momentum with its own
+    gradient and the momenta are reduced by the error-compensated 1-bit all-reduce:
+
+    .. math::
+        p_r = \beta_1 m + (1-\beta_1)\,g_r + e_r,\quad e_r \leftarrow p_r - C(p_r),\quad
+        m \leftarrow \mathrm{AR}_{1\text{-bit}}(p),\quad
+        x \leftarrow x - \mathrm{lr}\,\bigl(m / (\sqrt v + \epsilon) + \mathrm{wd}\,x\bigr)
+
+    ``C`` is the scaled sign per chunk; the all-reduce's server stage keeps its own error
+    (:class:`OneBitAllReduce`), and every rank gets the same ``m``. Weight decay is
+    decoupled (AdamW's ``x ← x − lr·wd·x``, DeepSpeed's ``update += wd·x``).
+
+    **Bias correction.** DeepSpeed takes a ``bias_correction`` argument and never uses it:
+    its update is ``m / (√v + ε)`` with no correction, in the warm-up and after. That is the
+    default here (``bias_correction=False``), so the warm-up is AdamW *without* bias
+    correction. ``bias_correction=True`` uses Adam's ``m / (1 − β1^t)`` and
+    ``v / (1 − β2^min(t, freeze_step))`` (the correction of the frozen ``v`` is frozen with
+    it): the warm-up is then ``torch.optim.AdamW`` with the same hyper-parameters, which
+    matters on short runs, where ``1 − β2^freeze_step`` is far from 1.
+
+    Without an aggregator (one process) the same algorithm runs on the local gradient with
+    nothing to compress. One step counter (:attr:`steps`, successful steps that moved a
+    parameter) serves every parameter; its phase, ``freeze_step`` and ``bias_correction``
+    must agree on every rank (checked in the step header). A parameter without a gradient
+    on this rank contributes zero to the mean. Like DeepSpeed's, a coordinate whose ``v``
+    is zero at the freeze (a parameter that got no gradient, or its first one after the
+    freeze) steps by ``m / ε`` (DeepSpeed masks such coordinates with ``exp_avg_mask``;
+    that is not implemented). ``foreach`` is accepted for ``torch.optim`` compatibility:
+    there is one implementation, with the multi-tensor kernels.
+
+    Args:
+        params: iterable of parameters or param-group dicts.
+        lr: learning rate (>= 0; default 1e-3).
+        betas: ``(β1, β2)``, each in [0, 1).
+        eps: added to ``√v`` (>= 0).
+        weight_decay: decoupled weight decay (>= 0).
+        freeze_step: warm-up steps before ``v`` is frozen and the momentum compressed
+            (an integer >= 1; DeepSpeed advises roughly 15-25 % of the training steps).
+        aggregator: ``None`` (one process) or :class:`OneBitAllReduce`.
+        bias_correction: Adam's bias correction (default ``False``, as DeepSpeed).
+        foreach: accepted, see above.
+        maximize: ascend the objective (the step uses −g), as in ``torch.optim``.
+
+    Raises:
+        ValueError: a hyper-parameter out of range, an aggregator that is not a
+            :class:`OneBitAllReduce`, or an unsupported ``torch.optim`` option.
+
+    Example:
+        >>> import torch, signsgd
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
+        >>> opt = signsgd.OneBitAdam([w], lr=0.5, betas=(0.5, 0.75), eps=0.0, freeze_step=2)
+        >>> w.grad = torch.tensor([2.0, -2.0]); opt.step()
+        >>> w.data, opt.state[w]["exp_avg"], opt.state[w]["exp_avg_sq"]
+        (tensor([ 0.5000, -0.5000]), tensor([ 1., -1.]), tensor([1., 1.]))
+
+    Reference: Tang et al., 1-bit Adam: Communication Efficient Large-Scale Training with
+    Adam's Convergence Speed, ICML 2021.
+    """
+
+    _pickled = ("aggregator", "freeze_step", "bias_correction", "steps")
+
+    def __init__(self, params: Iterable[Any], lr: float | Tensor = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, *, freeze_step: int,
+                 aggregator: OneBitAllReduce | None = None, bias_correction: bool = False,
+                 foreach: bool | None = None, maximize: bool = False,
+                 **unsupported: Any) -> None:
+        name = type(self).__name__
+        _reject_options(name, unsupported)
+        if not isinstance(freeze_step, int) or isinstance(freeze_step, bool) or freeze_step < 1:
+            raise ValueError(f"Invalid freeze_step: {freeze_step!r} (must be an integer >= 1)")
+        if not isinstance(bias_correction, bool):
+            raise ValueError(f"Invalid bias_correction: {bias_correction!r} (must be a bool)")
+        if aggregator is not None and not isinstance(aggregator, OneBitAllReduce):
+            raise ValueError(f"{name} cannot use aggregator {type(aggregator).__name__}: it "
+                             "needs OneBitAllReduce (the fp32 mean for the warm-up, the 1-bit "
+                             "error-feedback all-reduce after the freeze)")
+        self.freeze_step, self.bias_correction = freeze_step, bias_correction
+        self.steps = 0          # successful steps (the phase), checkpointed
+        self._moved = False
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        foreach=foreach, maximize=maximize)
+        super().__init__(params, defaults, aggregator)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group; its hyper-parameters (``eps`` too) are validated first."""
+        if isinstance(param_group, dict):
+            _check_number("epsilon value", {**self.defaults, **param_group}["eps"], 0.0, None,
+                          False)
+        super().add_param_group(param_group)
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the next step is past the freeze (``v`` frozen, the momentum compressed)."""
+        return self.steps >= self.freeze_step
+
+    def _compressor(self) -> ScaledSign | None:
+        return _SIGNS if self.frozen else None
+
+    def _settings(self) -> tuple[Any, ...]:
+        return (*super()._settings(),
+                ("onebit", self.freeze_step, self.bias_correction, self.steps))
+
+    # ------------------------------------------------------------------ the step
+    def _apply(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor] | None,
+               momenta: list[Tensor] | None = None) -> None:
+        """``m`` ← its EMA with ``grads`` (or ← ``momenta``), ``v`` likewise before the
+        freeze, then ``x ← x·(1 − lr·wd) − lr'·m / (√v' + ε)``."""
+        b1, b2 = (_scalar(b) for b in group["betas"])
+        lr, wd, eps = _scalar(group["lr"]), _scalar(group["weight_decay"]), _scalar(group["eps"])
+        t, frozen = self.steps + 1, self.frozen
+        ms, vs = self._buffers(params, "exp_avg"), self._buffers(params, "exp_avg_sq")
+        if momenta is None:
+            torch._foreach_lerp_(ms, grads, 1.0 - b1)
+        else:
+            torch._foreach_copy_(ms, momenta)
+        if not frozen:
+            torch._foreach_mul_(vs, b2)
+            torch._foreach_addcmul_(vs, grads, grads, value=1.0 - b2)
+        denom = torch._foreach_sqrt(vs)
+        step = lr
+        if self.bias_correction:
+            step = lr / (1.0 - b1 ** t)
+            torch._foreach_div_(denom, math.sqrt(1.0 - b2 ** min(t, self.freeze_step)))
+        torch._foreach_add_(denom, eps)
+        if wd:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+        torch._foreach_addcdiv_(params, ms, denom, value=-step)
+
+    def _local(self, work: Any) -> None:
+        super()._local(work)
+        if any(params for _, params, _ in work):
+            self.steps += 1
+
+    def _reduced_step(self, work: Any) -> None:
+        self._moved = False
+        super()._reduced_step(work)
+        if self._moved:
+            self.steps += 1
+
+    def _local_step(self, group: dict[str, Any], params: list[Tensor],
+                    grads: list[Tensor]) -> None:
+        self._apply(group, params, grads)
+
+    def _transform(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+                   ) -> tuple[list[Tensor], Any]:
+        """Warm-up: the gradients (their mean comes back). After the freeze: this rank's
+        ``p = β1·m + (1−β1)·g + e``, out of place."""
+        if not self.frozen:
+            return list(grads), None
+        fresh: _Fresh = {}
+        ms, errors = self._buffers(params, "exp_avg", fresh), self._buffers(params, "error", fresh)
+        b1 = _scalar(group["betas"][0])
+        sends = torch._foreach_add(torch._foreach_lerp(ms, grads, 1.0 - b1), errors)
+        return sends, (params, errors, sends, fresh)
+
+    def _commit(self, group: dict[str, Any], updated: list[Tensor], updates: list[Tensor],
+                plan: Any, transmitted: dict[int, Tensor] | None, signs: bool) -> None:
+        """Warm-up: the Adam step on the mean gradient. After: ``e ← p − C(p)``, ``m`` ← the
+        reduced momentum, the step with the frozen ``v``."""
+        self._moved = self._moved or bool(updated)
+        if plan is not None:
+            params, errors, sends, fresh = plan
+            self._store(fresh)
+            for p, e, s in zip(params, errors, sends):
+                torch.sub(s, transmitted[id(p)].view_as(p), out=e)  # type: ignore[index]
+        if updated:
+            if self.frozen:
+                self._apply(group, updated, None, updates)
+            else:
+                self._apply(group, updated, updates)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _extra_state(self) -> dict[str, Any]:
+        """The step counter under ``"onebit"``."""
+        return {"onebit": {"steps": self.steps}}
+
+    def _pop_extra_state(self, state_dict: dict[str, Any]) -> Any:
+        extra = state_dict.pop("onebit", None)
+        steps = extra.get("steps") if isinstance(extra, dict) else None
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise ValueError(f"{type(self).__name__} state_dict needs 'onebit': {{'steps': "
+                             f"an integer >= 0}}, got {extra!r}")
+        return steps
+
+    def _load_extra_state(self, extra: Any) -> None:
+        self.steps = int(extra)
