@@ -146,15 +146,15 @@ def test_ties_identical_on_every_rank_and_about_half_positive(run):
 
 @pytest.mark.parametrize(
     ("numel", "m", "mode", "want"),
-    [  # W = ⌈d/64⌉ sign words + ⌈d/16384⌉ activity words; S = 8·⌈W/M⌉
+    [  # W = ⌈d/64⌉ sign words + ⌈d/4096⌉ + 1 activity words; S = 8·⌈W/M⌉
         (0, 4, "sharded", 0),
         (1, 1, "sharded", 0),
         (1_000_000, 1, "allgather", 0),
-        (1, 2, "sharded", 2 * 1 * 8),                      # W = 1 + 1
-        (1_000_000, 4, "sharded", 2 * 3 * 31_376),         # W = 15 625 + 62
-        (1_000_000, 4, "allgather", 3 * 8 * 15_687),
-        (25_000_000, 4, "sharded", 2 * 3 * 784_304),       # W = 390 625 + 1 526
-        (100, 3, "allgather", 2 * 8 * 3),                  # W = 2 + 1
+        (1, 2, "sharded", 2 * 1 * 16),                     # W = 1 + 2
+        (1_000_000, 4, "sharded", 2 * 3 * 31_744),         # W = 15 625 + 246
+        (1_000_000, 4, "allgather", 3 * 8 * 15_871),
+        (25_000_000, 4, "sharded", 2 * 3 * 793_464),       # W = 390 625 + 6 105
+        (100, 3, "allgather", 2 * 8 * 4),                  # W = 2 + 2
     ],
 )
 def test_vote_nbytes_formula(numel, m, mode, want):
@@ -178,15 +178,15 @@ def test_bits_per_coordinate_each_way_at_most_one(numel, m):
         ((), ()),
         ((0, 0), ()),
         ((1,), ((0, 1, 1, 0),)),
-        ((600, 0, 10), ((0, 600, 256, 0), (600, 10, 10, 3))),
-        # d = 16 385: two activity words (128 bits); 65 chunks of 256 do not fit in 64
-        # bits, but d > 16 384 gives 128, so the chunk stays 256
-        ((16_385,), ((0, 16_385, 256, 0),)),
-        # 64 bits for d = 16 384 in 2 tensors: 256-chunks need 33 + 32 = 65 bits, so the
-        # chunk grows to the smallest length that fits (260: 32 + 32 bits)
-        ((8_300, 8_084), ((0, 8_300, 260, 0), (8_300, 8_084, 260, 32))),
-        # more tensors (100) than bits (64): runs of 2 tensors share a chunk
-        ((3,) * 100, tuple((6 * b, 6, 6, b) for b in range(50))),
+        ((600, 0, 10), ((0, 600, 64, 0), (600, 10, 10, 10))),
+        # rows of 2^k coordinates stay whole chunks, wherever their tensor starts
+        ((1000, 4096), ((0, 1000, 64, 0), (1000, 4096, 64, 16))),
+        ((16_385,), ((0, 16_385, 64, 0),)),
+        # 100 tensors of 65: 200 chunks of 64 do not fit in 192 bits (d = 6 500), so the
+        # chunk doubles to 128, one chunk per tensor
+        ((65,) * 100, tuple((65 * i, 65, 65, i) for i in range(100))),
+        # more tensors (200) than bits (128): runs of 2 tensors share a chunk
+        ((1,) * 200, tuple((2 * b, 2, 2, b) for b in range(100))),
     ],
 )
 def test_zero_chunks_table(lengths, want):
@@ -237,6 +237,20 @@ def test_single_process_without_group_is_sign_with_zero_plus_one(values, want):
     np.testing.assert_array_equal(got.reshape(-1).numpy(), want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16,
+                                   torch.bfloat16, torch.int32])
+def test_single_process_zero_chunks_get_plus_zero_in_every_dtype(dtype):
+    # chunks [0, 64), [64, 128), [128, 192), [192, 200): only the second holds a non-zero
+    t = torch.zeros(200, dtype=dtype)
+    t[100] = -3
+    got = majority_vote(t, step=0)
+    want = torch.zeros(200, dtype=dtype)
+    want[64:128] = 1
+    want[100] = -1
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert not torch.signbit(got).logical_and(got == 0).any()  # +0, not -0
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_single_process_non_finite_raises(bad):
     from signsgd.errors import NonFiniteGradientError
@@ -261,7 +275,8 @@ ZERO_STEPS = 6
 def reference_trajectory(m: int, beta: float, zeros_still: bool) -> list[list[torch.Tensor]]:
     """Signum (lr 1/8, float64) with a majority vote of ``m`` ranks fed ``W.zero_grads``:
     zero -> +1, ties from ``tie_bits(3, step)`` over the flat layout, and, with
-    ``zeros_still``, 0 on each 256-coordinate chunk of a tensor that is zero on every rank."""
+    ``zeros_still``, 0 on each ``ZERO_CHUNK``-coordinate chunk of a tensor (the chunk
+    :func:`zero_chunks` gives this layout) that is zero on every rank."""
     params = [p.detach().clone() for p in W.zero_params()]
     bufs = [[torch.zeros_like(p) for p in params] for _ in range(m)]
     lengths = [p.numel() for p in params]
@@ -283,8 +298,8 @@ def reference_trajectory(m: int, beta: float, zeros_still: bool) -> list[list[to
         if zeros_still:
             off = 0
             for n in lengths:
-                for a in range(off, off + n, 256):
-                    b = min(a + 256, off + n)
+                for a in range(off, off + n, ZERO_CHUNK):
+                    b = min(a + ZERO_CHUNK, off + n)
                     if not x[:, a:b].any():
                         v[a:b] = 0.0
                 off += n
@@ -318,6 +333,7 @@ def test_zero_everywhere_stays_still_and_the_rest_moves_as_before(zero_runs, m, 
             for i, (g, w) in enumerate(zip(got[step], want[step])):
                 assert torch.equal(g, w), (rank, step, i)
             assert _still(got[step], start)
+    assert zero_chunks(tuple(p.numel() for p in start))[2][2] == ZERO_CHUNK
     # what does not stay still moves exactly as under zero -> +1: tensors 0 and 3 (zero
     # on rank 0 only, so zero everywhere for M = 1) and tensor 2 after its first chunk
     last, old = want[-1], before[-1]

@@ -432,7 +432,7 @@ def die_in_vote(rank: int, world_size: int, timeout_s: float) -> str:
 # ----------------------------------------------------------------------------- zero chunks
 
 #: tensors of the zero-chunk trajectories: dense, zero on every rank, zero on every rank in
-#: its first 256-coordinate chunk only, and one whose zeros differ across ranks.
+#: its first 256 coordinates only (whole chunks), and one whose zeros differ across ranks.
 ZERO_SHAPES = [(13, 11), (300,), (600,), (70,)]
 
 

@@ -60,6 +60,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -87,7 +88,7 @@ _ONE_BUCKET = 1 << 62
 
 #: nominal coordinates per zero chunk: a vote of d coordinates carries
 #: :func:`activity_words` ``(d)`` 64-bit words of activity bits, one per chunk.
-ZERO_CHUNK = 256
+ZERO_CHUNK = 64
 
 Runs = tuple[tuple[int, int, int, int], ...]
 
@@ -98,31 +99,33 @@ def _words(nbytes: int) -> int:
 
 def activity_words(numel: int) -> int:
     """64-bit words of activity bits in a vote of ``numel`` coordinates:
-    ``⌈d / (64·ZERO_CHUNK)⌉`` (1/``ZERO_CHUNK`` bit per coordinate).
+    ``⌈d / (64·ZERO_CHUNK)⌉ + 1`` (1/``ZERO_CHUNK`` bit per coordinate, plus 64 bits for
+    the chunks that end a tensor early; 0 for ``d = 0``).
 
     Example:
-        >>> activity_words(1), activity_words(16384), activity_words(16385)
-        (1, 1, 2)
+        >>> activity_words(0), activity_words(1), activity_words(4096), activity_words(4097)
+        (0, 2, 2, 3)
     """
-    return -(-numel // (64 * ZERO_CHUNK))
+    return -(-numel // (64 * ZERO_CHUNK)) + 1 if numel else 0
 
 
 @functools.lru_cache(maxsize=256)
 def zero_chunks(lengths: tuple[int, ...]) -> Runs:
     """The chunks of a vote of tensors of ``lengths`` coordinates (concatenated), as runs
     ``(start, length, chunk, bit)``: ``flat[start:start + length]`` is cut into chunks of
-    ``chunk`` coordinates (the last may be shorter) whose activity bits are ``bit, bit+1, …``.
+    ``chunk`` coordinates from the tensor's start (the last may be shorter) whose activity
+    bits are ``bit, bit+1, …``.
 
-    A chunk never spans two tensors. The chunk length is the smallest ``c >= ZERO_CHUNK``
-    for which the chunks of every tensor fit in the ``64·activity_words(d)`` bits, so the
-    number of bits on the wire depends on ``d`` alone. If even one chunk per tensor does
-    not fit (more tensors than bits: fewer than 64·``ZERO_CHUNK`` coordinates per 64
-    tensors), runs of consecutive tensors share one chunk. The same on every rank for the
-    same layout.
+    A chunk never spans two tensors. The chunk length is ``ZERO_CHUNK·2^j`` for the
+    smallest ``j`` whose chunks fit in the ``64·activity_words(d)`` bits (``j = 0`` unless
+    the tensors' last, partial chunks take more than the 64 spare bits), so the bits on the
+    wire depend on ``d`` alone and rows of ``2^k`` coordinates stay whole chunks. If even
+    one chunk per tensor does not fit (more tensors than bits), runs of consecutive
+    tensors share one chunk. The same on every rank for the same layout.
 
     Example:
-        >>> zero_chunks((600, 0, 10))
-        ((0, 600, 256, 0), (600, 10, 10, 3))
+        >>> zero_chunks((150, 0, 10))
+        ((0, 150, 64, 0), (150, 10, 10, 3))
     """
     capacity = 64 * activity_words(sum(lengths))
     segs, start = [], 0
@@ -137,17 +140,13 @@ def zero_chunks(lengths: tuple[int, ...]) -> Runs:
         groups = [segs[i:i + per] for i in range(0, len(segs), per)]
         return tuple((g[0][0], g[-1][0] + g[-1][1] - g[0][0],
                       g[-1][0] + g[-1][1] - g[0][0], b) for b, g in enumerate(groups))
-    lo, hi = ZERO_CHUNK, max(ZERO_CHUNK, max(n for _, n in segs))
-    while lo < hi:  # the smallest chunk length whose chunks fit
-        mid = (lo + hi) // 2
-        if sum(-(-n // mid) for _, n in segs) <= capacity:
-            hi = mid
-        else:
-            lo = mid + 1
+    c = ZERO_CHUNK
+    while sum(-(-n // c) for _, n in segs) > capacity:
+        c *= 2
     runs, bit = [], 0
     for s, n in segs:
-        runs.append((s, n, min(lo, n), bit))
-        bit += -(-n // lo)
+        runs.append((s, n, min(c, n), bit))
+        bit += -(-n // c)
     return tuple(runs)
 
 
@@ -186,35 +185,63 @@ def _bucket_lengths(lengths: Sequence[int], start: int, end: int) -> tuple[int, 
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=256)
+def _chunk_index(runs: Runs) -> tuple[np.ndarray, np.ndarray]:
+    """The start and the length of every chunk of ``runs``, in bit order (a partition)."""
+    starts = [a for s, n, c, _ in runs for a in range(s, s + n, c)]
+    ends = starts[1:] + ([runs[-1][0] + runs[-1][1]] if runs else [])
+    return np.asarray(starts, dtype=np.int64), np.subtract(ends, starts, dtype=np.int64)
+
+
+def _numpy_side(t: Tensor) -> bool:
+    """Whether the activity work on ``t`` runs in numpy (CPU, a dtype numpy has)."""
+    return t.device.type == "cpu" and t.dtype != torch.bfloat16
+
+
 def _pack_activity(flat: Tensor, runs: Runs, out: Tensor) -> None:
     """This rank's activity bits into ``out`` (uint8, ``8·activity_words`` bytes): bit 1 for
-    a chunk with a non-zero coordinate (``-0.0`` is zero); the pad bits are 0."""
+    a chunk with a value other than ±0; the pad bits are 0."""
+    flat = flat.detach()
     act = torch.zeros(8 * out.numel(), dtype=torch.int8, device=flat.device)
-    for s, n, c, b in runs:
-        f = n // c
-        if f:
-            act[b:b + f] = flat[s:s + f * c].view(f, c).any(dim=1)
-        if n % c:
-            act[b + f] = flat[s + f * c:s + n].any()
+    if not runs:
+        pass
+    elif _numpy_side(flat):  # one pass: != 0, then an OR per chunk (numpy's SIMD loops)
+        starts, _ = _chunk_index(runs)
+        nz = thread_scratch().get("vote_nonzero", flat.numel(), torch.bool, flat.device)
+        np.not_equal(flat.numpy(), 0, out=nz.numpy())
+        act.numpy()[:starts.size] = (1 if nz.numpy().all()  # no zero at all: the usual case
+                                     else np.maximum.reduceat(nz.numpy().view(np.uint8), starts))
+    else:
+        for s, n, c, b in runs:
+            f = n // c
+            if f:
+                act[b:b + f] = flat[s:s + f * c].view(f, c).any(dim=1)
+            if n % c:
+                act[b + f] = flat[s + f * c:s + n].any()
     act.sub_(1)  # active 1 -> 0 (packs as bit 1); inactive and pad 0 -> -1 (bit 0)
     pack_signs(act, out=out)
 
 
 def _hold_still(out: Tensor, activity: Tensor, runs: Runs) -> None:
-    """Zero the verdict ``out`` on every chunk whose activity bit (OR over the ranks) is 0."""
-    still = unpack_signs(activity, 8 * activity.numel(), torch.int8) < 0
-    cpu = out.device.type == "cpu"
-    if cpu and runs and not still[:runs[-1][3] + -(-runs[-1][1] // runs[-1][2])].any():
+    """Zero the verdict ``out`` (as +0) on every chunk whose activity bit (OR over the
+    ranks) is 0."""
+    if not runs:
         return
+    if _numpy_side(out):
+        starts, lens = _chunk_index(runs)
+        keep = np.unpackbits(activity.numpy(), count=starts.size, bitorder="little").view(bool)
+        if not keep.all():
+            o = out.numpy()
+            np.multiply(o, np.repeat(keep, lens), out=o)
+            np.add(o, 0, out=o)  # -1·0 + 0 = +0
+        return
+    active = unpack_signs(activity, 8 * activity.numel(), torch.int8) > 0
     for s, n, c, b in runs:
-        f, nbits = n // c, -(-n // c)
-        mine = still[b:b + nbits]
-        if cpu and not mine.any():
-            continue
+        f, keep = n // c, active[b:b + -(-n // c)]
         if f:
-            out[s:s + f * c].view(f, c).masked_fill_(mine[:f, None], 0)
+            out[s:s + f * c].view(f, c).mul_(keep[:f, None]).add_(0)
         if n % c:
-            out[s + f * c:s + n].masked_fill_(mine[f], 0)
+            out[s + f * c:s + n].mul_(keep[f]).add_(0)
 
 
 def _or_activity(rows: Tensor, verdict: Tensor, lo: int, hi: int) -> None:
@@ -261,7 +288,7 @@ def vote_nbytes(numel: int, world_size: int, mode: str = "sharded", *,
 
     Example:
         >>> vote_nbytes(1_000_000, 4, header=False)
-        (188256, 188256)
+        (190464, 190464)
     """
     _check_mode(mode)
     if numel < 0 or world_size < 1:
