@@ -12,7 +12,7 @@ next to the shaped term at the rates where the choice matters).
 
 Which bytes cross the bottleneck:
 
-* ``shared=True`` (what :mod:`signsgd.netem` emulates: M ranks behind one link of
+* ``shared=True`` (what :mod:`netem` emulates: M ranks behind one link of
   rate R): ``W = M · (bytes one rank sends)``;
 * ``shared=False`` (a switched network, every machine with its own full-duplex link of
   rate R): ``W = bytes one rank sends`` (the busiest rank's, for the symmetric collectives

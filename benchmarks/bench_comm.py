@@ -1,7 +1,7 @@
 """Per-step aggregation time and bytes of every method, on an emulated network.
 
 For each link rate (unshaped, 10 Gbit/s, 1 Gbit/s, 100 Mbit/s), number of workers M and
-vector size d, M Gloo workers in a fresh network namespace (``signsgd.netem``;
+vector size d, M Gloo workers in a fresh network namespace (``benchmarks/netem.py``;
 loopback shaped with ``tc tbf``, i.e. M ranks sharing one link of that rate) time one
 aggregation of a random d-vector with: sharded majority vote, allgather majority vote,
 EF all-reduce (1-bit ScaledSign), fp16 all-reduce and fp32 all-reduce — and the peers a
@@ -58,14 +58,13 @@ from common import (
     workers_arg,
     write_json,
 )
-from workers import COMM_LABELS, comm_worker
-
-from signsgd.netem import (
+from netem import (
     format_rate,
     launch,
     parse_rate,
     shaping_unavailable_reason,
 )
+from workers import COMM_LABELS, comm_worker
 
 FULL = {"dims": [1_000_000, 11_000_000, 25_000_000], "workers": [2, 4, 8],
         "rates": list(DEFAULT_RATES)}

@@ -1,7 +1,7 @@
 """End-to-end training on an emulated network: step time and time-to-accuracy.
 
 Part 1 (``--part steps``): M = 4 Gloo workers in a fresh network namespace
-(``signsgd.netem``, loopback shaped with ``tc tbf``: the M ranks share one link of the
+(``benchmarks/netem.py``, loopback shaped with ``tc tbf``: the M ranks share one link of the
 given rate) each run whole training steps — forward, backward, aggregation, update — of a
 ResNet-18 (11.7M parameters; ``benchmarks/workers.py``, ``resnet18``) on a fixed batch of
 random 32×32 images, for every method of :data:`STEP_METHODS` (rows of the methods table,
@@ -52,14 +52,13 @@ from common import (
     workers_arg,
     write_json,
 )
-from workers import E2E_LABELS, method_arg, step_time_worker, tta_worker
-
-from signsgd.netem import (
+from netem import (
     format_rate,
     launch,
     parse_rate,
     shaping_unavailable_reason,
 )
+from workers import E2E_LABELS, method_arg, step_time_worker, tta_worker
 
 TTA_METHODS = {"signum": 1e-3, "sgd": 0.05, "signum-ddp-hook": 1e-3}
 #: The step-time methods by default: ours, the fp32 baselines and torch's hooks.

@@ -11,7 +11,7 @@ PowerSGD hooks, local steps with a voted outer step), with M = 4 Gloo workers:
     own shard of the data) to the target or the step budget, evaluating every N steps, and
     records the curve (step, metric) and the steps to target;
 (b) **step times**: one launch per link rate (unshaped, 10 Gbit/s, 1 Gbit/s, 100 Mbit/s;
-    ``signsgd.netem.NetworkEmulator``, M ranks sharing one shaped link, as
+    ``netem.NetworkEmulator``, M ranks sharing one shaped link, as
     ``bench_e2e.py``) times every method's training step on that workload, the methods
     taking turns (``workers._measure``): LocalSteps in whole rounds of H steps (per step =
     round / H), PowerSGD after its ``start_powerSGD_iter`` fp32 steps; ``noop-ddp`` (no
@@ -77,6 +77,12 @@ from common import (
     workers_arg,
     write_json,
 )
+from netem import (
+    format_rate,
+    launch,
+    parse_rate,
+    shaping_unavailable_reason,
+)
 from workers import (
     E2E_LABELS,
     LOCAL_H,
@@ -85,13 +91,6 @@ from workers import (
     method,
     method_arg,
     workload_step_worker,
-)
-
-from signsgd.netem import (
-    format_rate,
-    launch,
-    parse_rate,
-    shaping_unavailable_reason,
 )
 
 _LOCALS = [f"local-{inner}-h{h}" for inner in ("adamw", "signum") for h in LOCAL_H]

@@ -3,7 +3,7 @@ results files (JSON and markdown, old method names mapped on read) and timing.
 
 The scripts import it by name (``from common import ...``): a script's own folder,
 ``benchmarks/``, is the first entry of ``sys.path``, and the workers that
-:func:`signsgd.netem.launch` and :func:`signsgd.distributed.launch.spawn` start inherit it.
+:func:`netem.launch` and :func:`signsgd.distributed.launch.spawn` start inherit it.
 
 Example:
     >>> size_arg("25m"), rate_arg("1gbit"), workers_arg("4")
@@ -28,8 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
-from signsgd.netem import NetworkEmulator, check_world_size, parse_rate, probe_throughput
+from netem import NetworkEmulator, check_world_size, parse_rate, probe_throughput
 
 __all__ = ["DEFAULT_RATES", "LEGACY_METHODS", "ROOT", "size_arg", "workers_arg", "rate_arg",
            "machine", "load_text", "loopback_rate", "command_line", "utc_now", "write_json",

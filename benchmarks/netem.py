@@ -30,10 +30,10 @@ an exception while a namespace is live), and interpreter exit (``atexit``). A na
 left by a process killed with SIGKILL is swept by the next :class:`NetworkEmulator` (names
 carry the creating pid; only names whose pid is dead are removed).
 
-Command line: ``python -m signsgd.netem --rate 100mbit -- CMD ...`` runs any command
+Command line: ``python benchmarks/netem.py --rate 100mbit -- CMD ...`` runs any command
 (e.g. ``torchrun --standalone ...`` talking over 127.0.0.1) behind the shaped loopback.
 :func:`launch` runs its workers through the same entry point
-(``python -m signsgd.netem --child JOB OUT`` inside the namespace).
+(``python benchmarks/netem.py --child JOB OUT`` inside the namespace).
 
 Example:
     >>> format_rate(parse_rate("2.5 Gbit/s"))
@@ -579,7 +579,7 @@ def launch(
 ) -> LaunchResult:
     """Run ``fn(rank, world_size, *args)`` in M Gloo workers behind a link of ``rate``.
 
-    The workers run in a child process ``ip netns exec NS python -m signsgd.netem --child``
+    The workers run in a child process ``ip netns exec NS python benchmarks/netem.py --child``
     that calls :func:`signsgd.distributed.launch.spawn`; ``fn`` and ``args`` are pickled to
     it together with this process's ``sys.path`` (``fn`` must be module-level and
     importable with it).
@@ -641,7 +641,7 @@ def _launch_in(emu: NetworkEmulator, fn: Callable[..., Any], world_size: int,
         with open(job, "wb") as f:
             pickle.dump(list(sys.path), f)
             pickle.dump((fn, world_size, tuple(args), kwargs), f)
-        cmd = emu.prefix + [sys.executable, "-m", "signsgd.netem", "--child", job, out]
+        cmd = emu.prefix + [sys.executable, os.path.abspath(__file__), "--child", job, out]
         t0 = time.monotonic()
         # Own session: a Ctrl-C in the terminal reaches only us; we then end the whole group.
         proc = subprocess.Popen(cmd, start_new_session=True)
@@ -706,7 +706,7 @@ def _child(job_path: str, out_path: str) -> int:
 
 # ------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
-    """``python -m signsgd.netem --rate 100mbit -- CMD ...``: run CMD behind a shaped link.
+    """``python benchmarks/netem.py --rate 100mbit -- CMD ...``: run CMD behind a shaped link.
 
     CMD runs inside a fresh namespace whose loopback is shaped to the rate (e.g.
     ``torchrun --nproc-per-node 4 train.py``; it must use ``127.0.0.1`` / ``localhost``).
@@ -728,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
         SystemExit: 2
     """
     p = argparse.ArgumentParser(
-        prog="python -m signsgd.netem",
+        prog="benchmarks/netem.py",
         description="Run a command inside a network namespace whose loopback is "
                     "rate-limited with tc tbf (needs root and iproute2).")
     p.add_argument("--rate", default="100mbit",
@@ -740,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
         return _child(*args.child)
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not cmd:
-        p.error("no command given: python -m signsgd.netem --rate 1gbit -- CMD ...")
+        p.error("no command given: python benchmarks/netem.py --rate 1gbit -- CMD ...")
     try:
         rate_bps = parse_rate(args.rate)
     except ValueError as exc:

@@ -31,9 +31,8 @@ from typing import Any
 
 from bandwidth import break_even_rate, fixed_cost, predicted
 from common import read_results
+from netem import format_rate, parse_rate
 from workers import COMM_LABELS, E2E_LABELS
-
-from signsgd.netem import format_rate, parse_rate
 
 HERE = Path(__file__).resolve().parent
 

@@ -1,7 +1,7 @@
 """What runs on every rank of the network benchmarks (``bench_comm.py``, ``bench_e2e.py``,
 ``bench_tta.py``), and the benchmarks' one table of training methods (:data:`METHODS`).
 
-The scripts hand these functions to :func:`signsgd.netem.launch`, which runs them in M Gloo
+The scripts hand these functions to :func:`netem.launch`, which runs them in M Gloo
 workers behind a shaped loopback; the workers import this module through the parent's
 ``sys.path`` (``benchmarks/`` is on it when a script runs).
 
@@ -122,6 +122,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from bandwidth import powersgd_nbytes
 from common import ROOT, barrier, timed
+from netem import read_lo_bytes
 from torch import Tensor, nn
 
 from signsgd import registry
@@ -137,7 +138,6 @@ from signsgd.distributed import (
 from signsgd.distributed.reducer import ring_nbytes
 from signsgd.distributed.vote import vote_nbytes
 from signsgd.errors import NonFiniteGradientError
-from signsgd.netem import read_lo_bytes
 
 __all__ = ["COMM_LABELS", "E2E_LABELS", "METHODS", "LOCAL_H", "WORKLOADS", "Method",
            "method", "method_arg", "comm_layout", "comm_worker", "payload_bytes", "make_op",

@@ -1,4 +1,4 @@
-"""Tests of the loopback network emulator :mod:`signsgd.netem`, and of the benchmarks'
+"""Tests of the loopback network emulator ``benchmarks/netem.py``, and of the benchmarks'
 bandwidth model and results files (``benchmarks/bandwidth.py``, ``benchmarks/common.py``)."""
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from signsgd import netem
-from signsgd.netem import (
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # it lives there
+
+import netem  # noqa: E402
+from netem import (  # noqa: E402
     NetworkEmulator,
     ShapingUnavailableError,
     check_world_size,
@@ -219,8 +221,8 @@ _SIGINT_SCRIPT = textwrap.dedent(
     # Ctrl-C's default, also when this suite runs in the background (a shell starts
     # background jobs with SIGINT ignored, and Python then installs no KeyboardInterrupt).
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    sys.path.insert(0, {tests!r})
-    from signsgd.netem import launch
+    sys.path[:0] = [{tests!r}, {benchmarks!r}]
+    from netem import launch
     from test_netem import _sleeper
     launch(_sleeper, 2, (120.0,), rate="100mbit", timeout=150)
     """
@@ -230,7 +232,8 @@ _SIGINT_SCRIPT = textwrap.dedent(
 @needs_netns
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_leaves_no_namespace_or_process(sig: signal.Signals) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", _SIGINT_SCRIPT.format(tests=TESTS_DIR)],
+    proc = subprocess.Popen([sys.executable, "-c", _SIGINT_SCRIPT.format(
+        tests=TESTS_DIR, benchmarks=str(Path(netem.__file__).parent))],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     prefix = f"signsgd-{proc.pid}-"
     pids: list[int] = []
@@ -263,7 +266,7 @@ def test_interrupt_leaves_no_namespace_or_process(sig: signal.Signals) -> None:
 @needs_netns
 def test_cli_runs_a_command_behind_the_link(capsys: pytest.CaptureFixture[str]) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "signsgd.netem", "--rate", "10Gbit/s", "--",
+        [sys.executable, netem.__file__, "--rate", "10Gbit/s", "--",
          "sh", "-c", "cat /sys/class/net/lo/mtu; exit 3"],
         capture_output=True, text=True, timeout=60)
     assert out.returncode == 3 and out.stdout.strip() == "1500", out
@@ -370,7 +373,7 @@ def test_every_legacy_name_maps_to_a_method_the_benchmarks_run() -> None:
 
 
 # ------------------------------------------------------------------------------- docs
-@pytest.mark.parametrize("name", ["signsgd.netem", "bandwidth", "common", "workers"])
+@pytest.mark.parametrize("name", ["netem", "bandwidth", "common", "workers"])
 def test_docstring_examples_run(name: str) -> None:
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS, verbose=False)
@@ -380,13 +383,13 @@ def test_docstring_examples_run(name: str) -> None:
 @pytest.mark.parametrize("name", netem.__all__)
 def test_every_public_name_is_documented_with_an_example(name: str) -> None:
     obj = getattr(netem, name)
-    assert (obj.__doc__ or "").strip(), f"signsgd.netem.{name} has no docstring"
+    assert (obj.__doc__ or "").strip(), f"netem.{name} has no docstring"
     if not (isinstance(obj, type) and issubclass(obj, Warning | Exception)):
-        assert ">>>" in obj.__doc__, f"signsgd.netem.{name} has no runnable example"
+        assert ">>>" in obj.__doc__, f"netem.{name} has no runnable example"
 
 
 def test_child_mode_without_a_job_file_fails_cleanly(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "signsgd.netem", "--child",
+    out = subprocess.run([sys.executable, netem.__file__, "--child",
                           str(tmp_path / "missing.pkl"), str(tmp_path / "out.pkl")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "missing.pkl" in out.stderr
