@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from signsgd import functional as F
+from signsgd import sharding
 from signsgd.compression import Compressor, ScaledSign
 from signsgd.errors import NonFiniteGradientError
 from signsgd.reduction import Reducer, hyperparameters
@@ -163,16 +164,8 @@ class StagedOptimizer(Optimizer):
                 raise ValueError(
                     f"{name} cannot use aggregator {type(aggregator).__name__}: {exc}"
                 ) from None
-            from torch.distributed.tensor import DTensor
-
-            if any(isinstance(p, DTensor) for g in self.param_groups for p in g["params"]):
-                raise ValueError(
-                    f"{name} cannot use aggregator {type(aggregator).__name__} with DTensor "
-                    "parameters (FSDP2 fully_shard): FSDP already reduce-scatters the "
-                    "gradients, so each rank holds the mean gradient of its own shard. Use "
-                    f"{name} without aggregator= on FSDP2 models (a local step on each shard), "
-                    "or DDP / unsharded parameters to communicate 1 bit per coordinate"
-                )
+            params = [p for g in self.param_groups for p in g["params"]]
+            sharding.check_replica_group(name, aggregator, params)
 
     def _compressor(self) -> Compressor | None:
         return None
@@ -206,6 +199,10 @@ class StagedOptimizer(Optimizer):
             raise TypeError(f"param group must be a dict, got {type(param_group).__name__}")
         _check_group(type(self).__name__, {**self.defaults, **param_group}, self._options)
         super().add_param_group(param_group)
+        self.__dict__.pop("_sharded", None)
+        if getattr(self, "aggregator", None) is not None:
+            new = self.param_groups[-1]["params"]
+            sharding.check_replica_group(type(self).__name__, self.aggregator, new)
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -225,14 +222,44 @@ class StagedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = self._gather()
-        if self.aggregator is None:
-            bad = self._first_nonfinite(work)
-            if bad is not None:
-                raise NonFiniteGradientError(self._nonfinite_error(bad))
-            self._local(work)
-        else:
-            self._reduced_step(work)
+        if not self._is_sharded():
+            if self.aggregator is None:
+                bad = self._first_nonfinite(work)
+                if bad is not None:
+                    raise NonFiniteGradientError(self._nonfinite_error(bad))
+                self._local(work)
+            else:
+                self._reduced_step(work)
+            return loss
+        work = self._shards(work)  # FSDP2: the local shards (signsgd.sharding)
+        try:
+            if self.aggregator is None:
+                bad = self._first_nonfinite(work)
+                finite = sharding.agree_finite(bad is None, self._all_params())
+                if bad is not None:
+                    raise NonFiniteGradientError(self._nonfinite_error(bad))
+                if not finite:
+                    raise NonFiniteGradientError(
+                        f"{type(self).__name__}: non-finite gradient (NaN or inf) on another "
+                        "rank of this rank's shard group; parameters and state left unchanged")
+                self._local(work)
+            else:
+                self._reduced_step(work)
+        finally:
+            self.__dict__.pop("_owners", None)
+            self.__dict__.pop("_views", None)
         return loss
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _is_sharded(self) -> bool:
+        """Whether some parameter is a DTensor (FSDP2); the steps then work on the local
+        shards, and every shard group agrees on the finite flag."""
+        flag = self.__dict__.get("_sharded")
+        if flag is None:
+            flag = self.__dict__["_sharded"] = sharding.is_sharded(self._all_params())
+        return flag
 
     def _local(self, work: _Work) -> None:
         """The step without an aggregator: one fused functional call per param group."""
@@ -240,12 +267,35 @@ class StagedOptimizer(Optimizer):
             if params:
                 self._local_step(group, params, grads)
 
+    def _shards(self, work: _Work) -> _Work:
+        """``work`` on the local shards of the DTensor parameters (views that write through
+        to them); ``self._views``: ``{id(parameter): its view}``, ``self._owners`` the way
+        back (both for this step only)."""
+        views: dict[int, Tensor] = {}
+        owners: dict[int, Tensor] = {}
+        self.__dict__.update(_views=views, _owners=owners)
+        for g in self.param_groups:
+            for p in g["params"]:
+                views[id(p)] = v = sharding.local(p)
+                owners[id(v)] = p
+        return [(group, [views[id(p)] for p in params], [sharding.local(g) for g in grads])
+                for group, params, grads in work]
+
+    def _owner(self, p: Tensor) -> Tensor:
+        """The parameter whose local shard ``p`` is (``p`` itself when not sharded)."""
+        owners = self.__dict__.get("_owners")
+        return p if owners is None else owners.get(id(p), p)
+
     def _reduced_step(self, work: _Work) -> None:
         """Transform → reduce → commit, with every parameter of every group in one step.
 
         The finite flag travels in the reducer's step header (on an accelerator it is not
-        read back before: one host synchronisation per step, the header's)."""
+        read back before: one host synchronisation per step, the header's). With FSDP2
+        parameters ``work`` holds their local shards (:meth:`_shards`)."""
+        views: dict[int, Tensor] = self.__dict__.get("_views", {})
         finite = F.all_finite([g for _, _, grads in work for g in grads])
+        if views:  # a NaN in one shard stops every replica's step
+            finite = sharding.agree_finite(finite, self._all_params())
         plans = []
         sends: dict[int, Tensor] = {}
         for group, params, grads in work:
@@ -255,7 +305,8 @@ class StagedOptimizer(Optimizer):
             out, plan = self._transform(group, params, grads)
             sends.update((id(p), u) for p, u in zip(params, out))
             plans.append(plan)
-        everything = [p for group in self.param_groups for p in group["params"]]
+        everything = [views.get(id(p), p) for group in self.param_groups
+                      for p in group["params"]]
         try:
             red = self.aggregator.reduce(  # type: ignore[union-attr]
                 [sends.get(id(p)) for p in everything], finite=finite,
@@ -269,7 +320,8 @@ class StagedOptimizer(Optimizer):
         transmitted = None if red.transmitted is None else {
             id(p): t for p, t in zip(everything, red.transmitted) if t is not None}
         for group, plan in zip(self.param_groups, plans):
-            updated = [p for p in group["params"] if id(p) in update]
+            updated = [v for p in group["params"] for v in (views.get(id(p), p),)
+                       if id(v) in update]
             if updated or plan is not None:
                 self._commit(group, updated, [update[id(p)].view_as(p) for p in updated],
                              plan, transmitted, red.signs)
@@ -321,7 +373,7 @@ class StagedOptimizer(Optimizer):
             return None
         for gi, (group, params, _) in enumerate(work):
             if bad < len(params):
-                p = params[bad]
+                p = self._owner(params[bad])
                 pi = next(i for i, q in enumerate(group["params"]) if q is p)
                 return gi, pi, p
             bad -= len(params)
@@ -358,7 +410,10 @@ class StagedOptimizer(Optimizer):
         """The state buffer ``key`` of each parameter. A missing one is created as zeros:
         stored at once (``fresh is None``), or recorded in ``fresh`` for :meth:`_store`."""
         out = []
+        owners = self.__dict__.get("_owners")
         for p in params:
+            if owners is not None:  # a local shard: the state is a DTensor like its owner
+                p = owners.get(id(p), p)
             st = self.state.get(p)
             buf = None if st is None else st.get(key)
             if buf is None:
@@ -367,7 +422,7 @@ class StagedOptimizer(Optimizer):
                     self.state[p][key] = buf
                 else:
                     fresh[(key, id(p))] = (p, buf)
-            out.append(buf)
+            out.append(buf if owners is None else sharding.local(buf))
         return out
 
     def _store(self, fresh: _Fresh) -> None:

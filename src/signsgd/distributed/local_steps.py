@@ -78,6 +78,7 @@ from signsgd.errors import NonFiniteGradientError
 from signsgd.functional import all_finite
 from signsgd.outer import DampedMomentum
 from signsgd.reduction import hyperparameters
+from signsgd.sharding import agree_finite, check_replica_group, like, local
 
 __all__ = ["LocalSteps"]
 
@@ -177,6 +178,7 @@ class LocalSteps(Wrapper):
                                  "or other tensors)")
         self.outer_optimizer = outer_optimizer              # steps on the reduced Δ
         self.reducer = MajorityVote() if reducer is None else reducer
+        check_replica_group("LocalSteps", self.reducer, params)  # FSDP2: across replicas
         self.compressor = _compressor_for(self.reducer)     # EF: the residual is kept here
         self.sync_every = sync_every
         super().__init__(optimizer)                         # this rank's inner optimiser
@@ -188,8 +190,13 @@ class LocalSteps(Wrapper):
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
+    def _shards(self) -> list[Tensor]:
+        """The parameters, or their local shards where they are DTensors (FSDP2): what the
+        round (anchor, worker error) and the reduction hold."""
+        return [local(p) for p in self._params()]
+
     def _fresh_round(self) -> Round:
-        params = self._params()
+        params = self._shards()
         return Round(anchor=[p.detach().clone() for p in params], error=[None] * len(params),
                      touched=[False] * len(params))
 
@@ -218,7 +225,7 @@ class LocalSteps(Wrapper):
             >>> w.data
             tensor([-1.])
         """
-        params = self._params()
+        params = self._shards()
         with torch.no_grad():
             local = [p.detach().clone() for p in params]
             for p, a in zip(params, self.round.anchor):
@@ -276,8 +283,9 @@ class LocalSteps(Wrapper):
     def _synchronise(self) -> None:
         rnd = self.round
         params = self._params()
+        shards = [local(p) for p in params]
         deltas: list[Tensor | None] = []
-        for a, p, e, used in zip(rnd.anchor, params, rnd.error, rnd.touched):
+        for a, p, e, used in zip(rnd.anchor, shards, rnd.error, rnd.touched):
             if not used and e is None:
                 deltas.append(None)  # nothing to say about this tensor
                 continue
@@ -285,6 +293,7 @@ class LocalSteps(Wrapper):
             deltas.append(d if e is None else d + e)
         present = [d for d in deltas if d is not None]
         finite = all_finite(present) if rnd.failed is None else False
+        finite = agree_finite(finite, params)  # FSDP2: a NaN in one shard stops every replica
         failed = rnd.failed
         rnd.position, rnd.failed = 0, None
         rnd.touched = [False] * len(params)
@@ -292,7 +301,7 @@ class LocalSteps(Wrapper):
             red = self.reducer.reduce(deltas, finite=finite, compressor=self.compressor,
                                       settings=self._settings())
         except NonFiniteGradientError as exc:
-            for p, a in zip(params, rnd.anchor):  # every rank restarts the round from x0
+            for p, a in zip(shards, rnd.anchor):  # every rank restarts the round from x0
                 p.copy_(a)
             here = f" (this rank: {failed})" if failed else ""
             raise NonFiniteGradientError(f"LocalSteps: {exc}{here}") from None
@@ -300,14 +309,14 @@ class LocalSteps(Wrapper):
             rnd.error = [None if d is None or t is None else d - t.view_as(d)
                          for d, t in zip(deltas, red.transmitted)]
         grads = [p.grad for p in params]
-        for p, a, v in zip(params, rnd.anchor, red.update):
-            p.copy_(a)
-            p.grad = None if v is None else v.view_as(p).to(p.dtype).clone()
+        for p, s, a, v in zip(params, shards, rnd.anchor, red.update):
+            s.copy_(a)
+            p.grad = None if v is None else like(p, v.view_as(s).to(s.dtype).clone())
         try:
             self.outer_optimizer.step()
         finally:
-            for p, a, g in zip(params, rnd.anchor, grads):
-                a.copy_(p)
+            for p, s, a, g in zip(params, shards, rnd.anchor, grads):
+                a.copy_(s)
                 p.grad = g
         self.bytes_sent, self.bytes_received = self.reducer.bytes_sent, self.reducer.bytes_received
         self.timings = dict(self.reducer.timings)
@@ -331,7 +340,7 @@ class LocalSteps(Wrapper):
 
     def _group_added(self) -> None:
         rnd, new = self.round, self.param_groups[-1]["params"]
-        rnd.anchor += [p.detach().clone() for p in new]
+        rnd.anchor += [local(p).detach().clone() for p in new]
         rnd.error += [None] * len(new)
         rnd.touched += [False] * len(new)
         if self.owns_outer:
@@ -344,13 +353,13 @@ class LocalSteps(Wrapper):
         return {"optimizer": self.optimizer.state_dict(), "outer": self.round.as_dict(),
                 "outer_optimizer": self.outer_optimizer.state_dict(),
                 "reducer": self.reducer.state_dict(),
-                "params": [p.detach().clone() for p in self._params()]}
+                "params": [p.detach().clone() for p in self._shards()]}
 
     def _load(self, state_dict: dict[str, Any]) -> None:
         if not isinstance(state_dict, dict) or set(state_dict) != _STATE_KEYS:
             raise ValueError(f"LocalSteps state must hold {sorted(_STATE_KEYS)}")
         outer = state_dict["outer"]
-        params = self._params()
+        params = self._shards()
         if not isinstance(outer, dict) or set(outer) != _ROUND_KEYS or \
                 len(outer["anchor"]) != len(params) or len(outer["error"]) != len(params) or \
                 len(outer["touched"]) != len(params) or \
