@@ -251,6 +251,18 @@ def test_single_process_zero_chunks_get_plus_zero_in_every_dtype(dtype):
     assert not torch.signbit(got).logical_and(got == 0).any()  # +0, not -0
 
 
+@pytest.mark.parametrize("still_runs", [3, 2100])  # few runs are filled, many are masked
+def test_single_process_many_still_chunks(still_runs):
+    chunks = 2 * still_runs
+    t = torch.randn(chunks, 64, generator=torch.Generator().manual_seed(1))
+    t[::2] = 0.0  # every other chunk zero
+    t[1::2, 5] = 0.0  # a zero inside a moving chunk counts as +1
+    got = majority_vote(t.reshape(-1), step=0).view(chunks, 64)
+    want = torch.where(t >= 0, 1.0, -1.0)
+    want[::2] = 0.0
+    assert torch.equal(got, want) and not torch.signbit(got[::2]).any()
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_single_process_non_finite_raises(bad):
     from signsgd.errors import NonFiniteGradientError

@@ -86,11 +86,13 @@ DEFAULT_BUCKET_BYTES = 1 << 25
 _ONE_BUCKET = 1 << 62
 
 
-#: nominal coordinates per zero chunk: a vote of d coordinates carries
-#: :func:`activity_words` ``(d)`` 64-bit words of activity bits, one per chunk.
+#: coordinates per zero chunk (:func:`zero_chunks`): a vote of d coordinates carries
+#: :func:`activity_words` ``(d)`` 64-bit words of activity bits, one bit per chunk.
 ZERO_CHUNK = 64
 
 Runs = tuple[tuple[int, int, int, int], ...]
+# Up to this many runs of still chunks, _hold_still fills them; beyond, it multiplies by a mask.
+_STILL_RANGES = 1024
 
 
 def _words(nbytes: int) -> int:
@@ -215,7 +217,7 @@ def _pack_activity(flat: Tensor, runs: Runs, out: Tensor) -> None:
         for s, n, c, b in runs:
             f = n // c
             if f:
-                act[b:b + f] = flat[s:s + f * c].view(f, c).any(dim=1)
+                act[b:b + f] = flat[s:s + f * c].reshape(f, c).any(dim=1)
             if n % c:
                 act[b + f] = flat[s + f * c:s + n].any()
     act.sub_(1)  # active 1 -> 0 (packs as bit 1); inactive and pad 0 -> -1 (bit 0)
@@ -229,10 +231,20 @@ def _hold_still(out: Tensor, activity: Tensor, runs: Runs) -> None:
         return
     if _numpy_side(out):
         starts, lens = _chunk_index(runs)
-        keep = np.unpackbits(activity.numpy(), count=starts.size, bitorder="little").view(bool)
-        if not keep.all():
-            o = out.numpy()
-            np.multiply(o, np.repeat(keep, lens), out=o)
+        keep = np.unpackbits(activity.numpy(), count=starts.size, bitorder="little")
+        if keep.all():
+            return
+        o = out.numpy()
+        padded = np.ones(keep.size + 2, dtype=np.int8)
+        padded[1:-1] = keep
+        edge = np.diff(padded)
+        first, stop = np.flatnonzero(edge == -1), np.flatnonzero(edge == 1)
+        if first.size <= _STILL_RANGES:  # few runs of still chunks: fill them
+            ends = np.append(starts, starts[-1] + lens[-1])
+            for a, b in zip(starts[first].tolist(), ends[stop].tolist()):
+                o[a:b] = 0
+        else:
+            np.multiply(o, np.repeat(keep.view(bool), lens), out=o)
             np.add(o, 0, out=o)  # -1·0 + 0 = +0
         return
     active = unpack_signs(activity, 8 * activity.numel(), torch.int8) > 0
