@@ -129,6 +129,13 @@ ROWS: tuple[Row, ...] = (
         {"lr": LR, "betas": (0.9, 0.99)}, _BETAS, vote=True, lr_default=True),
     Row("EFSGD-allreduce", _with(signsgd.EFSGD, aggregator=ErrorFeedbackAllReduce),
         {"lr": LR, "momentum": 0.9, "weight_decay": 0.1}, _LR_WD + _MOMENTUM),
+    Row("OneBitAdam", _with(signsgd.OneBitAdam, freeze_step=2),  # 2 steps per phase:
+        {"lr": LR, "betas": (0.9, 0.99), "weight_decay": 0.1}, _LR_WD + _BETAS,  # the freeze
+        lr_default=True, steps=2),
+    Row("OneBitAdam-staged", _with(signsgd.OneBitAdam, freeze_step=2,
+                                   aggregator=signsgd.OneBitAllReduce),
+        {"lr": LR, "betas": (0.9, 0.99), "weight_decay": 0.1}, _LR_WD + _BETAS,
+        lr_default=True, steps=2),
     Row("DampedMomentum", DampedMomentum, {"lr": LR, "momentum": 0.5},
         (("lr", -1e-3, "lr: -0.001"), ("momentum", 1.0, "momentum: 1.0")), foreach=False),
     Row("AverageGradients(SGD)", _average(torch.optim.SGD),
