@@ -10,6 +10,7 @@ picks its batches, so every reference below is computed from positions alone.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -42,8 +43,10 @@ def _loss(model: nn.Module, position: int, step: int, dtype: torch.dtype = torch
     return (model(x) - y).pow(2).mean()
 
 
+@functools.cache
 def _mesh(shape: tuple[int, int]) -> Any:
-    """A replicate × shard DeviceMesh over the first R·S ranks (built on every rank)."""
+    """A replicate × shard DeviceMesh over the first R·S ranks (built on every rank, once
+    per worker: creating process groups is the slow part)."""
     from torch.distributed.device_mesh import DeviceMesh
 
     return DeviceMesh("cpu", torch.arange(shape[0] * shape[1]).view(shape),

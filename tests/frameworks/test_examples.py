@@ -22,6 +22,8 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
     ("accelerate_signum.py", ["2"], "accelerate",
      r"2 process\(es\): accuracy 0\.[3-9]\d*, 64 majority votes"),
     ("transformers_trainer.py", [], "transformers", r"Signum in the Trainer: loss 0\.[0-4]"),
+    ("fsdp2_hsdp.py", ["4"], "torch",
+     r"2 replicas x 2 shards: accuracy 0\.[5-9]\d*, identical on every rank: True"),
 ])
 def test_example_runs(script, args, package, summary):
     if importlib.util.find_spec(package) is None:
