@@ -177,12 +177,21 @@ def _refusal(rank: int) -> str:
     return "not refused"
 
 
-def _nonfinite(rank: int) -> dict[str, Any]:
+def _nonfinite(rank: int, method: str) -> dict[str, Any]:
     """A NaN in one shard of one rank's gradient (after FSDP's reduce-scatter): every rank
-    raises NonFiniteGradientError and nothing changes."""
+    raises NonFiniteGradientError and nothing changes (the parameters, and the state of
+    the optimisers that raise in the step: LocalSteps' inner optimisers on the finite
+    replicas have stepped, as without FSDP). ``"signum-local"``: no aggregator."""
     mesh = _mesh((3, 2))
     model = _sharded(mesh)
-    opt = _make("signum", model.parameters(), mesh.get_group("replicate"))
+    if method == "signum-local":
+        opt = signsgd.Signum(model.parameters(), lr=LR, momentum=0.9)
+    elif method == "local":
+        opt = LocalSteps(signsgd.Signum(model.parameters(), lr=LR, momentum=0.9),
+                         sync_every=1, outer_lr=LR, reducer=MajorityVote(
+                             group=mesh.get_group("replicate")))
+    else:
+        opt = _make(method, model.parameters(), mesh.get_group("replicate"))
     _loss(model, rank, 0).backward()
     opt.step()
     opt.zero_grad()
@@ -199,8 +208,8 @@ def _nonfinite(rank: int) -> dict[str, Any]:
     return {"error": error,
             "unchanged": all(torch.equal(a, p.to_local()) for a, p in
                              zip(before, model.parameters())) and
-            all(torch.equal(a, opt.state[p]["momentum_buffer"].to_local())
-                for a, p in zip(state, model.parameters()))}
+            (method == "local" or all(torch.equal(a, opt.state[p]["momentum_buffer"].to_local())
+                                      for a, p in zip(state, model.parameters())))}
 
 
 def _mixed_precision(rank: int) -> list[torch.Tensor]:
@@ -259,7 +268,8 @@ def fsdp2(rank: int, world: int, tmp: str) -> dict[str, Any]:
     for name, shape, method, reference in CASES:
         out[name] = _run(shape, method, reference)
     out["refusal"] = _refusal(rank)
-    out["nonfinite"] = _nonfinite(rank)
+    for method in NONFINITE:
+        out[f"nonfinite-{method}"] = _nonfinite(rank, method)
     out["mixed"] = _mixed_precision(rank)
     for method in CHECKPOINTED:
         out[f"checkpoint-{method}"] = _checkpoint(rank, f"{tmp}/{method}", method)
@@ -278,3 +288,6 @@ CASES = [
 
 #: the optimisers the checkpoint case saves and resumes
 CHECKPOINTED = ("signum", "efsgd")
+
+#: the optimisers the NaN case steps (signum-local: without an aggregator)
+NONFINITE = ("signum", "signum-local", "local")
