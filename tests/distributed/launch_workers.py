@@ -37,16 +37,14 @@ def kill_one_rank(rank: int, world_size: int, victim: int) -> int:
     return rank
 
 
-def lag_one_rank(rank: int, world_size: int, victim: int, how: str) -> int:
-    """At step 2, before its heartbeat, ``victim`` stops itself (``how="stop"``: SIGSTOP) or
-    raises (``"raise"``); the others wait for it in the collective."""
+def stop_one_rank(rank: int, world_size: int, victim: int) -> int:
+    """At step 2, before its heartbeat, ``victim`` stops itself (SIGSTOP); the others wait
+    for it in the collective until the group's timeout."""
     from signsgd.distributed.launch import heartbeat
 
     t = torch.tensor([1.0])
     for step in range(3):
         if rank == victim and step == 2:
-            if how == "raise":
-                raise ValueError(f"rank {rank} fails at step {step}")
             os.kill(os.getpid(), signal.SIGSTOP)
         heartbeat(step)
         dist.all_reduce(t)
