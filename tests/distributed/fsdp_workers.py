@@ -115,6 +115,9 @@ def _make(method: str, params: Any, group: Any) -> Any:
     if method == "efsgd":
         return signsgd.EFSGD(params, lr=0.05, momentum=0.5,
                              aggregator=ErrorFeedbackAllReduce(group=group))
+    if method == "onebit-adam":  # 2 warm-up steps (the fp32 mean), then the 1-bit EF
+        return signsgd.OneBitAdam(params, lr=LR, freeze_step=2,
+                                  aggregator=signsgd.OneBitAllReduce(group=group))
     if method == "local":
         return LocalSteps(signsgd.Signum(params, lr=LR, momentum=0.9), sync_every=2,
                           outer_lr=LR, outer_momentum=0.5,
@@ -284,6 +287,7 @@ CASES = [
     ("signum 4x1", (4, 1), "signum", "plain"),
     ("efsgd 3x2", (3, 2), "efsgd", "plain"),
     ("local steps 3x2", (3, 2), "local", "plain"),
+    ("onebit-adam 3x2", (3, 2), "onebit-adam", "plain"),
 ]
 
 #: the optimisers the checkpoint case saves and resumes
