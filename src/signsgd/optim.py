@@ -17,6 +17,11 @@ implementation is chosen once, at construction. Every check happens before anyth
 changes: a bad gradient (NaN, inf, sparse, complex) raises and leaves every parameter and
 every state tensor as it was. State is created once, on the first step that succeeds.
 
+FSDP2 parameters (DTensors, ``fully_shard``) are stepped through their local shards,
+their state is DTensors like them, and the ranks of each shard group agree on the finite
+flag; an aggregator's group must run across the replicas only (:mod:`signsgd.sharding`,
+docs/frameworks.md, "FSDP2 / HSDP").
+
 Example:
     >>> import torch, signsgd
     >>> model = torch.nn.Linear(2, 1)

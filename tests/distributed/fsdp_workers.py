@@ -68,15 +68,24 @@ def _chunk(full: torch.Tensor, j: int, s: int) -> torch.Tensor:
     return chunks[j] if j < len(chunks) else full[:0]
 
 
-def _replica_grads(ref: nn.Module, replica: int, s: int, step: int) -> list[torch.Tensor]:
-    """The mean gradient of replica ``replica``'s S batches at ``ref``'s parameters."""
+def _replica_grads(ref: nn.Module, replica: int, s: int, step: int, micro: int = 1
+                   ) -> list[torch.Tensor]:
+    """The mean over replica ``replica``'s S ranks of each rank's gradient (summed over its
+    ``micro`` micro-batches, as autograd accumulates them) at ``ref``'s parameters."""
     total = [torch.zeros_like(p) for p in ref.parameters()]
     for j in range(s):
         ref.zero_grad()
-        _loss(ref, replica * s + j, step).backward()
+        for k in range(micro):
+            _loss(ref, replica * s + j, step + 100 * k).backward()
         for t, p in zip(total, ref.parameters()):
             t.add_(p.grad)
     return [t / s for t in total]
+
+
+def _micro(method: str) -> tuple[str, int]:
+    """``"signum+accumulation"``: Signum over 2 micro-batches per step (FSDP's gradient
+    sync off for the first)."""
+    return (method.split("+")[0], 2) if method.endswith("+accumulation") else (method, 1)
 
 
 def _vote(directions: list[torch.Tensor]) -> torch.Tensor:
@@ -89,10 +98,11 @@ def _central(shape: tuple[int, int], method: str) -> list[torch.Tensor]:
     """Signum or Lion with the vote, computed in one process without FSDP: per replica the
     shard-group mean gradient and its own momentum, the vote across the replicas."""
     r, s = shape
+    method, micro = _micro(method)
     ref = _model()
     moms = [[torch.zeros_like(p) for p in ref.parameters()] for _ in range(r)]
     for step in range(STEPS):
-        grads = [_replica_grads(ref, i, s, step) for i in range(r)]
+        grads = [_replica_grads(ref, i, s, step, micro) for i in range(r)]
         with torch.no_grad():
             for k, p in enumerate(ref.parameters()):
                 if method == "signum":
@@ -138,11 +148,12 @@ def _run(shape: tuple[int, int], method: str, reference: str) -> dict[str, Any] 
         return None
     i, j = divmod(rank, s)
     model = _sharded(mesh)
+    name, micro = _micro(method)
     group = mesh.get_group("replicate")
-    opt = _make(method, model.parameters(), group)
+    opt = _make(name, model.parameters(), group)
     ref = _model()
     plain = [nn.Parameter(_chunk(p.detach(), j, s).clone()) for p in ref.parameters()]
-    ref_opt = _make(method, plain, group) if reference == "plain" else None
+    ref_opt = _make(name, plain, group) if reference == "plain" else None
     equal = []
     for step in range(STEPS):
         full = [p.full_tensor() for p in model.parameters()]
@@ -152,10 +163,12 @@ def _run(shape: tuple[int, int], method: str, reference: str) -> dict[str, Any] 
             with torch.no_grad():
                 for p, f in zip(ref.parameters(), full):
                     p.copy_(f)
-            for q, g in zip(plain, _replica_grads(ref, i, s, step)):
+            for q, g in zip(plain, _replica_grads(ref, i, s, step, micro)):
                 q.grad = _chunk(g, j, s).clone()
             ref_opt.step()
-        _loss(model, rank, step).backward()
+        for k in range(micro):
+            model.set_requires_gradient_sync(k == micro - 1)
+            _loss(model, rank, step + 100 * k).backward()
         opt.step()
         opt.zero_grad()
     out: dict[str, Any] = {"full": [p.full_tensor() for p in model.parameters()],
@@ -283,6 +296,7 @@ def fsdp2(rank: int, world: int, tmp: str) -> dict[str, Any]:
 CASES = [
     ("signum 3x2", (3, 2), "signum", "central"),
     ("lion 3x2", (3, 2), "lion", "central"),
+    ("signum 3x2, 2 micro-batches", (3, 2), "signum+accumulation", "central"),
     ("signum 1x4", (1, 4), "signum", "central"),
     ("signum 4x1", (4, 1), "signum", "plain"),
     ("efsgd 3x2", (3, 2), "efsgd", "plain"),
