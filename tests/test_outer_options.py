@@ -87,3 +87,26 @@ def test_a_diloco_run_with_the_int8_mean_trains_and_saves_every_rank_alike(tmp_p
         local = part["optimizer"]
         assert local["outer_optimizer"]["param_groups"][0]["nesterov"] is True
         assert all(torch.equal(a, b) for a, b in zip(local["outer"]["anchor"], saved))
+
+
+def test_an_evaluation_mid_round_is_of_the_anchor(tmp_path):
+    """--eval-every 2 with rounds of 3: the evaluation at step 2 is of x0 — before the first
+    synchronisation, the initial model — on every rank, not a mix of the ranks' models."""
+    from signsgd.outputs import read_metrics
+    from signsgd.tasks import make_task
+    from signsgd.train import train
+
+    text = tmp_path / "t.txt"
+    text.write_text("".join(chr(97 + (i * 7) % 23) for i in range(6000)))
+    c = TrainConfig(data=f"text:{text}", model="gpt", n_layer=1, d_model=16, n_head=2,
+                    block_size=16, optimizer="adamw", lr=1e-2, batch_size=4, steps=4,
+                    eval_every=2, eval_batches=2, log_every=4, out=str(tmp_path / "run"),
+                    progress=False, threads=1, workers=2, sync_every=3)
+    train(c)
+    (first, *_) = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
+                   if r["kind"] == "eval"]
+    assert first["step"] == 2
+    task = make_task(validate(c))
+    torch.manual_seed(c.seed)
+    held = task.evaluate(task.model(), 0, 1)
+    assert first["val_loss"] == pytest.approx(held["val_loss"], rel=1e-6)

@@ -305,7 +305,9 @@ def _run(rank: int, world: int, c: TrainConfig, task: Task, ckpt: dict[str, Any]
                     for buf in model.buffers():
                         dist.broadcast(buf, 0)
                 tr_loss, tr_correct, tr_count = _allsum(counters["epoch"], world)
-                held = task.evaluate(model, rank, world)
+                at_anchor = getattr(opt, "at_anchor", None)  # local steps mid-round: x0,
+                with at_anchor() if at_anchor is not None else nullcontext():  # every rank's
+                    held = task.evaluate(model, rank, world)
                 counters["epoch"] = [0.0, 0.0, 0.0]
                 now = time.perf_counter()
                 rec = {"kind": "epoch" if image else "eval", "step": step, "time_s": now - t0,
@@ -425,7 +427,7 @@ def _data_bytes(task: Task) -> int:
     if isinstance(task, ImageClassification):
         return task.train_ds.images.nbytes + task.eval_ds.images.nbytes
     corpus = getattr(task, "corpus", None)
-    return 0 if corpus is None else 8 * (corpus.train.numel() + corpus.val.numel())
+    return 0 if corpus is None else corpus.train.nbytes + corpus.val.nbytes
 
 
 def train(cfg: TrainConfig, *, return_params: bool = False) -> dict[str, Any]:
