@@ -20,8 +20,9 @@ stayed exactly still (Signum in one process leaves them still: sign(0) = 0).
 
 (b) Cost of the library's rule against ``plus-one``, in the same processes, the two taking
 turns: the bytes per rank of one vote (counted by the vote core) and the median wall time
-of one vote of a ``--numel``-coordinate vector in ``--tensors`` tensors, dense (no zeros)
-and 90% zero.
+of one vote of a ``--numel``-coordinate vector in ``--tensors`` tensors: dense (no zeros),
+its first 90% zero, and 90% of its 256-coordinate rows zero (at random, the same on every
+rank: an embedding's unused rows).
 
 Usage::
 
@@ -129,10 +130,13 @@ def cost_worker(rank: int, world_size: int, numel: int, tensors: int, reps: int
     dense = torch.randn(numel, generator=g)
     sparse = dense.clone()
     sparse[: numel * 9 // 10] = 0.0
+    rows = dense.clone()  # rows of 256 coordinates, 90% of them zero on every rank
+    drop = np.random.default_rng(6).random(numel // 256) < 0.9
+    rows[: numel // 256 * 256].view(-1, 256)[torch.from_numpy(drop)] = 0.0
     out_buf = torch.empty_like(dense)
     step = iter(range(10**9))
     ops = {f"{rule} {name}": (lambda x=x, rule=rule: _vote(x, lengths, rule, next(step), out_buf))
-           for name, x in (("dense", dense), ("90% zero", sparse))
+           for name, x in (("dense", dense), ("90% zero", sparse), ("90% of rows zero", rows))
            for rule in ("plus-one", SKIP)}
     times: dict[str, list[float]] = {name: [] for name in ops}
     sent = {name: fn() for name, fn in ops.items()}  # warm-up, and the bytes
@@ -153,26 +157,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--numel", type=int, default=11_000_000)
     ap.add_argument("--tensors", type=int, default=62)
     ap.add_argument("--reps", type=int, default=11)
+    ap.add_argument("--parts", nargs="+", choices=("drift", "cost"), default=["drift", "cost"])
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args(argv)
     mach = machine()
     started = utc_now()
     m = args.world_size
     drifts = {dim: spawn(drift_worker, m, (args.vocab, dim, args.steps, args.batch,
-                                           args.words), timeout=3000) for dim in args.dims}
-    cost = spawn(cost_worker, m, (args.numel, args.tensors, args.reps), timeout=3000)
+                                           args.words), timeout=3000)
+              for dim in (args.dims if "drift" in args.parts else [])}
+    cost = (spawn(cost_worker, m, (args.numel, args.tensors, args.reps), timeout=3000)
+            if "cost" in args.parts else None)
     lines = [
         "# Zero gradients in the majority vote (issue 23, item 11)", "",
         f"`{command_line(__file__, argv)}`", "",
         f"{started}, {mach['cpus']} CPUs, torch {mach['torch']}, {mach['platform']}"
         f"{load_text(mach)}", "",
+    ]
+    lines = lines + [
         f"## (a) Drift of never-used embedding rows: M = {m}, V = {args.vocab}, "
         f"{args.steps} Signum steps (β = 0.9, lr = 1e-3), {args.batch}×{args.words} Zipf(1.1) "
         f"words per rank and step; plus-one moves every such row by steps·lr = "
         f"{args.steps * 1e-3:.3f}", "",
         "| dim | rows never used | rule | max \\|x_T − x_0\\| over them | mean | exactly "
         "still | bytes sent per rank per vote |", "|---|---|---|---|---|---|---|",
-    ]
+    ] if drifts else lines[:6]
     for dim, drift in drifts.items():
         used = np.logical_or.reduce([drift[r][RULES[0]]["used"] for r in range(m)])
         for rule in RULES:
@@ -182,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {dim} | {int((~used).sum())} | {rule} | {d.max():.4f} | "
                          f"{d.mean():.4f} | {(d == 0).mean() * 100:.1f}% | "
                          f"{drift[0][rule]['sent']:.0f}{'' if same else ' (ranks differ!)'} |")
+    if cost is None:
+        emit("\n".join(lines) + "\n", args.markdown)
+        return 0
     lines += ["", f"## (b) Cost of {SKIP} (the library's rule) against plus-one: M = {m}, "
               f"d = {args.numel} in {args.tensors} tensors, {args.reps} reps taking turns "
               "(slowest rank's wall time of vote_flat; the header, the same for both, not "
@@ -190,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
               " bytes ratio |", "|---|---|---|---|---|---|---|"]
     med = {k: statistics.median(v) for k, v in cost[0]["times"].items()}
     sent = cost[0]["sent"]
-    for name in ("dense", "90% zero"):
+    for name in ("dense", "90% zero", "90% of rows zero"):
         a, b = f"plus-one {name}", f"{SKIP} {name}"
         lines.append(f"| {name} | {med[a] * 1e3:.1f} | {med[b] * 1e3:.1f} | "
                      f"{med[b] / med[a]:.3f} | {sent[a]} | {sent[b]} | "

@@ -51,7 +51,7 @@ if sys.byteorder != "little":
     )
 
 __all__ = ["pack_signs", "unpack_signs", "packed_nbytes", "majority_tally", "pack_signs_abs",
-           "unpack_scaled_signs", "sum_scaled_signs"]
+           "pack_signs_nonzero", "unpack_scaled_signs", "sum_scaled_signs"]
 
 # Input dtypes whose ``x >= 0`` is well defined, and the output dtypes of unpack_signs.
 _PACKABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64,
@@ -192,16 +192,20 @@ def pack_signs(t: Tensor, *, out: Tensor | None = None) -> Tensor:
     return out
 
 
-def _pack_numpy(flat: Tensor, out_flat: Tensor, abs_out: Tensor | None = None) -> None:
+def _pack_numpy(flat: Tensor, out_flat: Tensor, abs_out: Tensor | None = None,
+                nonzero_out: Tensor | None = None) -> bool:
     """CPU float32/float64: numpy's SIMD ``>=`` into a bool buffer, then ``numpy.packbits``.
 
     Single-threaded, in cache-sized chunks. With ``abs_out`` (a tensor like ``flat``), also
-    writes ``|flat|`` there in the same pass.
+    writes ``|flat|`` there in the same pass; with ``nonzero_out`` (bools like ``flat``),
+    ``flat != 0``. Returns whether every value is non-zero (True without ``nonzero_out``).
     """
     n = flat.numel()
     x = flat.detach().resolve_neg().numpy()
     dst = out_flat.numpy()
     absx = None if abs_out is None else abs_out.detach().numpy()
+    nz = None if nonzero_out is None else nonzero_out.numpy()
+    dense = True
     chunk = min(_NUMPY_PACK_CHUNK, (n + 7) // 8 * 8)  # a multiple of 8
     bools = _scratch("pack_bool", chunk, torch.bool, flat.device).numpy()
     for start in range(0, n, chunk):
@@ -209,8 +213,34 @@ def _pack_numpy(flat: Tensor, out_flat: Tensor, abs_out: Tensor | None = None) -
         part, b = x[start:stop], bools[: stop - start]
         if absx is not None:
             np.abs(part, out=absx[start:stop])
+        if nz is not None:  # while the chunk is in cache
+            np.not_equal(part, 0, out=nz[start:stop])
+            dense = dense and bool(nz[start:stop].all())
         np.greater_equal(part, 0, out=b)
         dst[start // 8 : (stop + 7) // 8] = np.packbits(b, bitorder="little")  # pads with 0
+    return dense
+
+
+def pack_signs_nonzero(t: Tensor, *, out: Tensor, nonzero_out: Tensor) -> bool:
+    """:func:`pack_signs` of ``t`` into ``out`` and ``t != 0`` into ``nonzero_out`` (bools;
+    ``-0.0`` is zero); returns whether every value of ``t`` is non-zero.
+
+    One pass over ``t`` on CPU for a contiguous float32/float64 ``t``; elsewhere
+    :func:`pack_signs` and ``torch.ne``.
+
+    Example:
+        >>> nz, packed = torch.empty(3, dtype=torch.bool), torch.empty(1, dtype=torch.uint8)
+        >>> pack_signs_nonzero(torch.tensor([1.5, -0.0, 2.0]), out=packed, nonzero_out=nz), nz
+        (False, tensor([ True, False,  True]))
+    """
+    if not (_numpy_kernel(t) and t.is_contiguous() and t.numel()):
+        torch.ne(t.reshape(-1), 0, out=nonzero_out.view(-1))
+        pack_signs(t, out=out)
+        return bool(nonzero_out.all())
+    n = t.numel()
+    _check_out(out, (n + 7) // 8, torch.uint8, t.device, f"pack_signs of {n} elements")
+    _check_out(nonzero_out, n, torch.bool, t.device, f"nonzero of {n} elements")
+    return _pack_numpy(t.reshape(-1), out.view(-1), nonzero_out=nonzero_out.view(-1))
 
 
 def pack_signs_abs(t: Tensor, *, out: Tensor, abs_out: Tensor) -> Tensor:

@@ -72,7 +72,13 @@ from signsgd.distributed.header import HEADER_WORDS, Agreed, TensorSpec, exchang
 from signsgd.distributed.random_bits import tie_bits
 from signsgd.distributed.reducer import FlatReduction, Reducer
 from signsgd.functional import all_finite
-from signsgd.packing import majority_tally, pack_signs, packed_nbytes, unpack_signs
+from signsgd.packing import (
+    majority_tally,
+    pack_signs,
+    pack_signs_nonzero,
+    packed_nbytes,
+    unpack_signs,
+)
 from signsgd.scratch import thread_scratch
 
 __all__ = ["MODES", "MajorityVote", "majority_vote", "vote_async", "vote_nbytes",
@@ -200,20 +206,20 @@ def _numpy_side(t: Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype != torch.bfloat16
 
 
-def _pack_activity(flat: Tensor, runs: Runs, out: Tensor) -> None:
+def _pack_activity(flat: Tensor, runs: Runs, out: Tensor, nonzero: Tensor | None,
+                   dense: bool) -> None:
     """This rank's activity bits into ``out`` (uint8, ``8·activity_words`` bytes): bit 1 for
-    a chunk with a value other than ±0; the pad bits are 0."""
-    flat = flat.detach()
+    a chunk with a value other than ±0; the pad bits are 0. On CPU ``nonzero`` holds
+    ``flat != 0`` and ``dense`` says it is all True (:func:`pack_signs_nonzero`)."""
     act = torch.zeros(8 * out.numel(), dtype=torch.int8, device=flat.device)
     if not runs:
         pass
-    elif _numpy_side(flat):  # one pass: != 0, then an OR per chunk (numpy's SIMD loops)
+    elif nonzero is not None:  # an OR per chunk (numpy's reduceat), unless nothing is zero
         starts, _ = _chunk_index(runs)
-        nz = thread_scratch().get("vote_nonzero", flat.numel(), torch.bool, flat.device)
-        np.not_equal(flat.numpy(), 0, out=nz.numpy())
-        act.numpy()[:starts.size] = (1 if nz.numpy().all()  # no zero at all: the usual case
-                                     else np.maximum.reduceat(nz.numpy().view(np.uint8), starts))
+        act.numpy()[:starts.size] = (
+            1 if dense else np.maximum.reduceat(nonzero.numpy().view(np.uint8), starts))
     else:
+        flat = flat.detach()
         for s, n, c, b in runs:
             f = n // c
             if f:
@@ -347,12 +353,17 @@ def vote_flat(flat: Tensor, *, group: Any, mode: str, seed: int, step: int,
     total = _send_nbytes(d, m, mode, runs is not None)
     send = scratch.get("vote_send", total, torch.uint8, flat.device)
     with phase("pack"):
-        pack_signs(flat, out=send[:nb])
+        nonzero, dense = None, False
+        if runs is not None and _numpy_side(flat):  # signs and ``!= 0`` in one pass
+            nonzero = scratch.get("vote_nonzero", d, torch.bool, flat.device)
+            dense = pack_signs_nonzero(flat.detach(), out=send[:nb], nonzero_out=nonzero)
+        else:
+            pack_signs(flat, out=send[:nb])
         send[nb:] = 0
         if adversary is not None:
             send[:ns] = adversary.corrupt_signs(send[:ns], step=step, word_offset=word_offset)
         if runs is not None:
-            _pack_activity(flat, runs, send[ns:ns + na])
+            _pack_activity(flat, runs, send[ns:ns + na], nonzero, dense)
     if m == 1:
         with phase("unpack"):
             unpack_signs(send, d, out=out)
