@@ -251,8 +251,8 @@ def test_bad_onebit_state_is_refused_and_changes_nothing():
 # ----------------------------------------------------------------------------- registry, CLI
 def test_registry_row_builds_it_with_its_reducer():
     w = [torch.nn.Parameter(torch.ones(3))]
-    assert type(registry.build("onebit-adam", w)) is signsgd.OneBitAdam
-    assert registry.resolve("onebit-adam")["freeze_step"] == 100
+    opt = registry.build("onebit-adam", w)
+    assert type(opt) is signsgd.OneBitAdam and opt.bias_correction and opt.freeze_step == 100
 
 
 @pytest.mark.parametrize(("steps", "given", "want"), [(600, None, 120), (3, None, 1),
@@ -285,3 +285,16 @@ def test_cli_trains_onebit_adam_with_its_freeze_step(tmp_path):
     sd = checkpoint.read(out / "checkpoint.pt")["ranks"][0]["optimizer"]
     assert sd["onebit"] == {"steps": 4}
     assert all(len(st) == 2 for st in sd["state"].values())  # m and v (no aggregator)
+
+
+@pytest.mark.parametrize("aggregator", [False, True], ids=["local", "staged"])
+def test_coordinates_without_a_warm_up_gradient_stay_still_after_the_freeze(aggregator):
+    """v = 0 at the freeze (DeepSpeed's exp_avg_mask): m stays 0 there, so no m / ε step."""
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    opt = signsgd.OneBitAdam([w], lr=0.1, freeze_step=2,
+                             aggregator=signsgd.OneBitAllReduce() if aggregator else None)
+    for step in range(4):
+        w.grad = torch.tensor([1.0, 0.0 if step < 2 else 5.0, -1.0], dtype=torch.float64)
+        opt.step()
+    assert w[1].item() == 2.0 and opt.state[w]["exp_avg"][1].item() == 0.0
+    assert w[0].item() < 1.0 and w[2].item() > 3.0

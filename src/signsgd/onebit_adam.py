@@ -166,11 +166,13 @@ class OneBitAdam(StagedOptimizer):
     nothing to compress. One step counter (:attr:`steps`, successful steps that moved a
     parameter) serves every parameter; its phase, ``freeze_step`` and ``bias_correction``
     must agree on every rank (checked in the step header). A parameter without a gradient
-    on this rank contributes zero to the mean. Like DeepSpeed's, a coordinate whose ``v``
-    is zero at the freeze (a parameter that got no gradient, or its first one after the
-    freeze) steps by ``m / ε`` (DeepSpeed masks such coordinates with ``exp_avg_mask``;
-    that is not implemented). ``foreach`` is accepted for ``torch.optim`` compatibility:
-    there is one implementation, with the multi-tensor kernels.
+    on this rank contributes zero to the mean. A coordinate whose ``v`` is zero at the
+    freeze (no nonzero gradient in the warm-up: a dead unit, an unseen token's embedding)
+    keeps ``m = 0`` and moves only by weight decay: 1-bit compression cannot send an exact
+    zero, and ``m / ε`` would throw it away. DeepSpeed asks the user for this mask
+    (``exp_avg_mask``, applied to ``m`` after the all-reduce); here it is ``v > 0``.
+    ``foreach`` is accepted for ``torch.optim`` compatibility: there is one implementation,
+    with the multi-tensor kernels.
 
     Args:
         params: iterable of parameters or param-group dicts.
@@ -249,7 +251,8 @@ class OneBitAdam(StagedOptimizer):
     def _apply(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor] | None,
                momenta: list[Tensor] | None = None) -> None:
         """``m`` ← its EMA with ``grads`` (or ← ``momenta``), ``v`` likewise before the
-        freeze, then ``x ← x·(1 − lr·wd) − lr'·m / (√v' + ε)``."""
+        freeze (after it ``m`` ← 0 where ``v = 0``), then
+        ``x ← x·(1 − lr·wd) − lr'·m / (√v' + ε)``."""
         b1, b2 = (_scalar(b) for b in group["betas"])
         lr, wd, eps = _scalar(group["lr"]), _scalar(group["weight_decay"]), _scalar(group["eps"])
         t, frozen = self.steps + 1, self.frozen
@@ -258,7 +261,9 @@ class OneBitAdam(StagedOptimizer):
             torch._foreach_lerp_(ms, grads, 1.0 - b1)
         else:
             torch._foreach_copy_(ms, momenta)
-        if not frozen:
+        if frozen:  # m ← 0 where v = 0 (sign(v) is 0 or 1): DeepSpeed's exp_avg_mask
+            torch._foreach_mul_(ms, torch._foreach_sign(vs))
+        else:
             torch._foreach_mul_(vs, b2)
             torch._foreach_addcmul_(vs, grads, grads, value=1.0 - b2)
         denom = torch._foreach_sqrt(vs)
