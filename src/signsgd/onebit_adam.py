@@ -20,6 +20,8 @@ Where this implementation differs from DeepSpeed's, on purpose:
   minimises ``‖v − s·sign(v)‖₂``) per *chunk*, the intersection of a tensor with a rank's
   shard of all the tensors concatenated (:class:`~signsgd.distributed.ErrorFeedbackAllReduce`);
   zero also goes out as +1.
+* DeepSpeed multiplies the reduced momentum by a mask the user gives (``exp_avg_mask``)
+  for coordinates whose momentum should stay zero; here the mask is ``v > 0``, computed.
 * DeepSpeed resets the worker and server errors when a checkpoint is loaded; here they are
   part of the state (the optimiser's ``"error"`` per parameter, the reducer's server error),
   so a resumed run is bit-identical to an uninterrupted one.
