@@ -38,7 +38,7 @@ MODULES = ["signsgd", "signsgd.functional", "signsgd.optim", "signsgd.compressio
            "signsgd.distributed.average", "signsgd.distributed.local_steps",
            "signsgd.reduction", "signsgd.outer", "signsgd.distributed.codecs",
            "signsgd.distributed.quantized",
-           "signsgd.tasks", "signsgd.text", "signsgd.transformer"]
+           "signsgd.tasks", "signsgd.text", "signsgd.transformer", "signsgd.onebit_adam"]
 
 
 @pytest.mark.parametrize("name", MODULES)
