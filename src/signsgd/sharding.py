@@ -84,7 +84,7 @@ def check_replica_group(owner: str, reducer: Any, params: Iterable[Tensor]) -> N
             if any(there[d] != here[d] for d in dims):
                 raise ValueError(
                     f"{owner} cannot use aggregator {type(reducer).__name__} on its group "
-                    f"(ranks {members}{' , the default group' if group is None else ''}): "
+                    f"(ranks {members}{', the default group' if group is None else ''}): "
                     f"rank {q} holds another shard than rank {me} of an FSDP2 parameter "
                     f"(DTensor on {mesh} with placements {tuple(p.placements)}). With FSDP2 "
                     "the reducer's group must run across the replicas only: shard the model "
