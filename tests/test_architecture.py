@@ -17,7 +17,7 @@ PACKAGE = SRC / "signsgd"
 #: Modules of the optimiser side: they may not import ``signsgd.distributed`` (the boundary
 #: is ``signsgd.reduction``, which the distributed package implements).
 OPTIMISER_SIDE = ["optim", "compression", "functional", "packing", "reduction", "outer",
-                  "scratch", "errors"]
+                  "scratch", "errors", "onebit_adam", "sharding"]
 
 
 def _module_name(path: Path) -> str:

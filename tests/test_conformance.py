@@ -133,7 +133,7 @@ ROWS: tuple[Row, ...] = (
         {"lr": LR, "betas": (0.9, 0.99), "weight_decay": 0.1}, _LR_WD + _BETAS,  # the freeze
         lr_default=True, steps=2),
     Row("OneBitAdam-staged", _with(signsgd.OneBitAdam, freeze_step=2,
-                                   aggregator=signsgd.OneBitAllReduce),
+                                   aggregator=signsgd.distributed.OneBitAllReduce),
         {"lr": LR, "betas": (0.9, 0.99), "weight_decay": 0.1}, _LR_WD + _BETAS,
         lr_default=True, steps=2),
     Row("DampedMomentum", DampedMomentum, {"lr": LR, "momentum": 0.5},

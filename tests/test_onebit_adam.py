@@ -27,6 +27,7 @@ from distributed import onebit_workers as OW
 from distributed import workers as W
 from signsgd import registry
 from signsgd.config import TrainConfig, freeze_step_of, validate
+from signsgd.distributed import OneBitAllReduce
 from signsgd.distributed.launch import spawn
 from signsgd.errors import ConfigError
 
@@ -173,7 +174,7 @@ def test_warm_up_is_adamw(bias_correction, aggregator):
     eps_t = ε/√bc2 and weight decay wd·lr/lr_t at step t."""
     ours, theirs = _params(), _params()
     opt = signsgd.OneBitAdam(ours, **HP, freeze_step=10, bias_correction=bias_correction,
-                             aggregator=signsgd.OneBitAllReduce() if aggregator else None)
+                             aggregator=OneBitAllReduce() if aggregator else None)
     adamw = torch.optim.AdamW(theirs, **HP)
     (b1, b2), (lr, eps, wd) = HP["betas"], (HP["lr"], HP["eps"], HP["weight_decay"])
     for step in range(6):
@@ -193,7 +194,7 @@ def test_warm_up_is_adamw(bias_correction, aggregator):
 def test_after_the_freeze_v_stays_and_the_local_and_staged_paths_agree():
     a, b = _params(), _params()
     local = signsgd.OneBitAdam(a, **HP, freeze_step=2)
-    staged = signsgd.OneBitAdam(b, **HP, freeze_step=2, aggregator=signsgd.OneBitAllReduce())
+    staged = signsgd.OneBitAdam(b, **HP, freeze_step=2, aggregator=OneBitAllReduce())
     for step in range(5):
         _grads(a, step)
         _grads(b, step)
@@ -208,7 +209,7 @@ def test_after_the_freeze_v_stays_and_the_local_and_staged_paths_agree():
 
 def test_single_process_nan_changes_nothing_and_state_dict_round_trips():
     params = _params()
-    opt = signsgd.OneBitAdam(params, **HP, freeze_step=1, aggregator=signsgd.OneBitAllReduce())
+    opt = signsgd.OneBitAdam(params, **HP, freeze_step=1, aggregator=OneBitAllReduce())
     for step in range(2):
         _grads(params, step)
         opt.step()
@@ -218,7 +219,7 @@ def test_single_process_nan_changes_nothing_and_state_dict_round_trips():
         opt.step()
     assert W._same(before, (W._snapshot(params), opt.state_dict()))
     other = signsgd.OneBitAdam(_params(), **HP, freeze_step=1,
-                               aggregator=signsgd.OneBitAllReduce())
+                               aggregator=OneBitAllReduce())
     other.load_state_dict(opt.state_dict())
     assert W._same(other.state_dict(), opt.state_dict()) and other.steps == 2
 
@@ -229,7 +230,7 @@ def test_single_process_nan_changes_nothing_and_state_dict_round_trips():
     ({"eps": -1.0}, "Invalid epsilon value: -1.0"),
     ({"betas": (1.0, 0.9)}, "beta parameter at index 0: 1.0"),
     ({"bias_correction": "yes"}, "Invalid bias_correction: 'yes'"),
-    ({"aggregator": "mean"}, "needs OneBitAllReduce"),
+    ({"aggregator": "mean"}, "signsgd.distributed.OneBitAllReduce"),
     ({"amsgrad": True}, "does not support amsgrad=True"),
 ])
 def test_bad_arguments_raise_naming_the_value(over, match):
@@ -292,7 +293,7 @@ def test_coordinates_without_a_warm_up_gradient_stay_still_after_the_freeze(aggr
     """v = 0 at the freeze (DeepSpeed's exp_avg_mask): m stays 0 there, so no m / ε step."""
     w = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
     opt = signsgd.OneBitAdam([w], lr=0.1, freeze_step=2,
-                             aggregator=signsgd.OneBitAllReduce() if aggregator else None)
+                             aggregator=OneBitAllReduce() if aggregator else None)
     for step in range(4):
         w.grad = torch.tensor([1.0, 0.0 if step < 2 else 5.0, -1.0], dtype=torch.float64)
         opt.step()

@@ -37,7 +37,7 @@ MODULES = ["signsgd", "signsgd.functional", "signsgd.optim", "signsgd.compressio
            "signsgd.distributed.random_bits", "signsgd.distributed.engine",
            "signsgd.distributed.average", "signsgd.distributed.local_steps",
            "signsgd.reduction", "signsgd.outer", "signsgd.distributed.codecs",
-           "signsgd.distributed.quantized",
+           "signsgd.distributed.quantized", "signsgd.distributed.onebit",
            "signsgd.tasks", "signsgd.text", "signsgd.transformer", "signsgd.onebit_adam"]
 
 

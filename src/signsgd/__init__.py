@@ -17,14 +17,14 @@ Example:
 
 from signsgd import compression
 from signsgd.errors import NonFiniteGradientError
-from signsgd.onebit_adam import OneBitAdam, OneBitAllReduce
+from signsgd.onebit_adam import OneBitAdam
 from signsgd.optim import EFSGD, Lion, SignSGD, Signum
 from signsgd.packing import pack_signs, unpack_signs
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SignSGD", "Signum", "Lion", "EFSGD", "OneBitAdam", "OneBitAllReduce",
+    "SignSGD", "Signum", "Lion", "EFSGD", "OneBitAdam",
     "NonFiniteGradientError", "pack_signs", "unpack_signs", "compression",
 ]
 

@@ -4,7 +4,8 @@ the momentum communicated with the error-compensated 1-bit all-reduce.
 :class:`OneBitAdam` follows the algorithm of DeepSpeed's ``OnebitAdam``
 (``deepspeed/runtime/fp16/onebit/adam.py``, with ``compressed_allreduce`` of
 ``deepspeed/runtime/comm/nccl.py``), on this library's pipeline (gather and check → local
-transform → reduce → commit). :class:`OneBitAllReduce` is its reducer: one fp32 mean
+transform → reduce → commit). :class:`~signsgd.distributed.OneBitAllReduce` is its reducer:
+one fp32 mean
 (:class:`~signsgd.distributed.AllReduce`) for the warm-up and one two-stage error-feedback
 all-reduce (:class:`~signsgd.distributed.ErrorFeedbackAllReduce` with
 :class:`~signsgd.compression.ScaledSign`) after the freeze, both on one process group.
@@ -44,94 +45,12 @@ import torch
 from torch import Tensor
 
 from signsgd.compression import ScaledSign
-from signsgd.optim import StagedOptimizer, _check_number, _Fresh, _reject_options, _scalar
+from signsgd.optim import Fresh, StagedOptimizer, check_number, reject_options, scalar
+from signsgd.reduction import Reducer
 
-__all__ = ["OneBitAdam", "OneBitAllReduce"]
+__all__ = ["OneBitAdam"]
 
 _SIGNS = ScaledSign()  # what the momentum is sent with after the freeze (stateless)
-
-
-class OneBitAllReduce:
-    """:class:`OneBitAdam`'s reducer: an fp32 mean for the warm-up and the two-stage
-    error-feedback all-reduce with scaled signs after the freeze, on one process group.
-
-    ``reduce`` with ``compressor=None`` is :class:`~signsgd.distributed.AllReduce`'s mean;
-    with ``ScaledSign`` it is :class:`~signsgd.distributed.ErrorFeedbackAllReduce`'s 1 bit
-    each way plus one scale per chunk (server error kept here) — on one process, where
-    there is nothing to send, the exact mean (DeepSpeed compresses only with more than one
-    rank). ``bytes_sent``, ``bytes_received`` and ``timings`` are the last step's reducer's;
-    the state dict holds both reducers' states.
-
-    Args:
-        group: process group (``None``: the default group, or one process when
-            ``torch.distributed`` is not initialised).
-        adversary: a Byzantine attack on what this rank sends (both reducers).
-
-    Example:
-        >>> r = OneBitAllReduce()   # one process
-        >>> r.reduce([torch.tensor([1.0, -3.0])], compressor=ScaledSign()).update
-        [tensor([ 1., -3.])]
-    """
-
-    def __init__(self, group: Any = None, adversary: Any = None) -> None:
-        from signsgd.distributed import AllReduce, ErrorFeedbackAllReduce
-
-        self.group = group
-        self.mean = AllReduce(group, adversary)
-        self.ef = ErrorFeedbackAllReduce(group, adversary)
-        self.last: Any = self.mean   # the reducer of the last step
-
-    bytes_sent = property(lambda self: self.last.bytes_sent, doc="Bytes sent, last step.")
-    bytes_received = property(lambda self: self.last.bytes_received,
-                              doc="Bytes received in the last step.")
-    timings = property(lambda self: self.last.timings, doc="The last step's time split.")
-    total_bytes_sent = property(lambda self: self.mean.total_bytes_sent
-                                + self.ef.total_bytes_sent, doc="Bytes sent, all steps.")
-    total_bytes_received = property(lambda self: self.mean.total_bytes_received
-                                    + self.ef.total_bytes_received,
-                                    doc="Bytes received, all steps.")
-
-    def check_compressor(self, compressor: Any) -> None:
-        """Refuse any compressor but ``None`` (the warm-up) and ``ScaledSign``."""
-        if compressor is not None and type(compressor) is not ScaledSign:
-            raise ValueError(f"OneBitAllReduce sends the mean (no compressor) or scaled signs "
-                             f"(ScaledSign), not {compressor!r}")
-
-    def reduce(self, tensors: list[Tensor | None], *, finite: Any = True,
-               compressor: Any = None, settings: Any = None) -> Any:
-        """The mean of ``tensors`` (``compressor=None``), else their error-feedback 1-bit
-        all-reduce; see :meth:`signsgd.distributed.Reducer.reduce`."""
-        from signsgd.distributed.collectives import world
-
-        self.check_compressor(compressor)
-        use = self.ef if compressor is not None and world(self.group)[1] > 1 else self.mean
-        out = use.reduce(tensors, finite=finite, settings=settings,
-                         compressor=compressor if use is self.ef else None)
-        self.last = use
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        """``{"mean": ..., "ef": ...}``: both reducers' states (the server error in "ef")."""
-        return {"mean": self.mean.state_dict(), "ef": self.ef.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; raises ``ValueError`` (changing nothing) if malformed."""
-        if not isinstance(state, dict) or set(state) != {"mean", "ef"}:
-            raise ValueError(f"OneBitAllReduce state must be a dict with keys 'mean' and "
-                             f"'ef', got {state!r}")
-        old = self.mean.state_dict()
-        self.mean.load_state_dict(state["mean"])
-        try:
-            self.ef.load_state_dict(state["ef"])
-        except Exception:
-            self.mean.load_state_dict(old)
-            raise
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "group": None}
-
-    def __repr__(self) -> str:
-        return f"OneBitAllReduce(adversary={self.mean.adversary!r})"
 
 
 class OneBitAdam(StagedOptimizer):
@@ -153,8 +72,8 @@ class OneBitAdam(StagedOptimizer):
         x \leftarrow x - \mathrm{lr}\,\bigl(m / (\sqrt v + \epsilon) + \mathrm{wd}\,x\bigr)
 
     ``C`` is the scaled sign per chunk; the all-reduce's server stage keeps its own error
-    (:class:`OneBitAllReduce`), and every rank gets the same ``m``. Weight decay is
-    decoupled (AdamW's ``x ← x − lr·wd·x``, DeepSpeed's ``update += wd·x``).
+    (:class:`~signsgd.distributed.OneBitAllReduce`), and every rank gets the same ``m``.
+    Weight decay is decoupled (AdamW's ``x ← x − lr·wd·x``, DeepSpeed's ``update += wd·x``).
 
     **Bias correction.** DeepSpeed takes a ``bias_correction`` argument and never uses it:
     its update is ``m / (√v + ε)`` with no correction, in the warm-up and after. That is the
@@ -184,14 +103,14 @@ class OneBitAdam(StagedOptimizer):
         weight_decay: decoupled weight decay (>= 0).
         freeze_step: warm-up steps before ``v`` is frozen and the momentum compressed
             (an integer >= 1; DeepSpeed advises roughly 15-25 % of the training steps).
-        aggregator: ``None`` (one process) or :class:`OneBitAllReduce`.
+        aggregator: ``None`` (one process) or :class:`~signsgd.distributed.OneBitAllReduce`.
         bias_correction: Adam's bias correction (default ``False``, as DeepSpeed).
         foreach: accepted, see above.
         maximize: ascend the objective (the step uses −g), as in ``torch.optim``.
 
     Raises:
         ValueError: a hyper-parameter out of range, an aggregator that is not a
-            :class:`OneBitAllReduce`, or an unsupported ``torch.optim`` option.
+            :class:`~signsgd.distributed.OneBitAllReduce`, or an unsupported ``torch.optim`` option.
 
     Example:
         >>> import torch, signsgd
@@ -210,19 +129,24 @@ class OneBitAdam(StagedOptimizer):
     def __init__(self, params: Iterable[Any], lr: float | Tensor = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, freeze_step: int,
-                 aggregator: OneBitAllReduce | None = None, bias_correction: bool = False,
+                 aggregator: Reducer | None = None, bias_correction: bool = False,
                  foreach: bool | None = None, maximize: bool = False,
                  **unsupported: Any) -> None:
         name = type(self).__name__
-        _reject_options(name, unsupported)
+        reject_options(name, unsupported)
         if not isinstance(freeze_step, int) or isinstance(freeze_step, bool) or freeze_step < 1:
             raise ValueError(f"Invalid freeze_step: {freeze_step!r} (must be an integer >= 1)")
         if not isinstance(bias_correction, bool):
             raise ValueError(f"Invalid bias_correction: {bias_correction!r} (must be a bool)")
-        if aggregator is not None and not isinstance(aggregator, OneBitAllReduce):
-            raise ValueError(f"{name} cannot use aggregator {type(aggregator).__name__}: it "
-                             "needs OneBitAllReduce (the fp32 mean for the warm-up, the 1-bit "
-                             "error-feedback all-reduce after the freeze)")
+        if aggregator is not None:  # it must serve both phases
+            try:
+                aggregator.check_compressor(None)
+                aggregator.check_compressor(_SIGNS)
+            except (AttributeError, ValueError) as exc:
+                raise ValueError(
+                    f"{name} cannot use aggregator {type(aggregator).__name__}: it needs a "
+                    "reducer of the fp32 mean (the warm-up) and of scaled signs (after the "
+                    f"freeze), signsgd.distributed.OneBitAllReduce ({exc})") from None
         self.freeze_step, self.bias_correction = freeze_step, bias_correction
         self.steps = 0          # successful steps (the phase), checkpointed
         self._moved = False
@@ -233,7 +157,7 @@ class OneBitAdam(StagedOptimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group; its hyper-parameters (``eps`` too) are validated first."""
         if isinstance(param_group, dict):
-            _check_number("epsilon value", {**self.defaults, **param_group}["eps"], 0.0, None,
+            check_number("epsilon value", {**self.defaults, **param_group}["eps"], 0.0, None,
                           False)
         super().add_param_group(param_group)
 
@@ -255,8 +179,8 @@ class OneBitAdam(StagedOptimizer):
         """``m`` ← its EMA with ``grads`` (or ← ``momenta``), ``v`` likewise before the
         freeze (after it ``m`` ← 0 where ``v = 0``), then
         ``x ← x·(1 − lr·wd) − lr'·m / (√v' + ε)``."""
-        b1, b2 = (_scalar(b) for b in group["betas"])
-        lr, wd, eps = _scalar(group["lr"]), _scalar(group["weight_decay"]), _scalar(group["eps"])
+        b1, b2 = (scalar(b) for b in group["betas"])
+        lr, wd, eps = scalar(group["lr"]), scalar(group["weight_decay"]), scalar(group["eps"])
         t, frozen = self.steps + 1, self.frozen
         ms, vs = self._buffers(params, "exp_avg"), self._buffers(params, "exp_avg_sq")
         if momenta is None:
@@ -299,9 +223,9 @@ class OneBitAdam(StagedOptimizer):
         ``p = β1·m + (1−β1)·g + e``, out of place."""
         if not self.frozen:
             return list(grads), None
-        fresh: _Fresh = {}
+        fresh: Fresh = {}
         ms, errors = self._buffers(params, "exp_avg", fresh), self._buffers(params, "error", fresh)
-        b1 = _scalar(group["betas"][0])
+        b1 = scalar(group["betas"][0])
         sends = torch._foreach_add(torch._foreach_lerp(ms, grads, 1.0 - b1), errors)
         return sends, (params, errors, sends, fresh)
 

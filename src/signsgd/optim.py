@@ -63,15 +63,18 @@ _Entry = tuple[int, int, Tensor]
 #: per param group: (group, parameters with a gradient, their gradients).
 _Work = list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]
 #: state buffers created in a step, stored when it commits: (key, id) -> (param, buffer).
-_Fresh = dict[tuple[str, int], tuple[Tensor, Tensor]]
+Fresh = dict[tuple[str, int], tuple[Tensor, Tensor]]
 
 
-def _scalar(value: Any) -> float:
+def scalar(value: Any) -> float:
     """A hyper-parameter as a Python float (a one-element tensor is read out)."""
     return float(value.item()) if isinstance(value, Tensor) else float(value)
 
 
-def _check_number(name: str, value: Any, low: float, high: float | None, high_open: bool) -> None:
+def check_number(name: str, value: Any, low: float, high: float | None, high_open: bool) -> None:
+    """Raise ``ValueError`` naming ``name`` and ``value`` unless ``value`` is a real number
+    (or a one-element real tensor) in ``[low, high]`` (``[low, high)`` with ``high_open``;
+    ``high=None``: finite)."""
     shown = value
     if isinstance(value, Tensor):
         if value.numel() != 1 or value.is_complex():
@@ -93,16 +96,16 @@ def _check_group(owner: str, group: dict[str, Any], supported: frozenset[str] = 
                  ) -> None:
     """Validate one param group's hyper-parameters; raise ValueError naming the value.
     ``supported``: the ``torch.optim`` options of :data:`_UNSUPPORTED` this class takes."""
-    _check_number("learning rate", group["lr"], 0.0, None, False)
+    check_number("learning rate", group["lr"], 0.0, None, False)
     if "momentum" in group:
-        _check_number("momentum value", group["momentum"], 0.0, 1.0, True)
+        check_number("momentum value", group["momentum"], 0.0, 1.0, True)
     if "betas" in group:
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
         for i, beta in enumerate(betas):
-            _check_number(f"beta parameter at index {i}", beta, 0.0, 1.0, True)
-    _check_number("weight_decay value", group["weight_decay"], 0.0, None, False)
+            check_number(f"beta parameter at index {i}", beta, 0.0, 1.0, True)
+    check_number("weight_decay value", group["weight_decay"], 0.0, None, False)
     for flag in ("foreach", "maximize", "nesterov"):
         value = group.get(flag)
         if value is not None and not isinstance(value, bool):
@@ -110,12 +113,12 @@ def _check_group(owner: str, group: dict[str, Any], supported: frozenset[str] = 
     for key, neutral in _UNSUPPORTED.items():
         if key not in supported and group.get(key) not in (None, neutral):
             raise ValueError(f"{owner} does not support {key}={group[key]!r}")
-    if group.get("nesterov") and not _scalar(group.get("momentum", 0)) > 0:
+    if group.get("nesterov") and not scalar(group.get("momentum", 0)) > 0:
         raise ValueError(f"nesterov=True needs a momentum > 0, got momentum="
                          f"{group.get('momentum')!r}")
 
 
-def _reject_options(owner: str, options: dict[str, Any]) -> None:
+def reject_options(owner: str, options: dict[str, Any]) -> None:
     """Refuse keyword arguments this optimiser does not take, with a clear message."""
     for key, value in options.items():
         if key not in _UNSUPPORTED:
@@ -410,7 +413,7 @@ class StagedOptimizer(Optimizer):
         foreach = group.get("foreach")
         return True if foreach is None else bool(foreach)
 
-    def _buffers(self, params: list[Tensor], key: str, fresh: _Fresh | None = None
+    def _buffers(self, params: list[Tensor], key: str, fresh: Fresh | None = None
                  ) -> list[Tensor]:
         """The state buffer ``key`` of each parameter. A missing one is created as zeros:
         stored at once (``fresh is None``), or recorded in ``fresh`` for :meth:`_store`."""
@@ -430,7 +433,7 @@ class StagedOptimizer(Optimizer):
             out.append(buf if owners is None else sharding.local(buf))
         return out
 
-    def _store(self, fresh: _Fresh) -> None:
+    def _store(self, fresh: Fresh) -> None:
         """Store the buffers :meth:`_buffers` created (on commit: the step succeeded)."""
         for (key, _), (p, buf) in fresh.items():
             self.state[p][key] = buf
@@ -553,25 +556,25 @@ class Signum(StagedOptimizer):
                  weight_decay: float = 0.0, aggregator: Reducer | None = None,
                  *, foreach: bool | None = None, maximize: bool = False,
                  **unsupported: Any) -> None:
-        _reject_options(type(self).__name__, unsupported)
+        reject_options(type(self).__name__, unsupported)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=foreach,
                         maximize=maximize)
         super().__init__(params, defaults, aggregator)
 
     def _local_step(self, group: dict[str, Any], params: list[Tensor],
                     grads: list[Tensor]) -> None:
-        momentum = _scalar(group["momentum"])
+        momentum = scalar(group["momentum"])
         bufs = self._buffers(params, "momentum_buffer") if momentum != 0 else []
-        F.signum(params, grads, bufs, lr=_scalar(group["lr"]), momentum=momentum,
-                 weight_decay=_scalar(group["weight_decay"]), foreach=self._foreach(group),
+        F.signum(params, grads, bufs, lr=scalar(group["lr"]), momentum=momentum,
+                 weight_decay=scalar(group["weight_decay"]), foreach=self._foreach(group),
                  workspace=self._workspace)
 
     def _transform(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
                    ) -> tuple[list[Tensor], Any]:
-        momentum = _scalar(group["momentum"])
+        momentum = scalar(group["momentum"])
         if momentum == 0:
             return list(grads), None
-        fresh: _Fresh = {}
+        fresh: Fresh = {}
         bufs = self._buffers(params, "momentum_buffer", fresh)
         directions = F.signum_direction(grads, bufs, momentum=momentum,
                                         foreach=self._foreach(group))
@@ -584,8 +587,8 @@ class Signum(StagedOptimizer):
             self._store(fresh)
             F.copy_(bufs, directions, foreach=self._foreach(group))
         if updated:
-            F.sign_update_(updated, updates, lr=_scalar(group["lr"]),
-                           weight_decay=_scalar(group["weight_decay"]), take_sign=not signs,
+            F.sign_update_(updated, updates, lr=scalar(group["lr"]),
+                           weight_decay=scalar(group["weight_decay"]), take_sign=not signs,
                            foreach=self._foreach(group), workspace=self._workspace)
 
 
@@ -684,7 +687,7 @@ class Lion(StagedOptimizer):
                  betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0,
                  aggregator: Reducer | None = None, *, foreach: bool | None = None,
                  maximize: bool = False, **unsupported: Any) -> None:
-        _reject_options(type(self).__name__, unsupported)
+        reject_options(type(self).__name__, unsupported)
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, foreach=foreach,
                         maximize=maximize)
         super().__init__(params, defaults, aggregator)
@@ -692,18 +695,18 @@ class Lion(StagedOptimizer):
     @staticmethod
     def _betas(group: dict[str, Any]) -> tuple[float, float]:
         b1, b2 = group["betas"]
-        return _scalar(b1), _scalar(b2)
+        return scalar(b1), scalar(b2)
 
     def _local_step(self, group: dict[str, Any], params: list[Tensor],
                     grads: list[Tensor]) -> None:
         beta1, beta2 = self._betas(group)
-        F.lion(params, grads, self._buffers(params, "exp_avg"), lr=_scalar(group["lr"]),
-               beta1=beta1, beta2=beta2, weight_decay=_scalar(group["weight_decay"]),
+        F.lion(params, grads, self._buffers(params, "exp_avg"), lr=scalar(group["lr"]),
+               beta1=beta1, beta2=beta2, weight_decay=scalar(group["weight_decay"]),
                foreach=self._foreach(group), workspace=self._workspace)
 
     def _transform(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
                    ) -> tuple[list[Tensor], Any]:
-        fresh: _Fresh = {}
+        fresh: Fresh = {}
         bufs = self._buffers(params, "exp_avg", fresh)
         beta1, _ = self._betas(group)
         directions = F.signum_direction(grads, bufs, momentum=beta1,
@@ -714,8 +717,8 @@ class Lion(StagedOptimizer):
                 plan: Any, transmitted: dict[int, Tensor] | None, signs: bool) -> None:
         foreach = self._foreach(group)
         if updated:
-            F.sign_update_(updated, updates, lr=_scalar(group["lr"]),
-                           weight_decay=_scalar(group["weight_decay"]), take_sign=not signs,
+            F.sign_update_(updated, updates, lr=scalar(group["lr"]),
+                           weight_decay=scalar(group["weight_decay"]), take_sign=not signs,
                            foreach=foreach, workspace=self._workspace)
         if plan is not None:  # m ← β2·m + (1−β2)·g with this rank's own gradient
             grads, bufs, fresh = plan
@@ -775,7 +778,7 @@ class EFSGD(StagedOptimizer):
                  aggregator: Reducer | None = None,
                  *, foreach: bool | None = None, maximize: bool = False,
                  nesterov: bool = False, **unsupported: Any) -> None:
-        _reject_options(type(self).__name__, unsupported)
+        reject_options(type(self).__name__, unsupported)
         if compressor is None:
             compressor = ScaledSign()
         if not callable(compressor):
@@ -791,14 +794,14 @@ class EFSGD(StagedOptimizer):
     def _transform(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
                    ) -> tuple[list[Tensor], Any]:
         """``p = lr·(g + wd·x) + e`` (or ``lr·m + e``), out of place."""
-        fresh: _Fresh = {}
-        momentum = _scalar(group["momentum"])
+        fresh: Fresh = {}
+        momentum = scalar(group["momentum"])
         errors = self._buffers(params, "error", fresh)
         bufs: list[Tensor | None] = (self._buffers(params, "momentum_buffer", fresh)  # type: ignore[assignment]
                                      if momentum != 0 else [None] * len(params))
         comp, new_m = F.ef_compensate(
-            params, grads, errors, bufs, lr=_scalar(group["lr"]), momentum=momentum,
-            weight_decay=_scalar(group["weight_decay"]), foreach=self._foreach(group),
+            params, grads, errors, bufs, lr=scalar(group["lr"]), momentum=momentum,
+            weight_decay=scalar(group["weight_decay"]), foreach=self._foreach(group),
             nesterov=bool(group.get("nesterov")),
         )
         return comp, (params, errors, bufs, comp, new_m, fresh)

@@ -15,7 +15,7 @@ name             optimiser                                      with ``world_siz
 ``adam``         ``torch.optim.Adam``                           :class:`AverageGradients` (fp32)
 ``adamw``        ``torch.optim.AdamW``                          :class:`AverageGradients` (fp32)
 ``lion``         :class:`signsgd.Lion`                          :class:`MajorityVote`
-``onebit-adam``  :class:`signsgd.OneBitAdam`                    :class:`signsgd.OneBitAllReduce`
+``onebit-adam``  :class:`signsgd.OneBitAdam`                    :class:`OneBitAllReduce`
 ===============  =============================================  ================================
 
 The default learning rates were tuned on Fashion-MNIST with the small CNN
@@ -94,7 +94,7 @@ def _error_feedback(group: Any, adversary: Any, vote: str, seed: int) -> Any:
 
 
 def _onebit(group: Any, adversary: Any, vote: str, seed: int) -> Any:
-    from signsgd.onebit_adam import OneBitAllReduce
+    from signsgd.distributed import OneBitAllReduce
 
     return OneBitAllReduce(group, adversary)
 

@@ -127,7 +127,7 @@ def _make(method: str, params: Any, group: Any) -> Any:
                              aggregator=ErrorFeedbackAllReduce(group=group))
     if method == "onebit-adam":  # 2 warm-up steps (the fp32 mean), then the 1-bit EF
         return signsgd.OneBitAdam(params, lr=LR, freeze_step=2,
-                                  aggregator=signsgd.OneBitAllReduce(group=group))
+                                  aggregator=signsgd.distributed.OneBitAllReduce(group=group))
     if method == "local":
         return LocalSteps(signsgd.Signum(params, lr=LR, momentum=0.9), sync_every=2,
                           outer_lr=LR, outer_momentum=0.5,

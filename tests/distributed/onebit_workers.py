@@ -22,7 +22,7 @@ FREEZE, STEPS = 2, 5
 
 def _opt(params: list[torch.nn.Parameter], group: Any, **over: Any) -> signsgd.OneBitAdam:
     return signsgd.OneBitAdam(params, **{**HP, "freeze_step": FREEZE, **over},
-                              aggregator=signsgd.OneBitAllReduce(group))
+                              aggregator=signsgd.distributed.OneBitAllReduce(group))
 
 
 def _feed(params: list[torch.nn.Parameter], rank: int, step: int, nan: bool = False) -> None:
@@ -109,7 +109,8 @@ def bytes_100k(rank: int, group: Any) -> dict[str, Any]:
     step, of two steps after the freeze, and AllReduce's for the same tensors."""
     gen = torch.Generator().manual_seed(7)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((256, 390), (160,))]
-    opt = signsgd.OneBitAdam(params, freeze_step=1, aggregator=signsgd.OneBitAllReduce(group))
+    opt = signsgd.OneBitAdam(params, freeze_step=1,
+                             aggregator=signsgd.distributed.OneBitAllReduce(group))
     sent = []
     for step in range(3):
         g = torch.Generator().manual_seed(100 * rank + step)

@@ -3,6 +3,7 @@
 * :class:`MajorityVote` — the 1-bit vote, for ``SignSGD`` / ``Signum`` / ``Lion``.
 * :class:`ErrorFeedbackAllReduce` — two-stage compressed all-reduce, for ``EFSGD``.
 * :class:`AllReduce` — the fp32 mean all-reduce baseline.
+* :class:`OneBitAllReduce` — the mean, then 1-bit EF, for ``OneBitAdam``.
 * :class:`QuantizedMean` — the mean sent in bf16 or int8 (the DiLoCo family's outer steps).
 * :class:`AverageGradients` — any ``torch.optim`` optimiser on all-reduced gradients.
 * :class:`LocalSteps` — H local steps of any optimiser, then a reduced outer step (DiLoCo).
@@ -18,6 +19,7 @@ from signsgd.distributed.average import AverageGradients
 from signsgd.distributed.error_feedback import ErrorFeedbackAllReduce
 from signsgd.distributed.hooks import MajorityVoteHookState, majority_vote_hook
 from signsgd.distributed.local_steps import LocalSteps
+from signsgd.distributed.onebit import OneBitAllReduce
 from signsgd.distributed.quantized import QuantizedMean
 from signsgd.distributed.reducer import AllReduce, Reducer, Reduction
 from signsgd.distributed.vote import MajorityVote, majority_vote, vote_async
@@ -32,6 +34,7 @@ __all__ = [
     "MajorityVote",
     "MajorityVoteHookState",
     "NonFiniteGradientError",
+    "OneBitAllReduce",
     "QuantizedMean",
     "Reducer",
     "Reduction",
