@@ -18,7 +18,8 @@ Conventions (``docs/design.md``):
   ``x ← x·(1 − lr·wd) − lr·sign(m)``. SignSGD is Signum with β = 0.
 * Lion: ``c ← lerp(m, g, 1−β1)``; ``x ← x·(1 − lr·wd) − lr·sign(c)``;
   ``m ← lerp(m, g, 1−β2)`` — ``c`` from the momentum before its update.
-* ``torch.sign(0) = 0`` here; on the wire (distributed) zero counts as +1.
+* ``torch.sign(0) = 0`` here; on the wire (distributed) zero counts as +1, except in
+  a chunk that is zero on every rank (its verdict is 0).
 * EF-SGD: ``p ← lr·(g + wd·x) + e``; ``Δ ← C(p)``; ``e ← p − Δ``; ``x ← x − Δ``.
   With momentum β > 0 the gradient term goes through heavy-ball momentum first, exactly as
   in ``torch.optim.SGD``: ``d ← g + wd·x``; ``m ← β·m + d``; ``p ← lr·m + e``. So EF-SGD

@@ -36,7 +36,7 @@ class Reduction:
     update: list[Tensor | None]        # identical on every rank; None: absent on every rank
     transmitted: list[Tensor | None] | None  # this rank's input after its codec (None
     #                                    entries: absent here); None: not accounted (a vote)
-    signs: bool                        # every update entry holds only ±1 (a vote)
+    signs: bool                        # a vote: ±1, or 0 on chunks zero on every rank
 
 
 @runtime_checkable

@@ -22,8 +22,8 @@ What the hook does, per DDP bucket and step:
 1. Each rank updates its own Signum momentum of the bucket's parameters,
    ``m ← β·m + (1−β)·g`` (computed as ``torch.lerp(m, g, 1−β)``, exactly as
    :class:`signsgd.Signum` does, so the two agree bit for bit).
-2. The signs of ``m`` (zero → +1) go out packed, 1 bit per coordinate, and the majority
-   comes back, 1 bit per coordinate: the core of
+2. The signs of ``m`` (zero → +1; a chunk zero on every rank gets verdict 0) go out
+   packed, 1 bit per coordinate, and the majority comes back, 1 bit per coordinate: the core of
    :class:`~signsgd.distributed.MajorityVote`, run on the group's engine thread.
 3. The ±1 verdict becomes the bucket's "gradient". ``torch.optim.SGD`` with
    ``momentum=0`` then applies ``x ← x − lr·(vote + wd·x)``: Algorithm 3 of Bernstein et

@@ -75,7 +75,7 @@ class FlatReduction:
     transmitted: Tensor | None         # flat; None: see ``exact``
     exact: bool                        # transmitted is None: the input itself went out (True)
     #                                    or the reducer keeps no account of it (False)
-    signs: bool                        # update holds only ±1
+    signs: bool                        # a vote: ±1, or 0 on chunks zero everywhere
     sent: int                          # payload bytes, the header excluded
     received: int
 
