@@ -649,8 +649,8 @@ class Lion(StagedOptimizer):
     decoupled, as in the paper. One state buffer per parameter (AdamW keeps two). With
     ``aggregator=MajorityVote()`` this is Distributed Lion (Liu et al. 2024): each worker
     keeps its own ``m``, votes with ``sign(c)`` (zero counts as +1 but for chunks zero on
-    every rank, ties broken as for Signum), every worker applies the vote, then updates its own ``m`` with its local
-    gradient — 1 bit per coordinate each way.
+    every rank, ties broken as for Signum), every worker applies the vote, then updates its
+    own ``m`` with its local gradient — 1 bit per coordinate each way.
 
     Tuning (the paper): a learning rate 3–10× smaller than AdamW's, and a weight decay
     3–10× larger, keep the effective decay ``lr·wd`` similar; β = (0.9, 0.99) by default,
