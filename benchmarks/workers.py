@@ -1103,8 +1103,14 @@ def curve_worker(
             "final": curve[-1][1], "bytes_sent_per_step": sent / max(step, 1),
             "start_powersgd_iter": tr.start_powersgd_iter if tr.powersgd is not None else None,
             "sync_every": h, "eval_every": every, "diverged": diverged,
-            "outer_lr": tr.opt.outer_lr if isinstance(tr.opt, LocalSteps) else None,
+            "outer_lr": (_outer_lr(tr.opt) if isinstance(tr.opt, LocalSteps) else None),
             "outer_momentum": tr.outer_momentum if h > 1 else None}
+
+
+def _outer_lr(opt: LocalSteps) -> float:
+    """The outer step's base learning rate (before its schedule) of a LocalSteps row."""
+    group = opt.outer_optimizer.param_groups[0]
+    return float(group.get("initial_lr", group["lr"]))
 
 
 # ------------------------------------------------------------------------------- bench_e2e
