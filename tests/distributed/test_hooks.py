@@ -4,7 +4,8 @@ Three launches (each a few seconds): a group of 3 ranks (odd: no ties) runs
 ``hook_workers.hook_suite`` — DDP + hook + SGD against ``Signum(aggregator=MajorityVote())``
 on the same data, a checkpoint round trip, pickling and a NaN on one rank; and a group of 2
 ranks (ties) checks that every rank and both modes agree; one rank alone is Signum. The
-tests below only read the results, table-driven.
+tests below only read the results, table-driven. The step bookkeeping alone (no DDP) is
+tested in ``test_ledger.py``.
 """
 
 import pickle
@@ -116,40 +117,6 @@ def test_nonfinite_on_one_rank_raises_everywhere(suite: list[dict[str, Any]], ra
     assert r["step_after_error"] == 1
 
 
-class _Bucket:
-    """The two facts of a DDP bucket the hook's bookkeeping reads: its index, and whether
-    it is the step's last."""
-
-    def __init__(self, index: int, last: bool) -> None:
-        self._index, self._last = index, last
-
-    def index(self) -> int:
-        return self._index
-
-    def is_last(self) -> bool:
-        return self._last
-
-
-@pytest.mark.parametrize("arrived", [0, 1, 2, 3])
-def test_a_failed_step_restores_the_vote_counter_however_many_callbacks_arrived(
-        arrived: int) -> None:
-    # DDP raises at the first failed bucket and does not wait for the others, so a rank
-    # may begin the next step before all of the failed step's callbacks have run. Every
-    # rank must start the next step from the same vote counter (it travels in the header).
-    state = MajorityVoteHookState(process_group=None)
-    begun = [state._begin_bucket(_Bucket(i, i == 2)) for i in range(3)]  # a good step
-    for generation, _ in begun:
-        state._bucket_done(generation, [], 0, 0)
-    assert (state.step, state.votes) == (1, 3)
-    failed = [state._begin_bucket(_Bucket(i, i == 2)) for i in range(3)]
-    for generation, _ in failed[:arrived]:
-        state._bucket_failed(generation)
-    _, first_vote = state._begin_bucket(_Bucket(0, False))  # the next step
-    for generation, _ in failed[arrived:]:  # late: ignored
-        state._bucket_failed(generation)
-    assert (first_vote, state.step, state.votes) == (3, 1, 4)
-
-
 @pytest.mark.parametrize("rank", [0, 1, 2])
 def test_training_goes_on_after_a_skipped_nonfinite_step(suite: list[dict[str, Any]],
                                                          rank: int) -> None:
@@ -233,3 +200,14 @@ def test_state_dict_without_names_is_a_clear_error() -> None:
     state._momentum[123] = torch.zeros(2)
     with pytest.raises(ValueError, match="module="):
         state.state_dict()
+
+
+def test_the_vote_is_validated_once_and_a_new_adversary_too() -> None:
+    state = MajorityVoteHookState(mode="allgather", seed=2)
+    voter = state._voter
+    assert (state.mode, state.seed, state.adversary) == ("allgather", 2, None)
+    with pytest.raises(TypeError, match="adversary"):
+        state.adversary = "evil"
+    assert state._voter is voter
+    with pytest.raises(TypeError, match="adversary"):
+        MajorityVoteHookState(adversary="evil")

@@ -81,7 +81,8 @@ Tuning guide
 * Non-finite gradients: a NaN or inf in any rank's bucket makes ``backward()`` raise on
   *every* rank in that step (the finite flag travels with the vote's first message): a
   ``RuntimeError`` from DDP whose message carries the
-  :class:`~signsgd.distributed.NonFiniteGradientError` text, naming the bad rank(s). No
+  :class:`~signsgd.distributed.NonFiniteGradientError` text, naming the bad rank(s) (the
+  vote hands the error back as its result, so the hook sees its type, not its text). No
   momentum changes; skip ``opt.step()`` for that batch (as AMP's ``GradScaler`` does) and
   the next step trains on normally, identical on every rank.
 * Parameters that get no gradient in a step (with ``find_unused_parameters=True``) are
@@ -97,7 +98,6 @@ Reference: Bernstein, Zhao, Azizzadenesheli, Anandkumar. signSGD with Majority V
 Communication Efficient and Fault Tolerant. ICLR 2019.
 """
 
-import threading
 from typing import Any
 
 import torch
@@ -107,6 +107,7 @@ from torch import Tensor
 from signsgd import functional as F
 from signsgd.distributed import engine
 from signsgd.distributed.header import spec_of
+from signsgd.distributed.ledger import IterationLedger
 from signsgd.distributed.vote import MajorityVote, check_seed, segment_lengths
 from signsgd.errors import NonFiniteGradientError
 
@@ -115,8 +116,14 @@ from signsgd.errors import NonFiniteGradientError
 
 __all__ = ["MajorityVoteHookState", "majority_vote_hook"]
 
-_ONE_BUCKET = 1 << 62
+_ONE_BUCKET = 1 << 62  # a hook's vote is one DDP bucket, never split further
 _COUNTERS = ("step", "votes", "total_bytes_sent", "total_bytes_received")
+
+
+def _ledger_counter(name: str) -> property:
+    """``state.<name>``: the counter of the state's :class:`IterationLedger`."""
+    return property(lambda self: getattr(self._ledger, name),
+                    lambda self, value: setattr(self._ledger, name, value))
 
 
 class MajorityVoteHookState:
@@ -169,33 +176,51 @@ class MajorityVoteHookState:
                 raise ValueError(f"Invalid {name} value: {beta!r} (must be in [0, 1))")
         if betas is not None and (not isinstance(betas, (tuple, list)) or len(betas) != 2):
             raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
-        MajorityVote(None, mode, _ONE_BUCKET, check_seed(seed), adversary)  # validates
         # configuration, equal on every rank
-        self.process_group = process_group     # None: a private group, made at first use
-        self._vote_group: Any = None           # the private group once made (not saved)
+        self.process_group = process_group  # None: a private group, made at the first vote
         self.momentum = float(momentum)
         self.betas = None if betas is None else (float(betas[0]), float(betas[1]))
-        self.mode = mode
-        self.seed = seed
-        self.adversary = adversary
-        # counters (checkpointed) and the last complete step's traffic
-        self.step = 0
-        self.votes = 0
-        self.total_bytes_sent = 0
-        self.total_bytes_received = 0
-        self.bytes_sent = 0
-        self.bytes_received = 0
-        self.buckets = 0
+        # the vote of every bucket (validates mode, seed, adversary); its group is made
+        # at the first vote when process_group is None (never saved)
+        self._voter = MajorityVote(process_group, mode, _ONE_BUCKET, check_seed(seed),
+                                   adversary)
+        # counters (checkpointed), the last complete step's traffic, the step in flight
+        self._ledger: IterationLedger[tuple[int, Tensor]] = IterationLedger()
         # momentum: by parameter id once bound, by name while waiting for bind()
         self._momentum: dict[int, Tensor] = {}
         self._restored: dict[str, Tensor] = {}
         self._module: torch.nn.Module | None = None
         self._names: dict[int, str] = {}
-        # the iteration in flight (guarded by the lock; callbacks run on other threads)
-        self._lock = threading.Lock()
-        self._reset_iteration()
         if module is not None:
             self.bind(module)
+
+    step = _ledger_counter("step")
+    votes = _ledger_counter("votes")
+    bytes_sent = _ledger_counter("bytes_sent")
+    bytes_received = _ledger_counter("bytes_received")
+    buckets = _ledger_counter("buckets")
+    total_bytes_sent = _ledger_counter("total_bytes_sent")
+    total_bytes_received = _ledger_counter("total_bytes_received")
+
+    @property
+    def mode(self) -> str:
+        """The vote mode, ``"sharded"`` or ``"allgather"``."""
+        return self._voter.mode
+
+    @property
+    def seed(self) -> int:
+        """The shared seed of the tie-breaking bits."""
+        return self._voter.tie_seed
+
+    @property
+    def adversary(self) -> Any:
+        """The Byzantine behaviour applied to what this rank sends (``None``: honest)."""
+        return self._voter.adversary
+
+    @adversary.setter
+    def adversary(self, adversary: Any) -> None:
+        self._voter = MajorityVote(self._voter.group, self.mode, _ONE_BUCKET, self.seed,
+                                   adversary)
 
     # ------------------------------------------------------------------ naming
     def bind(self, module: torch.nn.Module) -> "MajorityVoteHookState":
@@ -300,13 +325,11 @@ class MajorityVoteHookState:
             self._momentum, self._restored = {}, momentum
         else:
             self._momentum, self._restored = attached, {}
-        for key, value in counters.items():
-            setattr(self, key, value)
-        self._reset_iteration()
+        self._ledger.restore(**counters)
 
     def __getstate__(self) -> dict[str, Any]:
         """:meth:`state_dict` plus the adversary and the last step's traffic; no process
-        group, module or lock (momentum by name)."""
+        group, module or step in flight (momentum by name)."""
         return {**self.state_dict(), "adversary": self.adversary,
                 "last": (self.bytes_sent, self.bytes_received, self.buckets)}
 
@@ -318,79 +341,6 @@ class MajorityVoteHookState:
         self.bytes_sent, self.bytes_received, self.buckets = state.get("last", (0, 0, 0))
 
     # ------------------------------------------------------------------ one step
-    def _reset_iteration(self) -> None:
-        # A new generation: callbacks of votes from an earlier (failed) step that finish
-        # late carry the old generation and are ignored.
-        if getattr(self, "_open", False):
-            # The last iteration never completed: DDP raised at its first failed bucket
-            # and did not wait for the others, whose callbacks may still be on their way.
-            # It changes nothing, like a failed one, so every rank restarts from the same
-            # vote counter whichever of its callbacks arrived in time.
-            self.votes = self._votes_before
-        self._generation = getattr(self, "_generation", 0) + 1
-        self._open = False
-        self._expected: int | None = None
-        self._done = 0
-        self._failed = False
-        self._pending: list[tuple[int, Tensor]] = []
-        self._sent = 0
-        self._received = 0
-        self._votes_before = getattr(self, "votes", 0)  # restored if the iteration fails
-
-    def _begin_bucket(self, bucket: dist.GradBucket) -> tuple[int, int]:
-        """Iteration bookkeeping when the hook starts a bucket.
-
-        Returns ``(generation, vote counter)``.
-        """
-        with self._lock:
-            # DDP launches the buckets of a step in index order, starting at 0; a new
-            # bucket 0 also discards whatever a failed step left behind.
-            if bucket.index() == 0 or not self._open:
-                self._reset_iteration()
-                self._open = True
-            if bucket.is_last():
-                self._expected = bucket.index() + 1
-            votes = self.votes
-            self.votes += 1
-            self._maybe_commit()
-            return self._generation, votes
-
-    def _bucket_done(self, generation: int, new: list[tuple[int, Tensor]], sent: int,
-                     received: int) -> None:
-        with self._lock:
-            if generation != self._generation:
-                return
-            self._pending.extend(new)
-            self._sent += sent
-            self._received += received
-            self._done += 1
-            self._maybe_commit()
-
-    def _bucket_failed(self, generation: int) -> None:
-        with self._lock:
-            if generation != self._generation:
-                return
-            self._failed = True
-            self._done += 1
-            self._maybe_commit()
-
-    def _maybe_commit(self) -> None:
-        """Commit momentum and bytes once every bucket of the iteration voted (lock held)."""
-        if self._expected is None or self._done < self._expected:
-            return
-        if not self._failed:
-            for pid, m in self._pending:
-                self._momentum[pid] = m
-            self.step += 1
-            self.buckets = self._expected
-            self.bytes_sent, self.bytes_received = self._sent, self._received
-            self.total_bytes_sent += self._sent
-            self.total_bytes_received += self._received
-        else:  # a failed iteration changes nothing, not even the vote counter
-            self.votes = self._votes_before
-        self._pending = []
-        self._open = False
-
     def _check_bound(self) -> None:
         if self._restored:
             raise ValueError(
@@ -401,24 +351,13 @@ class MajorityVoteHookState:
     def vote_group(self) -> Any:
         """The group the votes run on: ``process_group``, or the private one (made now on
         every rank: DDP calls the hook for the first bucket on every rank alike)."""
-        if self.process_group is not None:
-            return self.process_group
-        if self._vote_group is None:
-            self._vote_group = dist.new_group(list(range(dist.get_world_size())))
-        return self._vote_group
+        if self._voter.group is None:
+            self._voter.group = dist.new_group(list(range(dist.get_world_size())))
+        return self._voter.group
 
     def momentum_of(self, param: Tensor) -> Tensor | None:
         """This rank's momentum of ``param`` (``None`` before its first step)."""
         return self._momentum.get(id(param))
-
-
-def _root_message(exc: BaseException) -> str:
-    """The innermost message of an error re-raised through future callbacks."""
-    text = str(exc)
-    prefix = "Got the following error when running the callback: "
-    while text.startswith(prefix):
-        text = text[len(prefix):]
-    return text.split("\n\nAt:", 1)[0].strip()
 
 
 def majority_vote_hook(
@@ -446,7 +385,7 @@ def majority_vote_hook(
     params = bucket.parameters()
     grads = bucket.gradients()
     beta = state.momentum if state.betas is None else state.betas[0]
-    new: list[tuple[int, Tensor]] = []
+    new_momentum: list[tuple[int, Tensor]] = []  # (id(param), m), committed at step end
     if beta == 0 and state.betas is None:
         direction = buf
     else:
@@ -458,46 +397,48 @@ def majority_vote_hook(
         bufs = [torch.zeros_like(g) if m is None else m for m, g in zip(bufs, grads)]
         # Per parameter, exactly like Signum / Lion: lerp(m, g, 1 - β) (β1 for Lion).
         F.signum_direction(grads, bufs, momentum=beta, out=outs)
-        if state.betas is None:  # Signum: the new momentum is the direction
-            new = [(id(p), o) for p, o in zip(params, outs)]
-        else:  # Lion: m ← lerp(m, g, 1 − β2), from this rank's gradient
-            new = [(id(p), torch.lerp(m, g, 1.0 - state.betas[1]))
-                   for p, m, g in zip(params, bufs, grads)]
+        if state.betas is not None:  # Lion: m ← lerp(m, g, 1 − β2), from this rank's g
+            outs = F.signum_direction(grads, bufs, momentum=state.betas[1],
+                                      out=[torch.empty_like(g) for g in grads])
+        new_momentum = [(id(p), o) for p, o in zip(params, outs)]  # Signum: the direction
     finite = F.all_finite([buf])  # on a GPU a device flag, read with the header
     group = state.vote_group()
-    generation, step = state._begin_bucket(bucket)
     index = bucket.index()
-
-    def bad_names() -> list[str]:
-        return [state._names.get(id(p), f"shape {tuple(p.shape)}")
-                for p, g in zip(params, grads) if F.first_nonfinite([g]) is not None]
+    generation, step = state._ledger.begin_bucket(index, bucket.is_last())
     try:
-        voter = MajorityVote(group, state.mode, _ONE_BUCKET, state.seed, state.adversary)
-        verdict = torch.empty_like(direction)
-        job = voter.vote_job(direction, spec_of(direction), step=step, finite=finite,
-                             out=verdict, who="majority_vote",
-                             lengths=segment_lengths(buf, grads))
+        vote = state._voter.vote_job(direction, spec_of(direction), step=step, finite=finite,
+                                     out=torch.empty_like(direction), who="majority_vote",
+                                     lengths=segment_lengths(buf, grads))
+
+        def job() -> tuple[Tensor, int, int] | NonFiniteGradientError:
+            try:
+                return vote()
+            except NonFiniteGradientError as exc:  # crosses the future as a typed value
+                return exc
         fut = engine.submit(group, job, direction.device)
     except BaseException:
-        state._bucket_failed(generation)
+        state._ledger.bucket_failed(generation)
         raise
 
     def _finish(f: torch.futures.Future[Any]) -> Tensor:
         try:
-            result, sent, received = f.value()
-        except BaseException as exc:
-            state._bucket_failed(generation)
-            text = _root_message(exc)
-            if isinstance(exc, NonFiniteGradientError) or "non-finite" in text.lower():
-                names = bad_names()
-                where = f"; this rank's non-finite gradients: {names}" if names else ""
-                raise NonFiniteGradientError(
-                    f"majority_vote_hook: a non-finite gradient (NaN or inf) on some rank in "
-                    f"DDP bucket {index}, step {state.step}{where}; momentum left unchanged, do "
-                    f"not call optimizer.step() ({text})"
-                ) from exc
+            outcome = f.value()
+        except BaseException:
+            state._ledger.bucket_failed(generation)
             raise
-        state._bucket_done(generation, new, sent, received)
-        return result
+        if isinstance(outcome, NonFiniteGradientError):
+            state._ledger.bucket_failed(generation)
+            names = [state._names.get(id(p), f"shape {tuple(p.shape)}")
+                     for p, g in zip(params, grads) if F.first_nonfinite([g]) is not None]
+            where = f"; this rank's non-finite gradients: {names}" if names else ""
+            raise NonFiniteGradientError(
+                f"majority_vote_hook: a non-finite gradient (NaN or inf) on some rank in "
+                f"DDP bucket {index}, step {state.step}{where}; momentum left unchanged, do "
+                f"not call optimizer.step() ({outcome})"
+            ) from outcome
+        verdict, sent, received = outcome
+        committed = state._ledger.bucket_done(generation, new_momentum, sent, received)
+        state._momentum.update(committed or ())
+        return verdict
 
     return fut.then(_finish)
