@@ -6,7 +6,8 @@ nothing else of the distributed package; :mod:`signsgd.distributed` implements i
 (:class:`~signsgd.distributed.MajorityVote`, :class:`~signsgd.distributed.AllReduce`,
 :class:`~signsgd.distributed.ErrorFeedbackAllReduce`). An optimiser step with a reducer is:
 gather the gradients and check finiteness once → the local transform, out of place →
-``reducer.reduce(...)`` → commit (parameters and state change only now).
+``reducer.reduce(..., commit=False)`` → commit (the parameters, the optimiser's state and,
+through :meth:`Reduction.commit`, the reducer's state change only now, in one place).
 
 Example:
     >>> hyperparameters([{"params": [], "lr": 0.1, "foreach": None}])
@@ -20,12 +21,23 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
-__all__ = ["Reducer", "Reduction", "hyperparameters"]
+__all__ = ["Pending", "Reducer", "Reduction", "hyperparameters"]
+
+
+@runtime_checkable
+class Pending(Protocol):
+    """A reducer's state after a step, not yet its own: :meth:`commit` makes it so."""
+
+    def commit(self) -> None:
+        """Make this step the reducer's (step counter, byte counts, server error)."""
 
 
 @dataclass
 class Reduction:
     """What :meth:`Reducer.reduce` returns, one entry per input tensor.
+
+    Until :meth:`commit` the reducer is as it was before the step: a caller whose own step
+    fails after the reduction (or that drops it) leaves the reducer unchanged.
 
     Example:
         >>> import torch
@@ -37,6 +49,13 @@ class Reduction:
     transmitted: list[Tensor | None] | None  # this rank's input after its codec (None
     #                                    entries: absent here); None: not accounted (a vote)
     signs: bool                        # a vote: ±1, or 0 on chunks zero on every rank
+    pending: Pending | None = None     # the reducer's state after this step; None: committed
+
+    def commit(self) -> None:
+        """Commit the reducer's state of this step; a second call does nothing."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.commit()
 
 
 @runtime_checkable
@@ -47,8 +66,9 @@ class Reducer(Protocol):
     ``None`` entries contribute zeros and a tensor ``None`` on every rank gets ``None``
     back; every rank issues the same collectives in the same order; ``finite=False`` on
     any rank raises :class:`~signsgd.errors.NonFiniteGradientError` on every rank before
-    any payload moves; a step that raises changes no state; ``input == transmitted +
-    residual``; ``bytes_sent`` / ``bytes_received`` count the last step's payload.
+    any payload moves; a step that raises changes no state, and with ``commit=False``
+    nothing changes until :meth:`Reduction.commit`; ``input == transmitted + residual``;
+    ``bytes_sent`` / ``bytes_received`` count the last committed step's payload.
 
     Example:
         >>> from signsgd.distributed import AllReduce
@@ -65,8 +85,11 @@ class Reducer(Protocol):
         with ``compressor`` (``None``: a sign optimiser, which keeps no residual)."""
 
     def reduce(self, tensors: list[Tensor | None], *, finite: Any = True,
-               compressor: Any = None, settings: Any = None) -> Reduction:
-        """Reduce ``tensors`` across the ranks; ``settings`` must be equal on every rank."""
+               compressor: Any = None, settings: Any = None, commit: bool = True
+               ) -> Reduction:
+        """Reduce ``tensors`` across the ranks; ``settings`` must be equal on every rank.
+        ``commit=False``: the reducer changes only when the caller calls
+        :meth:`Reduction.commit` (once its own step has succeeded)."""
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's reducer state (step counter, server error)."""

@@ -189,6 +189,21 @@ def reducer_case(rank: int, world: int, name: str, make: Callable[[], Any], comp
     b = clone.reduce([t.clone() for t in nxt], compressor=compressor).update
     out["resume_equal"] = all(torch.equal(x, y) for x, y in zip(a, b))
 
+    # commit=False: nothing changes until the caller commits, then exactly what a committed
+    # reduce does (the clone above is in the same state); a dropped reduction is forgotten.
+    before, counted = _state(reducer), (reducer.bytes_sent, reducer.total_bytes_sent)
+    nxt = _inputs(rank, 4, missing=False)
+    reducer.reduce([t.clone() for t in nxt], compressor=compressor, commit=False)  # dropped
+    held = reducer.reduce([t.clone() for t in nxt], compressor=compressor, commit=False)
+    out["uncommitted_unchanged"] = _same(before, _state(reducer)) and counted == (
+        reducer.bytes_sent, reducer.total_bytes_sent)
+    held.commit()
+    held.commit()  # a second commit does nothing
+    want = clone.reduce([t.clone() for t in nxt], compressor=compressor)
+    out["commit_equals_reduce"] = _same(_state(reducer), _state(clone)) and all(
+        torch.equal(x, y) for x, y in zip(held.update, want.update)) and (
+        reducer.bytes_sent == clone.bytes_sent == reducer.total_bytes_sent - counted[1])
+
     # Pickles without the process group (and without scratch buffers).
     blob = pickle.dumps(reducer)
     back = pickle.loads(blob)

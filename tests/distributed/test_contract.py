@@ -5,8 +5,9 @@ Properties: ``None`` entries (zeros in, ``None`` back where absent on every rank
 counters equal the traffic measured at the collectives; ``input == transmitted + residual``
 (what a rank reports as transmitted is what the others received, at the worker stage and
 at the server stage); a NaN on one rank raises the same error on every rank and changes no
-state; a reducer loaded from ``state_dict()`` continues identically; reducers and hook
-states pickle without their process group.
+state; a reducer loaded from ``state_dict()`` continues identically; with ``commit=False``
+nothing changes until :meth:`Reduction.commit`; reducers and hook states pickle without
+their process group.
 """
 
 from __future__ import annotations
@@ -83,6 +84,13 @@ def test_nonfinite_on_one_rank_raises_everywhere(suite, case):
 @pytest.mark.parametrize("case", CASES + ["ddp-hook"])
 def test_state_dict_round_trip(suite, case):
     assert all(res["resume_equal"] for res in _ranks(suite, case))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_nothing_changes_until_the_caller_commits(suite, case):
+    for res in _ranks(suite, case):
+        assert res["uncommitted_unchanged"], f"{case}: an uncommitted reduction changed state"
+        assert res["commit_equals_reduce"], f"{case}: commit() differs from a committed reduce"
 
 
 @pytest.mark.parametrize("case", CASES + ["ddp-hook"])

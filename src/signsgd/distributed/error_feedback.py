@@ -18,8 +18,9 @@ from signsgd.distributed.adversary import Adversary
 from signsgd.distributed.codecs import WireCodec, codec_for
 from signsgd.distributed.collectives import all_gather, all_reduce, all_to_all, phase, world
 from signsgd.distributed.header import Agreed
-from signsgd.distributed.reducer import FlatReduction, Reducer, ring_nbytes
+from signsgd.distributed.reducer import FlatReduction, Kind, Reducer, ring_nbytes
 from signsgd.distributed.vote import shard_nbytes
+from signsgd.reduction import Reduction
 
 __all__ = ["ErrorFeedbackAllReduce"]
 
@@ -108,11 +109,12 @@ class ErrorFeedbackAllReduce(Reducer):
     def _codec(compressor: Any) -> WireCodec:
         return codec_for(compressor)
 
-    def reduce(self, tensors: list[Tensor | None], *, finite: bool = True,
-               compressor: Compressor | None = None, settings: Any = None) -> Any:
+    def reduce(self, tensors: list[Tensor | None], *, finite: bool | Tensor = True,
+               compressor: Compressor | None = None, settings: Any = None,
+               commit: bool = True) -> Reduction:
         self.check_compressor(compressor)
         return super().reduce(tensors, finite=finite, compressor=compressor,
-                              settings=settings)
+                              settings=settings, commit=commit)
 
     def reduce_flat(self, flat: Tensor, agreed: Agreed, *, step: int,
                     compressor: Compressor | None, owned: bool) -> FlatReduction:
@@ -129,7 +131,7 @@ class ErrorFeedbackAllReduce(Reducer):
                 all_reduce(mean, self.group)
                 mean.div_(m)
             nbytes = ring_nbytes(d, m, flat.element_size())
-            return FlatReduction(mean, None, True, False, nbytes, nbytes)
+            return FlatReduction(mean, Kind.MEAN, None, nbytes, nbytes)
         if not flat.is_contiguous():
             flat = self.scratch.get("flat", d, dtype, device).copy_(flat)
         key = (codec.name, m, dtype, tuple(agreed.lengths))
@@ -159,7 +161,7 @@ class ErrorFeedbackAllReduce(Reducer):
 
         # Server stage on this rank's shard: q = (Σ_w Δ_w) / M + e_s; Δ' = C(q); e_s = q − Δ'.
         # The new server error goes to the buffer the old one does not occupy, so a step
-        # that raises leaves the old one intact.
+        # that raises or is not committed leaves the old one intact.
         n, mine = n_of[rank], chunks[rank]
         q = buf("server_b" if self.scratch.owns("server_a", err) else "server_a", c)
         out_row = buf("out_row", block, torch.uint8)
@@ -181,9 +183,8 @@ class ErrorFeedbackAllReduce(Reducer):
             for r in range(m):
                 if r != rank and n_of[r]:
                     codec.decode(gathered[r], chunks[r], upd[r * c:r * c + n_of[r]], shard=c)
-        self._pending = (q, key)
         nbytes = 2 * (m - 1) * block if d else 0
-        return FlatReduction(upd, tx, False, False, nbytes, nbytes)
+        return FlatReduction(upd, Kind.COMPRESSED, tx, nbytes, nbytes, state=(q, key))
 
     def _single(self, flat: Tensor, agreed: Agreed, compressor: Any, step: int
                 ) -> FlatReduction:
@@ -198,16 +199,12 @@ class ErrorFeedbackAllReduce(Reducer):
         update = out
         if self.adversary is not None:
             update = self.adversary.corrupt_gradient(out, step=step)
-        return FlatReduction(update, out, False, False, 0, 0)
+        return FlatReduction(update, Kind.COMPRESSED, out)
 
-    def _commit(self) -> None:
-        pending = self.__dict__.pop("_pending", None)
-        if pending is not None:
-            self.server_error, self.layout = pending
-
-    def count(self, sent: int, received: int) -> None:
-        self._commit()  # the step finished on every rank: its server error is the new one
-        super().count(sent, received)
+    def keep(self, state: Any) -> None:
+        """A committed sharded step's server error (and its layout) becomes this rank's."""
+        if state is not None:
+            self.server_error, self.layout = state
 
     def state_dict(self) -> dict[str, Any]:
         """``{"step", "server_error", "layout"}``: a copy of this rank's server error."""

@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
@@ -17,7 +18,8 @@ from torch import Tensor
 from signsgd.compression import ScaledSign
 from signsgd.distributed.collectives import world
 from signsgd.distributed.error_feedback import ErrorFeedbackAllReduce
-from signsgd.distributed.reducer import AllReduce
+from signsgd.distributed.reducer import AllReduce, Reducer
+from signsgd.reduction import Pending, Reduction
 
 __all__ = ["OneBitAllReduce"]
 
@@ -68,14 +70,17 @@ class OneBitAllReduce:
                              f"(ScaledSign), not {compressor!r}")
 
     def reduce(self, tensors: list[Tensor | None], *, finite: Any = True,
-               compressor: Any = None, settings: Any = None) -> Any:
+               compressor: Any = None, settings: Any = None, commit: bool = True
+               ) -> Reduction:
         """The mean of ``tensors`` (``compressor=None``), else their error-feedback 1-bit
         all-reduce; see :meth:`signsgd.distributed.Reducer.reduce`."""
         self.check_compressor(compressor)
         use = self.ef if compressor is not None and world(self.group)[1] > 1 else self.mean
-        out = use.reduce(tensors, finite=finite, settings=settings,
+        out = use.reduce(tensors, finite=finite, settings=settings, commit=False,
                          compressor=compressor if use is self.ef else None)
-        self.last = use
+        out.pending = _Phase(self, use, out.pending)
+        if commit:
+            out.commit()
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -100,3 +105,17 @@ class OneBitAllReduce:
 
     def __repr__(self) -> str:
         return f"OneBitAllReduce(adversary={self.mean.adversary!r})"
+
+
+@dataclass
+class _Phase:
+    """A step of :class:`OneBitAllReduce` not yet committed: its reducer's pending state."""
+
+    owner: OneBitAllReduce     # whose last reducer becomes ``used`` on commit
+    used: Reducer              # the reducer of this step (the mean or the EF all-reduce)
+    inner: Pending | None      # its pending state
+
+    def commit(self) -> None:
+        if self.inner is not None:
+            self.inner.commit()
+        self.owner.last = self.used

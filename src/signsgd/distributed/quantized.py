@@ -39,7 +39,7 @@ from torch import Tensor
 from signsgd.compression import Compressor
 from signsgd.distributed.collectives import all_gather, all_to_all, phase, world
 from signsgd.distributed.header import Agreed
-from signsgd.distributed.reducer import FlatReduction, Reducer
+from signsgd.distributed.reducer import FlatReduction, Kind, Reducer
 
 __all__ = ["QuantizedMean", "PRECISIONS", "quantized_nbytes"]
 
@@ -156,7 +156,7 @@ class QuantizedMean(Reducer):
                 lo, n = r * c, n_of[r]
                 self._encode(flat[lo:lo + n], send[r], tx[lo:lo + n], c)
         if m == 1:
-            return FlatReduction(tx, tx, False, False, 0, 0)
+            return FlatReduction(tx, Kind.COMPRESSED, tx)
         recv = buf("recv", m * block, torch.uint8).view(m, block)
         if d:
             all_to_all(recv.view(-1), send.view(-1), self.group)
@@ -181,7 +181,7 @@ class QuantizedMean(Reducer):
                 if r != rank and n_of[r]:
                     self._decode(gathered[r], upd[r * c:r * c + n_of[r]], c)
         nbytes = 2 * (m - 1) * block if d else 0
-        return FlatReduction(upd, tx, False, False, nbytes, nbytes)
+        return FlatReduction(upd, Kind.COMPRESSED, tx, nbytes, nbytes)
 
     def __repr__(self) -> str:
         block = f", block={self.block}" if self.precision == "int8" else ""

@@ -22,7 +22,9 @@ Contract every reducer keeps (``tests/distributed/test_contract.py`` checks it f
 * Every rank issues the same collectives in the same order, whatever its inputs hold; a
   NaN or inf on any rank (``finite=False``) raises
   :class:`~signsgd.errors.NonFiniteGradientError` on every rank before any payload moves.
-* A step that raises leaves the reducer's state (step counter, server error) unchanged.
+* A step that raises leaves the reducer's state (step counter, server error) unchanged;
+  with ``reduce(..., commit=False)`` nothing changes until the caller's
+  :meth:`Reduction.commit` (the optimisers commit only once their own step succeeded).
 * ``input == transmitted + residual``: :attr:`Reduction.transmitted` is what this rank's
   codec kept of its input; the optimiser keeps the residual (EF-SGD's worker error).
 * ``bytes_sent`` / ``bytes_received`` are the payload bytes this rank sent to / received
@@ -45,6 +47,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, ClassVar
 
 import torch
@@ -59,7 +62,16 @@ from signsgd.reduction import Reducer as ReducerProtocol
 from signsgd.reduction import Reduction
 from signsgd.scratch import Scratch
 
-__all__ = ["Reducer", "Reduction", "FlatReduction", "AllReduce", "ring_nbytes"]
+__all__ = ["Reducer", "Reduction", "FlatReduction", "Kind", "Step", "AllReduce",
+           "ring_nbytes"]
+
+
+class Kind(Enum):
+    """What a reducer's core returns, and what it says this rank transmitted."""
+
+    MEAN = "mean"              # the mean of the inputs: this rank's input went out as it is
+    COMPRESSED = "compressed"  # ``transmitted`` holds this rank's input after its codec
+    VOTE = "vote"              # ±1 (0 on chunks zero everywhere); the input is not accounted
 
 
 @dataclass
@@ -67,17 +79,39 @@ class FlatReduction:
     """What a reducer's core :meth:`Reducer.reduce_flat` returns.
 
     Example:
-        >>> FlatReduction(torch.ones(2), None, True, False, 0, 0).exact
-        True
+        >>> FlatReduction(torch.ones(2), Kind.MEAN).kind.value
+        'mean'
     """
 
     update: Tensor                     # flat, identical on every rank
-    transmitted: Tensor | None         # flat; None: see ``exact``
-    exact: bool                        # transmitted is None: the input itself went out (True)
-    #                                    or the reducer keeps no account of it (False)
-    signs: bool                        # a vote: ±1, or 0 on chunks zero everywhere
-    sent: int                          # payload bytes, the header excluded
+    kind: Kind
+    transmitted: Tensor | None = None  # flat; only with Kind.COMPRESSED
+    sent: int = 0                      # payload bytes, the header excluded
+    received: int = 0
+    state: Any = None                  # the core's state after this step, kept on commit
+
+
+@dataclass
+class Step:
+    """A reducer's state after a step it has not committed (:class:`~signsgd.reduction.Pending`).
+
+    Example:
+        >>> r = AllReduce()
+        >>> red = r.reduce([torch.ones(1)], commit=False)
+        >>> r.step, red.pending.step, (red.commit(), r.step)[1]
+        (0, 1, 1)
+    """
+
+    reducer: Reducer                   # whose state this is
+    step: int                          # its step counter after the step
+    sent: int                          # payload bytes of the step, header included
     received: int
+    timings: dict[str, float]          # seconds in packing, collectives and unpacking
+    state: Any = None                  # the core's own state (FlatReduction.state)
+
+    def commit(self) -> None:
+        """Make this step the reducer's (see :meth:`Reducer.commit`)."""
+        self.reducer.commit(self)
 
 
 def ring_nbytes(numel: int, m: int, itemsize: int) -> int:
@@ -201,7 +235,8 @@ class Reducer(ReducerProtocol):
 
     # ------------------------------------------------------------------ the front-end
     def reduce(self, tensors: list[Tensor | None], *, finite: bool | Tensor = True,
-               compressor: Compressor | None = None, settings: Any = None) -> Reduction:
+               compressor: Compressor | None = None, settings: Any = None,
+               commit: bool = True) -> Reduction:
         """Reduce ``tensors`` across the ranks (see the module docstring).
 
         Args:
@@ -212,6 +247,8 @@ class Reducer(ReducerProtocol):
             compressor: the optimiser's compressor (EF-SGD), ``None`` for sign optimisers.
             settings: the optimiser's hyper-parameters (any ``repr``-able value), checked to
                 be equal on every rank.
+            commit: take the step's state at once; ``False``: only when the caller calls
+                the result's :meth:`Reduction.commit` (nothing changes before).
 
         Raises:
             NonFiniteGradientError: ``finite=False`` on some rank (raised on every rank).
@@ -223,7 +260,7 @@ class Reducer(ReducerProtocol):
         step, group, device = self.step, self.group, _device(tensors)
         config = self.config(compressor)
 
-        def job() -> tuple[Reduction, int, int]:
+        def job() -> tuple[Reduction, int, int, dict[str, float], Any]:
             with timing() as spent:
                 agreed = exchange(specs, group=group, finite=finite, step=step,
                                   seed=self.seed(), config=config, who=who, settings=settings,
@@ -232,20 +269,42 @@ class Reducer(ReducerProtocol):
                     flat, owned = self._flatten(tensors, agreed, device)
                 out = self.reduce_flat(flat, agreed, step=step, compressor=compressor,
                                        owned=owned)
-            self.timings = spent
-            transmitted: list[Tensor | None] | None
-            if out.transmitted is None:
-                transmitted = list(tensors) if out.exact else None
-            else:
+            transmitted: list[Tensor | None] | None = None
+            if out.kind is Kind.MEAN:
+                transmitted = list(tensors)
+            elif out.kind is Kind.COMPRESSED and out.transmitted is not None:
                 transmitted = [None if t is None else v
                                for t, v in zip(tensors, split(out.transmitted, agreed))]
-            reduction = Reduction(split(out.update, agreed), transmitted, out.signs)
-            return reduction, agreed.sent + out.sent, agreed.received + out.received
+            reduction = Reduction(split(out.update, agreed), transmitted, out.kind is Kind.VOTE)
+            return (reduction, agreed.sent + out.sent, agreed.received + out.received, spent,
+                    out.state)
 
-        reduction, sent, received = engine.run(group, job, device)
-        self.step = step + 1
-        self.count(sent, received)
+        reduction, sent, received, spent, state = engine.run(group, job, device)
+        reduction.pending = Step(self, step + 1, sent, received, spent, state)
+        if commit:
+            reduction.commit()
         return reduction
+
+    def commit(self, pending: Step) -> None:
+        """Take the state of a reduction: its step counter, byte counts and timings (and
+        the core's state, :meth:`keep`).
+
+        Raises:
+            RuntimeError: another reduction was committed since this one was computed.
+        """
+        if pending.step != self.step + 1:
+            raise RuntimeError(
+                f"{type(self).__name__}: a reduction of step {pending.step - 1} committed at "
+                f"step {self.step} (commit each reduction before the next one)")
+        self.step = pending.step
+        self.timings = pending.timings
+        self.bytes_sent, self.bytes_received = int(pending.sent), int(pending.received)
+        self.total_bytes_sent += self.bytes_sent
+        self.total_bytes_received += self.bytes_received
+        self.keep(pending.state)
+
+    def keep(self, state: Any) -> None:
+        """Take the core's state of a committed step (:attr:`FlatReduction.state`)."""
 
     def _flatten(self, tensors: list[Tensor | None], agreed: Agreed, device: torch.device
                  ) -> tuple[Tensor, bool]:
@@ -269,13 +328,6 @@ class Reducer(ReducerProtocol):
                 flat[off:off + s.numel].copy_(t.reshape(-1))
             off += s.numel
         return flat, True
-
-    def count(self, sent: int, received: int) -> None:
-        """Record the payload bytes of a finished step."""
-        self.bytes_sent = int(sent)
-        self.bytes_received = int(received)
-        self.total_bytes_sent += int(sent)
-        self.total_bytes_received += int(received)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -353,7 +405,8 @@ class AllReduce(Reducer):
             all_reduce(wire, self.group)
             wire.div_(m)
         nbytes = ring_nbytes(wire.numel(), m, wire.element_size())
-        return FlatReduction(wire, transmitted, True, False, nbytes, nbytes)
+        kind = Kind.MEAN if transmitted is None else Kind.COMPRESSED
+        return FlatReduction(wire, kind, transmitted, nbytes, nbytes)
 
     def __repr__(self) -> str:
         return f"AllReduce(adversary={self.adversary!r})"

@@ -70,7 +70,7 @@ from signsgd.distributed.adversary import Adversary
 from signsgd.distributed.collectives import all_gather, all_to_all, phase, world
 from signsgd.distributed.header import HEADER_WORDS, Agreed, TensorSpec, exchange, spec_of
 from signsgd.distributed.random_bits import tie_bits
-from signsgd.distributed.reducer import FlatReduction, Reducer
+from signsgd.distributed.reducer import FlatReduction, Kind, Reducer
 from signsgd.functional import all_finite
 from signsgd.packing import (
     majority_tally,
@@ -490,7 +490,7 @@ class MajorityVote(Reducer):
         verdict = self.scratch.get("verdict", flat.numel(), flat.dtype, flat.device,
                                    exact=True)
         sent, received = self._vote(flat, step, verdict, agreed.lengths)
-        return FlatReduction(verdict, None, False, True, sent, received)
+        return FlatReduction(verdict, Kind.VOTE, None, sent, received)
 
     def _vote(self, flat: Tensor, step: int, out: Tensor, lengths: Sequence[int]
               ) -> tuple[int, int]:
