@@ -88,7 +88,7 @@ def test_out_of_place_helpers_leave_inputs(foreach):
     lambda: F.signum_direction([torch.ones(1)], [None], momentum=0.5),
     lambda: F.ef_compensate([torch.ones(1)], [torch.ones(1)], [], [None], lr=0.1,
                             momentum=0.0, weight_decay=0.0),
-    lambda: F.ef_apply_([torch.ones(1)], [torch.ones(1)], [], [], []),
+    lambda: F.residual_([torch.ones(1)], [torch.ones(1)], []),
     lambda: F.ef_sgd([torch.ones(2)], [torch.ones(2)], [torch.zeros(2)], [None], lr=0.1,
                      momentum=0.0, weight_decay=0.0, compressor=lambda v: v[:1]),
 ], ids=["signum-len", "signum-buf", "sign_update-len", "direction-buf", "compensate-len",

@@ -50,7 +50,8 @@ __all__ = [
     "lion",
     "ef_sgd",
     "ef_compensate",
-    "ef_apply_",
+    "residual_",
+    "sub_",
     "compress_all",
     "lerp_",
     "copy_",
@@ -614,49 +615,43 @@ def ef_compensate(
     return out_p, out_m  # type: ignore[return-value]
 
 
-def ef_apply_(
-    params: Sequence[Tensor],
-    errors: Sequence[Tensor],
-    compensated: Sequence[Tensor],
-    transmitted: Sequence[Tensor],
-    update: Sequence[Tensor],
-    *,
-    foreach: bool = False,
-) -> None:
-    """Commit an EF step in place: ``e ← p − C(p)`` and ``x ← x − Δ``.
-
-    Args:
-        params: parameters ``x``, updated in place.
-        errors: error buffers ``e``, overwritten in place.
-        compensated: the vectors ``p`` (not modified).
-        transmitted: this worker's ``C(p)``.
-        update: the ``Δ`` applied to the parameters (the same tensors as ``transmitted``
-            in a single process, the aggregate in a distributed run).
-        foreach: use the multi-tensor kernels.
-
-    Returns:
-        None.
+def residual_(errors: Sequence[Tensor], compensated: Sequence[Tensor],
+              transmitted: Sequence[Tensor], *, foreach: bool = False) -> None:
+    """``e ← p − C(p)`` in place: what this worker's codec did not send, carried into its
+    next step (EF-SGD's worker error).
 
     Example:
-        >>> x, e = torch.tensor([1.0]), torch.tensor([0.0])
-        >>> ef_apply_([x], [e], [torch.tensor([0.75])], [torch.tensor([0.5])],
-        ...           [torch.tensor([0.5])])
-        >>> x, e
-        (tensor([0.5000]), tensor([0.2500]))
+        >>> e = [torch.zeros(1)]
+        >>> residual_(e, [torch.tensor([0.75])], [torch.tensor([0.5])]); e
+        [tensor([0.2500])]
 
     Reference: Karimireddy et al., Error Feedback Fixes SignSGD, ICML 2019 (Algorithm 2).
     """
-    n = len(params)
-    if not (len(errors) == len(compensated) == len(transmitted) == len(update) == n):
-        raise ValueError("ef_apply_ needs one error, p, C(p) and update per parameter")
+    if not len(errors) == len(compensated) == len(transmitted):
+        raise ValueError(f"residual_ needs one p and C(p) per error, got {len(errors)} errors, "
+                         f"{len(compensated)} p and {len(transmitted)} C(p)")
     if not foreach:
-        for x, e, p, c, u in zip(params, errors, compensated, transmitted, update):
+        for e, p, c in zip(errors, compensated, transmitted):
             torch.sub(p, c, out=e)
-            x.sub_(u)
         return
-    for xs, es, ps, cs, us in _by_bucket(params, errors, compensated, transmitted, update):
+    for es, ps, cs in _by_bucket(errors, compensated, transmitted):
         torch._foreach_copy_(es, ps)
         torch._foreach_sub_(es, cs)
+
+
+def sub_(params: Sequence[Tensor], updates: Sequence[Tensor], *, foreach: bool = False
+         ) -> None:
+    """``x ← x − Δ`` in place for each pair (EF-SGD's parameter update).
+
+    Example:
+        >>> x = [torch.ones(1)]; sub_(x, [torch.tensor([0.5])]); x
+        [tensor([0.5000])]
+    """
+    if not foreach:
+        for x, u in zip(params, updates):
+            x.sub_(u)
+        return
+    for xs, us in _by_bucket(params, updates):
         torch._foreach_sub_(xs, us)
 
 
@@ -697,6 +692,7 @@ def ef_sgd(
     weight_decay: float,
     compressor: Callable[[Tensor], Tensor],
     foreach: bool = False,
+    nesterov: bool = False,
 ) -> None:
     r"""One single-process EF-SGD step, in place (EF-signSGD with ``ScaledSign``).
 
@@ -704,9 +700,11 @@ def ef_sgd(
         p \leftarrow \mathrm{lr}\,(g + \mathrm{wd}\,x) + e,\quad
         \Delta \leftarrow C(p),\quad e \leftarrow p - \Delta,\quad x \leftarrow x - \Delta
 
-    With momentum β > 0: ``m ← β·m + (g + wd·x)`` and ``p ← lr·m + e``. The compressor
-    runs on every tensor before anything is written, so a compressor that raises leaves
-    parameters and buffers untouched.
+    With momentum β > 0: ``m ← β·m + (g + wd·x)`` and ``p ← lr·m + e`` (Nesterov:
+    ``p ← lr·(d + β·m) + e``). The same pieces as a distributed step
+    (:func:`ef_compensate`, then the reduction, then :func:`residual_` and :func:`sub_`),
+    with ``Δ = C(p)`` as the reduction. The compressor runs on every tensor before anything
+    is written, so a compressor that raises leaves parameters and buffers untouched.
 
     Args:
         params: parameters, updated in place.
@@ -718,6 +716,7 @@ def ef_sgd(
         weight_decay: L2 weight decay added to the gradient.
         compressor: ``C``, applied per tensor; must keep shape, dtype and device.
         foreach: use the multi-tensor kernels.
+        nesterov: Nesterov momentum (needs ``momentum > 0``).
 
     Returns:
         None.
@@ -733,10 +732,11 @@ def ef_sgd(
     Reference: Karimireddy et al., Error Feedback Fixes SignSGD, ICML 2019 (Algorithm 2).
     """
     ps, ms = ef_compensate(
-        params, grads, errors, momentum_buffers,
-        lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=foreach,
+        params, grads, errors, momentum_buffers, lr=lr, momentum=momentum,
+        weight_decay=weight_decay, foreach=foreach, nesterov=nesterov,
     )
     deltas = compress_all(compressor, ps)
     if momentum != 0:
         copy_(momentum_buffers, ms, foreach=foreach)  # type: ignore[arg-type]
-    ef_apply_(params, errors, ps, deltas, deltas, foreach=foreach)
+    residual_(errors, ps, deltas, foreach=foreach)
+    sub_(params, deltas, foreach=foreach)

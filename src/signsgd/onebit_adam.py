@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from signsgd.compression import ScaledSign
-from signsgd.optim import Fresh, StagedOptimizer, check_number, reject_options, scalar
+from signsgd.optim import Fresh, Plan, StagedOptimizer, check_number, reject_options, scalar
 from signsgd.reduction import Reducer
 
 __all__ = ["OneBitAdam"]
@@ -218,32 +218,26 @@ class OneBitAdam(StagedOptimizer):
         self._apply(group, params, grads)
 
     def _transform(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
-                   ) -> tuple[list[Tensor], Any]:
+                   ) -> Plan:
         """Warm-up: the gradients (their mean comes back). After the freeze: this rank's
-        ``p = β1·m + (1−β1)·g + e``, out of place."""
+        ``p = β1·m + (1−β1)·g + e``, out of place; on commit ``e ← p − C(p)``."""
         if not self.frozen:
-            return list(grads), None
+            return Plan(params, list(grads))
         fresh: Fresh = {}
         ms, errors = self._buffers(params, "exp_avg", fresh), self._buffers(params, "error", fresh)
         b1 = scalar(group["betas"][0])
         sends = torch._foreach_add(torch._foreach_lerp(ms, grads, 1.0 - b1), errors)
-        return sends, (params, errors, sends, fresh)
+        return Plan(params, list(sends), fresh, errors=errors)
 
-    def _commit(self, group: dict[str, Any], updated: list[Tensor], updates: list[Tensor],
-                plan: Any, transmitted: dict[int, Tensor] | None, signs: bool) -> None:
-        """Warm-up: the Adam step on the mean gradient. After: ``e ← p − C(p)``, ``m`` ← the
-        reduced momentum, the step with the frozen ``v``."""
-        self._moved = self._moved or bool(updated)
-        if plan is not None:
-            params, errors, sends, fresh = plan
-            self._store(fresh)
-            for p, e, s in zip(params, errors, sends):
-                torch.sub(s, transmitted[id(p)].view_as(p), out=e)  # type: ignore[index]
-        if updated:
-            if self.frozen:
-                self._apply(group, updated, None, updates)
-            else:
-                self._apply(group, updated, updates)
+    def _update(self, group: dict[str, Any], updated: list[Tensor], updates: list[Tensor],
+                signs: bool) -> None:
+        """Warm-up: the Adam step on the mean gradient. After: ``m`` ← the reduced
+        momentum, the step with the frozen ``v``."""
+        self._moved = True
+        if self.frozen:
+            self._apply(group, updated, None, updates)
+        else:
+            self._apply(group, updated, updates)
 
     # ------------------------------------------------------------------ checkpoints
     def _extra_state(self) -> dict[str, Any]:

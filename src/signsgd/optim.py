@@ -9,13 +9,15 @@ and call the functional math. Every step has the same shape:
    algorithm says);
 3. reduce: with ``aggregator=`` (a :class:`~signsgd.distributed.reducer.Reducer`) the
    transformed vectors of every rank become one result, identical on every rank;
-4. commit: parameters and state change only now.
+4. commit: parameters, state and the reducer's state change only now, in one place
+   (:meth:`StagedOptimizer._commit`, then :meth:`~signsgd.reduction.Reduction.commit`).
 
-Without an aggregator nothing can fail after step 1, so the four stages run fused and in
-place (one functional call per param group: the fast single-process path). The
-implementation is chosen once, at construction. Every check happens before anything
-changes: a bad gradient (NaN, inf, sparse, complex) raises and leaves every parameter and
-every state tensor as it was. State is created once, on the first step that succeeds.
+Without an aggregator the four stages run fused and in place, one functional call per
+param group (the fast single-process path: :func:`~signsgd.functional.signum`,
+:func:`~signsgd.functional.lion`, :func:`~signsgd.functional.ef_sgd`, made of the same
+pieces as the staged path). Every check happens before anything changes: a bad gradient
+(NaN, inf, sparse, complex) raises and leaves every parameter and every state tensor as it
+was. State is created once, on the first step that succeeds.
 
 FSDP2 parameters (DTensors, ``fully_shard``) are stepped through their local shards,
 their state is DTensors like them, and the ranks of each shard group agree on the finite
@@ -35,6 +37,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,11 +48,11 @@ from signsgd import functional as F
 from signsgd import sharding
 from signsgd.compression import Compressor, ScaledSign
 from signsgd.errors import NonFiniteGradientError
-from signsgd.reduction import Reducer, hyperparameters
+from signsgd.reduction import Reducer, Reduction, hyperparameters
 from signsgd.scratch import Scratch
 
-__all__ = ["SignSGD", "Signum", "Lion", "EFSGD", "StagedOptimizer", "NonFiniteGradientError",
-           "hyperparameters"]
+__all__ = ["SignSGD", "Signum", "Lion", "EFSGD", "StagedOptimizer", "Plan",
+           "NonFiniteGradientError", "hyperparameters"]
 
 #: Options of ``torch.optim`` optimisers that these classes do not implement. Passing one
 #: with a value that would change the result (e.g. ``fused=True``) raises ValueError.
@@ -64,6 +67,27 @@ _Entry = tuple[int, int, Tensor]
 _Work = list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]
 #: state buffers created in a step, stored when it commits: (key, id) -> (param, buffer).
 Fresh = dict[tuple[str, int], tuple[Tensor, Tensor]]
+
+
+@dataclass
+class Plan:
+    """One param group's local transform, out of place: what this rank hands to the reducer
+    and what the step's commit writes. Nothing in it is the optimiser's state before then.
+
+    Example:
+        >>> import torch
+        >>> Plan([torch.zeros(1)], [torch.ones(1)]).errors
+        []
+    """
+
+    params: list[Tensor]      # the group's parameters with a gradient on this rank
+    sends: list[Tensor]       # this rank's input to the reducer, one per parameter
+    fresh: Fresh = field(default_factory=dict)          # state created now, stored on commit
+    momenta: list[Tensor] = field(default_factory=list)  # momentum buffers the commit
+    #                           advances with ``targets`` (:meth:`StagedOptimizer._advance`)
+    targets: list[Tensor] = field(default_factory=list)  # their new values (Signum, EFSGD),
+    #                           or the gradients they move towards (Lion)
+    errors: list[Tensor] = field(default_factory=list)   # error buffers: e ← sends − transmitted
 
 
 def scalar(value: Any) -> float:
@@ -133,13 +157,14 @@ class StagedOptimizer(Optimizer):
     Subclasses implement three pieces of one algorithm, each over one param group:
 
     * ``_local_step(group, params, grads)`` — the fused in-place step without an
-      aggregator;
-    * ``_transform(group, params, grads)`` — the out-of-place local transform; returns
-      ``(sends, plan)``: the tensors to reduce (aligned with ``params``) and whatever
-      ``_commit`` needs;
-    * ``_commit(group, updated, updates, plan, transmitted, signs)`` — apply the reduced
-      ``updates`` to the parameters ``updated`` (every parameter some rank had a gradient
-      for) and commit the state of the parameters in ``plan``.
+      aggregator (a functional kernel);
+    * ``_transform(group, params, grads) -> Plan`` — the out-of-place local transform:
+      what to reduce and what the commit writes (:class:`Plan`);
+    * ``_update(group, updated, updates, signs)`` — apply the reduced ``updates`` to the
+      parameters ``updated`` (every parameter some rank had a gradient for).
+
+    :meth:`_commit` then writes the plans' state (new buffers, :meth:`_advance` of the
+    momenta, the error buffers) and the reducer's (:meth:`Reduction.commit`), in one place.
 
     ``_compressor()`` is what the optimiser transmits with (``None`` for sign optimisers),
     handed to the reducer, which refuses at construction what it cannot serve.
@@ -223,7 +248,8 @@ class StagedOptimizer(Optimizer):
                 nothing is changed.
             RuntimeError: a sparse gradient or a complex parameter; nothing is changed.
             ValueError: EFSGD's compressor changed a tensor's shape, dtype or device;
-                nothing is changed.
+                nothing is changed with an aggregator; without one, nothing of that param
+                group and the groups after it (one fused call per group).
         """
         loss = None
         if closure is not None:
@@ -304,35 +330,47 @@ class StagedOptimizer(Optimizer):
         finite = F.all_finite([g for _, _, grads in work for g in grads])
         if views:  # a NaN in one shard stops every replica's step
             finite = sharding.agree_finite(finite, self._all_params())
-        plans = []
-        sends: dict[int, Tensor] = {}
-        for group, params, grads in work:
-            if not params:
-                plans.append(None)
-                continue
-            out, plan = self._transform(group, params, grads)
-            sends.update((id(p), u) for p, u in zip(params, out))
-            plans.append(plan)
+        plans = [self._transform(group, params, grads) if params else None
+                 for group, params, grads in work]
+        sends = {id(p): u for plan in plans if plan is not None
+                 for p, u in zip(plan.params, plan.sends)}
         everything = [views.get(id(p), p) for group in self.param_groups
                       for p in group["params"]]
         try:
             red = self.aggregator.reduce(  # type: ignore[union-attr]
                 [sends.get(id(p)) for p in everything], finite=finite,
-                compressor=self._compressor(), settings=self._settings())
+                compressor=self._compressor(), settings=self._settings(), commit=False)
         except NonFiniteGradientError as exc:
             bad = self._first_nonfinite(work)
             if bad is not None:
                 raise NonFiniteGradientError(f"{self._nonfinite_error(bad)}; {exc}") from None
             raise
+        self._commit(plans, everything, red)
+
+    def _commit(self, plans: list[Plan | None], everything: list[Tensor], red: Reduction
+                ) -> None:
+        """The commit of a step whose reduction succeeded, the one place where anything
+        changes: per group the new state buffers, the parameters, the momenta and error
+        buffers; then the reducer's state."""
+        views: dict[int, Tensor] = self.__dict__.get("_views", {})
         update = {id(p): u for p, u in zip(everything, red.update) if u is not None}
-        transmitted = None if red.transmitted is None else {
+        transmitted = {} if red.transmitted is None else {
             id(p): t for p, t in zip(everything, red.transmitted) if t is not None}
         for group, plan in zip(self.param_groups, plans):
+            if plan is not None:
+                self._store(plan.fresh)
             updated = [v for p in group["params"] for v in (views.get(id(p), p),)
                        if id(v) in update]
-            if updated or plan is not None:
-                self._commit(group, updated, [update[id(p)].view_as(p) for p in updated],
-                             plan, transmitted, red.signs)
+            if updated:
+                self._update(group, updated, [update[id(p)].view_as(p) for p in updated],
+                             red.signs)
+            if plan is not None and plan.momenta:
+                self._advance(group, plan)
+            if plan is not None and plan.errors:  # e ← p − C(p): what the codec did not send
+                F.residual_(plan.errors, plan.sends,
+                            [transmitted[id(p)].view_as(p) for p in plan.params],
+                            foreach=self._foreach(group))
+        red.commit()
 
     def _settings(self) -> tuple[Any, ...]:
         """The hyper-parameters every rank must share (checked in the step header)."""
@@ -343,12 +381,19 @@ class StagedOptimizer(Optimizer):
         raise NotImplementedError
 
     def _transform(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
-                   ) -> tuple[list[Tensor], Any]:
+                   ) -> Plan:
         raise NotImplementedError
 
-    def _commit(self, group: dict[str, Any], updated: list[Tensor], updates: list[Tensor],
-                plan: Any, transmitted: dict[int, Tensor] | None, signs: bool) -> None:
-        raise NotImplementedError
+    def _update(self, group: dict[str, Any], updated: list[Tensor], updates: list[Tensor],
+                signs: bool) -> None:
+        """``x ← x·(1 − lr·wd) − lr·sign(u)`` (``u`` itself when it holds signs, a vote)."""
+        F.sign_update_(updated, updates, lr=scalar(group["lr"]),
+                       weight_decay=scalar(group["weight_decay"]), take_sign=not signs,
+                       foreach=self._foreach(group), workspace=self._workspace)
+
+    def _advance(self, group: dict[str, Any], plan: Plan) -> None:
+        """Commit the momenta: ``m ← target`` (Lion overrides)."""
+        F.copy_(plan.momenta, plan.targets, foreach=self._foreach(group))
 
     # ------------------------------------------------------------------ gathering
     def _gather(self) -> _Work:
@@ -570,26 +615,16 @@ class Signum(StagedOptimizer):
                  workspace=self._workspace)
 
     def _transform(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
-                   ) -> tuple[list[Tensor], Any]:
+                   ) -> Plan:
+        """The direction ``lerp(m, g, 1−β)``; on commit ``m`` ← it (β = 0: ``g``, no state)."""
         momentum = scalar(group["momentum"])
         if momentum == 0:
-            return list(grads), None
+            return Plan(params, list(grads))
         fresh: Fresh = {}
         bufs = self._buffers(params, "momentum_buffer", fresh)
         directions = F.signum_direction(grads, bufs, momentum=momentum,
                                         foreach=self._foreach(group))
-        return directions, (bufs, directions, fresh)
-
-    def _commit(self, group: dict[str, Any], updated: list[Tensor], updates: list[Tensor],
-                plan: Any, transmitted: dict[int, Tensor] | None, signs: bool) -> None:
-        if plan is not None:  # momentum ← this rank's direction
-            bufs, directions, fresh = plan
-            self._store(fresh)
-            F.copy_(bufs, directions, foreach=self._foreach(group))
-        if updated:
-            F.sign_update_(updated, updates, lr=scalar(group["lr"]),
-                           weight_decay=scalar(group["weight_decay"]), take_sign=not signs,
-                           foreach=self._foreach(group), workspace=self._workspace)
+        return Plan(params, directions, fresh, momenta=bufs, targets=directions)
 
 
 class SignSGD(Signum):
@@ -705,25 +740,19 @@ class Lion(StagedOptimizer):
                foreach=self._foreach(group), workspace=self._workspace)
 
     def _transform(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
-                   ) -> tuple[list[Tensor], Any]:
+                   ) -> Plan:
+        """The direction ``lerp(m, g, 1−β1)``; on commit ``m ← lerp(m, g, 1−β2)``."""
         fresh: Fresh = {}
         bufs = self._buffers(params, "exp_avg", fresh)
         beta1, _ = self._betas(group)
         directions = F.signum_direction(grads, bufs, momentum=beta1,
                                         foreach=self._foreach(group))
-        return directions, (grads, bufs, fresh)
+        return Plan(params, directions, fresh, momenta=bufs, targets=list(grads))
 
-    def _commit(self, group: dict[str, Any], updated: list[Tensor], updates: list[Tensor],
-                plan: Any, transmitted: dict[int, Tensor] | None, signs: bool) -> None:
-        foreach = self._foreach(group)
-        if updated:
-            F.sign_update_(updated, updates, lr=scalar(group["lr"]),
-                           weight_decay=scalar(group["weight_decay"]), take_sign=not signs,
-                           foreach=foreach, workspace=self._workspace)
-        if plan is not None:  # m ← β2·m + (1−β2)·g with this rank's own gradient
-            grads, bufs, fresh = plan
-            self._store(fresh)
-            F.lerp_(bufs, grads, 1.0 - self._betas(group)[1], foreach=foreach)
+    def _advance(self, group: dict[str, Any], plan: Plan) -> None:
+        """``m ← β2·m + (1−β2)·g`` with this rank's own gradient."""
+        F.lerp_(plan.momenta, plan.targets, 1.0 - self._betas(group)[1],
+                foreach=self._foreach(group))
 
 
 class EFSGD(StagedOptimizer):
@@ -791,53 +820,43 @@ class EFSGD(StagedOptimizer):
     def _compressor(self) -> Compressor | None:
         return self.compressor  # type: ignore[return-value]
 
-    def _transform(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
-                   ) -> tuple[list[Tensor], Any]:
-        """``p = lr·(g + wd·x) + e`` (or ``lr·m + e``), out of place."""
+    def _state(self, group: dict[str, Any], params: list[Tensor]
+               ) -> tuple[list[Tensor], list[Tensor | None], Fresh]:
+        """The error buffers, the momentum buffers (``None`` with β = 0) and what of them
+        is new (stored only when the step succeeds)."""
         fresh: Fresh = {}
-        momentum = scalar(group["momentum"])
         errors = self._buffers(params, "error", fresh)
         bufs: list[Tensor | None] = (self._buffers(params, "momentum_buffer", fresh)  # type: ignore[assignment]
-                                     if momentum != 0 else [None] * len(params))
-        comp, new_m = F.ef_compensate(
-            params, grads, errors, bufs, lr=scalar(group["lr"]), momentum=momentum,
-            weight_decay=scalar(group["weight_decay"]), foreach=self._foreach(group),
-            nesterov=bool(group.get("nesterov")),
-        )
-        return comp, (params, errors, bufs, comp, new_m, fresh)
+                                     if scalar(group["momentum"]) != 0 else [None] * len(params))
+        return errors, bufs, fresh
 
-    def _local(self, work: _Work) -> None:
-        """Without an aggregator the "reduction" is ``Δ = C(p)`` itself. Every group's
-        ``C(p)`` is computed before anything is written, so a compressor that raises (or
-        returns a bad shape) leaves every parameter and buffer untouched."""
-        staged = [(group, *self._transform(group, params, grads))
-                  for group, params, grads in work if params]
-        deltas = [F.compress_all(self.compressor, comp) for _, comp, _ in staged]
-        for (group, _, plan), delta in zip(staged, deltas):
-            params = plan[0]
-            self._commit(group, params, delta, plan,
-                         {id(p): d for p, d in zip(params, delta)}, False)
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        return dict(lr=scalar(group["lr"]), momentum=scalar(group["momentum"]),
+                    weight_decay=scalar(group["weight_decay"]), foreach=self._foreach(group),
+                    nesterov=bool(group.get("nesterov")))
 
-    def _commit(self, group: dict[str, Any], updated: list[Tensor], updates: list[Tensor],
-                plan: Any, transmitted: dict[int, Tensor] | None, signs: bool) -> None:
-        """``m ← m'``, ``e ← p − C(p)`` and ``x ← x − Δ``."""
-        foreach = self._foreach(group)
-        local: set[int] = set()
-        if plan is not None:
-            params, errors, bufs, comp, new_m, fresh = plan
-            self._store(fresh)
-            if new_m:
-                F.copy_(bufs, new_m, foreach=foreach)  # type: ignore[arg-type]
-            by_id = {id(p): u for p, u in zip(updated, updates)}
-            sent = [transmitted[id(p)].view_as(p) for p in params]  # type: ignore[index]
-            F.ef_apply_(params, errors, comp, sent, [by_id[id(p)] for p in params],
-                        foreach=foreach)
-            local = {id(p) for p in params}
-        for p, u in zip(updated, updates):
-            if id(p) not in local:
-                # A parameter without a local gradient still takes the common update, so
-                # that every rank keeps identical parameters.
-                p.sub_(u)
+    def _local_step(self, group: dict[str, Any], params: list[Tensor],
+                    grads: list[Tensor]) -> None:
+        """:func:`~signsgd.functional.ef_sgd`; the state it creates is kept only if the
+        compressor succeeded on every tensor of the group."""
+        errors, bufs, fresh = self._state(group, params)
+        F.ef_sgd(params, grads, errors, bufs, compressor=self.compressor, **self._hyper(group))
+        self._store(fresh)
+
+    def _transform(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+                   ) -> Plan:
+        """``p = lr·(g + wd·x) + e`` (or ``lr·m + e``), out of place; on commit ``m ← m'``
+        and ``e ← p − C(p)``."""
+        errors, bufs, fresh = self._state(group, params)
+        comp, new_m = F.ef_compensate(params, grads, errors, bufs, **self._hyper(group))
+        return Plan(params, comp, fresh, momenta=bufs if new_m else [],  # type: ignore[arg-type]
+                    targets=new_m, errors=errors)
+
+    def _update(self, group: dict[str, Any], updated: list[Tensor], updates: list[Tensor],
+                signs: bool) -> None:
+        """``x ← x − Δ``, on every parameter some rank had a gradient for (so that every
+        rank keeps identical parameters)."""
+        F.sub_(updated, updates, foreach=self._foreach(group))
 
     def _pop_extra_state(self, state_dict: dict[str, Any]) -> Any:
         return state_dict.pop("compressor", None)

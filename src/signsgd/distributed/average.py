@@ -69,7 +69,7 @@ class AverageGradients(Wrapper):
         grads = [p.grad for p in params]
         present = [g for g in grads if g is not None]
         try:
-            red = self.reducer.reduce(grads, finite=all_finite(present),
+            red = self.reducer.reduce(grads, finite=all_finite(present), commit=False,
                                       settings=hyperparameters(self.param_groups))
         except NonFiniteGradientError as exc:
             bad = first_nonfinite(present)
@@ -87,6 +87,7 @@ class AverageGradients(Wrapper):
             else:
                 p.grad.copy_(mean.view_as(p))
         self.optimizer.step()
+        red.commit()  # the reducer's step counts only once the optimiser's has run
         return loss
 
     @property
