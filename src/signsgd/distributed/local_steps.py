@@ -299,15 +299,16 @@ class LocalSteps(Wrapper):
         rnd.touched = [False] * len(params)
         try:
             red = self.reducer.reduce(deltas, finite=finite, compressor=self.compressor,
-                                      settings=self._settings())
+                                      settings=self._settings(), commit=False)
         except NonFiniteGradientError as exc:
             for p, a in zip(shards, rnd.anchor):  # every rank restarts the round from x0
                 p.copy_(a)
             here = f" (this rank: {failed})" if failed else ""
             raise NonFiniteGradientError(f"LocalSteps: {exc}{here}") from None
+        errors = rnd.error
         if self.compressor is not None and red.transmitted is not None:
-            rnd.error = [None if d is None or t is None else d - t.view_as(d)
-                         for d, t in zip(deltas, red.transmitted)]
+            errors = [None if d is None or t is None else d - t.view_as(d)
+                      for d, t in zip(deltas, red.transmitted)]
         grads = [p.grad for p in params]
         for p, s, a, v in zip(params, shards, rnd.anchor, red.update):
             s.copy_(a)
@@ -318,6 +319,8 @@ class LocalSteps(Wrapper):
             for p, s, a, g in zip(params, shards, rnd.anchor, grads):
                 a.copy_(s)
                 p.grad = g
+        rnd.error = errors  # the outer step succeeded: the round's state and the reducer's
+        red.commit()
         self.bytes_sent, self.bytes_received = self.reducer.bytes_sent, self.reducer.bytes_received
         self.timings = dict(self.reducer.timings)
 
