@@ -4,12 +4,13 @@
 2. the kernels on the GPU against ``copy_`` of the same tensor: ``pack_signs``,
    ``unpack_signs(out=)`` of 100M float32 and ``majority_tally`` of 4 packed rows, GB/s and
    ratio (goal: pack and unpack <= 1.0x copy);
-3. optimiser steps on the ``gpt-10m`` parameters: Signum and Lion against
-   ``AdamW(fused=True)`` (goal <= 1.2x);
+3. optimiser steps on the ``gpt-10m`` parameters: Signum, Lion and 1-bit Adam (past its
+   freeze) against ``AdamW(fused=True)`` (goal <= 1.2x);
 4. a short language-model run per optimiser with the ``gpt-10m`` size (AdamW, Lion,
-   Signum): validation loss after the same number of steps, and steps per second;
+   Signum, 1-bit Adam): validation loss after the same number of steps, and steps per
+   second;
 5. the trainer through an NCCL process group of world size 1 (``torchrun --nproc-per-node
-   1 ... --backend nccl``).
+   1 ... --backend nccl``), once per route: the vote and 1-bit Adam across its freeze.
 
 It writes a markdown report (``--out``) with every figure and the machine it ran on.
 
@@ -87,6 +88,8 @@ def steps() -> list[str]:
         "AdamW(fused=True)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
         "Signum": lambda ps: signsgd.Signum(ps, lr=1e-3, momentum=0.9),
         "Lion": lambda ps: signsgd.Lion(ps, lr=1e-4),
+        "1-bit Adam (after the freeze)": lambda ps: signsgd.OneBitAdam(ps, lr=1e-3,
+                                                                       freeze_step=1),
     }
     times = {name: cuda_time(make(params).step) for name, make in makers.items()}
     base = times["AdamW(fused=True)"]
@@ -102,7 +105,7 @@ def lm_runs(steps_: int, out: Path) -> list[str]:
              "then cosine, bf16 autocast, one GPU", "",
              "| optimiser | lr | val loss (nats/char) | bits/char | steps/s |",
              "|---|---:|---:|---:|---:|"]
-    for opt, lr in (("adamw", 1e-3), ("lion", 1e-4), ("signum", 3e-4)):
+    for opt, lr in (("adamw", 1e-3), ("lion", 1e-4), ("signum", 3e-4), ("onebit-adam", 1e-3)):
         run = out / f"lm-{opt}"
         cmd = [sys.executable, "-m", "signsgd.cli", "train", "--data", "shakespeare",
                "--data-dir", str(ROOT / "data"), "--model", "gpt-10m", "--batch-size", "64",
@@ -124,19 +127,32 @@ def lm_runs(steps_: int, out: Path) -> list[str]:
     return lines
 
 
+# The trainer's communicating routes through an NCCL group of one process: the per-step
+# vote and 1-bit Adam across its freeze (the trainer runs local steps only with --workers
+# >= 2, which one GPU cannot host under NCCL; tests/test_cuda.py checks LocalSteps).
+NCCL_ROUTES = {
+    "Signum + MajorityVote": ("--optimizer", "signum", "--lr", "1e-3"),
+    "1-bit Adam, freeze at step 10": ("--optimizer", "onebit-adam", "--lr", "1e-3",
+                                      "--freeze-step", "10"),
+}
+
+
 def nccl_trainer(out: Path) -> list[str]:
     text = out / "tiny.txt"
     text.write_text("Now is the winter of our discontent\n" * 300)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
-           "-m", "signsgd.cli", "train", "--data", f"text:{text}", "--model", "gpt",
-           "--n-layer", "2", "--block-size", "32", "--batch-size", "8", "--steps", "20",
-           "--optimizer", "signum", "--lr", "1e-3", "--backend", "nccl", "--device", "cuda",
-           "--no-progress", "--overwrite", "--out", str(out / "nccl")]
-    done = subprocess.run(cmd, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-    tail = (done.stdout + done.stderr).strip().splitlines()[-2:]
-    return [f"torchrun, 1 process, NCCL, Signum + MajorityVote on CUDA: exit code "
-            f"{done.returncode}; `{' / '.join(tail)}`"]
+    lines = ["| route (torchrun, 1 process, NCCL, CUDA) | exit code | last lines |",
+             "|---|---:|---|"]
+    for i, (name, opts) in enumerate(NCCL_ROUTES.items()):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+               "-m", "signsgd.cli", "train", "--data", f"text:{text}", "--model", "gpt",
+               "--n-layer", "2", "--block-size", "32", "--batch-size", "8", "--steps", "20",
+               *opts, "--backend", "nccl", "--device", "cuda",
+               "--no-progress", "--overwrite", "--out", str(out / f"nccl-{i}")]
+        done = subprocess.run(cmd, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+        tail = (done.stdout + done.stderr).strip().splitlines()[-2:]
+        lines.append(f"| {name} | {done.returncode} | `{' / '.join(tail)}` |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,8 @@ OPTIMIZERS = {
     "signum": lambda ps: signsgd.Signum(ps, lr=1e-2, momentum=0.9, weight_decay=0.1),
     "lion": lambda ps: signsgd.Lion(ps, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1),
     "efsgd": lambda ps: signsgd.EFSGD(ps, lr=0.1, compressor=ScaledSign(), momentum=0.9),
+    "onebit-adam": lambda ps: signsgd.OneBitAdam(ps, lr=1e-2, weight_decay=0.1,
+                                                 freeze_step=2),  # across the freeze
 }
 
 
@@ -63,13 +65,14 @@ def test_packing_on_cuda_is_byte_identical(dtype):
 
 
 def test_vote_and_reducers_on_an_nccl_group_of_one(tmp_path):
-    """A world-size-1 NCCL group: the vote, the EF all-reduce and AllReduce on CUDA tensors
-    (the header travels on the GPU), against the same calls on CPU."""
+    """A world-size-1 NCCL group: the vote, the EF all-reduce, AllReduce and the bf16 / int8
+    means on CUDA tensors (the header travels on the GPU), against the same calls on CPU."""
     script = tmp_path / "one.py"
     script.write_text('''
 import torch, torch.distributed as dist
 from signsgd.compression import ScaledSign
-from signsgd.distributed import AllReduce, ErrorFeedbackAllReduce, MajorityVote, majority_vote
+from signsgd.distributed import (AllReduce, ErrorFeedbackAllReduce, MajorityVote,
+                                 QuantizedMean, majority_vote)
 dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29573", rank=0, world_size=1)
 x = torch.randn(10_001, generator=torch.Generator().manual_seed(3))
 ok = torch.equal(majority_vote(x.cuda()).cpu(), majority_vote(x))
@@ -79,6 +82,22 @@ ok &= torch.allclose(ErrorFeedbackAllReduce().reduce([x.cuda()], compressor=Scal
                      .update[0].cpu(), ErrorFeedbackAllReduce().reduce(
                          [x], compressor=ScaledSign()).update[0])
 ok &= torch.equal(AllReduce().reduce([x.cuda()]).update[0].cpu(), x)
+for precision in ("bf16", "int8"):  # the DiLoCo family's outer reducers
+    ok &= torch.allclose(QuantizedMean(precision).reduce([x.cuda()]).update[0].cpu(),
+                         QuantizedMean(precision).reduce([x]).update[0])
+from signsgd.distributed import LocalSteps
+def diloco(device, reducer):  # LocalSteps, AdamW inside, Nesterov outside, 2 rounds
+    w = torch.nn.Parameter(torch.randn(257, generator=torch.Generator().manual_seed(5))
+                           .to(device))
+    opt = LocalSteps(torch.optim.AdamW([w], lr=1e-2), sync_every=3, reducer=reducer(),
+                     outer_optimizer=torch.optim.SGD([w], lr=0.7, momentum=0.9,
+                                                     nesterov=True))
+    for t in range(6):
+        w.grad = torch.cos(torch.arange(257.0, device=device) + t)
+        opt.step()
+    return w.detach().cpu()
+for reducer in (ErrorFeedbackAllReduce, lambda: QuantizedMean("int8")):
+    ok &= torch.allclose(diloco("cuda", reducer), diloco("cpu", reducer), atol=1e-5)
 dist.destroy_process_group()
 print("OK" if ok else "MISMATCH")
 ''')

@@ -38,7 +38,8 @@ MODULES = ["signsgd", "signsgd.functional", "signsgd.optim", "signsgd.compressio
            "signsgd.distributed.average", "signsgd.distributed.local_steps",
            "signsgd.reduction", "signsgd.outer", "signsgd.distributed.codecs",
            "signsgd.distributed.quantized", "signsgd.distributed.onebit",
-           "signsgd.tasks", "signsgd.text", "signsgd.transformer", "signsgd.onebit_adam"]
+           "signsgd.tasks", "signsgd.text", "signsgd.transformer", "signsgd.onebit_adam",
+           "signsgd.distributed.ledger"]
 
 
 @pytest.mark.parametrize("name", MODULES)
