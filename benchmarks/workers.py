@@ -138,6 +138,7 @@ from signsgd.distributed import (
 from signsgd.distributed.reducer import ring_nbytes
 from signsgd.distributed.vote import vote_nbytes
 from signsgd.errors import NonFiniteGradientError
+from signsgd.reduction import Telemetry, comm_stats
 
 __all__ = ["COMM_LABELS", "E2E_LABELS", "METHODS", "LOCAL_H", "WORKLOADS", "Method",
            "method", "method_arg", "comm_layout", "comm_worker", "payload_bytes", "make_op",
@@ -542,8 +543,8 @@ class Method:
 
 
 def _counted(tr: Trainer) -> tuple[int, int]:
-    c = tr.counter
-    return (int(c.bytes_sent), int(c.bytes_received)) if c is not None else (0, 0)
+    stats = comm_stats(tr.counter)
+    return stats.bytes_sent, stats.bytes_received
 
 
 def _ours(name: str, *, local: bool = False, **hp: Any) -> Callable[[Trainer], None]:
@@ -551,7 +552,7 @@ def _ours(name: str, *, local: bool = False, **hp: Any) -> Callable[[Trainer], N
     def build(tr: Trainer) -> None:
         tr.opt = registry.build(name, tr.module.parameters(),
                                 world_size=1 if local else tr.world_size, lr=tr.lr, **hp)
-        tr.counter = getattr(tr.opt, "aggregator", None) or getattr(tr.opt, "reducer", None)
+        tr.counter = tr.opt  # its comm_stats(): the aggregator's or reducer's (zeros: local)
         tr.nbytes = _counted
     return build
 
@@ -617,9 +618,9 @@ def _local(inner: str, h: int) -> Callable[[Trainer], None]:
         per_sync = vote_nbytes(tr.numel, tr.world_size)[0]
 
         def nbytes(t: Trainer) -> tuple[int, int]:  # one synchronisation's bytes / H
-            c = t.counter
-            sent = int(c.bytes_sent) or per_sync
-            received = int(c.bytes_received) or per_sync
+            c = comm_stats(t.counter)
+            sent = c.bytes_sent or per_sync
+            received = c.bytes_received or per_sync
             return round(sent / h), round(received / h)
         tr.nbytes = nbytes
     return build
@@ -783,7 +784,7 @@ class Trainer:
         self.model: nn.Module = self.module
         self.shapes = [tuple(p.shape) for p in self.module.parameters()]
         self.numel = sum(p.numel() for p in self.module.parameters())
-        self.counter: Any = None
+        self.counter: Telemetry | None = None
         self.powersgd: Any = None
         self.nbytes: Callable[[Trainer], tuple[int, int]] = lambda t: (0, 0)
         self.opt: torch.optim.Optimizer

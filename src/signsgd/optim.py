@@ -48,7 +48,7 @@ from signsgd import functional as F
 from signsgd import sharding
 from signsgd.compression import Compressor, ScaledSign
 from signsgd.errors import NonFiniteGradientError
-from signsgd.reduction import Reducer, Reduction, hyperparameters
+from signsgd.reduction import CommStats, Reducer, Reduction, comm_stats, hyperparameters
 from signsgd.scratch import Scratch
 
 __all__ = ["SignSGD", "Signum", "Lion", "EFSGD", "StagedOptimizer", "Plan",
@@ -217,6 +217,16 @@ class StagedOptimizer(Optimizer):
     def timings(self) -> dict[str, float]:
         """Seconds of the last step's reduction in packing, collectives and unpacking."""
         return {} if self.aggregator is None else dict(self.aggregator.timings)
+
+    def comm_stats(self) -> CommStats:
+        """The aggregator's :class:`~signsgd.reduction.CommStats` (zeros without one).
+
+        Example:
+            >>> import torch, signsgd
+            >>> signsgd.Signum([torch.nn.Parameter(torch.ones(1))], lr=0.1).comm_stats().bytes_sent
+            0
+        """
+        return comm_stats(self.aggregator)
 
     @property
     def _workspace(self) -> Scratch:

@@ -9,6 +9,10 @@ gather the gradients and check finiteness once → the local transform, out of p
 ``reducer.reduce(..., commit=False)`` → commit (the parameters, the optimiser's state and,
 through :meth:`Reduction.commit`, the reducer's state change only now, in one place).
 
+Telemetry is one protocol too: every optimiser, wrapper, reducer and hook state of the
+library implements :class:`Telemetry` (``comm_stats() -> CommStats``), and
+:func:`comm_stats` reads it from anything (zeros for a plain ``torch.optim`` optimiser).
+
 Example:
     >>> hyperparameters([{"params": [], "lr": 0.1, "foreach": None}])
     ((('lr', 0.1),),)
@@ -16,17 +20,26 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
-__all__ = ["Pending", "Reducer", "Reduction", "hyperparameters"]
+__all__ = ["CommStats", "Pending", "Reducer", "Reduction", "Telemetry", "comm_stats",
+           "hyperparameters"]
 
 
 @runtime_checkable
 class Pending(Protocol):
-    """A reducer's state after a step, not yet its own: :meth:`commit` makes it so."""
+    """A reducer's state after a step, not yet its own: :meth:`commit` makes it so.
+
+    Example:
+        >>> import torch
+        >>> from signsgd.distributed import AllReduce
+        >>> isinstance(AllReduce().reduce([torch.ones(1)], commit=False).pending, Pending)
+        True
+    """
 
     def commit(self) -> None:
         """Make this step the reducer's (step counter, byte counts, server error)."""
@@ -96,6 +109,56 @@ class Reducer(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; raises ``ValueError`` (changing nothing) if malformed."""
+
+
+@dataclass(frozen=True)
+class CommStats:
+    """What one rank communicated: payload bytes of the last step, their totals, and the
+    last step's time split (seconds in packing, collectives and unpacking; may be empty).
+
+    A step that did not communicate (one process, or a local step between two
+    synchronisations) has ``bytes_sent == bytes_received == 0``.
+
+    Example:
+        >>> CommStats(bytes_sent=8, bytes_received=8).total_bytes_sent
+        0
+    """
+
+    bytes_sent: int = 0                 # payload bytes this rank sent in the last step
+    bytes_received: int = 0             # ... and received
+    timings: Mapping[str, float] = field(default_factory=dict)  # the last step's split
+    total_bytes_sent: int = 0           # over every committed step
+    total_bytes_received: int = 0
+
+
+@runtime_checkable
+class Telemetry(Protocol):
+    """Anything that reports what it communicated through :meth:`comm_stats`.
+
+    Example:
+        >>> from signsgd.distributed import MajorityVote
+        >>> isinstance(MajorityVote(), Telemetry)
+        True
+    """
+
+    def comm_stats(self) -> CommStats:
+        """The communication of the last committed step, and the totals."""
+
+
+def comm_stats(obj: object) -> CommStats:
+    """The :class:`CommStats` of ``obj``: its own (:class:`Telemetry`), those read from the
+    :class:`Reducer` protocol's counters, or zeros (``None``, a plain torch optimiser).
+
+    Example:
+        >>> import torch
+        >>> comm_stats(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1))
+        CommStats(bytes_sent=0, bytes_received=0, ...)
+    """
+    if isinstance(obj, Telemetry):
+        return obj.comm_stats()
+    if isinstance(obj, Reducer):  # a protocol reducer of its own: the counters it must have
+        return CommStats(int(obj.bytes_sent), int(obj.bytes_received), dict(obj.timings))
+    return CommStats()
 
 
 def hyperparameters(param_groups: list[dict[str, Any]]) -> tuple[Any, ...]:

@@ -56,6 +56,7 @@ from signsgd.distributed import launch
 from signsgd.errors import ConfigError
 from signsgd.models import count_parameters
 from signsgd.outputs import MetricsLog, check_out, jsonable, lock_run, plot_curves, write_atomic
+from signsgd.reduction import comm_stats
 from signsgd.tasks import ImageClassification, Task, make_task
 
 __all__ = ["train", "lr_schedule"]
@@ -185,13 +186,12 @@ def _comm_record(step: int, totals: dict[str, float], counters: dict[str, Any],
             **{k: v for k, v in totals.items() if k.startswith("time_")}}
 
 
-def _comm_stats(opt: Any) -> dict[str, Any]:
+def _comm_stats(opt: torch.optim.Optimizer) -> dict[str, Any]:
     """Bytes of the optimiser's last step and the reducer's time split (pack, collectives,
-    unpack), when it communicates."""
-    stats = {"bytes_sent": int(getattr(opt, "bytes_sent", 0)),
-             "bytes_received": int(getattr(opt, "bytes_received", 0))}
-    stats.update({f"time_{k}_s": v for k, v in getattr(opt, "timings", {}).items()})
-    return stats
+    unpack), from its :func:`~signsgd.reduction.comm_stats` (zeros when it is local)."""
+    s = comm_stats(opt)
+    return {"bytes_sent": s.bytes_sent, "bytes_received": s.bytes_received,
+            **{f"time_{k}_s": v for k, v in s.timings.items()}}
 
 
 def _run(rank: int, world: int, c: TrainConfig, task: Task, ckpt: dict[str, Any] | None

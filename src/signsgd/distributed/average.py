@@ -27,7 +27,7 @@ from signsgd.distributed.reducer import AllReduce, Reducer
 from signsgd.distributed.wrapper import Wrapper
 from signsgd.errors import NonFiniteGradientError
 from signsgd.functional import all_finite, first_nonfinite
-from signsgd.reduction import hyperparameters
+from signsgd.reduction import CommStats, comm_stats, hyperparameters
 
 __all__ = ["AverageGradients"]
 
@@ -104,6 +104,17 @@ class AverageGradients(Wrapper):
     def timings(self) -> dict[str, float]:
         """Seconds of the last step's reduction in packing, collectives and unpacking."""
         return dict(self.reducer.timings)
+
+    def comm_stats(self) -> CommStats:
+        """The reducer's :class:`~signsgd.reduction.CommStats` (Telemetry).
+
+        Example:
+            >>> import torch
+            >>> w = torch.nn.Parameter(torch.ones(1))
+            >>> AverageGradients(torch.optim.SGD([w], lr=0.1)).comm_stats().bytes_received
+            0
+        """
+        return comm_stats(self.reducer)
 
     def _state(self) -> dict[str, Any]:
         """``{"optimizer": ..., "reducer": ...}``."""

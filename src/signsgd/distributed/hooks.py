@@ -110,6 +110,7 @@ from signsgd.distributed.header import spec_of
 from signsgd.distributed.ledger import IterationLedger
 from signsgd.distributed.vote import MajorityVote, check_seed, segment_lengths
 from signsgd.errors import NonFiniteGradientError
+from signsgd.reduction import CommStats
 
 # No ``from __future__ import annotations`` here: DDP's register_comm_hook compares the
 # hook's annotations with ``dist.GradBucket`` / ``torch.futures.Future[torch.Tensor]``.
@@ -201,6 +202,16 @@ class MajorityVoteHookState:
     buckets = _ledger_counter("buckets")
     total_bytes_sent = _ledger_counter("total_bytes_sent")
     total_bytes_received = _ledger_counter("total_bytes_received")
+
+    def comm_stats(self) -> CommStats:
+        """The last complete step's bytes and the totals (Telemetry; no time split).
+
+        Example:
+            >>> MajorityVoteHookState().comm_stats().bytes_sent
+            0
+        """
+        return CommStats(int(self.bytes_sent), int(self.bytes_received), {},
+                         int(self.total_bytes_sent), int(self.total_bytes_received))
 
     @property
     def mode(self) -> str:

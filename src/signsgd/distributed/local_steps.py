@@ -77,7 +77,7 @@ from signsgd.distributed.wrapper import Wrapper
 from signsgd.errors import NonFiniteGradientError
 from signsgd.functional import all_finite
 from signsgd.outer import DampedMomentum
-from signsgd.reduction import hyperparameters
+from signsgd.reduction import CommStats, comm_stats, hyperparameters
 from signsgd.sharding import agree_finite, check_replica_group, like, local
 
 __all__ = ["LocalSteps"]
@@ -323,6 +323,19 @@ class LocalSteps(Wrapper):
         red.commit()
         self.bytes_sent, self.bytes_received = self.reducer.bytes_sent, self.reducer.bytes_received
         self.timings = dict(self.reducer.timings)
+
+    def comm_stats(self) -> CommStats:
+        """The last step's bytes and time split (zeros between synchronisations) and the
+        reducer's totals (Telemetry).
+
+        Example:
+            >>> w = torch.nn.Parameter(torch.zeros(1))
+            >>> LocalSteps(torch.optim.SGD([w], lr=0.1), 2, outer_lr=1.0).comm_stats().timings
+            {}
+        """
+        total = comm_stats(self.reducer)
+        return CommStats(int(self.bytes_sent), int(self.bytes_received), dict(self.timings),
+                         total.total_bytes_sent, total.total_bytes_received)
 
     def _settings(self) -> tuple[Any, ...]:
         """What every rank must share at a synchronisation (checked in the step header)."""

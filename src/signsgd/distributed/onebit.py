@@ -19,7 +19,7 @@ from signsgd.compression import ScaledSign
 from signsgd.distributed.collectives import world
 from signsgd.distributed.error_feedback import ErrorFeedbackAllReduce
 from signsgd.distributed.reducer import AllReduce, Reducer
-from signsgd.reduction import Pending, Reduction
+from signsgd.reduction import CommStats, Pending, Reduction
 
 __all__ = ["OneBitAllReduce"]
 
@@ -62,6 +62,16 @@ class OneBitAllReduce:
     total_bytes_received = property(lambda self: self.mean.total_bytes_received
                                     + self.ef.total_bytes_received,
                                     doc="Bytes received, all steps.")
+
+    def comm_stats(self) -> CommStats:
+        """The last step's reducer's bytes and time split; the totals of both (Telemetry).
+
+        Example:
+            >>> OneBitAllReduce().comm_stats().total_bytes_sent
+            0
+        """
+        return CommStats(int(self.bytes_sent), int(self.bytes_received), dict(self.timings),
+                         int(self.total_bytes_sent), int(self.total_bytes_received))
 
     def check_compressor(self, compressor: Any) -> None:
         """Refuse any compressor but ``None`` (the warm-up) and ``ScaledSign``."""

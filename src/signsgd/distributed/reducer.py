@@ -58,8 +58,8 @@ from signsgd.distributed import engine
 from signsgd.distributed.adversary import Adversary
 from signsgd.distributed.collectives import all_reduce, phase, timing, world
 from signsgd.distributed.header import Agreed, TensorSpec, exchange, spec_of
+from signsgd.reduction import CommStats, Reduction
 from signsgd.reduction import Reducer as ReducerProtocol
-from signsgd.reduction import Reduction
 from signsgd.scratch import Scratch
 
 __all__ = ["Reducer", "Reduction", "FlatReduction", "Kind", "Step", "AllReduce",
@@ -67,7 +67,12 @@ __all__ = ["Reducer", "Reduction", "FlatReduction", "Kind", "Step", "AllReduce",
 
 
 class Kind(Enum):
-    """What a reducer's core returns, and what it says this rank transmitted."""
+    """What a reducer's core returns, and what it says this rank transmitted.
+
+    Example:
+        >>> Kind("vote") is Kind.VOTE
+        True
+    """
 
     MEAN = "mean"              # the mean of the inputs: this rank's input went out as it is
     COMPRESSED = "compressed"  # ``transmitted`` holds this rank's input after its codec
@@ -212,6 +217,16 @@ class Reducer(ReducerProtocol):
         self.scratch = Scratch()
 
     # ------------------------------------------------------------------ the protocol
+    def comm_stats(self) -> CommStats:
+        """The last committed step's bytes and time split, and the totals (Telemetry).
+
+        Example:
+            >>> AllReduce().comm_stats().bytes_sent
+            0
+        """
+        return CommStats(int(self.bytes_sent), int(self.bytes_received), dict(self.timings),
+                         int(self.total_bytes_sent), int(self.total_bytes_received))
+
     def check_compressor(self, compressor: Compressor | None) -> None:
         """Raise ``ValueError`` if this reducer cannot serve an optimiser that transmits
         with ``compressor`` (``None``: a sign optimiser, which keeps no residual)."""

@@ -22,6 +22,8 @@ from typing import Any
 
 from torch.optim import Optimizer
 
+from signsgd.reduction import CommStats, comm_stats
+
 __all__ = ["Wrapper"]
 
 
@@ -45,6 +47,17 @@ class Wrapper(Optimizer):
         self.optimizer = optimizer                          # the wrapped optimiser
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self._share()
+
+    def comm_stats(self) -> CommStats:
+        """What the wrapper communicated (Telemetry); here, the wrapped optimiser's.
+
+        Example:
+            >>> import torch
+            >>> w = torch.nn.Parameter(torch.ones(1))
+            >>> Wrapper(torch.optim.SGD([w], lr=0.1)).comm_stats().bytes_sent
+            0
+        """
+        return comm_stats(self.optimizer)
 
     def _share(self) -> None:
         """Share the wrapped optimiser's list of groups and its state (again: torch's
