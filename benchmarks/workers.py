@@ -67,8 +67,8 @@ registry with ``world_size=1`` (``torch.optim.SGD`` / ``torch.optim.AdamW``):
                             ranks' models drift apart; a lower bound for step times only
 ``sgd-local``               ``build("sgd", momentum=0.9)``, no communication, no DDP: the
                             compute-only step time under the same CPU sharing
-``local-adamw-hH``          ``LocalSteps(build("adamw"), sync_every=H, outer_lr, outer_momentum,
-``local-signum-hH``         reducer=MajorityVote())``: H local steps, then one voted outer step;
+``local-adamw-hH``          ``build("adamw", local=LocalSpec(H, lr=outer_lr, momentum=β))``
+``local-signum-hH``         (``LocalSteps`` voting): H local steps, then one voted outer step;
                             any H (the name is parsed), :data:`LOCAL_H` by default
 ==========================  =======================================================================
 
@@ -502,12 +502,17 @@ def resnet18(num_classes: int = 1000) -> nn.Module:
 #: on the Shakespeare tuning split at a global batch of 32 sequences (configs/lm.toml's
 #: values; Lion there also takes betas (0.95, 0.98), which this table does not, so the
 #: ``gpt`` runs leave Lion out). PowerSGD takes its optimiser's rate (SGD's or AdamW's):
-#: its error feedback makes it a compressed SGD, not tuned separately.
-_LR_SGD = {"cnn": 0.1, "gpt": 0.1}
-_LR_ADAMW = {"cnn": 3e-3, "gpt": 1e-2}
-_LR_SIGNUM = {"cnn": 1e-3, "gpt": 1e-3}
-_LR_LION = {"cnn": 1e-3, "gpt": 1e-3}
-_LR_EF = {"cnn": 0.3, "gpt": 1.0}
+#: its error feedback makes it a compressed SGD, not tuned separately. The ``cnn`` rates are
+#: the registry's defaults (``registry.METHODS[name].defaults["lr"]``), not copies.
+def _lr(name: str, gpt: float) -> dict[str, float]:
+    return {"cnn": float(registry.METHODS[name].defaults["lr"]), "gpt": gpt}
+
+
+_LR_SGD = _lr("sgd", 0.1)
+_LR_ADAMW = _lr("adamw", 1e-2)
+_LR_SIGNUM = _lr("signum", 1e-3)
+_LR_LION = _lr("lion", 1e-3)
+_LR_EF = _lr("ef-signsgd", 1.0)
 
 #: The H of the ``local-*-hH`` methods listed by default (any H >= 1 is accepted by name).
 LOCAL_H: tuple[int, ...] = (4, 8, 16)
@@ -608,13 +613,13 @@ def _ddp(opt: str, hook: str | None = None, *, rank: int | None = None,
 
 
 def _local(inner: str, h: int) -> Callable[[Trainer], None]:
-    """``LocalSteps(registry.build(inner, world_size=1), sync_every=h, ...)`` (train.py's
-    construction, with the majority vote as the outer reducer)."""
+    """``registry.build(inner, local=LocalSpec(h, ...))``: the registry's local steps with
+    its default outer step (sign-momentum, ``outer_lr`` ``None``: ``lr``) and vote."""
     def build(tr: Trainer) -> None:
-        opt = registry.build(inner, tr.module.parameters(), lr=tr.lr)
-        outer_lr = tr.outer_lr if tr.outer_lr is not None else tr.lr
-        tr.opt = LocalSteps(opt, h, outer_lr, tr.outer_momentum, MajorityVote())
-        tr.counter = tr.opt.reducer
+        opt = registry.build(inner, tr.module.parameters(), lr=tr.lr, local=registry.LocalSpec(
+            h, lr=tr.outer_lr, momentum=tr.outer_momentum))
+        assert isinstance(opt, LocalSteps)
+        tr.opt, tr.counter = opt, opt.reducer  # the counter: the last synchronisation's bytes
         per_sync = vote_nbytes(tr.numel, tr.world_size)[0]
 
         def nbytes(t: Trainer) -> tuple[int, int]:  # one synchronisation's bytes / H

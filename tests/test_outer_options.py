@@ -17,7 +17,8 @@ from signsgd.distributed import (
 )
 from signsgd.errors import ConfigError
 from signsgd.outer import DampedMomentum
-from signsgd.train import _local_steps
+from signsgd.registry import local_steps
+from signsgd.train import _local_spec
 
 
 def _config(**kw) -> TrainConfig:
@@ -39,7 +40,7 @@ def test_each_outer_option_builds_its_reducer_and_optimiser(outer_reducer, kind,
     c = _config(outer_reducer=outer_reducer, outer_optimizer=outer_optimizer, outer_lr=lr,
                 outer_momentum=momentum)
     p = torch.nn.Parameter(torch.zeros(3))
-    opt = _local_steps(c, torch.optim.AdamW([p], lr=0.01), None)
+    opt = local_steps(torch.optim.AdamW([p], lr=0.01), _local_spec(c))
     assert isinstance(opt, LocalSteps) and opt.sync_every == 4
     assert isinstance(opt.reducer, kind)
     cls, want_lr, want_momentum = expected

@@ -49,9 +49,10 @@ SCHEDULES: tuple[str, ...] = ("constant", "cosine", "step")
 DATA: tuple[str, ...] = (*DATASETS, "shakespeare", "text:PATH")
 #: ``--model`` names: image models and the named sizes of the language model.
 MODEL_NAMES: tuple[str, ...] = (*MODELS, *SIZES)
-OUTER_REDUCERS: tuple[str, ...] = ("vote", "ef", "mean", "bf16", "int8")
-#: The outer optimisers of local steps (``--outer-optimizer``).
-OUTER_OPTIMIZERS: tuple[str, ...] = ("sign-momentum", "nesterov")
+#: The outer reducers of local steps (``--outer-reducer``): the registry's.
+OUTER_REDUCERS: tuple[str, ...] = registry.OUTER_REDUCERS
+#: The outer optimisers of local steps (``--outer-optimizer``): the registry's.
+OUTER_OPTIMIZERS: tuple[str, ...] = tuple(registry.OUTER_OPTIMIZERS)
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 BACKENDS: tuple[str, ...] = ("auto", "gloo", "nccl")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")

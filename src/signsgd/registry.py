@@ -1,4 +1,5 @@
-"""One registry of training methods: name → (optimiser, reducer, defaults).
+"""One registry of training methods: name → (optimiser, reducer, defaults), and the local
+steps modifier.
 
 ``signsgd train --optimizer NAME``, ``signsgd compare``, the paper experiments and the
 benchmarks all build their optimisers through :func:`build`, so every method has one
@@ -28,6 +29,12 @@ DeepSpeed (and :class:`signsgd.OneBitAdam`'s default) it bias-corrects: with a w
 tens or hundreds of steps, the uncorrected ``v`` frozen at ``(1 − β2^T)·E[g²]`` makes every
 later step ``1/√(1 − β2^T)`` times too long (×10 at ``T = 10``), and the runs diverge.
 
+The reducers are named too (:data:`REDUCERS`, each built from a :class:`CommSpec`). Local
+steps are a modifier of any method: ``build(name, params, local=LocalSpec(H, ...))`` wraps
+the method's local optimiser in :class:`~signsgd.distributed.LocalSteps` with an outer
+optimiser of :data:`OUTER_OPTIMIZERS` and an outer reducer of :data:`OUTER_REDUCERS`; the
+outer defaults are resolved once, by :meth:`LocalSpec.resolved`.
+
 Example:
     >>> import torch
     >>> w = torch.nn.Parameter(torch.ones(3))
@@ -40,7 +47,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -49,7 +56,88 @@ from torch.optim import Optimizer
 from signsgd import compression
 from signsgd.errors import ConfigError
 
-__all__ = ["Method", "METHODS", "build", "resolve"]
+__all__ = ["Method", "METHODS", "CommSpec", "REDUCERS", "reducer", "LocalSpec",
+           "OUTER_OPTIMIZERS", "OUTER_REDUCERS", "local_steps", "build", "resolve"]
+
+
+@dataclass(frozen=True)
+class CommSpec:
+    """How this rank communicates: its process group, its Byzantine attack, the vote mode
+    and the vote's tie-breaking seed (each reducer reads only what it uses).
+
+    Example:
+        >>> CommSpec(seed=3).vote
+        'sharded'
+    """
+
+    group: Any = None          # None: the default group
+    adversary: Any = None      # a Byzantine attack for this rank, or None
+    vote: str = "sharded"      # the majority-vote mode
+    seed: int = 0              # the vote's tie-breaking seed
+
+
+def _vote(comm: CommSpec) -> Any:
+    from signsgd.distributed import MajorityVote
+
+    return MajorityVote(comm.group, comm.vote, seed=comm.seed, adversary=comm.adversary)
+
+
+def _error_feedback(comm: CommSpec) -> Any:
+    from signsgd.distributed import ErrorFeedbackAllReduce
+
+    return ErrorFeedbackAllReduce(comm.group, adversary=comm.adversary)
+
+
+def _onebit(comm: CommSpec) -> Any:
+    from signsgd.distributed import OneBitAllReduce
+
+    return OneBitAllReduce(comm.group, comm.adversary)
+
+
+def _mean(comm: CommSpec) -> Any:
+    from signsgd.distributed import AllReduce
+
+    return AllReduce(comm.group, comm.adversary)
+
+
+def _quantized(precision: str) -> Callable[[CommSpec], Any]:
+    def make(comm: CommSpec) -> Any:
+        from signsgd.distributed import QuantizedMean
+
+        if comm.adversary is not None:
+            raise ConfigError(f"the {precision} mean has no Byzantine model: give it no "
+                              "adversary (use the vote, ef or mean reducer)")
+        return QuantizedMean(precision, group=comm.group)
+    return make
+
+
+#: The reducers by name, each built from a :class:`CommSpec`: ``vote``
+#: (:class:`~signsgd.distributed.MajorityVote`), ``ef``
+#: (:class:`~signsgd.distributed.ErrorFeedbackAllReduce`), ``mean``
+#: (:class:`~signsgd.distributed.AllReduce`, fp32), ``bf16`` / ``int8``
+#: (:class:`~signsgd.distributed.QuantizedMean`) and ``onebit``
+#: (:class:`~signsgd.distributed.OneBitAllReduce`).
+REDUCERS: dict[str, Callable[[CommSpec], Any]] = {
+    "vote": _vote, "ef": _error_feedback, "mean": _mean, "bf16": _quantized("bf16"),
+    "int8": _quantized("int8"), "onebit": _onebit}
+
+
+def reducer(name: str, comm: CommSpec | None = None) -> Any:
+    """The reducer ``name`` of :data:`REDUCERS` for this rank (``comm``: default group,
+    honest, sharded vote, seed 0).
+
+    Raises:
+        ConfigError: an unknown name (the message lists the valid ones), or an adversary
+            for a reducer without a Byzantine model.
+
+    Example:
+        >>> reducer("vote", CommSpec(vote="allgather")).mode
+        'allgather'
+    """
+    make = REDUCERS.get(name)
+    if make is None:
+        raise ConfigError(f"unknown reducer {name!r}; valid reducers: {', '.join(REDUCERS)}")
+    return make(CommSpec() if comm is None else comm)
 
 
 @dataclass(frozen=True)
@@ -64,7 +152,7 @@ class Method:
     name: str                               # the one spelling
     summary: str                            # one line for --help and tables
     optimizer: Callable[..., Optimizer]     # (params, **hyper-parameters[, aggregator])
-    reducer: Callable[..., Any]             # (group, adversary, vote, seed) -> its reducer
+    reducer: str                            # its reducer with world_size > 1: a REDUCERS key
     defaults: dict[str, Any]                # every hyper-parameter it takes, with defaults
     library: bool = True                    # takes aggregator= (else: AverageGradients)
 
@@ -81,30 +169,6 @@ def _ef_signsgd(params: Iterable[Any], **hp: Any) -> Optimizer:
     return _efsgd(params, compressor=compression.ScaledSign(), **hp)
 
 
-def _vote(group: Any, adversary: Any, vote: str, seed: int) -> Any:
-    from signsgd.distributed import MajorityVote
-
-    return MajorityVote(group, vote, seed=seed, adversary=adversary)
-
-
-def _error_feedback(group: Any, adversary: Any, vote: str, seed: int) -> Any:
-    from signsgd.distributed import ErrorFeedbackAllReduce
-
-    return ErrorFeedbackAllReduce(group, adversary=adversary)
-
-
-def _onebit(group: Any, adversary: Any, vote: str, seed: int) -> Any:
-    from signsgd.distributed import OneBitAllReduce
-
-    return OneBitAllReduce(group, adversary)
-
-
-def _mean(group: Any, adversary: Any, vote: str, seed: int) -> Any:
-    from signsgd.distributed import AllReduce
-
-    return AllReduce(group, adversary)
-
-
 def _ours(name: str) -> Callable[..., Optimizer]:
     def make(params: Iterable[Any], **hp: Any) -> Optimizer:
         import signsgd
@@ -114,27 +178,106 @@ def _ours(name: str) -> Callable[..., Optimizer]:
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("signsgd", "signSGD: x ← x − lr·sign(g)", _ours("SignSGD"), _vote,
+    Method("signsgd", "signSGD: x ← x − lr·sign(g)", _ours("SignSGD"), "vote",
            {"lr": 1e-3, "weight_decay": 0.0}),
-    Method("signum", "Signum: sign of momentum", _ours("Signum"), _vote,
+    Method("signum", "Signum: sign of momentum", _ours("Signum"), "vote",
            {"lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0}),
     Method("ef-signsgd", "EF-signSGD: scaled sign with error feedback", _ef_signsgd,
-           _error_feedback, {"lr": 0.3, "momentum": 0.0, "weight_decay": 0.0}),
-    Method("efsgd", "EF-SGD with any compressor", _efsgd, _error_feedback,
+           "ef", {"lr": 0.3, "momentum": 0.0, "weight_decay": 0.0}),
+    Method("efsgd", "EF-SGD with any compressor", _efsgd, "ef",
            {"lr": 0.3, "momentum": 0.0, "weight_decay": 0.0, "compressor": "topk:0.1"}),
-    Method("sgd", "SGD with heavy-ball momentum (torch.optim.SGD)", torch.optim.SGD, _mean,
+    Method("sgd", "SGD with heavy-ball momentum (torch.optim.SGD)", torch.optim.SGD, "mean",
            {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0}, library=False),
-    Method("adam", "Adam (torch.optim.Adam)", torch.optim.Adam, _mean,
+    Method("adam", "Adam (torch.optim.Adam)", torch.optim.Adam, "mean",
            {"lr": 3e-3, "betas": (0.9, 0.999), "weight_decay": 0.0}, library=False),
     Method("adamw", "AdamW, decoupled weight decay (torch.optim.AdamW)", torch.optim.AdamW,
-           _mean, {"lr": 3e-3, "betas": (0.9, 0.999), "weight_decay": 0.0}, library=False),
+           "mean", {"lr": 3e-3, "betas": (0.9, 0.999), "weight_decay": 0.0}, library=False),
     Method("lion", "Lion: sign of an interpolation of momentum and gradient", _ours("Lion"),
-           _vote, {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.0}),
+           "vote", {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.0}),
     Method("onebit-adam", "1-bit Adam(W): fp32 warm-up, then v frozen and the momentum sent "
-           "as 1-bit signs with error feedback", _ours("OneBitAdam"), _onebit,
+           "as 1-bit signs with error feedback", _ours("OneBitAdam"), "onebit",
            {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.0, "freeze_step": 100,
             "bias_correction": True}),
 )}
+
+
+#: The outer optimisers of local steps and their defaults (``lr`` ``None``: the inner
+#: optimiser's ``lr``). ``sign-momentum``: :class:`~signsgd.outer.DampedMomentum`,
+#: ``u ← βu + (1−β)v; x0 ← x0 − lr·u``; ``nesterov``: ``torch.optim.SGD`` with Nesterov
+#: momentum, DiLoCo's outer step (lr 0.7, momentum 0.9).
+OUTER_OPTIMIZERS: dict[str, dict[str, float | None]] = {
+    "sign-momentum": {"lr": None, "momentum": 0.0},
+    "nesterov": {"lr": 0.7, "momentum": 0.9},
+}
+#: The outer reducers of local steps: the :data:`REDUCERS` a pseudo-gradient can take.
+OUTER_REDUCERS: tuple[str, ...] = ("vote", "ef", "mean", "bf16", "int8")
+
+
+@dataclass(frozen=True)
+class LocalSpec:
+    """Local steps: ``sync_every`` = H local steps per round, then an outer step of
+    ``optimizer`` (:data:`OUTER_OPTIMIZERS`) on the pseudo-gradients reduced by ``reducer``
+    (:data:`OUTER_REDUCERS`); ``lr`` / ``momentum`` ``None``: the outer optimiser's default.
+
+    Example:
+        >>> LocalSpec(8, "nesterov").resolved(inner_lr=1e-3)
+        LocalSpec(sync_every=8, optimizer='nesterov', reducer='vote', lr=0.7, momentum=0.9)
+    """
+
+    sync_every: int
+    optimizer: str = "sign-momentum"
+    reducer: str = "vote"
+    lr: float | None = None
+    momentum: float | None = None
+
+    def resolved(self, inner_lr: float) -> LocalSpec:
+        """A copy with ``lr`` and ``momentum`` filled in from the outer optimiser's defaults
+        (``sign-momentum``'s ``lr``: ``inner_lr``).
+
+        Raises:
+            ConfigError: an unknown outer optimiser or reducer (the valid ones listed).
+
+        Example:
+            >>> LocalSpec(4).resolved(inner_lr=0.01).lr
+            0.01
+        """
+        defaults = OUTER_OPTIMIZERS.get(self.optimizer)
+        if defaults is None:
+            raise ConfigError(f"unknown outer optimizer {self.optimizer!r}; valid outer "
+                              f"optimizers: {', '.join(OUTER_OPTIMIZERS)}")
+        if self.reducer not in OUTER_REDUCERS:
+            raise ConfigError(f"unknown outer reducer {self.reducer!r}; valid outer "
+                              f"reducers: {', '.join(OUTER_REDUCERS)}")
+        lr = defaults["lr"] if defaults["lr"] is not None else inner_lr
+        return replace(self, lr=lr if self.lr is None else self.lr,
+                       momentum=defaults["momentum"] if self.momentum is None else self.momentum)
+
+
+def local_steps(inner: Optimizer, spec: LocalSpec, comm: CommSpec | None = None
+                ) -> Optimizer:
+    """``LocalSteps(inner, spec.sync_every, ...)`` with the outer optimiser and reducer
+    ``spec`` names (its defaults resolved against ``inner``'s first group's ``lr``), the
+    reducer built from ``comm``.
+
+    Raises:
+        ConfigError: an unknown outer optimiser or reducer.
+        ValueError: what :class:`~signsgd.distributed.LocalSteps` refuses (named).
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> opt = local_steps(torch.optim.AdamW([w], lr=0.1), LocalSpec(4, reducer="mean"))
+        >>> opt.sync_every, type(opt.reducer).__name__
+        (4, 'AllReduce')
+    """
+    from signsgd.distributed import LocalSteps
+
+    spec = spec.resolved(inner.param_groups[0]["lr"])
+    outer_reducer = reducer(spec.reducer, comm)
+    if spec.optimizer == "nesterov":
+        params = [p for g in inner.param_groups for p in g["params"]]
+        outer = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, nesterov=True)
+        return LocalSteps(inner, spec.sync_every, reducer=outer_reducer, outer_optimizer=outer)
+    return LocalSteps(inner, spec.sync_every, spec.lr, spec.momentum, outer_reducer)
 
 
 def _method(name: str) -> Method:
@@ -172,7 +315,7 @@ def resolve(name: str, **given: Any) -> dict[str, Any]:
 
 def build(name: str, params: Iterable[Any], *, world_size: int = 1, group: Any = None,
           adversary: Any = None, vote: str = "sharded", seed: int = 0,
-          **hyper: Any) -> Optimizer:
+          local: LocalSpec | None = None, **hyper: Any) -> Optimizer:
     """The optimiser of method ``name`` for this rank of a ``world_size``-rank run.
 
     Args:
@@ -184,11 +327,15 @@ def build(name: str, params: Iterable[Any], *, world_size: int = 1, group: Any =
         adversary: a Byzantine attack for this rank (fault-tolerance runs), or ``None``.
         vote: the majority-vote mode (``"sharded"`` or ``"allgather"``).
         seed: the vote's tie-breaking seed.
+        local: local steps (:class:`LocalSpec`): the method's local optimiser wrapped in
+            :class:`~signsgd.distributed.LocalSteps`, its outer reducer on ``group``
+            (``world_size`` is then not used).
         **hyper: hyper-parameters, see :func:`resolve`.
 
     Returns:
         A ``torch.optim.Optimizer``: ours with ``aggregator=`` set, or a torch one wrapped
-        in :class:`~signsgd.distributed.AverageGradients` when ``world_size > 1``.
+        in :class:`~signsgd.distributed.AverageGradients` when ``world_size > 1``, or the
+        local optimiser in ``LocalSteps`` with ``local``.
 
     Example:
         >>> w = torch.nn.Parameter(torch.ones(2))
@@ -197,11 +344,15 @@ def build(name: str, params: Iterable[Any], *, world_size: int = 1, group: Any =
     """
     method = _method(name)
     hp = resolve(name, **hyper)
+    comm = CommSpec(group, adversary, vote, seed)
+    if local is not None:
+        local = local.resolved(hp["lr"])  # before anything is built
+        return local_steps(method.optimizer(params, **hp), local, comm)
     if world_size <= 1:
         return method.optimizer(params, **hp)
-    reducer = method.reducer(group, adversary, vote, seed)
+    red = reducer(method.reducer, comm)
     if method.library:
-        return method.optimizer(params, aggregator=reducer, **hp)
+        return method.optimizer(params, aggregator=red, **hp)
     from signsgd.distributed import AverageGradients
 
-    return AverageGradients(method.optimizer(params, **hp), reducer)
+    return AverageGradients(method.optimizer(params, **hp), red)

@@ -76,38 +76,19 @@ def _make_optimizer(c: TrainConfig, model: nn.Module, rank: int, world: int, tot
           "betas": tuple(map(float, c.betas or (c.momentum, takes.get("betas", (0, 0))[1]))),
           "freeze_step": freeze_step_of(c, total)}
     hp = {k: v for k, v in hp.items() if k in takes}
+    return registry.build(c.optimizer, list(model.parameters()), world_size=world,
+                          adversary=adversary, vote=c.vote, seed=c.seed, local=_local_spec(c),
+                          **hp)
+
+
+def _local_spec(c: TrainConfig) -> registry.LocalSpec | None:
+    """The local steps ``c`` asks for (``None``: every step communicates); the registry
+    resolves the outer defaults (``--lr`` and β = 0 for sign-momentum, DiLoCo's 0.7 and 0.9
+    for nesterov)."""
     if c.sync_every == 1:
-        return registry.build(c.optimizer, list(model.parameters()), world_size=world,
-                              adversary=adversary, vote=c.vote, seed=c.seed, **hp)
-    return _local_steps(c, registry.build(c.optimizer, list(model.parameters()), **hp),
-                        adversary)
-
-
-def _local_steps(c: TrainConfig, inner: torch.optim.Optimizer, adversary: Any
-                 ) -> torch.optim.Optimizer:
-    """``LocalSteps`` over ``inner`` with the outer reducer and optimiser ``c`` names; the
-    outer defaults: ``lr`` and β = 0 for sign-momentum, DiLoCo's 0.7 and 0.9 for nesterov."""
-    from signsgd.distributed import (
-        AllReduce,
-        ErrorFeedbackAllReduce,
-        LocalSteps,
-        MajorityVote,
-        QuantizedMean,
-    )
-
-    reducer = {"vote": lambda: MajorityVote(mode=c.vote, seed=c.seed, adversary=adversary),
-               "ef": lambda: ErrorFeedbackAllReduce(adversary=adversary),
-               "mean": lambda: AllReduce(adversary=adversary),
-               "bf16": lambda: QuantizedMean("bf16"),
-               "int8": lambda: QuantizedMean("int8")}[c.outer_reducer]()
-    if c.outer_optimizer == "nesterov":
-        params = [p for g in inner.param_groups for p in g["params"]]
-        momentum = 0.9 if c.outer_momentum is None else float(c.outer_momentum)
-        outer = torch.optim.SGD(params, lr=0.7 if c.outer_lr is None else float(c.outer_lr),
-                                momentum=momentum, nesterov=True)
-        return LocalSteps(inner, c.sync_every, reducer=reducer, outer_optimizer=outer)
-    return LocalSteps(inner, c.sync_every, float(c.lr if c.outer_lr is None else c.outer_lr),
-                      float(c.outer_momentum or 0.0), reducer)
+        return None
+    return registry.LocalSpec(c.sync_every, c.outer_optimizer, c.outer_reducer, c.outer_lr,
+                              c.outer_momentum)
 
 
 def lr_schedule(c: TrainConfig, total_steps: int) -> Callable[[int], float]:

@@ -141,16 +141,11 @@ def _train(rank: int, world: int, group: Any, cfg: Config, sets: list[tuple[Tens
     model = models.build("mlp", data.train.shape, data.train.num_classes, hidden=(cfg.hidden,))
     bad = rank >= world - cfg.adversaries
     adversary = attack(cfg.attack, seed=1000 + rank, scale=cfg.attack_scale) if bad else None
-    if cfg.sync_every > 1:
-        from signsgd.distributed import LocalSteps, MajorityVote
-
-        inner = registry.build(cfg.method, model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-        opt: Any = LocalSteps(inner, cfg.sync_every, cfg.outer_lr, cfg.outer_momentum,
-                              MajorityVote(group, seed=cfg.seed, adversary=adversary))
-    else:
-        opt = registry.build(cfg.method, model.parameters(), world_size=world, group=group,
-                             adversary=adversary, seed=cfg.seed, lr=cfg.lr,
-                             momentum=cfg.momentum)
+    local = None if cfg.sync_every == 1 else registry.LocalSpec(
+        cfg.sync_every, lr=cfg.outer_lr, momentum=cfg.outer_momentum)  # voted, sign-momentum
+    opt: Any = registry.build(cfg.method, model.parameters(), world_size=world, group=group,
+                              adversary=adversary, seed=cfg.seed, lr=cfg.lr,
+                              momentum=cfg.momentum, local=local)
 
     def score(xy: tuple[Tensor, Tensor]) -> tuple[float, float]:
         if cfg.sync_every == 1:
