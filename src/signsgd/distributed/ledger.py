@@ -3,17 +3,6 @@
 The DDP hook (:mod:`signsgd.distributed.hooks`) votes one bucket at a time and learns of
 each vote's end in a future's callback, on another thread. The ledger holds its counters
 and the iteration in flight; it knows nothing of DDP, tensors or process groups.
-
-Example:
-    >>> ledger = IterationLedger()
-    >>> [ledger.begin_bucket(i, last=i == 1) for i in range(2)]  # (generation, vote)
-    [(1, 0), (1, 1)]
-    >>> ledger.bucket_done(1, ["a"], sent=4, received=4) is None   # one bucket to go
-    True
-    >>> ledger.bucket_done(1, ["b"], sent=4, received=4)           # complete: commit these
-    ['a', 'b']
-    >>> ledger.step, ledger.votes, ledger.buckets, ledger.bytes_sent
-    (1, 2, 2, 8)
 """
 
 from __future__ import annotations
@@ -47,6 +36,17 @@ class IterationLedger(Generic[Result]):
     callback) changes nothing.
 
     Thread-safe: every method holds the ledger's lock.
+
+    Example:
+        >>> ledger = IterationLedger()
+        >>> [ledger.begin_bucket(i, last=i == 1) for i in range(2)]  # (generation, vote)
+        [(1, 0), (1, 1)]
+        >>> ledger.bucket_done(1, ["a"], sent=4, received=4) is None   # one bucket to go
+        True
+        >>> ledger.bucket_done(1, ["b"], sent=4, received=4)           # complete: commit these
+        ['a', 'b']
+        >>> ledger.step, ledger.votes, ledger.buckets, ledger.bytes_sent
+        (1, 2, 2, 8)
     """
 
     def __init__(self) -> None:
