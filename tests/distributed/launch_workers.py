@@ -45,6 +45,7 @@ def stop_one_rank(rank: int, world_size: int, victim: int) -> int:
     t = torch.tensor([1.0])
     for step in range(3):
         if rank == victim and step == 2:
+            time.sleep(1.0)  # heartbeats travel on the queue's feeder thread: let it send
             os.kill(os.getpid(), signal.SIGSTOP)
         heartbeat(step)
         dist.all_reduce(t)

@@ -42,7 +42,8 @@ def heartbeat(step: int) -> None:
 
     When the launch fails, a worker found stopped (SIGSTOP) or whose last step is behind
     the others' is named as the cause: ``no progress for N s, since step S`` (its last
-    heartbeat), not by the signal the launcher itself then ends it with.
+    heartbeat), not by the signal the launcher itself then ends it with. Heartbeats travel
+    on a queue's feeder thread: one sent just before the worker stopped may not arrive.
 
     Example:
         >>> heartbeat(1)   # not in a spawned worker: nothing happens
