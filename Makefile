@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks examples
 
+# Two pytest processes, one test file each at a time (a file's tests share its fixtures and,
+# for the network emulator, its namespaces); `pytest` alone runs the same tests serially.
 test: venv lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # The main job: 5 optimisers on Fashion-MNIST, 3 epochs each (docs/demo.md). Fetches the data
 # first when it is not found (./data, $$SIGNSGD_DATA, /usr/share/datasets/fashion-mnist).
