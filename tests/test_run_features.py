@@ -315,3 +315,28 @@ def test_bf16_autocast_trains(text_file, tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert math.isfinite(s["val_loss"])
     assert checkpoint.read(out / "checkpoint.pt")["model"]["tok.weight"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("outer", [
+    ("--outer-optimizer", "sign-momentum", "--outer-reducer", "mean", "--outer-lr", "1e-3",
+     "--outer-momentum", "0"),
+    ("--outer-optimizer", "nesterov", "--outer-reducer", "mean", "--outer-lr", "0.7",
+     "--outer-momentum", "0.9"),
+])
+def test_one_worker_local_steps_are_the_outer_step_alone(text_file, tmp_path, outer):
+    """M = 1: local steps without communication (single-replica DiLoCo), the outer optimiser
+    stepping on x0 - x every H steps. With outer lr 1 and no momentum on the mean,
+    x0 - (x0 - x) is plain AdamW up to rounding; a real outer step changes the run."""
+    base = ("--optimizer", "adamw", "--lr", "1e-3", "--steps", "8")
+    runs = {"plain": (), "outer": ("--sync-every", "4", *outer),
+            "identity": ("--sync-every", "4", "--outer-optimizer", "sign-momentum",
+                         "--outer-reducer", "mean", "--outer-lr", "1", "--outer-momentum", "0")}
+    models = {}
+    for name, opts in runs.items():
+        assert main(lm_args(text_file, tmp_path / name, *base, *opts)) == 0
+        s = json.loads((tmp_path / name / "summary.json").read_text())
+        assert s["workers"] == 1 and s["config"]["sync_every"] == (1 if name == "plain" else 4)
+        models[name] = checkpoint.read(tmp_path / name / "checkpoint.pt")["model"]
+    for k, v in models["plain"].items():
+        torch.testing.assert_close(models["identity"][k], v, rtol=0, atol=1e-6)
+    assert any(not torch.allclose(models["outer"][k], v) for k, v in models["plain"].items())

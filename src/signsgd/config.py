@@ -146,8 +146,9 @@ class TrainConfig:
     d_model: int | None = _option(None, "gpt: width (default: the size's)", rule=_at_least(1))
     block_size: int | None = _option(None, "gpt: context length in characters (default: the "
                                      "size's)", rule=_at_least(1))
-    sync_every: int = _option(1, "local steps: synchronise every H steps with a voted outer "
-                              "update of the pseudo-gradients (1: communicate every step)",
+    sync_every: int = _option(1, "local steps: every H steps an outer step on the reduced "
+                              "pseudo-gradients (1: communicate every step; with one worker "
+                              "the outer step alone, single-replica DiLoCo)",
                               rule=_at_least(1))
     outer_lr: float | None = _option(None, "local steps: the outer step size (default: --lr "
                                      "with sign-momentum, 0.7 with nesterov)",
@@ -340,9 +341,6 @@ def validate(cfg: TrainConfig, *, n_train: int | None = None) -> TrainConfig:
     if c.adversaries and c.sync_every > 1 and c.outer_reducer in ("bf16", "int8"):
         raise ConfigError(f"--adversaries needs --outer-reducer vote, ef or mean (the "
                           f"{c.outer_reducer} mean has no Byzantine model)")
-    if c.sync_every > 1 and c.workers == 1:
-        raise ConfigError(f"--sync-every {c.sync_every} needs --workers >= 2 (local steps "
-                          "between synchronisations of several workers)")
     if n_train is not None:
         n = (n_train if c.train_subset is None else min(n_train, c.train_subset)) - c.validation
         if c.validation and n < 1:
