@@ -39,9 +39,12 @@ link does not pay two fp32 all-reduces per cell. Everything else is torch's hook
 training method — label, how :class:`Trainer` builds it, default learning rate per
 workload. Our optimisers come from :func:`signsgd.registry.build` (with ``world_size=M``
 they communicate through their reducer); the peers are ``torch.nn.parallel.
-DistributedDataParallel`` with torch's own communication hooks
-(``torch.distributed.algorithms.ddp_comm_hooks``), and their local optimiser from the
-registry with ``world_size=1`` (``torch.optim.SGD`` / ``torch.optim.AdamW``):
+DistributedDataParallel`` with a DDP route of the registry
+(:data:`signsgd.registry.DDP_ROUTES`: our majority-vote hook, DDP's fp32 all-reduce,
+torch's own communication hooks of ``torch.distributed.algorithms.ddp_comm_hooks``,
+registered by :func:`signsgd.registry.register_ddp` with the route's defaults), and their
+local optimiser from the registry with ``world_size=1`` (``torch.optim.SGD`` /
+``torch.optim.AdamW``):
 
 ==========================  =======================================================================
 ``signum``                  ``build("signum", world_size=M)``: Signum(0.9) + sharded majority vote
@@ -132,8 +135,6 @@ from signsgd.distributed import (
     ErrorFeedbackAllReduce,
     LocalSteps,
     MajorityVote,
-    MajorityVoteHookState,
-    majority_vote_hook,
 )
 from signsgd.distributed.reducer import ring_nbytes
 from signsgd.distributed.vote import vote_nbytes
@@ -159,7 +160,11 @@ COMM_LABELS: dict[str, str] = {
     "powersgd-r4": "DDP + PowerSGD r=4 (1 bucket)",
     "noop-ddp": "DDP + noop hook (no communication)",
 }
-_COMM_DDP = ("fp32-ddp", "fp16-ddp", "powersgd-r1", "powersgd-r2", "powersgd-r4", "noop-ddp")
+#: The DDP rows of :func:`comm_worker` and the registry's DDP route of each.
+_COMM_ROUTES: dict[str, str] = {"fp32-ddp": "fp32", "fp16-ddp": "fp16",
+                                "powersgd-r1": "powersgd", "powersgd-r2": "powersgd",
+                                "powersgd-r4": "powersgd", "noop-ddp": "noop"}
+_COMM_DDP = tuple(_COMM_ROUTES)
 
 
 # ------------------------------------------------------------------------------- timing
@@ -279,32 +284,29 @@ def _noop_warmup(hook: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
 
 
 def _comm_ddp(method: str, x: Tensor) -> Callable[[], Any]:
-    """One DDP step of ``method`` over the :func:`comm_layout` of ``x`` (module docstring);
-    PowerSGD's two warm-up iterations are taken here."""
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
-    from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
+    """One DDP step of ``method`` over the :func:`comm_layout` of ``x`` (module docstring):
+    the registry's DDP route (PowerSGD: one bucket, S = 2, its hook behind
+    :func:`_noop_warmup`, whose two warm-up iterations are taken here)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     shapes = comm_layout(x.numel())
     module = _Held(x, shapes)
-    if method.startswith("powersgd"):
+    route = _COMM_ROUTES[method]
+    if route == "powersgd":
         ddp = DDP(module, init_sync=False, bucket_cap_mb=_one_bucket_mb(module))
-        state = powerSGD_hook.PowerSGDState(
-            process_group=None, matrix_approximation_rank=int(method[len("powersgd-r"):]),
-            start_powerSGD_iter=2, use_error_feedback=True, warm_start=True)
-        ddp.register_comm_hook(state, _noop_warmup(powerSGD_hook.powerSGD_hook))
+        state, hook = registry.ddp_hook(
+            route, ddp, matrix_approximation_rank=int(method[len("powersgd-r"):]),
+            start_powerSGD_iter=2)
+        ddp.register_comm_hook(state, _noop_warmup(hook))
     else:
         ddp = DDP(module, init_sync=False)
-        if method == "fp16-ddp":
-            ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
-        elif method == "noop-ddp":
-            ddp.register_comm_hook(None, noop_hook)
+        registry.register_ddp(ddp, route)
 
     def step() -> None:
         module.zero_grad(set_to_none=True)
         ddp().backward()
 
-    if method.startswith("powersgd"):
+    if route == "powersgd":
         for _ in range(2):
             step()
     return step
@@ -526,7 +528,9 @@ class Method:
 
     ``build(trainer)`` sets ``trainer.model`` (what the forward pass calls: the model or
     its DDP wrapper), ``trainer.opt`` and ``trainer.counter`` (what :meth:`Trainer.bytes`
-    reads). ``ddp``: built on DDP (needs an initialised process group even for M = 1).
+    reads). ``route``: the registry's DDP route (:data:`signsgd.registry.DDP_ROUTES`) of a
+    method built on DDP (``None``: not on DDP); :attr:`ddp`: whether it is (it needs an
+    initialised process group even for M = 1).
     ``tta``: the ranks' models stay identical, so it can be trained to a target.
     ``sync_every``: H of a LocalSteps method (1 otherwise). ``powersgd_rank``: r of a
     PowerSGD method.
@@ -540,11 +544,16 @@ class Method:
     label: str
     build: Callable[[Trainer], None] = field(repr=False)
     lr: dict[str, float]
-    ddp: bool = False
+    route: str | None = None
     tta: bool = True
     sync_every: int = 1
     powersgd_rank: int | None = None
     inner: str | None = None  # the registry's optimiser this method runs
+
+    @property
+    def ddp(self) -> bool:
+        """Whether the method is built on DDP (a :attr:`route`)."""
+        return self.route is not None
 
 
 def _counted(tr: Trainer) -> tuple[int, int]:
@@ -568,48 +577,51 @@ def _one_bucket_mb(model: nn.Module) -> float:
                      / 2**20) + 1
 
 
-def _ddp(opt: str, hook: str | None = None, *, rank: int | None = None,
+def _ddp(opt: str, route: str = "fp32", *, hook: Mapping[str, Any] | None = None,
          **hp: Any) -> Callable[[Trainer], None]:
-    """DDP + torch's hook ``hook`` (``None``: DDP's own fp32 all-reduce; ``fp16``, ``noop``,
-    ``powersgd`` with ``rank``; ``vote``: our ``majority_vote_hook``) + the registry's local
-    ``opt`` (``torch.optim.SGD`` / ``AdamW``)."""
+    """DDP + the registry's DDP route ``route`` (:data:`signsgd.registry.DDP_ROUTES`, its
+    hyper-parameters ``hook``; PowerSGD on one bucket with S = ``start_powersgd_iter``) +
+    the registry's local ``opt`` (``torch.optim.SGD`` / ``AdamW``) with ``hp`` and the
+    route's ``optimizer_hp``."""
+    hook = dict(hook or {})
+    hp = {**hp, **registry.DDP_ROUTES[route].optimizer_hp}
+
     def build(tr: Trainer) -> None:
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
-        from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         m = tr.module
-        fp32 = ring_nbytes(tr.numel, tr.world_size, 4)
-        if hook == "powersgd":
+        if route == "powersgd":  # over Gloo torch's hook needs one bucket
             tr.model = DDP(m, init_sync=False, bucket_cap_mb=_one_bucket_mb(m))
-            tr.powersgd = powerSGD_hook.PowerSGDState(
-                process_group=None, matrix_approximation_rank=rank,
-                start_powerSGD_iter=tr.start_powersgd_iter, use_error_feedback=True,
-                warm_start=True)
-            tr.model.register_comm_hook(tr.powersgd, powerSGD_hook.powerSGD_hook)
-            compressed = powersgd_nbytes(tr.shapes, int(rank or 1), tr.world_size)
-
-            def nbytes(t: Trainer) -> tuple[int, int]:  # the hook's phase of the last step
-                assert t.powersgd is not None
-                b = compressed if t.powersgd.iter > t.powersgd.start_powerSGD_iter else fp32
-                return b, b
-            tr.nbytes = nbytes
+            tr.powersgd = registry.register_ddp(tr.model, route, **hook,
+                                                start_powerSGD_iter=tr.start_powersgd_iter)
         else:
             tr.model = DDP(m, init_sync=False)
-            if hook == "vote":
-                tr.counter = MajorityVoteHookState(momentum=0.9, module=tr.model)
-                tr.model.register_comm_hook(tr.counter, majority_vote_hook)
-                tr.nbytes = _counted
-            else:
-                if hook == "fp16":
-                    tr.model.register_comm_hook(None, default_hooks.fp16_compress_hook)
-                elif hook == "noop":
-                    tr.model.register_comm_hook(None, noop_hook)
-                b = {None: fp32, "fp16": ring_nbytes(tr.numel, tr.world_size, 2),
-                     "noop": 0}[hook]
-                tr.nbytes = lambda t: (b, b)
+            state = registry.register_ddp(tr.model, route, **hook)
+            if route == "vote":
+                tr.counter = state
+        tr.nbytes = _route_nbytes(route, tr)
         tr.opt = registry.build(opt, tr.model.parameters(), world_size=1, lr=tr.lr, **hp)
     return build
+
+
+def _route_nbytes(route: str, tr: Trainer) -> Callable[[Trainer], tuple[int, int]]:
+    """What one step of DDP route ``route`` sends and receives: the vote's counter, the
+    fp32 / fp16 / bf16 ring, nothing (noop), PowerSGD by the phase of its last step."""
+    if route == "vote":
+        return _counted
+    fp32 = ring_nbytes(tr.numel, tr.world_size, 4)
+    if route == "powersgd":
+        state = tr.powersgd
+        compressed = powersgd_nbytes(tr.shapes, state.matrix_approximation_rank,
+                                     tr.world_size)
+
+        def nbytes(t: Trainer) -> tuple[int, int]:  # the hook's phase of the last step
+            b = compressed if state.iter > state.start_powerSGD_iter else fp32
+            return b, b
+        return nbytes
+    b = {"fp32": fp32, "fp16": ring_nbytes(tr.numel, tr.world_size, 2),
+         "bf16": ring_nbytes(tr.numel, tr.world_size, 2), "noop": 0}[route]
+    return lambda t: (b, b)
 
 
 def _local(inner: str, h: int) -> Callable[[Trainer], None]:
@@ -634,31 +646,31 @@ def _local(inner: str, h: int) -> Callable[[Trainer], None]:
 def _rows() -> Iterator[Method]:
     yield Method("signum", "Signum + majority vote", _ours("signum", momentum=0.9), _LR_SIGNUM,
                  inner="signum")
-    yield Method("signum-ddp-hook", "DDP + majority-vote hook",
-                 _ddp("sgd", "vote", momentum=0.0), _LR_SIGNUM, ddp=True, inner="signum")
+    yield Method("signum-ddp-hook", "DDP + majority-vote hook", _ddp("sgd", "vote"),
+                 _LR_SIGNUM, route="vote", inner="signum")
     yield Method("ef-signsgd", "EF-signSGD + EF all-reduce", _ours("ef-signsgd"), _LR_EF,
                  inner="ef-signsgd")
     yield Method("lion", "Lion + majority vote", _ours("lion"), _LR_LION, inner="lion")
     yield Method("sgd", "SGD + fp32 all-reduce", _ours("sgd", momentum=0.9), _LR_SGD,
                  inner="sgd")
     yield Method("adamw", "AdamW + fp32 all-reduce", _ours("adamw"), _LR_ADAMW, inner="adamw")
-    yield Method("sgd-ddp", "SGD + DDP (fp32)", _ddp("sgd", momentum=0.9), _LR_SGD, ddp=True,
-                 inner="sgd")
-    yield Method("adamw-ddp", "AdamW + DDP (fp32)", _ddp("adamw"), _LR_ADAMW, ddp=True,
+    yield Method("sgd-ddp", "SGD + DDP (fp32)", _ddp("sgd", momentum=0.9), _LR_SGD,
+                 route="fp32", inner="sgd")
+    yield Method("adamw-ddp", "AdamW + DDP (fp32)", _ddp("adamw"), _LR_ADAMW, route="fp32",
                  inner="adamw")
     yield Method("fp16-ddp", "SGD + DDP + fp16 hook", _ddp("sgd", "fp16", momentum=0.9),
-                 _LR_SGD, ddp=True, inner="sgd")
+                 _LR_SGD, route="fp16", inner="sgd")
     yield Method("fp16-adamw-ddp", "AdamW + DDP + fp16 hook", _ddp("adamw", "fp16"),
-                 _LR_ADAMW, ddp=True, inner="adamw")
+                 _LR_ADAMW, route="fp16", inner="adamw")
     for r in (1, 2, 4):
         yield Method(f"powersgd-r{r}", f"SGD + DDP + PowerSGD r={r} (1 bucket)",
-                     _ddp("sgd", "powersgd", rank=r, momentum=0.9), _LR_SGD, ddp=True,
-                     powersgd_rank=r, inner="sgd")
+                     _ddp("sgd", "powersgd", hook={"matrix_approximation_rank": r}, momentum=0.9),
+                     _LR_SGD, route="powersgd", powersgd_rank=r, inner="sgd")
     yield Method("powersgd-r2-adamw", "AdamW + DDP + PowerSGD r=2 (1 bucket)",
-                 _ddp("adamw", "powersgd", rank=2), _LR_ADAMW, ddp=True, powersgd_rank=2,
-                 inner="adamw")
+                 _ddp("adamw", "powersgd", hook={"matrix_approximation_rank": 2}), _LR_ADAMW,
+                 route="powersgd", powersgd_rank=2, inner="adamw")
     yield Method("noop-ddp", "SGD + DDP + noop hook (no communication)",
-                 _ddp("sgd", "noop", momentum=0.9), _LR_SGD, ddp=True, tta=False,
+                 _ddp("sgd", "noop", momentum=0.9), _LR_SGD, route="noop", tta=False,
                  inner="sgd")
     yield Method("sgd-local", "no communication (compute only)",
                  _ours("sgd", local=True, momentum=0.9), _LR_SGD, tta=False, inner="sgd")

@@ -35,6 +35,11 @@ the method's local optimiser in :class:`~signsgd.distributed.LocalSteps` with an
 optimiser of :data:`OUTER_OPTIMIZERS` and an outer reducer of :data:`OUTER_REDUCERS`; the
 outer defaults are resolved once, by :meth:`LocalSpec.resolved`.
 
+The DDP peers communicate through a route of :data:`DDP_ROUTES` (our majority-vote hook,
+DDP's fp32 all-reduce, torch's fp16 / bf16 / noop / PowerSGD hooks), registered on a
+``DistributedDataParallel`` model by :func:`register_ddp` (its defaults resolved once, by
+:meth:`DDPRoute.resolved`), with a local optimiser of :data:`METHODS` (``world_size=1``).
+
 Example:
     >>> import torch
     >>> w = torch.nn.Parameter(torch.ones(3))
@@ -47,7 +52,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -57,7 +62,8 @@ from signsgd import compression
 from signsgd.errors import ConfigError
 
 __all__ = ["Method", "METHODS", "CommSpec", "REDUCERS", "reducer", "LocalSpec",
-           "OUTER_OPTIMIZERS", "OUTER_REDUCERS", "local_steps", "build", "resolve"]
+           "OUTER_OPTIMIZERS", "OUTER_REDUCERS", "local_steps", "build", "resolve",
+           "DDPRoute", "DDP_ROUTES", "ddp_hook", "register_ddp"]
 
 
 @dataclass(frozen=True)
@@ -356,3 +362,156 @@ def build(name: str, params: Iterable[Any], *, world_size: int = 1, group: Any =
     from signsgd.distributed import AverageGradients
 
     return AverageGradients(method.optimizer(params, **hp), red)
+
+
+# ------------------------------------------------------------------ DDP communication
+def _vote_hook(model: Any, comm: CommSpec, hp: dict[str, Any]) -> tuple[Any, Any]:
+    from signsgd.distributed import MajorityVoteHookState, majority_vote_hook
+
+    state = MajorityVoteHookState(comm.group, hp["momentum"], comm.vote, comm.seed,
+                                  module=model, adversary=comm.adversary, betas=hp["betas"])
+    return state, majority_vote_hook
+
+
+def _fp32_hook(model: Any, comm: CommSpec, hp: dict[str, Any]) -> tuple[Any, Any]:
+    return None, None  # DDP's own bucketed fp32 all-reduce
+
+
+def _torch_hook(module: str, name: str) -> Callable[[Any, CommSpec, dict[str, Any]],
+                                                    tuple[Any, Any]]:
+    def make(model: Any, comm: CommSpec, hp: dict[str, Any]) -> tuple[Any, Any]:
+        import importlib
+
+        hooks = importlib.import_module(f"torch.distributed.algorithms.ddp_comm_hooks.{module}")
+        return comm.group, getattr(hooks, name)  # their state: the process group
+    return make
+
+
+def _powersgd_hook(model: Any, comm: CommSpec, hp: dict[str, Any]) -> tuple[Any, Any]:
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+
+    return powerSGD_hook.PowerSGDState(process_group=comm.group, **hp), \
+        powerSGD_hook.powerSGD_hook
+
+
+@dataclass(frozen=True)
+class DDPRoute:
+    """One way a ``torch.nn.parallel.DistributedDataParallel`` model communicates its
+    gradients: a DDP communication hook and its state, built by ``make(model, comm, hp)``
+    from the route's hyper-parameters ``hp`` (its :attr:`defaults`, see :meth:`resolved`)
+    and this rank's :class:`CommSpec` (the hooks read its group; the vote its mode, seed
+    and adversary too). A hook of ``None``: DDP's own fp32 all-reduce, nothing registered.
+    ``optimizer_hp``: hyper-parameters the local optimiser stepping after the hook must take
+    (the vote's hook applies the momentum and returns signs, so ``torch.optim.SGD`` runs
+    with momentum 0).
+
+    Example:
+        >>> DDP_ROUTES["powersgd"].defaults["matrix_approximation_rank"]
+        1
+    """
+
+    name: str                                   # the one spelling
+    summary: str                                # one line for tables
+    make: Callable[[Any, CommSpec, dict[str, Any]], tuple[Any, Any]] = field(repr=False)
+    defaults: dict[str, Any] = field(default_factory=dict)  # every hyper-parameter it takes
+    optimizer_hp: dict[str, Any] = field(default_factory=dict)  # what the local optimiser
+    #                                         must take with it (vote: momentum 0)
+
+    def resolved(self, **given: Any) -> dict[str, Any]:
+        """The route's hyper-parameters: :attr:`defaults` overridden by ``given``
+        (``None`` values are ignored).
+
+        Raises:
+            ConfigError: a hyper-parameter the route does not take (the valid ones listed).
+
+        Example:
+            >>> DDP_ROUTES["vote"].resolved(momentum=0.5)
+            {'momentum': 0.5, 'betas': None}
+        """
+        out = dict(self.defaults)
+        for key, value in given.items():
+            if value is None:
+                continue
+            if key not in out:
+                raise ConfigError(f"DDP route {self.name!r} takes no {key!r}; it takes "
+                                  f"{', '.join(self.defaults) or 'nothing'}")
+            out[key] = value
+        return out
+
+
+#: The DDP communication routes by name: ``vote`` (our
+#: :func:`~signsgd.distributed.majority_vote_hook`, Signum's momentum in the hook; run with
+#: ``torch.optim.SGD(momentum=0)``), ``fp32`` (no hook: DDP's own bucketed all-reduce),
+#: ``fp16`` / ``bf16`` (torch's ``default_hooks.fp16_compress_hook`` /
+#: ``bf16_compress_hook``; bf16 needs CUDA and NCCL), ``noop`` (torch's
+#: ``debugging_hooks.noop_hook``: no communication, the ranks drift apart) and ``powersgd``
+#: (torch's ``powerSGD_hook`` with a ``PowerSGDState``, torch's defaults; over Gloo it needs
+#: every parameter in one DDP bucket).
+DDP_ROUTES: dict[str, DDPRoute] = {r.name: r for r in (
+    DDPRoute("vote", "DDP + majority-vote hook (Signum's momentum in the hook)", _vote_hook,
+             {"momentum": METHODS["signum"].defaults["momentum"], "betas": None},
+             optimizer_hp={"momentum": 0.0}),
+    DDPRoute("fp32", "DDP's own fp32 all-reduce (no hook)", _fp32_hook),
+    DDPRoute("fp16", "DDP + torch's fp16 compression hook",
+             _torch_hook("default_hooks", "fp16_compress_hook")),
+    DDPRoute("bf16", "DDP + torch's bf16 compression hook (CUDA and NCCL)",
+             _torch_hook("default_hooks", "bf16_compress_hook")),
+    DDPRoute("noop", "DDP + torch's noop hook (no communication)",
+             _torch_hook("debugging_hooks", "noop_hook")),
+    DDPRoute("powersgd", "DDP + torch's PowerSGD hook", _powersgd_hook,
+             {"matrix_approximation_rank": 1, "start_powerSGD_iter": 1000,
+              "min_compression_rate": 2, "use_error_feedback": True, "warm_start": True}),
+)}
+
+
+def _ddp_route(name: str) -> DDPRoute:
+    route = DDP_ROUTES.get(name)
+    if route is None:
+        raise ConfigError(f"unknown DDP route {name!r}; valid DDP routes: "
+                          f"{', '.join(DDP_ROUTES)}")
+    return route
+
+
+def ddp_hook(name: str, model: Any = None, comm: CommSpec | None = None, **hyper: Any
+             ) -> tuple[Any, Any]:
+    """``(state, hook)`` of DDP route ``name`` (:data:`DDP_ROUTES`) for this rank, not
+    registered: pass them to ``model.register_comm_hook(state, hook)`` (``hook`` ``None``:
+    register nothing). ``model``: the DDP model (the vote's state names its momentum by
+    its parameter names; ``None``: bind it later); ``comm``: default group, honest,
+    sharded vote, seed 0; ``**hyper``: see :meth:`DDPRoute.resolved`.
+
+    Raises:
+        ConfigError: an unknown route or hyper-parameter (the valid ones listed).
+
+    Example:
+        >>> state, hook = ddp_hook("powersgd", matrix_approximation_rank=2)
+        >>> state.matrix_approximation_rank, state.start_powerSGD_iter, hook.__name__
+        (2, 1000, 'powerSGD_hook')
+    """
+    route = _ddp_route(name)
+    return route.make(model, CommSpec() if comm is None else comm, route.resolved(**hyper))
+
+
+def register_ddp(model: Any, name: str, comm: CommSpec | None = None, **hyper: Any) -> Any:
+    """Register DDP route ``name``'s hook (:func:`ddp_hook`) on the DDP ``model``; return
+    its state (``None`` for ``fp32``, and the process group for torch's stateless hooks).
+    Call it before the first backward, once per model.
+
+    Raises:
+        ConfigError: an unknown route or hyper-parameter.
+        TypeError: what DDP refuses (``bf16`` without CUDA and NCCL).
+
+    Example:
+        >>> import tempfile, torch.distributed as dist
+        >>> from torch.nn.parallel import DistributedDataParallel as DDP
+        >>> store = dist.FileStore(tempfile.mktemp(), 1)
+        >>> dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        >>> model = DDP(torch.nn.Linear(2, 1))
+        >>> register_ddp(model, "vote").momentum
+        0.9
+        >>> dist.destroy_process_group()
+    """
+    state, hook = ddp_hook(name, model, comm, **hyper)
+    if hook is not None:
+        model.register_comm_hook(state, hook)
+    return state
