@@ -1,5 +1,6 @@
 """Helpers every benchmark script shares: argument types, the machine description, the
-results files (JSON and markdown, old method names mapped on read) and timing.
+results files (JSON and markdown; JSON files carry a ``schema`` version, older versions
+are upgraded on read) and timing.
 
 The scripts import it by name (``from common import ...``): a script's own folder,
 ``benchmarks/``, is the first entry of ``sys.path``, and the workers that
@@ -30,21 +31,22 @@ import torch
 import torch.distributed as dist
 from netem import NetworkEmulator, check_world_size, parse_rate, probe_throughput
 
-__all__ = ["DEFAULT_RATES", "LEGACY_METHODS", "ROOT", "size_arg", "workers_arg", "rate_arg",
+__all__ = ["DEFAULT_RATES", "RESULTS_SCHEMA", "ROOT", "size_arg", "workers_arg", "rate_arg",
            "machine", "load_text", "loopback_rate", "command_line", "utc_now", "write_json",
-           "write_text", "read_results", "barrier", "timed"]
+           "write_text", "schema_of", "read_results", "barrier", "timed"]
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The rates the network benchmarks sweep, fastest first.
 DEFAULT_RATES: tuple[str, ...] = ("unshaped", "10gbit", "1gbit", "100mbit")
-#: Method names of results files written before the methods took the registry's spelling.
-LEGACY_METHODS: dict[str, str] = {
-    "sharded_vote": "majority-vote", "allgather_vote": "majority-vote-allgather",
-    "ef_allreduce": "ef-allreduce", "fp16_allreduce": "fp16-allreduce",
-    "fp32_allreduce": "fp32-allreduce", "signum_vote": "signum",
-    "signum_ddp_hook": "signum-ddp-hook", "ef_signsgd": "ef-signsgd", "sgd_allreduce": "sgd",
-    "sgd_ddp": "sgd-ddp", "local": "sgd-local",
-}
+#: The version of the results files the benchmarks write: their ``schema`` field.
+#:
+#: - 1: no ``schema`` field. Files written before the methods took the registry's spelling
+#:   name some methods the old way (``sharded_vote``, ``signum_vote``, ``local``, ...).
+#: - 2: ``"schema": 2``; every method named as :mod:`workers` names it
+#:   (``COMM_LABELS``, ``E2E_LABELS``).
+#:
+#: :func:`read_results` upgrades an older file one version at a time (``_UPGRADES``).
+RESULTS_SCHEMA = 2
 
 
 # ------------------------------------------------------------------------------- arguments
@@ -162,12 +164,21 @@ def utc_now() -> str:
 
 # ------------------------------------------------------------------------------- results
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    """Write ``data`` to ``path`` atomically (a temporary file, then a rename), creating
-    its folder; :func:`read_results` shows it in use."""
+    """Write the results ``data`` to ``path`` atomically (a temporary file, then a rename),
+    creating its folder, with ``"schema":`` :data:`RESULTS_SCHEMA` first (``data`` is not
+    changed); :func:`read_results` shows it in use.
+
+    Raises:
+        ValueError: ``data`` carries another ``schema`` (read it with :func:`read_results`,
+            which upgrades it).
+    """
+    if data.get("schema", RESULTS_SCHEMA) != RESULTS_SCHEMA:
+        raise ValueError(f"results data of schema {data['schema']!r}: write_json writes "
+                         f"schema {RESULTS_SCHEMA} (read the file with read_results)")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
+        json.dump({"schema": RESULTS_SCHEMA, **data}, f, indent=1)
     os.replace(tmp, path)
 
 
@@ -212,34 +223,81 @@ def shaped_link(rate_bps: int | None, shape: bool
     return NetworkEmulator(rate_bps) if shape else contextlib.nullcontext()
 
 
-def read_results(path: str | Path) -> dict[str, Any]:
-    """A results JSON file, its method names in today's spelling.
+def _v1_methods(data: dict[str, Any]) -> list[str]:
+    """Schema 1 → 2: the old method names of ``cells``, ``steps``, ``tta`` and the settings'
+    ``methods`` / ``tta_methods`` in the registry's spelling; returns the notes."""
+    names = {"sharded_vote": "majority-vote", "allgather_vote": "majority-vote-allgather",
+             "ef_allreduce": "ef-allreduce", "fp16_allreduce": "fp16-allreduce",
+             "fp32_allreduce": "fp32-allreduce", "signum_vote": "signum",
+             "signum_ddp_hook": "signum-ddp-hook", "ef_signsgd": "ef-signsgd",
+             "sgd_allreduce": "sgd", "sgd_ddp": "sgd-ddp", "local": "sgd-local"}
+    old = set()
+    for key in ("cells", "steps", "tta"):
+        for rec in data.get(key, []):
+            if rec.get("method") in names:
+                old.add(rec["method"])
+                rec["method"] = names[rec["method"]]
+    settings = data.get("settings", {})
+    for key in ("methods", "tta_methods"):
+        if key in settings:
+            old.update(m for m in settings[key] if m in names)
+            settings[key] = [names.get(m, m) for m in settings[key]]
+    return [f"read {m} as {names[m]}" for m in sorted(old)]
 
-    Files written before the rename (``sharded_vote``, ``signum_vote``, ...) are mapped by
-    :data:`LEGACY_METHODS`, with a note on stderr.
+
+#: How a results file of schema ``v`` becomes one of ``v + 1``: it changes the data in
+#: place and returns notes for stderr.
+_UPGRADES: dict[int, Callable[[dict[str, Any]], list[str]]] = {1: _v1_methods}
+
+
+def schema_of(data: dict[str, Any]) -> int:
+    """The schema version of results ``data``: its ``schema`` field, 1 without one.
+
+    Raises:
+        ValueError: a ``schema`` that is not an int from 1 to :data:`RESULTS_SCHEMA` (a file
+            written by a newer checkout, or not a results file).
+
+    Example:
+        >>> schema_of({"cells": []}), schema_of({"schema": RESULTS_SCHEMA})
+        (1, 2)
+    """
+    version = data.get("schema", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or not (
+            1 <= version <= RESULTS_SCHEMA):
+        raise ValueError(f"results schema {version!r}: this checkout reads schemas 1 to "
+                         f"{RESULTS_SCHEMA}")
+    return version
+
+
+def read_results(path: str | Path) -> dict[str, Any]:
+    """A results JSON file at schema :data:`RESULTS_SCHEMA`: a file of an older schema
+    (:func:`schema_of`) is upgraded one version at a time, with a note on stderr for what
+    changed (schema 1: old method names such as ``sharded_vote`` read in today's spelling).
+
+    Raises:
+        ValueError: a schema this checkout does not know (:func:`schema_of`), named with
+            the path.
 
     Example:
         >>> import tempfile
         >>> with tempfile.TemporaryDirectory() as tmp:
-        ...     write_json(f"{tmp}/r.json", {"cells": [{"method": "fp32_allreduce"}]})
-        ...     read_results(f"{tmp}/r.json")["cells"]
-        [{'method': 'fp32-allreduce'}]
+        ...     write_json(f"{tmp}/r.json", {"cells": [{"method": "fp32-allreduce"}]})
+        ...     read_results(f"{tmp}/r.json")
+        {'schema': 2, 'cells': [{'method': 'fp32-allreduce'}]}
     """
     with open(path) as f:
         data = json.load(f)
-    old = set()
-    for key in ("cells", "steps", "tta"):
-        for rec in data.get(key, []):
-            if rec.get("method") in LEGACY_METHODS:
-                old.add(rec["method"])
-                rec["method"] = LEGACY_METHODS[rec["method"]]
-    settings = data.get("settings", {})
-    for key in ("methods", "tta_methods"):
-        if key in settings:
-            settings[key] = [LEGACY_METHODS.get(m, m) for m in settings[key]]
-    if old:
-        print(f"note: {path} predates the method rename; read {', '.join(sorted(old))} as "
-              + ", ".join(LEGACY_METHODS[m] for m in sorted(old)), file=sys.stderr)
+    try:
+        version = schema_of(data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    notes = []
+    for v in range(version, RESULTS_SCHEMA):
+        notes += _UPGRADES[v](data)
+    data["schema"] = RESULTS_SCHEMA
+    if notes:
+        print(f"note: {path} is of results schema {version} (now {RESULTS_SCHEMA}); "
+              + "; ".join(notes), file=sys.stderr)
     return data
 
 

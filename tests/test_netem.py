@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -344,32 +345,85 @@ def test_prediction_from_the_unshaped_record(cell: dict, unshaped: float | None,
 
 
 # ------------------------------------------------------------------------------- results
-@pytest.mark.parametrize(
-    ("key", "old", "new"),
-    [("cells", "sharded_vote", "majority-vote"),
-     ("cells", "allgather_vote", "majority-vote-allgather"),
-     ("cells", "fp32_allreduce", "fp32-allreduce"),
-     ("steps", "signum_vote", "signum"),
-     ("steps", "sgd_allreduce", "sgd"),
-     ("steps", "local", "sgd-local"),
-     ("tta", "signum_ddp_hook", "signum-ddp-hook"),
-     ("cells", "majority-vote", "majority-vote")],  # today's names pass unchanged
-)
-def test_old_results_files_are_read_with_todays_method_names(
-        tmp_path: Path, key: str, old: str, new: str) -> None:
-    from common import read_results
+#: The method names a schema-1 file may use and their names at schema 2 (the spec of the
+#: one upgrade step; the benchmarks' own copy is common._v1_methods).
+SCHEMA_1_NAMES = {
+    "sharded_vote": "majority-vote", "allgather_vote": "majority-vote-allgather",
+    "ef_allreduce": "ef-allreduce", "fp16_allreduce": "fp16-allreduce",
+    "fp32_allreduce": "fp32-allreduce", "signum_vote": "signum",
+    "signum_ddp_hook": "signum-ddp-hook", "ef_signsgd": "ef-signsgd", "sgd_allreduce": "sgd",
+    "sgd_ddp": "sgd-ddp", "local": "sgd-local"}
+
+
+@pytest.mark.parametrize(("key", "old"), [(k, m) for k in ("cells", "steps", "tta")
+                                          for m in (*SCHEMA_1_NAMES, "majority-vote")])
+def test_a_file_without_a_schema_is_schema_1_and_read_with_todays_method_names(
+        tmp_path: Path, key: str, old: str) -> None:
+    from common import RESULTS_SCHEMA, read_results
 
     path = tmp_path / "old.json"
     path.write_text(json.dumps({key: [{"method": old}], "settings": {"methods": [old]}}))
     data = read_results(path)
-    assert data[key][0]["method"] == new and data["settings"]["methods"] == [new]
+    new = SCHEMA_1_NAMES.get(old, old)  # today's names pass unchanged
+    assert data == {key: [{"method": new}], "settings": {"methods": [new]},
+                    "schema": RESULTS_SCHEMA}
 
 
-def test_every_legacy_name_maps_to_a_method_the_benchmarks_run() -> None:
-    from common import LEGACY_METHODS
+def test_a_file_of_todays_schema_is_read_as_it_was_written(tmp_path: Path) -> None:
+    from common import RESULTS_SCHEMA, read_results, write_json
+
+    # "local" was a schema-1 name: at schema 2 no name is rewritten, whatever it is
+    data = {"steps": [{"method": "local"}], "settings": {"methods": ["local"]}}
+    write_json(tmp_path / "r.json", data)
+    assert read_results(tmp_path / "r.json") == {"schema": RESULTS_SCHEMA, **data}
+
+
+def test_every_results_file_the_benchmarks_write_carries_the_schema(tmp_path: Path) -> None:
+    from common import RESULTS_SCHEMA, write_json
+
+    data = {"command": "python x.py", "cells": []}
+    write_json(tmp_path / "r.json", data)
+    text = (tmp_path / "r.json").read_text()
+    assert list(json.loads(text)) == ["schema", "command", "cells"]  # the schema first
+    assert json.loads(text)["schema"] == RESULTS_SCHEMA and "schema" not in data
+    with pytest.raises(ValueError, match="results data of schema 1"):
+        write_json(tmp_path / "s.json", {"schema": 1, "cells": []})
+
+
+@pytest.mark.parametrize("schema", [3, 0, "2", True, None])
+def test_a_schema_this_checkout_does_not_know_is_refused(tmp_path: Path, schema: Any) -> None:
+    from common import read_results
+
+    path = tmp_path / "new.json"
+    path.write_text(json.dumps({"schema": schema, "cells": []}))
+    with pytest.raises(ValueError, match=r"new\.json: results schema .*reads schemas 1 to 2"):
+        read_results(path)
+
+
+def test_every_schema_upgrades_to_the_next_and_schema_1_to_methods_the_benchmarks_run(
+        ) -> None:
+    from common import _UPGRADES, RESULTS_SCHEMA, schema_of
     from workers import COMM_LABELS, E2E_LABELS
 
-    assert set(LEGACY_METHODS.values()) <= set(COMM_LABELS) | set(E2E_LABELS)
+    assert sorted(_UPGRADES) == list(range(1, RESULTS_SCHEMA))
+    data = {"cells": [{"method": m} for m in SCHEMA_1_NAMES], "settings": {}}
+    assert schema_of(data) == 1
+    _UPGRADES[1](data)
+    assert [c["method"] for c in data["cells"]] == list(SCHEMA_1_NAMES.values())
+    assert set(SCHEMA_1_NAMES.values()) <= set(COMM_LABELS) | set(E2E_LABELS)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (
+    Path(__file__).resolve().parents[1] / "benchmarks" / "results").glob("*.json")))
+def test_the_results_files_in_the_repository_read_at_todays_schema(name: str) -> None:
+    from common import RESULTS_SCHEMA, read_results
+    from workers import COMM_LABELS, method
+
+    data = read_results(Path(__file__).resolve().parents[1] / "benchmarks" / "results" / name)
+    assert data["schema"] == RESULTS_SCHEMA
+    for key in ("cells", "steps", "tta", "curves", "validate"):
+        for rec in data.get(key, []):
+            assert rec["method"] in COMM_LABELS or method(rec["method"]), (key, rec["method"])
 
 
 # ------------------------------------------------------------------------------- docs
