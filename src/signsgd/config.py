@@ -169,6 +169,11 @@ class TrainConfig:
     seed: int = _option(0, "random seed (default %(default)s)", rule=_at_least(0))
     workers: int = _option(1, "local Gloo worker processes (under torchrun: its world size)",
                            rule=_at_least(1))
+    shard: int = _option(1, "FSDP2 / HSDP: shard the gpt model over groups of N ranks "
+                         "(fully_shard over the shard dimension of a replicas x N mesh); the "
+                         "--workers/N replicas are synchronised by the optimiser's reducer "
+                         "across the replicas, and the bytes reported are those cross-replica "
+                         "bytes (1: every rank holds the whole model)", rule=_at_least(1))
     vote: str = _option("sharded", "majority-vote mode: {choices}",
                         choices=(MODES, "vote mode", "modes"))
     adversaries: int = _option(0, "number of Byzantine workers (the last ranks)",
@@ -320,6 +325,7 @@ def validate(cfg: TrainConfig, *, n_train: int | None = None) -> TrainConfig:
                           "are some of the workers, and a single worker does not communicate)")
     if c.optimizer in ("efsgd", "ef-signsgd"):
         compression.from_spec(c.compressor)
+    _check_shard(c)
     text, lm = is_text(c.data), c.model in SIZES
     if text != lm:
         raise ConfigError(
@@ -350,6 +356,44 @@ def validate(cfg: TrainConfig, *, n_train: int | None = None) -> TrainConfig:
             raise ConfigError(f"--workers {c.workers} is more than the {n} training examples; "
                               "every worker needs at least one example — use fewer workers")
     return c
+
+
+#: The optimisers ``--shard > 1`` runs with every step communicating: this library's,
+#: whose reducer (the vote, the EF all-reduce, the 1-bit Adam all-reduce) takes FSDP2's
+#: local shards on the replicate group (:mod:`signsgd.sharding`).
+SHARDED_OPTIMIZERS: tuple[str, ...] = tuple(n for n, m in registry.METHODS.items() if m.library)
+
+
+def _check_shard(c: TrainConfig) -> None:
+    """Refuse what ``--shard > 1`` (FSDP2 / HSDP in the trainer) does not run, naming what
+    it does."""
+    if c.workers % c.shard:
+        raise ConfigError(f"--workers {c.workers} is not a multiple of --shard {c.shard}: the "
+                          "ranks form --workers/--shard replicas of --shard ranks each (e.g. "
+                          f"--workers {2 * c.shard} --shard {c.shard})")
+    if c.shard == 1:
+        return
+    if c.model not in SIZES:
+        raise ConfigError(f"--shard {c.shard} shards the language model: give --model one of "
+                          f"{', '.join(SIZES)} with text data (got --model {c.model})")
+    if c.sync_every == 1 and c.optimizer not in SHARDED_OPTIMIZERS:
+        raise ConfigError(
+            f"--optimizer {c.optimizer} with --shard {c.shard}: the torch optimisers average "
+            "their gradients with AverageGradients, which does not take FSDP2's sharded "
+            f"parameters; with --shard > 1 use {', '.join(SHARDED_OPTIMIZERS)}, or local "
+            f"steps (--sync-every H > 1) with any optimizer")
+    for given, flag, why in (
+            (c.adversaries > 0, f"--adversaries {c.adversaries}",
+             "the Byzantine runs are unsharded"),
+            (c.density_every > 0, f"--density-every {c.density_every}", "the densities run "
+             "the model on rank 0 alone, and a sharded forward needs every rank of its shard "
+             "group"),
+            (c.resume, "--resume", "the trainer's checkpoint holds the full model and each "
+             "rank's shard, not a DCP checkpoint to resume from "
+             "(signsgd.distributed.fsdp.TrainState does that in a script)")):
+        if given:
+            raise ConfigError(f"{flag} is not supported with --shard {c.shard}: {why}; "
+                              f"leave {flag.split()[0]} out or use --shard 1")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

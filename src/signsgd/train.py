@@ -8,6 +8,10 @@ from :mod:`signsgd.tasks` (image classification, or a character-level language m
 the optimiser from :func:`signsgd.registry.build` (wrapped in
 :class:`~signsgd.distributed.LocalSteps` when ``sync_every > 1``; the last step ends the
 round, also a partial one, so the model evaluated and saved at the end is every rank's).
+With ``shard > 1`` (FSDP2 / HSDP) the ranks form ``workers // shard`` replicas of ``shard``
+ranks, the model is ``fully_shard``-ed inside each replica and the optimiser's reducer runs
+on the replicate group (its bytes, the ones reported, are the cross-replica ones); the
+checkpoint holds the full model and every rank's shards.
 The loop is counted in steps: rank ``r``'s batch of step ``s`` is a pure function of
 ``(seed, r, s)``, so a run resumed at any checkpointed step continues bit-identically.
 Under ``torchrun`` the ranks' first exchange is a digest of every option that fixes what
@@ -62,9 +66,11 @@ from signsgd.tasks import ImageClassification, Task, make_task
 __all__ = ["train", "lr_schedule"]
 
 
-def _make_optimizer(c: TrainConfig, model: nn.Module, rank: int, world: int, total: int
-                    ) -> torch.optim.Optimizer:
-    """This rank's optimiser; without ``betas``, ``momentum`` is β1 (β2 the registry's)."""
+def _make_optimizer(c: TrainConfig, model: nn.Module, rank: int, world: int, total: int,
+                    group: Any = None) -> torch.optim.Optimizer:
+    """This rank's optimiser; without ``betas``, ``momentum`` is β1 (β2 the registry's).
+    ``group``: the reducer's process group (``--shard > 1``: the replicate group of the
+    ``world`` replicas; ``None``: the default group)."""
     from signsgd.distributed.adversary import attack
 
     adversary = None
@@ -77,8 +83,8 @@ def _make_optimizer(c: TrainConfig, model: nn.Module, rank: int, world: int, tot
           "freeze_step": freeze_step_of(c, total)}
     hp = {k: v for k, v in hp.items() if k in takes}
     return registry.build(c.optimizer, list(model.parameters()), world_size=world,
-                          adversary=adversary, vote=c.vote, seed=c.seed, local=_local_spec(c),
-                          **hp)
+                          group=group, adversary=adversary, vote=c.vote, seed=c.seed,
+                          local=_local_spec(c), **hp)
 
 
 def _local_spec(c: TrainConfig) -> registry.LocalSpec | None:
@@ -153,11 +159,14 @@ def _progress(enabled: bool, total: int, done: int) -> Any:
 
 
 def _comm_record(step: int, totals: dict[str, float], counters: dict[str, Any],
-                 model: nn.Module, world: int) -> dict[str, Any]:
+                 model: nn.Module, world: int, shard: int = 1) -> dict[str, Any]:
     """The ``"comm"`` record of a log window: bytes this rank sent and received (in the
     window, and in all), the compression ratio against an fp32 ring all-reduce of the
-    gradient, and the reducer's time in packing, collectives and unpacking."""
-    fp32 = 2 * (world - 1) * -(-count_parameters(model) // world) * 4
+    gradient, and the reducer's time in packing, collectives and unpacking. ``shard > 1``:
+    the bytes across the ``world // shard`` replicas, against HSDP's fp32 cross-replica
+    all-reduce of a rank's ``1/shard`` of the gradient."""
+    replicas, n = world // shard, -(-count_parameters(model) // shard)
+    fp32 = 2 * (replicas - 1) * -(-n // replicas) * 4
     sent = totals.get("bytes_sent", 0.0)
     steps = max(1.0, totals.get("steps", 1.0))
     return {"kind": "comm", "step": step, "bytes_sent": int(sent),
@@ -175,6 +184,36 @@ def _comm_stats(opt: torch.optim.Optimizer) -> dict[str, Any]:
             **{f"time_{k}_s": v for k, v in s.timings.items()}}
 
 
+def _shard_model(model: nn.Module, c: TrainConfig, world: int, device: torch.device) -> Any:
+    """``--shard > 1``: the replicate × shard ``DeviceMesh`` over the default group (rank
+    ``r`` is replica ``r // shard``, shard ``r % shard``) and ``model`` sharded with FSDP2
+    over its shard dimension, each transformer block then the root (as
+    ``examples/fsdp2_hsdp.py``); returns the mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world // c.shard, c.shard),
+                            mesh_dim_names=("replicate", "shard"))
+    for block in getattr(model, "blocks", ()):
+        fully_shard(block, mesh=mesh["shard"])
+    fully_shard(model, mesh=mesh["shard"])
+    return mesh
+
+
+def _local_state(state: Any) -> Any:
+    """``state`` with every DTensor replaced by a CPU copy of this rank's shard (what each
+    rank's part of the checkpoint holds: gathered by pickling, without the mesh)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(state, DTensor):
+        return state.to_local().detach().cpu().clone()
+    if isinstance(state, dict):
+        return {k: _local_state(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_local_state(v) for v in state)
+    return state
+
+
 def _run(rank: int, world: int, c: TrainConfig, task: Task, ckpt: dict[str, Any] | None
          ) -> dict[str, Any]:
     """The training loop of one rank (module-level so that ``spawn`` can pickle it)."""
@@ -184,7 +223,11 @@ def _run(rank: int, world: int, c: TrainConfig, task: Task, ckpt: dict[str, Any]
     np.random.seed(c.seed % 2**32)
     model = task.model().to(device)
     total = task.total_steps
-    opt = _make_optimizer(c, model, rank, world, total)
+    group, replicas = None, world
+    if c.shard > 1:  # FSDP2 / HSDP: the reducer runs across the replicas only
+        mesh = _shard_model(model, c, world, device)
+        group, replicas = mesh.get_group("replicate"), world // c.shard
+    opt = _make_optimizer(c, model, rank, replicas, total, group)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(c, total))
     outer = getattr(opt, "outer_optimizer", None)  # local steps: the outer step's schedule
     outer_sched = None if outer is None else torch.optim.lr_scheduler.LambdaLR(
@@ -268,7 +311,8 @@ def _run(rank: int, world: int, c: TrainConfig, task: Task, ckpt: dict[str, Any]
                 if log is not None:
                     log.write(rec)
                     if world > 1:  # what the communication cost in this window
-                        log.write(_comm_record(step, comm_totals, counters, model, world))
+                        log.write(_comm_record(step, comm_totals, counters, model, world,
+                                               c.shard))
                 if prog is not None:
                     prog.update(prog.task_ids[0], completed=step, description=(
                         f"epoch {int(task.epoch_of(step - 1)) + 1}" if image else "steps"),
@@ -288,7 +332,11 @@ def _run(rank: int, world: int, c: TrainConfig, task: Task, ckpt: dict[str, Any]
                 tr_loss, tr_correct, tr_count = _allsum(counters["epoch"], world)
                 at_anchor = getattr(opt, "at_anchor", None)  # local steps mid-round: x0,
                 with at_anchor() if at_anchor is not None else nullcontext():  # every rank's
-                    held = task.evaluate(model, rank, world)
+                    # sharded: the ranks of a shard group run the same forwards (FSDP
+                    # all-gathers), each replica its share; the sums count each one
+                    # c.shard times, which the means cancel
+                    held = task.evaluate(model, rank // c.shard, world // c.shard) \
+                        if c.shard > 1 else task.evaluate(model, rank, world)
                 counters["epoch"] = [0.0, 0.0, 0.0]
                 now = time.perf_counter()
                 rec = {"kind": "epoch" if image else "eval", "step": step, "time_s": now - t0,
@@ -314,10 +362,13 @@ def _run(rank: int, world: int, c: TrainConfig, task: Task, ckpt: dict[str, Any]
             log.close()
     ranks = _gather(([counters["sent"], counters["received"]], time.process_time() - cpu0),
                     world)
+    params = list(model.parameters())
+    if c.shard > 1:  # the full parameters: a collective, on every rank
+        params = [p.full_tensor() for p in params]
+    params = [p.detach().cpu().clone() for p in params] if log is not None else None
     return {"rank": rank, "wall_time_s": wall, "steps": step, "bytes": [r[0] for r in ranks],
             "cpu_s": [r[1] for r in ranks],
-            "params": [p.detach().cpu().clone() for p in model.parameters()]
-            if log is not None else None,
+            "params": params,
             "metrics": log.records if log is not None else None,
             "n_params": count_parameters(model)}
 
@@ -325,14 +376,26 @@ def _run(rank: int, world: int, c: TrainConfig, task: Task, ckpt: dict[str, Any]
 def _checkpoint(c: TrainConfig, out: Path, opt: Any, sched: Any, model: nn.Module,
                 counters: dict[str, Any], step: int, wall: float, log: MetricsLog | None,
                 world: int) -> None:
-    """Every rank's state gathered to rank 0, which writes ``checkpoint.pt`` atomically."""
+    """Every rank's state gathered to rank 0, which writes ``checkpoint.pt`` atomically.
+    ``--shard > 1``: the model's full (unsharded) state dict, gathered on every rank, and in
+    each rank's part its shards (``"shard"``: of each parameter; the optimiser's state:
+    of its DTensors)."""
     part = {"optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
             "buffers": [b.detach().cpu().clone() for b in model.buffers()],
             "counters": {k: (list(v) if isinstance(v, list) else v) for k, v in
                          counters.items()}}
+    full = None
+    if c.shard > 1:
+        from torch.distributed.checkpoint import state_dict as dcp_sd
+
+        full = dcp_sd.get_model_state_dict(model, options=dcp_sd.StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+        part["optimizer"] = _local_state(part["optimizer"])
+        part["shard"] = [_local_state(p.detach()) for p in model.parameters()]
     ranks = _gather(part, world)
     if log is not None:
-        checkpoint.save(out, c, step=step, wall_time_s=wall, model=model.state_dict(),
+        checkpoint.save(out, c, step=step, wall_time_s=wall,
+                        model=model.state_dict() if full is None else full,
                         scheduler=sched.state_dict(), ranks=ranks, metrics=log.records,
                         vocabulary=getattr(model, "vocabulary", None))
 
@@ -510,6 +573,11 @@ def _summary(c: TrainConfig, task: Task, res0: dict[str, Any], threads: int,
         "fp32_gradient_bytes": 4 * res0["n_params"], "n_params": res0["n_params"],
         "threads_per_worker": threads, "config": c.to_dict(),
     }
+    if c.shard > 1:  # FSDP2 / HSDP: what the bytes above count
+        summary.update(replicas=c.workers // c.shard, shard=c.shard, bytes_counted=(
+            "cross-replica: the optimiser's reducer on the replicate group, for this rank's "
+            "shard; FSDP's all-gathers and reduce-scatters inside the shard groups are not "
+            "counted"))
     write_atomic(out / "summary.json", lambda tmp: tmp.write_text(
         json.dumps(jsonable(summary), indent=2) + "\n"))
     plot_curves(metrics, out / "curves.png", title=f"{summary['name']} ({c.workers} worker"
