@@ -10,7 +10,8 @@
    Signum, 1-bit Adam): validation loss after the same number of steps, and steps per
    second;
 5. the trainer through an NCCL process group of world size 1 (``torchrun --nproc-per-node
-   1 ... --backend nccl``), once per route: the vote and 1-bit Adam across its freeze.
+   1 ... --backend nccl``), once per route: the vote, 1-bit Adam across its freeze, local
+   steps with the Nesterov outer step.
 
 It writes a markdown report (``--out``) with every figure and the machine it ran on.
 
@@ -128,12 +129,15 @@ def lm_runs(steps_: int, out: Path) -> list[str]:
 
 
 # The trainer's communicating routes through an NCCL group of one process: the per-step
-# vote and 1-bit Adam across its freeze (the trainer runs local steps only with --workers
-# >= 2, which one GPU cannot host under NCCL; tests/test_cuda.py checks LocalSteps).
+# vote, 1-bit Adam across its freeze, local steps with the Nesterov outer step on the EF
+# all-reduce (tests/test_cuda.py checks LocalSteps with the other reducers).
 NCCL_ROUTES = {
     "Signum + MajorityVote": ("--optimizer", "signum", "--lr", "1e-3"),
     "1-bit Adam, freeze at step 10": ("--optimizer", "onebit-adam", "--lr", "1e-3",
                                       "--freeze-step", "10"),
+    "local steps H=4, Nesterov outer on the EF all-reduce": (
+        "--optimizer", "adamw", "--lr", "1e-3", "--sync-every", "4",
+        "--outer-optimizer", "nesterov", "--outer-reducer", "ef"),
 }
 
 
