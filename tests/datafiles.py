@@ -22,6 +22,18 @@ def write_random_fashion_mnist(root: Path, n_train: int, n_test: int, seed: int)
     return root / "fashion-mnist"
 
 
+#: The opening of Sonnet 1: the text of the small language-model runs.
+SONNET = ("From fairest creatures we desire increase,\nThat thereby beauty's rose might never "
+          "die,\nBut as the riper should by time decease,\nHis tender heir might bear his memory\n")
+
+
+def write_sonnet(folder: Path) -> Path:
+    """``folder/sonnet.txt``: :data:`SONNET` 60 times (a ``text:PATH`` corpus)."""
+    path = folder / "sonnet.txt"
+    path.write_text(SONNET * 60)
+    return path
+
+
 def write_shakespeare(root: Path, text: Callable[[int, str], str]) -> list[str]:
     """``root/shakespeare``: 42 works named as in the real folder, the held-out ones first
     (then ``work_NN_gut``), work ``i`` called ``name`` holding ``text(i, name)``; returns the

@@ -16,21 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from datafiles import write_random_fashion_mnist
+from datafiles import SONNET, write_random_fashion_mnist, write_sonnet
 from signsgd import checkpoint
 from signsgd.cli import main
 from signsgd.errors import CheckpointError
 from signsgd.outputs import read_metrics
 
-POEM = ("From fairest creatures we desire increase,\nThat thereby beauty's rose might never "
-        "die,\nBut as the riper should by time decease,\nHis tender heir might bear his memory\n")
-
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "sonnet.txt"
-    path.write_text(POEM * 60)
-    return path
+    return write_sonnet(tmp_path_factory.mktemp("text"))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +55,7 @@ def test_language_model_outputs_and_sample(text_file, tmp_path, capsys):
     assert "bits/char" in capsys.readouterr().out
     s = json.loads((out / "summary.json").read_text())
     assert s["val_bpc"] == pytest.approx(s["val_loss"] / math.log(2))
-    assert 0 < s["val_loss"] < math.log(len(set(POEM)) + 1) + 0.5 and s["steps"] == 12
+    assert 0 < s["val_loss"] < math.log(len(set(SONNET)) + 1) + 0.5 and s["steps"] == 12
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
              if '"eval"' in line]
     assert [e["step"] for e in evals] == [4, 8, 12]

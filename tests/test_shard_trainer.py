@@ -12,20 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from datafiles import write_sonnet
 from signsgd import checkpoint
 from signsgd.cli import main
 from signsgd.config import TrainConfig, validate
 from signsgd.errors import ConfigError
 
-POEM = ("From fairest creatures we desire increase,\nThat thereby beauty's rose might never "
-        "die,\nBut as the riper should by time decease,\nHis tender heir might bear his memory\n")
-
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "sonnet.txt"
-    path.write_text(POEM * 60)
-    return path
+    return write_sonnet(tmp_path_factory.mktemp("text"))
 
 
 def lm_args(text_file: Path, out: Path, *extra: str) -> list[str]:
