@@ -334,9 +334,8 @@ def _run(rank: int, world: int, c: TrainConfig, task: Task, ckpt: dict[str, Any]
                 with at_anchor() if at_anchor is not None else nullcontext():  # every rank's
                     # sharded: the ranks of a shard group run the same forwards (FSDP
                     # all-gathers), each replica its share; the sums count each one
-                    # c.shard times, which the means cancel
-                    held = task.evaluate(model, rank // c.shard, world // c.shard) \
-                        if c.shard > 1 else task.evaluate(model, rank, world)
+                    # c.shard times, which the means cancel (--shard 1: a share per rank)
+                    held = task.evaluate(model, rank // c.shard, world // c.shard)
                 counters["epoch"] = [0.0, 0.0, 0.0]
                 now = time.perf_counter()
                 rec = {"kind": "epoch" if image else "eval", "step": step, "time_s": now - t0,
