@@ -643,35 +643,39 @@ def _local(inner: str, h: int) -> Callable[[Trainer], None]:
     return build
 
 
+def _on_ddp(name: str, label: str, opt: str, route: str, lr: dict[str, float], *,
+            powersgd_rank: int | None = None, tta: bool = True, inner: str | None = None,
+            **hp: Any) -> Method:
+    """The row of a method on DDP: :func:`_ddp` of ``opt`` and ``route`` (PowerSGD with
+    ``powersgd_rank``), the row's ``route``, ``powersgd_rank`` and ``inner`` (default:
+    ``opt``) from the same arguments."""
+    hook = None if powersgd_rank is None else {"matrix_approximation_rank": powersgd_rank}
+    return Method(name, label, _ddp(opt, route, hook=hook, **hp), lr, route=route, tta=tta,
+                  powersgd_rank=powersgd_rank, inner=opt if inner is None else inner)
+
+
 def _rows() -> Iterator[Method]:
     yield Method("signum", "Signum + majority vote", _ours("signum", momentum=0.9), _LR_SIGNUM,
                  inner="signum")
-    yield Method("signum-ddp-hook", "DDP + majority-vote hook", _ddp("sgd", "vote"),
-                 _LR_SIGNUM, route="vote", inner="signum")
+    yield _on_ddp("signum-ddp-hook", "DDP + majority-vote hook", "sgd", "vote", _LR_SIGNUM,
+                  inner="signum")
     yield Method("ef-signsgd", "EF-signSGD + EF all-reduce", _ours("ef-signsgd"), _LR_EF,
                  inner="ef-signsgd")
     yield Method("lion", "Lion + majority vote", _ours("lion"), _LR_LION, inner="lion")
     yield Method("sgd", "SGD + fp32 all-reduce", _ours("sgd", momentum=0.9), _LR_SGD,
                  inner="sgd")
     yield Method("adamw", "AdamW + fp32 all-reduce", _ours("adamw"), _LR_ADAMW, inner="adamw")
-    yield Method("sgd-ddp", "SGD + DDP (fp32)", _ddp("sgd", momentum=0.9), _LR_SGD,
-                 route="fp32", inner="sgd")
-    yield Method("adamw-ddp", "AdamW + DDP (fp32)", _ddp("adamw"), _LR_ADAMW, route="fp32",
-                 inner="adamw")
-    yield Method("fp16-ddp", "SGD + DDP + fp16 hook", _ddp("sgd", "fp16", momentum=0.9),
-                 _LR_SGD, route="fp16", inner="sgd")
-    yield Method("fp16-adamw-ddp", "AdamW + DDP + fp16 hook", _ddp("adamw", "fp16"),
-                 _LR_ADAMW, route="fp16", inner="adamw")
+    yield _on_ddp("sgd-ddp", "SGD + DDP (fp32)", "sgd", "fp32", _LR_SGD, momentum=0.9)
+    yield _on_ddp("adamw-ddp", "AdamW + DDP (fp32)", "adamw", "fp32", _LR_ADAMW)
+    yield _on_ddp("fp16-ddp", "SGD + DDP + fp16 hook", "sgd", "fp16", _LR_SGD, momentum=0.9)
+    yield _on_ddp("fp16-adamw-ddp", "AdamW + DDP + fp16 hook", "adamw", "fp16", _LR_ADAMW)
     for r in (1, 2, 4):
-        yield Method(f"powersgd-r{r}", f"SGD + DDP + PowerSGD r={r} (1 bucket)",
-                     _ddp("sgd", "powersgd", hook={"matrix_approximation_rank": r}, momentum=0.9),
-                     _LR_SGD, route="powersgd", powersgd_rank=r, inner="sgd")
-    yield Method("powersgd-r2-adamw", "AdamW + DDP + PowerSGD r=2 (1 bucket)",
-                 _ddp("adamw", "powersgd", hook={"matrix_approximation_rank": 2}), _LR_ADAMW,
-                 route="powersgd", powersgd_rank=2, inner="adamw")
-    yield Method("noop-ddp", "SGD + DDP + noop hook (no communication)",
-                 _ddp("sgd", "noop", momentum=0.9), _LR_SGD, route="noop", tta=False,
-                 inner="sgd")
+        yield _on_ddp(f"powersgd-r{r}", f"SGD + DDP + PowerSGD r={r} (1 bucket)", "sgd",
+                      "powersgd", _LR_SGD, powersgd_rank=r, momentum=0.9)
+    yield _on_ddp("powersgd-r2-adamw", "AdamW + DDP + PowerSGD r=2 (1 bucket)", "adamw",
+                  "powersgd", _LR_ADAMW, powersgd_rank=2)
+    yield _on_ddp("noop-ddp", "SGD + DDP + noop hook (no communication)", "sgd", "noop",
+                  _LR_SGD, tta=False, momentum=0.9)
     yield Method("sgd-local", "no communication (compute only)",
                  _ours("sgd", local=True, momentum=0.9), _LR_SGD, tta=False, inner="sgd")
 
