@@ -1,4 +1,4 @@
-"""The training loop behind ``signsgd train`` and ``signsgd compare``: one process or M workers.
+"""``signsgd train`` and ``signsgd compare``'s runs: one process or M workers.
 
 :func:`train` validates a :class:`~signsgd.config.TrainConfig` before anything starts, then
 trains in one process, in ``workers`` local Gloo processes
@@ -12,8 +12,10 @@ With ``shard > 1`` (FSDP2 / HSDP) the ranks form ``workers // shard`` replicas o
 ranks, the model is ``fully_shard``-ed inside each replica and the optimiser's reducer runs
 on the replicate group (its bytes, the ones reported, are the cross-replica ones); the
 checkpoint holds the full model and every rank's shards.
-The loop is counted in steps: rank ``r``'s batch of step ``s`` is a pure function of
-``(seed, r, s)``, so a run resumed at any checkpointed step continues bit-identically.
+Each rank runs the project's :class:`~signsgd.loop.Loop` with the run's callbacks (the
+records, the progress bar, the checkpoints). It is counted in steps: rank ``r``'s batch of
+step ``s`` is a pure function of ``(seed, r, s)``, so a run resumed at any checkpointed step
+continues bit-identically.
 Under ``torchrun`` the ranks' first exchange is a digest of every option that fixes what
 they exchange and when (all but :data:`PER_RANK_OPTIONS`): ranks started with different
 ones all raise the same :class:`~signsgd.errors.ConfigError`, naming them.
@@ -42,7 +44,6 @@ import math
 import os
 import random
 import time
-import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from datetime import timedelta
@@ -58,9 +59,9 @@ from signsgd import checkpoint, registry
 from signsgd.config import TrainConfig, freeze_step_of, validate
 from signsgd.distributed import launch
 from signsgd.errors import ConfigError
+from signsgd.loop import Callback, Loop, StepOutput
 from signsgd.models import count_parameters
 from signsgd.outputs import MetricsLog, check_out, jsonable, lock_run, plot_curves, write_atomic
-from signsgd.reduction import comm_stats
 from signsgd.tasks import ImageClassification, Task, make_task
 
 __all__ = ["train", "lr_schedule"]
@@ -176,14 +177,6 @@ def _comm_record(step: int, totals: dict[str, float], counters: dict[str, Any],
             **{k: v for k, v in totals.items() if k.startswith("time_")}}
 
 
-def _comm_stats(opt: torch.optim.Optimizer) -> dict[str, Any]:
-    """Bytes of the optimiser's last step and the reducer's time split (pack, collectives,
-    unpack), from its :func:`~signsgd.reduction.comm_stats` (zeros when it is local)."""
-    s = comm_stats(opt)
-    return {"bytes_sent": s.bytes_sent, "bytes_received": s.bytes_received,
-            **{f"time_{k}_s": v for k, v in s.timings.items()}}
-
-
 def _shard_model(model: nn.Module, c: TrainConfig, world: int, device: torch.device) -> Any:
     """``--shard > 1``: the replicate × shard ``DeviceMesh`` over the default group (rank
     ``r`` is replica ``r // shard``, shard ``r % shard``) and ``model`` sharded with FSDP2
@@ -214,10 +207,134 @@ def _local_state(state: Any) -> Any:
     return state
 
 
+class _FaultInjection(Callback):
+    """``SIGNSGD_INJECT_FAULT=RANK:STEP[:stall]`` (tests of crashes and stalls): worker
+    ``RANK`` raises before step ``STEP``, or with ``stall`` stops progressing there."""
+
+    def __init__(self, spec: str, rank: int) -> None:
+        r, _, s = spec.partition(":")
+        s, _, stall = s.partition(":")
+        self.at, self.rank, self.stall = (int(r), int(s or 0)), rank, bool(stall)
+
+    def before_step(self, loop: Loop, step: int) -> None:
+        if self.at == (self.rank, step):
+            if self.stall:
+                time.sleep(3600)  # alive, not progressing: the others time out
+            raise RuntimeError(f"injected fault on rank {self.rank} at step {step} "
+                               "(SIGNSGD_INJECT_FAULT)")
+
+
+class _Report(Callback):
+    """What a run writes and prints: the heartbeat, ``"step"`` / ``"comm"`` records every
+    ``log_every`` steps, ``"density"``, the evaluation records, the progress bar, and
+    the checkpoints; it holds the counters a checkpoint carries."""
+
+    def __init__(self, c: TrainConfig, task: Task, model: nn.Module, opt: Any, rank: int,
+                 world: int, ckpt: dict[str, Any] | None) -> None:
+        self.c, self.task, self.model, self.opt, self.rank, self.world = (
+            c, task, model, opt, rank, world)
+        self.out = Path(c.out)
+        self.counters: dict[str, Any] = {"sent": 0, "received": 0, "epoch": [0.0, 0.0, 0.0],
+                                         "window": [0.0, 0.0, 0.0]}
+        if ckpt is not None:
+            self.counters = ckpt["ranks"][rank]["counters"]
+        self.density: Any = None
+        if c.density_every and rank == 0:
+            from signsgd.diagnostics import density  # lazy: optional diagnostics
+            self.density = density
+        self.log = MetricsLog(self.out / "metrics.jsonl", ckpt["metrics"] if ckpt else ()) \
+            if rank == 0 else None
+        self.progress = _progress(c.progress and self.log is not None, task.total_steps,
+                                  int(ckpt["step"]) if ckpt else 0)
+        self.image = isinstance(task, ImageClassification)
+        self.t0 = time.perf_counter() - (float(ckpt["wall_time_s"]) if ckpt else 0.0)
+        self.window_t = time.perf_counter()
+        self.comm_totals: dict[str, float] = {}
+
+    def before_step(self, loop: Loop, step: int) -> None:
+        launch.heartbeat(step)  # this rank reached step `step`
+
+    def on_step(self, loop: Loop, out: StepOutput) -> None:
+        c, counters, step = self.c, self.counters, out.step
+        stats = {"bytes_sent": out.comm.bytes_sent, "bytes_received": out.comm.bytes_received,
+                 **{f"time_{k}_s": v for k, v in out.comm.timings.items()}}
+        counters["sent"] += stats["bytes_sent"]
+        counters["received"] += stats["bytes_received"]
+        for k, v in {**stats, "steps": 1}.items():
+            self.comm_totals[k] = self.comm_totals.get(k, 0.0) + v
+        for acc in (counters["epoch"], counters["window"]):
+            acc[0] += out.loss * out.count
+            acc[1] += out.correct
+            acc[2] += out.count
+        total = self.task.total_steps
+        if step % c.log_every == 0 or step == total:
+            s_loss, s_correct, s_count = _allsum(counters["window"], self.world)
+            now = time.perf_counter()
+            sps = s_count / max(now - self.window_t, 1e-9)
+            rec = {"kind": "step", "step": step, "epoch": self.task.epoch_of(step),
+                   "time_s": now - self.t0, "loss": s_loss / s_count,
+                   "accuracy": s_correct / s_count, "samples_per_s": sps, "lr": out.lr,
+                   "bytes_sent": stats["bytes_sent"], "bytes_received": stats["bytes_received"]}
+            if self.log is not None:
+                self.log.write(rec)
+                if self.world > 1:  # what the communication cost in this window
+                    self.log.write(_comm_record(step, self.comm_totals, counters, self.model,
+                                                self.world, c.shard))
+            if self.progress is not None:
+                self.progress.update(self.progress.task_ids[0], completed=step, description=(
+                    f"epoch {int(self.task.epoch_of(step - 1)) + 1}" if self.image
+                    else "steps"), loss=f"{rec['loss']:.4f}", acc=f"{rec['accuracy']:.3f}",
+                    sps=f"{sps:,.0f}")
+            counters["window"], self.window_t, self.comm_totals = [0.0, 0.0, 0.0], now, {}
+        if self.density is not None and self.log is not None and step % c.density_every == 0:
+            batches = [self.task.batch(self.rank, self.world, step + i) for i in range(4)]
+            d = self.density(self.model, torch.nn.functional.cross_entropy, batches)
+            self.log.write({"kind": "density", "step": step,
+                            "time_s": time.perf_counter() - self.t0, **jsonable(d)})
+
+    def on_eval(self, loop: Loop, step: int) -> None:
+        model, world, counters = self.model, self.world, self.counters
+        if world > 1:
+            for buf in model.buffers():
+                dist.broadcast(buf, 0)
+        tr_loss, tr_correct, tr_count = _allsum(counters["epoch"], world)
+        at_anchor = getattr(self.opt, "at_anchor", None)  # local steps mid-round: x0,
+        with at_anchor() if at_anchor is not None else nullcontext():  # every rank's
+            # sharded: the ranks of a shard group run the same forwards (FSDP all-gathers),
+            # each replica its share; the sums count each one c.shard times, which the
+            # means cancel (--shard 1: a share per rank)
+            held = self.task.evaluate(model, self.rank // self.c.shard, world // self.c.shard)
+        counters["epoch"] = [0.0, 0.0, 0.0]
+        now = time.perf_counter()
+        rec = {"kind": "epoch" if self.image else "eval", "step": step, "time_s": now - self.t0,
+               "train_loss": tr_loss / tr_count, "train_accuracy": tr_correct / tr_count,
+               **held, "bytes_sent_total": counters["sent"]}
+        if self.image:
+            rec = {"kind": "epoch", "epoch": round(self.task.epoch_of(step)), **{
+                k: v for k, v in rec.items() if k not in ("kind", "bytes_sent_total")}}
+        if self.log is not None:
+            self.log.write(rec)
+        if self.progress is not None:
+            self.progress.console.print(
+                f"step {step}/{self.task.total_steps}: train loss {rec['train_loss']:.4f} | "
+                + "  ".join(f"{k} {v:.4f}" for k, v in held.items()) + f" | {now - self.t0:.1f}s")
+
+    def on_checkpoint(self, loop: Loop, step: int) -> None:
+        _checkpoint(self.c, self.out, self.opt, loop.schedulers[0], self.model, self.counters,
+                    step, time.perf_counter() - self.t0, self.log, self.world)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        if self.log is not None:
+            self.log.close()
+
+
 def _run(rank: int, world: int, c: TrainConfig, task: Task, ckpt: dict[str, Any] | None
          ) -> dict[str, Any]:
-    """The training loop of one rank (module-level so that ``spawn`` can pickle it)."""
-    out, device = Path(c.out), _device(c, rank)
+    """One rank's run: the model, the optimiser and the :class:`~signsgd.loop.Loop` with
+    the run's callbacks (module-level so that ``spawn`` can pickle it)."""
+    device = _device(c, rank)
     torch.manual_seed(c.seed)
     random.seed(c.seed)
     np.random.seed(c.seed % 2**32)
@@ -228,12 +345,12 @@ def _run(rank: int, world: int, c: TrainConfig, task: Task, ckpt: dict[str, Any]
         mesh = _shard_model(model, c, world, device)
         group, replicas = mesh.get_group("replicate"), world // c.shard
     opt = _make_optimizer(c, model, rank, replicas, total, group)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(c, total))
-    outer = getattr(opt, "outer_optimizer", None)  # local steps: the outer step's schedule
-    outer_sched = None if outer is None else torch.optim.lr_scheduler.LambdaLR(
-        outer, lr_schedule(c, total))
-    step, time_offset = 0, 0.0
-    counters = {"sent": 0, "received": 0, "epoch": [0.0, 0.0, 0.0], "window": [0.0, 0.0, 0.0]}
+    report = _Report(c, task, model, opt, rank, world, ckpt)
+    fault = os.environ.get("SIGNSGD_INJECT_FAULT", "")
+    loop = Loop(model, opt, task.loss, schedule=lr_schedule(c, total), grad_clip=c.grad_clip,
+                autocast=(lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+                if c.precision == "bf16" else None,
+                callbacks=([_FaultInjection(fault, rank)] if fault else []) + [report])
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         part = ckpt["ranks"][rank]
@@ -241,124 +358,23 @@ def _run(rank: int, world: int, c: TrainConfig, task: Task, ckpt: dict[str, Any]
             for buf, saved in zip(model.buffers(), part["buffers"]):
                 buf.copy_(saved)
         opt.load_state_dict(part["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        if outer_sched is not None:  # its lr came back with the optimiser's state
-            outer_sched.last_epoch = sched.last_epoch
+        loop.load_schedule(ckpt["scheduler"])
         torch.set_rng_state(part["rng"])
-        counters = part["counters"]
-        step, time_offset = int(ckpt["step"]), float(ckpt["wall_time_s"])
+        loop.step = int(ckpt["step"])
 
-    r, _, s = os.environ.get("SIGNSGD_INJECT_FAULT", "").partition(":")  # RANK:STEP[:stall]
-    s, _, stall = s.partition(":")
-    fault = (int(r), int(s or 0)) if r else None
-    density_fn = None
-    if c.density_every and rank == 0:
-        from signsgd.diagnostics import density as density_fn  # lazy: optional diagnostics
-    log = MetricsLog(out / "metrics.jsonl", ckpt["metrics"] if ckpt else ()) if rank == 0 else None
-    prog = _progress(c.progress and log is not None, total, step)
-    image = isinstance(task, ImageClassification)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if c.precision == "bf16"
-                else nullcontext())
+    def batch_of(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = task.batch(rank, world, step)
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
     cpu0 = time.process_time()
-    t0 = time.perf_counter() - time_offset
-    win_t = time.perf_counter()
-    comm_totals: dict[str, float] = {}
     try:
         model.train()
-        while step < total:
-            if fault == (rank, step):
-                if stall:
-                    time.sleep(3600)  # alive, not progressing: the others time out
-                raise RuntimeError(f"injected fault on rank {rank} at step {step} "
-                                   "(SIGNSGD_INJECT_FAULT)")
-            launch.heartbeat(step)  # this rank reached step `step`
-            x, y = (t.to(device, non_blocking=True) for t in task.batch(rank, world, step))
-            with autocast:
-                loss, correct, count = task.loss(model, x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if c.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-            opt.step()
-            if step + 1 == total and hasattr(opt, "synchronise"):
-                opt.synchronise()  # local steps: the partial last round, so all ranks agree
-            lr_used = float(opt.param_groups[0]["lr"])
-            sched.step()
-            if outer_sched is not None:
-                with warnings.catch_warnings():  # the outer optimiser steps at syncs only
-                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
-                    outer_sched.step()
-            stats = _comm_stats(opt)
-            counters["sent"] += stats["bytes_sent"]
-            counters["received"] += stats["bytes_received"]
-            for k, v in {**stats, "steps": 1}.items():
-                comm_totals[k] = comm_totals.get(k, 0.0) + v
-            step += 1
-            batch_loss = float(loss.detach()) * count
-            for acc in (counters["epoch"], counters["window"]):
-                acc[0] += batch_loss
-                acc[1] += correct
-                acc[2] += count
-            if step % c.log_every == 0 or step == total:
-                s_loss, s_correct, s_count = _allsum(counters["window"], world)
-                now = time.perf_counter()
-                sps = s_count / max(now - win_t, 1e-9)
-                rec = {"kind": "step", "step": step, "epoch": task.epoch_of(step),
-                       "time_s": now - t0, "loss": s_loss / s_count,
-                       "accuracy": s_correct / s_count, "samples_per_s": sps, "lr": lr_used,
-                       "bytes_sent": stats["bytes_sent"],
-                       "bytes_received": stats["bytes_received"]}
-                if log is not None:
-                    log.write(rec)
-                    if world > 1:  # what the communication cost in this window
-                        log.write(_comm_record(step, comm_totals, counters, model, world,
-                                               c.shard))
-                if prog is not None:
-                    prog.update(prog.task_ids[0], completed=step, description=(
-                        f"epoch {int(task.epoch_of(step - 1)) + 1}" if image else "steps"),
-                        loss=f"{rec['loss']:.4f}", acc=f"{rec['accuracy']:.3f}",
-                        sps=f"{sps:,.0f}")
-                counters["window"], win_t, comm_totals = [0.0, 0.0, 0.0], now, {}
-            if density_fn is not None and log is not None and step % c.density_every == 0:
-                batches = [task.batch(rank, world, step + i) for i in range(4)]
-                d = density_fn(model, torch.nn.functional.cross_entropy, batches)
-                log.write({"kind": "density", "step": step, "time_s": time.perf_counter() - t0,
-                           **jsonable(d)})
-            evaluate = step % task.eval_every == 0 or step == total
-            if evaluate:
-                if world > 1:
-                    for buf in model.buffers():
-                        dist.broadcast(buf, 0)
-                tr_loss, tr_correct, tr_count = _allsum(counters["epoch"], world)
-                at_anchor = getattr(opt, "at_anchor", None)  # local steps mid-round: x0,
-                with at_anchor() if at_anchor is not None else nullcontext():  # every rank's
-                    # sharded: the ranks of a shard group run the same forwards (FSDP
-                    # all-gathers), each replica its share; the sums count each one
-                    # c.shard times, which the means cancel (--shard 1: a share per rank)
-                    held = task.evaluate(model, rank // c.shard, world // c.shard)
-                counters["epoch"] = [0.0, 0.0, 0.0]
-                now = time.perf_counter()
-                rec = {"kind": "epoch" if image else "eval", "step": step, "time_s": now - t0,
-                       "train_loss": tr_loss / tr_count, "train_accuracy": tr_correct / tr_count,
-                       **held, "bytes_sent_total": counters["sent"]}
-                if image:
-                    rec = {"kind": "epoch", "epoch": round(task.epoch_of(step)), **{
-                        k: v for k, v in rec.items() if k not in ("kind", "bytes_sent_total")}}
-                if log is not None:
-                    log.write(rec)
-                if prog is not None:
-                    prog.console.print(f"step {step}/{total}: train loss {rec['train_loss']:.4f}"
-                                       " | " + "  ".join(f"{k} {v:.4f}" for k, v in held.items())
-                                       + f" | {now - t0:.1f}s")
-            if evaluate or c.checkpoint_every and step % c.checkpoint_every == 0:
-                _checkpoint(c, out, opt, sched, model, counters, step, time.perf_counter() - t0,
-                            log, world)
-        wall = time.perf_counter() - t0
+        step = loop.run(batch_of, total, eval_every=task.eval_every,
+                        checkpoint_every=c.checkpoint_every)
+        wall = time.perf_counter() - report.t0
     finally:
-        if prog is not None:
-            prog.stop()
-        if log is not None:
-            log.close()
+        report.close()
+    counters, log = report.counters, report.log
     ranks = _gather(([counters["sent"], counters["received"]], time.process_time() - cpu0),
                     world)
     params = list(model.parameters())
