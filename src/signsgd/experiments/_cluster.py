@@ -30,6 +30,7 @@ from signsgd import models, registry
 from signsgd.data import Dataset, gaussian_mixture, load
 from signsgd.distributed.adversary import attack
 from signsgd.errors import NonFiniteGradientError
+from signsgd.loop import Callback, Loop, cross_entropy
 
 __all__ = ["Config", "Splits", "fashion_splits", "synthetic_splits", "run"]
 
@@ -155,24 +156,25 @@ def _train(rank: int, world: int, group: Any, cfg: Config, sets: list[tuple[Tens
 
     hist: dict[str, Any] = {"step": [], "train_loss": [], "label": cfg.label,
                             "diverged_at": None}
-    for t in range(cfg.steps + 1):
-        if rank == 0 and (t % cfg.eval_every == 0 or t == cfg.steps):
-            hist["step"].append(t)
-            hist["train_loss"].append(score(evaluate)[0])
-        if t == cfg.steps:
-            break
-        idx = batch_indices(x.shape[0], cfg.batch, rank, t, cfg.seed)
-        opt.zero_grad()
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-        try:
-            opt.step()
-        except NonFiniteGradientError:  # raised on every rank alike (local steps: at the
-            # vote): all stop together
-            hist["diverged_at"] = t
+
+    class History(Callback):  # rank 0's loss on the evaluation set, at 0 and every eval_every
+        def on_eval(self, loop: Loop, step: int) -> None:
             if rank == 0:
-                hist["step"].append(t)
+                hist["step"].append(step)
                 hist["train_loss"].append(score(evaluate)[0])
-            break
+
+    def batch_of(step: int) -> tuple[Tensor, Tensor]:
+        idx = batch_indices(x.shape[0], cfg.batch, rank, step, cfg.seed)
+        return x[idx], y[idx]
+
+    loop = Loop(model, opt, cross_entropy, callbacks=[History()])
+    loop.callbacks[0].on_eval(loop, 0)
+    try:
+        loop.run(batch_of, cfg.steps, eval_every=cfg.eval_every)
+    except NonFiniteGradientError:  # raised on every rank alike (local steps: at the
+        # vote): all stop together
+        hist["diverged_at"] = loop.step
+        loop.callbacks[0].on_eval(loop, loop.step)
     hist["test_loss"], hist["test_acc"] = score(test) if rank == 0 else (0.0, 0.0)
     hist["diverged"] = hist["diverged_at"] is not None or not math.isfinite(hist["test_loss"])
     return hist
