@@ -53,6 +53,19 @@ def test_the_optimiser_side_imports_nothing_of_the_distributed_package(module):
     assert not bad, f"signsgd.{module} imports {bad}"
 
 
+#: Edges that must not exist (the module on the left imports nothing of those on the right):
+#: the loop is the library's, below the trainer; a task gets its spec, not the config.
+FORBIDDEN = [("signsgd.loop", ("signsgd.train", "signsgd.config", "signsgd.tasks",
+                               "signsgd.outputs", "signsgd.distributed")),
+             ("signsgd.tasks", ("signsgd.config", "signsgd.train"))]
+
+
+@pytest.mark.parametrize("module, above", FORBIDDEN)
+def test_no_import_runs_back_up(module, above):
+    bad = sorted(m for m in _graph()[module] if m.startswith(above))
+    assert not bad, f"{module} imports {bad}"
+
+
 def test_the_import_graph_has_no_cycle():
     graph = _graph()
     known = set(graph)

@@ -39,7 +39,7 @@ MODULES = ["signsgd", "signsgd.functional", "signsgd.optim", "signsgd.compressio
            "signsgd.reduction", "signsgd.outer", "signsgd.distributed.codecs",
            "signsgd.distributed.quantized", "signsgd.distributed.onebit",
            "signsgd.tasks", "signsgd.text", "signsgd.transformer", "signsgd.onebit_adam",
-           "signsgd.distributed.ledger"]
+           "signsgd.distributed.ledger", "signsgd.loop"]
 
 
 @pytest.mark.parametrize("name", MODULES)

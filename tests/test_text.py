@@ -156,14 +156,14 @@ def test_validation_windows_depend_on_the_global_batch_only(workers, batch_size)
     """A run of M workers with batch b validates on the windows of a 1-worker run with
     batch M·b: the same loss for the same model."""
     from signsgd.config import TrainConfig
-    from signsgd.tasks import LanguageModelling
+    from signsgd.tasks import LanguageModelling, TaskSpec
 
     corpus = T.Corpus.from_texts([POEM], [POEM[::-1]])
 
     def loss(w: int, b: int) -> float:
         c = TrainConfig(model="gpt", n_layer=1, n_head=2, d_model=8, block_size=8,
                         batch_size=b, workers=w, steps=4, eval_batches=3)
-        task = LanguageModelling(c, corpus)
+        task = LanguageModelling(TaskSpec.of(c), corpus)
         torch.manual_seed(0)
         return task.evaluate(task.model(), 0, 1)["val_loss"]  # one rank sees all windows
 

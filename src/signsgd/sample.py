@@ -17,7 +17,7 @@ import torch
 from signsgd import checkpoint
 from signsgd.config import TrainConfig, validate
 from signsgd.errors import CheckpointError, ConfigError
-from signsgd.tasks import gpt_shape, is_text, make_task
+from signsgd.tasks import TaskSpec, gpt_shape, is_text, make_task
 from signsgd.text import Corpus
 from signsgd.transformer import GPT, generate
 
@@ -43,7 +43,7 @@ def sample(run: Path, prompt: str, chars: int, *, temperature: float = 0.8,
     saved = ckpt.get("vocabulary")
     corpus = (Corpus(c.data, saved["chars"], torch.empty(0), torch.empty(0)) if saved
               else make_task(c, 1).corpus)  # type: ignore[attr-defined]  # an older run
-    model = GPT(corpus.vocab_size, **gpt_shape(c))
+    model = GPT(corpus.vocab_size, **gpt_shape(TaskSpec.of(c)))
     if ckpt["model"]["tok.weight"].shape[0] != corpus.vocab_size:
         raise CheckpointError(
             f"{run} stored no vocabulary (a run from before they were stored), and --data "

@@ -1,7 +1,8 @@
 """What a training run learns: image classification or character-level language modelling.
 
-A task turns a :class:`~signsgd.config.TrainConfig` into the pieces the training loop
-needs, the same for every worker count:
+A task turns its :class:`TaskSpec` (the fields of a :class:`~signsgd.config.TrainConfig`
+that say what is learned, :meth:`TaskSpec.of`) into the pieces the training loop needs, the
+same for every worker count:
 
 * :meth:`Task.model` — the model (every rank builds the same one from the seed);
 * :meth:`Task.batch` — rank ``r``'s batch of global step ``s``, a pure function of
@@ -28,9 +29,11 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -43,20 +46,51 @@ from signsgd.models import build
 from signsgd.text import Corpus, is_text, load_text
 from signsgd.transformer import GPT, SIZES
 
-if TYPE_CHECKING:
-    from signsgd.config import TrainConfig
-
-__all__ = ["Task", "ImageClassification", "LanguageModelling", "make_task", "is_text",
+__all__ = ["TaskSpec", "Task", "ImageClassification", "LanguageModelling", "make_task", "is_text",
            "gpt_shape"]
 
 
-def gpt_shape(c: TrainConfig) -> dict[str, int]:
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a task reads of a run's configuration: the fields of the same names of
+    :class:`~signsgd.config.TrainConfig` (their meaning and checks are there).
+
+    Example:
+        >>> from signsgd.config import TrainConfig
+        >>> TaskSpec.of(TrainConfig(model="gpt", workers=4)).workers
+        4
+    """
+
+    data: str
+    data_dir: str | None
+    model: str
+    n_layer: int | None       # the GPT's shape: None takes the named size's
+    n_head: int | None
+    d_model: int | None
+    block_size: int | None
+    batch_size: int           # per worker
+    steps: int | None         # the budget (None: epochs of image data, 1000 steps of text)
+    epochs: int
+    eval_every: int | None
+    eval_batches: int
+    validation: int | None    # held out of the training data (text: the tuning split)
+    train_subset: int | None
+    seed: int
+    workers: int
+
+    @classmethod
+    def of(cls, config: Any) -> TaskSpec:
+        """The spec of ``config`` (any object with these fields, a ``TrainConfig``)."""
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+
+def gpt_shape(c: TaskSpec) -> dict[str, int]:
     """The GPT's ``n_layer``, ``n_head``, ``d_model`` and ``block_size``: the named size
     ``c.model`` of :data:`signsgd.transformer.SIZES`, overridden by the fields given.
 
     Example:
         >>> from signsgd.config import TrainConfig
-        >>> gpt_shape(TrainConfig(model="gpt", d_model=64))["d_model"]
+        >>> gpt_shape(TaskSpec.of(TrainConfig(model="gpt", d_model=64)))["d_model"]
         64
     """
     size = SIZES[c.model]
@@ -116,7 +150,7 @@ class ImageClassification(Task):
     """Fashion-MNIST, MNIST or CIFAR-10 with an image model; epochs of sharded examples.
 
     Args:
-        c: the resolved configuration.
+        c: the task's spec.
         train_ds, eval_ds: the training set and the held-out set.
         eval_name: ``"test"`` (the test set) or ``"val"`` (examples held out of training).
         world: the number of workers.
@@ -125,13 +159,13 @@ class ImageClassification(Task):
         >>> from signsgd.config import TrainConfig
         >>> from signsgd.data import gaussian_mixture
         >>> ds = gaussian_mixture(20, (1, 4, 4), classes=2, seed=0)
-        >>> task = ImageClassification(TrainConfig(batch_size=4, epochs=2, model="mlp"),
-        ...                            ds, ds, "val", world=2)
+        >>> spec = TaskSpec.of(TrainConfig(batch_size=4, epochs=2, model="mlp"))
+        >>> task = ImageClassification(spec, ds, ds, "val", world=2)
         >>> task.steps_per_epoch, task.total_steps, task.batch(0, 2, 3)[0].shape
         (3, 6, torch.Size([4, 1, 4, 4]))
     """
 
-    def __init__(self, c: TrainConfig, train_ds: Dataset, eval_ds: Dataset, eval_name: str,
+    def __init__(self, c: TaskSpec, train_ds: Dataset, eval_ds: Dataset, eval_name: str,
                  world: int) -> None:
         self.c, self.train_ds, self.eval_ds, self.eval_name = c, train_ds, eval_ds, eval_name
         self.steps_per_epoch = math.ceil(math.ceil(len(train_ds) / world) / c.batch_size)
@@ -182,13 +216,13 @@ class LanguageModelling(Task):
     Example:
         >>> from signsgd.config import TrainConfig
         >>> corpus = Corpus.from_texts(["to be or not to be " * 20], ["to be " * 20])
-        >>> task = LanguageModelling(TrainConfig(model="gpt", block_size=8, batch_size=2,
-        ...                                      steps=4, eval_batches=1), corpus)
+        >>> task = LanguageModelling(TaskSpec.of(TrainConfig(
+        ...     model="gpt", block_size=8, batch_size=2, steps=4, eval_batches=1)), corpus)
         >>> task.eval_every, sorted(task.evaluate(task.model(), 0, 1))
         (1, ['val_accuracy', 'val_bpc', 'val_loss'])
     """
 
-    def __init__(self, c: TrainConfig, corpus: Corpus) -> None:
+    def __init__(self, c: TaskSpec, corpus: Corpus) -> None:
         self.c, self.corpus, self.shape = c, corpus, gpt_shape(c)
         self.vocabulary = {"chars": corpus.chars, "sha256": corpus.sha256}
         corpus.check(self.shape["block_size"])
@@ -230,7 +264,7 @@ class LanguageModelling(Task):
                                          ("gone", sorted(set(old) - set(new)))) if chars]
             what.append(f"alphabet: {len(old)} characters, now {len(new)} ({'; '.join(diff)})")
         raise CheckpointError(
-            f"--resume: --data {self.c.data} is not the text the checkpoint in {self.c.out} "
+            f"--resume: --data {self.c.data} is not the text the checkpoint "
             f"was trained on ({'; '.join(what)}); resume on that text, or start a new run "
             "with another --out")
 
@@ -252,9 +286,9 @@ class LanguageModelling(Task):
                 "val_accuracy": s_correct / s_count}
 
 
-def make_task(c: TrainConfig, world: int | None = None, *, data: Any = None) -> Task:
-    """The task of a resolved configuration: its data loaded (or ``data``: the
-    ``(train, test)`` datasets or the corpus, already loaded) and split.
+def make_task(config: Any, world: int | None = None, *, data: Any = None) -> Task:
+    """The task of a resolved configuration (its :class:`TaskSpec`): its data loaded (or
+    ``data``: the ``(train, test)`` datasets or the corpus, already loaded) and split.
 
     Raises:
         DataError: the data is missing or unusable.
@@ -266,6 +300,7 @@ def make_task(c: TrainConfig, world: int | None = None, *, data: Any = None) -> 
         ...                data=corpus)).__name__
         'LanguageModelling'
     """
+    c = TaskSpec.of(config)
     world = c.workers if world is None else world
     if is_text(c.data):
         corpus = data if data is not None else load_text(
