@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from signsgd.reduction import CommStats, comm_stats
 
-__all__ = ["Callback", "Loop", "Objective", "StepOutput", "cross_entropy"]
+__all__ = ["Callback", "Loop", "StepOutput", "cross_entropy"]
 
 #: ``objective(model, x, y) -> (loss, correct, count)``: the loss to differentiate, the
 #: correct predictions in the batch and the batch's examples (as :meth:`signsgd.tasks.Task.loss`).
@@ -66,7 +66,12 @@ def cross_entropy(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, float
 
 @dataclass(frozen=True)
 class StepOutput:
-    """What one step of the loop did, on this rank."""
+    """What one step of the loop did, on this rank.
+
+    Example:
+        >>> StepOutput(1, 0.5, 3.0, 4.0, 0.1, 0.01, CommStats()).count
+        4.0
+    """
 
     step: int          # steps done, this one included
     loss: float        # the objective's loss on this rank's batch
@@ -127,6 +132,15 @@ class Loop:
         step: steps done (set it to resume at a checkpointed step).
         schedulers: the ``LambdaLR`` s (the optimiser's first).
         train_seconds: the clock's sum over the steps of this process.
+
+    Example:
+        >>> w = torch.nn.Linear(1, 1, bias=False)
+        >>> loop = Loop(w, torch.optim.SGD(w.parameters(), lr=0.5),
+        ...             lambda m, x, y: (((m(x) - y) ** 2).mean(), 0.0, float(len(y))),
+        ...             schedule=lambda step: 0.5 ** step)
+        >>> out = loop.train_step(torch.ones(2, 1), torch.zeros(2, 1))
+        >>> out.step, out.lr, loop.optimizer.param_groups[0]["lr"]
+        (1, 0.5, 0.25)
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
