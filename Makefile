@@ -86,7 +86,7 @@ data-shakespeare: venv
 # gpu_check.py). Needs data/shakespeare (carry it).
 GPU_REPORT ?= gpu-report.md
 gpu-check:
-	PYTHONPATH=src python3 benchmarks/gpu_check.py --out $(GPU_REPORT)
+	PYTHONPATH=src python3 -m benchmarks.gpu_check --out $(GPU_REPORT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -4,8 +4,8 @@ Every timing is the median over ``--reps`` rounds; within a round all contenders
 after the other (interleaved), so a burst of load from other jobs hits them alike. Each ratio
 is the median over rounds of (contender time / baseline time in the same round).
 
-    .venv/bin/python benchmarks/bench_packing.py                 # 25M float32, 4-row tally
-    .venv/bin/python benchmarks/bench_packing.py --threads 1 --markdown out.md
+    .venv/bin/python -m benchmarks.bench_packing                 # 25M float32, 4-row tally
+    .venv/bin/python -m benchmarks.bench_packing --threads 1 --markdown out.md
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ run. With ``--markdown PATH`` it also writes the results as a markdown table.
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_step.py
-    .venv/bin/python benchmarks/bench_step.py --rounds 41 --markdown benchmarks/results/step.md
+    .venv/bin/python -m benchmarks.bench_step
+    .venv/bin/python -m benchmarks.bench_step --rounds 41 --markdown benchmarks/results/step.md
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import command_line, utc_now, write_text
 
+from benchmarks.common import command_line, utc_now, write_text
 from signsgd import registry
 
 

@@ -2,8 +2,8 @@
 
 For each workload (``cnn``: the small CNN on Fashion-MNIST, target = accuracy on the
 10,000 test images; ``gpt``: the character-level transformer on Shakespeare, target =
-validation loss in nats/char on fixed validation batches; ``workers.WORKLOADS``) and each
-method of the benchmarks' methods table (``workers.METHODS``: Signum / Lion + majority
+validation loss in nats/char on fixed validation batches; ``methods.WORKLOADS``) and each
+method of the benchmarks' methods table (``methods.METHODS``: Signum / Lion + majority
 vote, EF-signSGD, AdamW and SGD with fp32 all-reduce, DDP fp32, DDP + torch's fp16 and
 PowerSGD hooks, local steps with a voted outer step), with M = 4 Gloo workers:
 
@@ -12,8 +12,8 @@ PowerSGD hooks, local steps with a voted outer step), with M = 4 Gloo workers:
     records the curve (step, metric) and the steps to target;
 (b) **step times**: one launch per link rate (unshaped, 10 Gbit/s, 1 Gbit/s, 100 Mbit/s;
     ``netem.NetworkEmulator``, M ranks sharing one shaped link, as
-    ``bench_e2e.py``) times every method's training step on that workload, the methods
-    taking turns (``workers._measure``): LocalSteps in whole rounds of H steps (per step =
+    ``bench_e2e``) times every method's training step on that workload, the methods
+    taking turns (``measure.interleaved``): LocalSteps in whole rounds of H steps (per step =
     round / H), PowerSGD after its ``start_powerSGD_iter`` fp32 steps; ``noop-ddp`` (no
     communication) is the floor;
 (c) **time to target** at a rate = Σ over the steps to target of the step time of the
@@ -40,15 +40,15 @@ what H inner steps could move a coordinate, times the scale), ``--outer-momentum
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_tta.py --quick                      # about a minute
-    .venv/bin/python benchmarks/bench_tta.py --workloads cnn \\
+    .venv/bin/python -m benchmarks.bench_tta --quick                      # about a minute
+    .venv/bin/python -m benchmarks.bench_tta --workloads cnn \\
         --markdown benchmarks/results/tta_cnn.md --plot docs/figures/tta_cnn.png
-    .venv/bin/python benchmarks/bench_tta.py --workloads gpt \\
+    .venv/bin/python -m benchmarks.bench_tta --workloads gpt \\
         --markdown benchmarks/results/tta_gpt.md --plot docs/figures/tta_gpt.png
-    .venv/bin/python benchmarks/bench_tta.py --workloads cnn --part steps --rates 100mbit \\
+    .venv/bin/python -m benchmarks.bench_tta --workloads cnn --part steps --rates 100mbit \\
         --validate 100mbit --methods signum sgd-ddp powersgd-r1 local-signum-h8 \\
         --markdown benchmarks/results/tta_validate.md
-    .venv/bin/python benchmarks/bench_tta.py --render benchmarks/results/tta_cnn.json \\
+    .venv/bin/python -m benchmarks.bench_tta --render benchmarks/results/tta_cnn.json \\
         --markdown benchmarks/results/tta_cnn.md
 
 Writes ``--json`` (raw records, rewritten after every launch; default next to
@@ -64,11 +64,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import (
+from benchmarks.common import (
     DEFAULT_RATES,
     command_line,
     emit,
-    load_text,
     loopback_rate,
     rate_arg,
     read_results,
@@ -77,21 +76,17 @@ from common import (
     workers_arg,
     write_json,
 )
-from netem import (
-    format_rate,
-    launch,
-    parse_rate,
-    shaping_unavailable_reason,
-)
-from workers import (
-    E2E_LABELS,
+from benchmarks.loops import curve_worker, workload_step_worker
+from benchmarks.methods import (
+    BASELINES,
     LOCAL_H,
     WORKLOADS,
-    curve_worker,
     method,
     method_arg,
-    workload_step_worker,
+    warmup_reference,
 )
+from benchmarks.netem import format_rate, launch, parse_rate, shaping_unavailable_reason
+from benchmarks.report import tta_markdown, tta_plot
 
 _LOCALS = [f"local-{inner}-h{h}" for inner in ("adamw", "signum") for h in LOCAL_H]
 #: The methods trained to the target, per workload (``noop-ddp`` joins the step times).
@@ -115,82 +110,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "gpt": {"steps": 1000, "eval_every": 50, "target": 2.0, "start_powersgd": 60,
             "warmup_steps": 50, "eval_batches": 16},
 }
-BASELINES = ("sgd-ddp", "adamw-ddp")
 QUICK = {"workers": 2, "workloads": ["cnn"], "rates": ["unshaped", "100mbit"],
          "methods": ["sgd-ddp", "adamw-ddp", "signum", "powersgd-r1", "local-signum-h4"],
          "steps": 60, "eval_every": 20, "target": 0.6, "start_powersgd": 6, "target_s": 0.5}
-
-
-# ------------------------------------------------------------------------------- the model
-def warmup_reference(name: str) -> str | None:
-    """The fp32 DDP method whose step time PowerSGD's first S steps take: the same local
-    optimiser (``None`` for the other methods).
-
-    Example:
-        >>> warmup_reference("powersgd-r1"), warmup_reference("powersgd-r2-adamw")
-        ('sgd-ddp', 'adamw-ddp')
-    """
-    row = method(name)
-    if row.powersgd_rank is None:
-        return None
-    return "adamw-ddp" if row.inner == "adamw" else "sgd-ddp"
-
-
-def time_to_target(curve: dict[str, Any], step_s: dict[str, float]) -> float | None:
-    """Seconds of training to the target at one rate: the curve's steps to target, each at
-    the step time (``step_s``: method → seconds per step at that rate) of the phase it was
-    in (module docstring, (c)); ``None`` if the target was not reached or a needed step
-    time is missing.
-
-    Example:
-        >>> c = {"method": "powersgd-r1", "steps_to_target": 100, "start_powersgd_iter": 10}
-        >>> time_to_target(c, {"powersgd-r1": 0.1, "sgd-ddp": 1.0})   # 10 × 1.0 + 90 × 0.1
-        19.0
-        >>> time_to_target({"method": "signum", "steps_to_target": None}, {"signum": 0.1})
-    """
-    n = curve.get("steps_to_target")
-    name = curve["method"]
-    if n is None or name not in step_s:
-        return None
-    ref = warmup_reference(name)
-    if ref is None:
-        return n * step_s[name]
-    if ref not in step_s:
-        return None
-    s = int(curve.get("start_powersgd_iter") or 0)
-    return min(n, s) * step_s[ref] + max(n - s, 0) * step_s[name]
-
-
-def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (workload, rate, method) of the step-time launches: step time, bytes,
-    the curve's steps to target and final metric, the modelled time to target and its
-    ratios against ``sgd-ddp`` / ``adamw-ddp`` at the same rate.
-
-    Example:
-        >>> data = {"curves": [{"workload": "cnn", "method": "signum", "steps_to_target": 50,
-        ...                     "final": 0.86, "start_powersgd_iter": None}],
-        ...         "steps": [{"workload": "cnn", "method": "signum", "rate": "1gbit",
-        ...                    "median_s": 0.02, "sent": 100, "world_size": 4}]}
-        >>> r = rows(data)[0]; r["tta_s"], r["vs"]
-        (1.0, {'sgd-ddp': None, 'adamw-ddp': None})
-    """
-    curves = {(c["workload"], c["method"]): c for c in data.get("curves", [])}
-    by_rate: dict[tuple[str, str], dict[str, float]] = {}
-    for s in data.get("steps", []):
-        by_rate.setdefault((s["workload"], s["rate"]), {})[s["method"]] = s["median_s"]
-    out = []
-    for s in data.get("steps", []):
-        step_s = by_rate[(s["workload"], s["rate"])]
-        c = curves.get((s["workload"], s["method"]))
-        tta = time_to_target(c, step_s) if c else None
-        base = {b: (time_to_target(curves[(s["workload"], b)], step_s)
-                    if (s["workload"], b) in curves else None) for b in BASELINES}
-        out.append({**s, "curve": c, "tta_s": tta,
-                    "vs": {b: (tta / t if tta is not None and t else None)
-                           for b, t in base.items()},
-                    "step_vs": {b: (s["median_s"] / step_s[b] if b in step_s else None)
-                                for b in BASELINES}})
-    return out
 
 
 # ------------------------------------------------------------------------------- runs
@@ -282,156 +204,6 @@ def run_steps(args: argparse.Namespace, data: dict[str, Any], emu_ok: bool) -> N
                                   for r in out.results[0]), file=sys.stderr)
                 if args.json:
                     write_json(args.json, data)
-
-
-# ------------------------------------------------------------------------------- report
-def _fmt(x: float | None, spec: str = ".3g", none: str = "–") -> str:
-    return none if x is None else format(x, spec)
-
-
-def _rate_name(r: dict[str, Any]) -> str:
-    return format_rate(r["rate_bps"]) + ("" if r.get("shaped") or r["rate_bps"] is None
-                                         else " (NOT shaped)")
-
-
-def _metric_name(workload: str) -> str:
-    return {"cnn": "test accuracy (10,000 images)",
-            "gpt": "validation loss (nats/char)"}.get(workload, WORKLOADS[workload]["metric"])
-
-
-def markdown(data: dict[str, Any]) -> str:
-    """The results file."""
-    mach = data["machine"]
-    lo = data.get("loopback_bps")
-    st = data["settings"]
-    lines = [
-        "# Time to target: our methods and the peers, on an emulated network",
-        "",
-        f"- Command: `{data['command']}`",
-        f"- Date: {data['date']}; wall time {data.get('wall_s', '?')} s",
-        f"- Machine: {mach['cpus']} CPU cores ({mach['processor']}), {mach['platform']}, "
-        f"Python {mach['python']}, torch {mach['torch']}, Gloo on CPU, 1 torch thread per "
-        "worker" + load_text(mach) + f"; the M = {st['workers']} workers share the cores, and "
-        "the machine may have been shared with other jobs: step times are noisy.",
-        f"- Network: {data['shaping']}; MTU 1500; `burst 256kb latency 400ms`; the M ranks "
-        "share one link of the given rate"
-        + (f"; unshaped loopback, one TCP flow: {lo / 1e9:.1f} Gbit/s" if lo else "") + ".",
-        "- Time to target (model): the steps to target of the unshaped training run, each "
-        "at the step time measured at that rate for the phase it was in (PowerSGD's first S "
-        "steps at the fp32 DDP step time of the same optimiser, LocalSteps at round time / H); "
-        "evaluation excluded. `× sgd-ddp`, `× adamw-ddp`: ratios of times to target at the "
-        "same rate (< 1: faster).",
-        "- PowerSGD: torch's `powerSGD_hook` with error feedback and warm start, one DDP bucket "
-        "(with several buckets the hook fails over Gloo); torch's `bf16_compress_hook` needs "
-        "CUDA + NCCL and is not measured.",
-        *(f"- Note: {n}" for n in data.get("notes", [])),
-        "",
-    ]
-    for w in st["workloads"]:
-        curves = [c for c in data.get("curves", []) if c["workload"] == w]
-        ws = st["per_workload"][w]
-        lines += [f"## Workload `{w}`: {_metric_name(w)}, target {ws['target']:g}", "",
-                  f"Step budget {ws['steps']}, evaluated every {ws['eval_every']} steps "
-                  f"(LocalSteps: rounded up to whole rounds); PowerSGD's S = "
-                  f"{ws['start_powersgd']}; learning-rate warm-up {ws['warmup_steps']} steps"
-                  + (", then cosine" if WORKLOADS[w]["lr_schedule"] == "cosine" else
-                     ", constant rate") + f"; gradient clipping "
-                  f"{WORKLOADS[w]['grad_clip'] or 'off'}; batch {WORKLOADS[w]['batch_size']} "
-                  + ("sequences of 128 characters " if w == "gpt" else "") + "per worker.", ""]
-        if curves:
-            lines += ["### Training to the target (unshaped)", "",
-                      "| method | lr | steps to target | final | steps run | training (s) | "
-                      "sent/rank/step (kB, mean) | note |",
-                      "|---|---:|---:|---:|---:|---:|---:|---|"]
-            for c in curves:
-                note = []
-                if c.get("start_powersgd_iter"):
-                    note.append(f"S = {c['start_powersgd_iter']}")
-                if c.get("sync_every", 1) > 1:
-                    note.append(f"H = {c['sync_every']}, outer lr {c['outer_lr']:.3g}")
-                if c.get("diverged"):
-                    note.append(f"diverged ({c['diverged'][:60]})")
-                lines.append(
-                    f"| {E2E_LABELS[c['method']]} | {c['lr']:g} | "
-                    f"{c['steps_to_target'] or 'not reached'} | {c['final']:.4f} | "
-                    f"{c['steps']} | {c['train_s']:.1f} | "
-                    f"{c['bytes_sent_per_step'] / 1e3:.3g} | {'; '.join(note)} |")
-            lines.append("")
-        table = [r for r in rows(data) if r["workload"] == w]
-        for rate in dict.fromkeys(r["rate"] for r in table):
-            rr = [r for r in table if r["rate"] == rate]
-            lines += [f"### {_rate_name(rr[0])}", "",
-                      "| method | sent/rank/step (MB) | step (s) | × sgd-ddp step | "
-                      "steps to target | time to target (s) | × sgd-ddp | × adamw-ddp | "
-                      "final |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-            for r in rr:
-                c = r["curve"]
-                steps = ("–" if c is None else str(c["steps_to_target"] or "not reached"))
-                lines.append(
-                    f"| {E2E_LABELS[r['method']]} | {r['sent'] / 1e6:.3g} | "
-                    f"{r['median_s']:.3f} | {_fmt(r['step_vs']['sgd-ddp'], '.3f')} | {steps} | "
-                    f"{_fmt(r['tta_s'], '.1f')} | {_fmt(r['vs']['sgd-ddp'], '.3f')} | "
-                    f"{_fmt(r['vs']['adamw-ddp'], '.3f')} | "
-                    f"{'–' if c is None else format(c['final'], '.4f')} |")
-            lines.append("")
-        val = [v for v in data.get("validate", []) if v["workload"] == w]
-        if val:
-            model = {(r["rate"], r["method"]): r for r in table}
-            lines += ["### Check of the model: real training under the shaped link", "",
-                      "| rate | method | steps to target | measured training time (s) | "
-                      "model (s) | model / measured |", "|---|---|---:|---:|---:|---:|"]
-            for v in val:
-                m = model.get((v["rate"], v["method"]))
-                pred = None
-                if m is not None and v["steps_to_target"]:
-                    step_s = {r["method"]: r["median_s"] for r in table
-                              if r["rate"] == v["rate"]}
-                    pred = time_to_target(v, step_s)
-                meas = v["train_s"] if v["steps_to_target"] else None
-                lines.append(
-                    f"| {_rate_name(v)} | {E2E_LABELS[v['method']]} | "
-                    f"{v['steps_to_target'] or 'not reached'} | {_fmt(meas, '.1f')} | "
-                    f"{_fmt(pred, '.1f')} | "
-                    f"{_fmt(pred / meas if pred and meas else None, '.2f')} |")
-            lines.append("")
-    return "\n".join(lines) + "\n"
-
-
-def plot(data: dict[str, Any], path: str) -> None:
-    """Time to target against link rate, one line per method, one panel per workload."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    table = rows(data)
-    ws = [w for w in data["settings"]["workloads"] if any(r["workload"] == w for r in table)]
-    if not ws:
-        return
-    shaped = [r["rate_bps"] for r in table if r["rate_bps"] is not None]
-    top = (max(shaped) if shaped else 10**9) * 10
-    fig, axes = plt.subplots(1, len(ws), figsize=(6.4 * len(ws), 4.6), squeeze=False)
-    for ax, w in zip(axes[0], ws):
-        for m in dict.fromkeys(r["method"] for r in table if r["workload"] == w):
-            pts = sorted(((r["rate_bps"] or top) / 1e9, r["tta_s"]) for r in table
-                         if r["workload"] == w and r["method"] == m and r["tta_s"])
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                        label=E2E_LABELS[m], ls="--" if m in BASELINES else "-")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("link rate (Gbit/s; rightmost = unshaped)")
-        ax.set_ylabel("time to target (s, model; training only)")
-        target = data["settings"]["per_workload"][w]["target"]
-        ax.set_title(f"{w}: {_metric_name(w)} {'≥' if WORKLOADS[w]['higher'] else '≤'} "
-                     f"{target:g}, M = {data['settings']['workers']} ({data['date']})",
-                     fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------- CLI
@@ -561,9 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         data["wall_s"] = round(time.monotonic() - t_start, 1)
         if args.json:
             write_json(args.json, data)
-    emit(markdown(data), args.markdown)
+    emit(tta_markdown(data), args.markdown)
     if args.plot:
-        plot(data, args.plot)
+        tta_plot(data, args.plot)
     return 0
 
 

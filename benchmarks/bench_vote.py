@@ -24,7 +24,7 @@ machine the CPU time is the steadier measure — and the bytes per rank each way
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_vote.py --world-size 4 --numel 25000000 --reps 7 \\
+    .venv/bin/python -m benchmarks.bench_vote --world-size 4 --numel 25000000 --reps 7 \\
         --markdown benchmarks/results/vote.md
 """
 
@@ -39,8 +39,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from common import command_line, timed, utc_now, write_text
 
+from benchmarks.common import command_line, timed, utc_now, write_text
 from signsgd.compression import ScaledSign
 from signsgd.distributed import ErrorFeedbackAllReduce, MajorityVote
 from signsgd.distributed.launch import spawn

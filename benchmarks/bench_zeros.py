@@ -26,7 +26,7 @@ rank: an embedding's unused rows).
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_zeros.py --world-size 3 --steps 300 \\
+    .venv/bin/python -m benchmarks.bench_zeros --world-size 3 --steps 300 \\
         --markdown benchmarks/results/zeros.md
 """
 
@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import command_line, emit, load_text, machine, timed, utc_now
 
+from benchmarks.common import command_line, emit, load_text, machine, timed, utc_now
 from signsgd.distributed import vote as V
 from signsgd.distributed.launch import spawn
 from signsgd.distributed.random_bits import tie_bits

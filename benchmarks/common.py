@@ -2,10 +2,6 @@
 results files (JSON and markdown; JSON files carry a ``schema`` version, older versions
 are upgraded on read) and timing.
 
-The scripts import it by name (``from common import ...``): a script's own folder,
-``benchmarks/``, is the first entry of ``sys.path``, and the workers that
-:func:`netem.launch` and :func:`signsgd.distributed.launch.spawn` start inherit it.
-
 Example:
     >>> size_arg("25m"), rate_arg("1gbit"), workers_arg("4")
     (25000000, '1gbit', 4)
@@ -29,7 +25,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from netem import NetworkEmulator, check_world_size, parse_rate, probe_throughput
+
+from benchmarks.netem import NetworkEmulator, check_world_size, parse_rate, probe_throughput
 
 __all__ = ["DEFAULT_RATES", "RESULTS_SCHEMA", "ROOT", "size_arg", "workers_arg", "rate_arg",
            "machine", "load_text", "loopback_rate", "command_line", "utc_now", "write_json",
@@ -42,7 +39,7 @@ DEFAULT_RATES: tuple[str, ...] = ("unshaped", "10gbit", "1gbit", "100mbit")
 #:
 #: - 1: no ``schema`` field. Files written before the methods took the registry's spelling
 #:   name some methods the old way (``sharded_vote``, ``signum_vote``, ``local``, ...).
-#: - 2: ``"schema": 2``; every method named as :mod:`workers` names it
+#: - 2: ``"schema": 2``; every method named as :mod:`benchmarks.methods` names it
 #:   (``COMM_LABELS``, ``E2E_LABELS``).
 #:
 #: :func:`read_results` upgrades an older file one version at a time (``_UPGRADES``).
@@ -141,15 +138,16 @@ def loopback_rate(tries: int = 3, nbytes: int = 200_000_000) -> float:
 
 
 def command_line(script: str, argv: Sequence[str] | None) -> str:
-    """How the script was run: ``python benchmarks/NAME.py ARGS`` (``argv`` default:
-    ``sys.argv[1:]``), for the results file.
+    """How the script at path ``script`` was run: ``python -m benchmarks.NAME ARGS``
+    (``argv`` default: ``sys.argv[1:]``), for the results file.
 
     Example:
         >>> command_line(str(ROOT / "benchmarks" / "bench_vote.py"), ["--reps", "2"])
-        'python benchmarks/bench_vote.py --reps 2'
+        'python -m benchmarks.bench_vote --reps 2'
     """
     args = sys.argv[1:] if argv is None else argv
-    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(script, ROOT), *args])
+    module = ".".join(Path(script).resolve().relative_to(ROOT).with_suffix("").parts)
+    return "python -m " + " ".join(shlex.quote(a) for a in [module, *args])
 
 
 def utc_now() -> str:

@@ -17,7 +17,7 @@ It writes a markdown report (``--out``) with every figure and the machine it ran
 
 Usage (from the repository root; needs torch with CUDA, no virtual environment)::
 
-    PYTHONPATH=src python3 benchmarks/gpu_check.py --out gpu-report.md
+    PYTHONPATH=src python3 -m benchmarks.gpu_check --out gpu-report.md
 """
 
 from __future__ import annotations

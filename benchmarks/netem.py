@@ -30,10 +30,10 @@ an exception while a namespace is live), and interpreter exit (``atexit``). A na
 left by a process killed with SIGKILL is swept by the next :class:`NetworkEmulator` (names
 carry the creating pid; only names whose pid is dead are removed).
 
-Command line: ``python benchmarks/netem.py --rate 100mbit -- CMD ...`` runs any command
-(e.g. ``torchrun --standalone ...`` talking over 127.0.0.1) behind the shaped loopback.
-:func:`launch` runs its workers through the same entry point
-(``python benchmarks/netem.py --child JOB OUT`` inside the namespace).
+Command line: ``python -m benchmarks.netem --rate 100mbit -- CMD ...`` (from the repository
+root) runs any command (e.g. ``torchrun --standalone ...`` talking over 127.0.0.1) behind the
+shaped loopback. :func:`launch` runs its workers through the same entry point, this file run
+by its path with ``--child JOB OUT`` inside the namespace (so from any folder).
 
 Example:
     >>> format_rate(parse_rate("2.5 Gbit/s"))
@@ -579,10 +579,10 @@ def launch(
 ) -> LaunchResult:
     """Run ``fn(rank, world_size, *args)`` in M Gloo workers behind a link of ``rate``.
 
-    The workers run in a child process ``ip netns exec NS python benchmarks/netem.py --child``
-    that calls :func:`signsgd.distributed.launch.spawn`; ``fn`` and ``args`` are pickled to
-    it together with this process's ``sys.path`` (``fn`` must be module-level and
-    importable with it).
+    The workers run in a child process ``ip netns exec NS python .../netem.py --child`` that
+    calls :func:`signsgd.distributed.launch.spawn`; ``fn`` and ``args`` are pickled to it
+    together with this process's ``sys.path`` (``fn`` must be module-level and importable
+    with it, e.g. ``benchmarks.loops.tta_worker``).
 
     Args:
         fn: the worker function.
@@ -706,7 +706,7 @@ def _child(job_path: str, out_path: str) -> int:
 
 # ------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
-    """``python benchmarks/netem.py --rate 100mbit -- CMD ...``: run CMD behind a shaped link.
+    """``python -m benchmarks.netem --rate 100mbit -- CMD ...``: run CMD behind a shaped link.
 
     CMD runs inside a fresh namespace whose loopback is shaped to the rate (e.g.
     ``torchrun --nproc-per-node 4 train.py``; it must use ``127.0.0.1`` / ``localhost``).
@@ -728,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
         SystemExit: 2
     """
     p = argparse.ArgumentParser(
-        prog="benchmarks/netem.py",
+        prog="python -m benchmarks.netem",
         description="Run a command inside a network namespace whose loopback is "
                     "rate-limited with tc tbf (needs root and iproute2).")
     p.add_argument("--rate", default="100mbit",
@@ -740,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
         return _child(*args.child)
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not cmd:
-        p.error("no command given: python benchmarks/netem.py --rate 1gbit -- CMD ...")
+        p.error("no command given: python -m benchmarks.netem --rate 1gbit -- CMD ...")
     try:
         rate_bps = parse_rate(args.rate)
     except ValueError as exc:

@@ -17,7 +17,7 @@ Reads ``benchmarks/results/comm.json`` (``bench_comm.py``) and, if present,
 
 Usage::
 
-    .venv/bin/python benchmarks/perf_tables.py [--comm PATH] [--e2e PATH] [--tta PATH ...]
+    .venv/bin/python -m benchmarks.perf_tables [--comm PATH] [--e2e PATH] [--tta PATH ...]
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bandwidth import break_even_rate, fixed_cost, predicted
-from common import read_results
-from netem import format_rate, parse_rate
-from workers import COMM_LABELS, E2E_LABELS
+from benchmarks.bandwidth import break_even_rate, fixed_cost, predicted
+from benchmarks.common import read_results
+from benchmarks.methods import COMM_LABELS, E2E_LABELS
+from benchmarks.netem import format_rate, parse_rate
+from benchmarks.report import rows
 
 HERE = Path(__file__).resolve().parent
 
@@ -174,8 +175,6 @@ def tta_tables(data: dict[str, Any]) -> str:
     """Section 5 from a time-to-target run: per workload, time to target (s) per method and
     rate with its multiple of ``sgd-ddp``'s and ``adamw-ddp``'s, then the fastest method
     per rate."""
-    from bench_tta import rows
-
     table = rows(data)
     out: list[str] = []
     for w in data["settings"]["workloads"]:
@@ -246,8 +245,6 @@ def tta_break_even(data: dict[str, Any]) -> str:
     the one with fewer bits to send is faster, above it the one with the smaller fixed
     cost. A family is its fastest member at 100 Mbit/s.
     """
-    from bench_tta import rows
-
     lo = float(data.get("loopback_bps") or 16e9)
     table = [r for r in rows(data) if r["tta_s"] is not None]
     out: list[str] = []

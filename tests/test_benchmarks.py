@@ -1,6 +1,8 @@
-"""Tests of the benchmarks' methods table and workers (``benchmarks/workers.py``), the
-PowerSGD bandwidth model (``benchmarks/bandwidth.py``) and the time-to-target benchmark
-(``benchmarks/bench_tta.py``); the distributed ones run 2 Gloo processes on 127.0.0.1."""
+"""Tests of the benchmarks' methods table, timing and training loops
+(``benchmarks/methods.py``, ``benchmarks/measure.py``, ``benchmarks/loops.py``), the PowerSGD
+bandwidth model (``benchmarks/bandwidth.py``), the time-to-target benchmark
+(``benchmarks/bench_tta.py``) and its report (``benchmarks/report.py``); the distributed ones
+run 2 Gloo processes on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import doctest
 import importlib
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,21 +17,18 @@ import pytest
 import torch
 from torch import nn
 
-BENCHMARKS_DIR = str(Path(__file__).resolve().parent.parent / "benchmarks")
-if BENCHMARKS_DIR not in sys.path:  # the benchmarks' modules import each other by name
-    sys.path.append(BENCHMARKS_DIR)
-
-import bench_tta  # noqa: E402
-import workers as W  # noqa: E402
-from bandwidth import powersgd_nbytes, powersgd_split  # noqa: E402
-
-from datafiles import write_random_fashion_mnist, write_shakespeare  # noqa: E402
-from signsgd.distributed.launch import spawn  # noqa: E402
-from signsgd.distributed.reducer import ring_nbytes  # noqa: E402
-from signsgd.distributed.vote import vote_nbytes  # noqa: E402
+from benchmarks import bench_tta, report
+from benchmarks.bandwidth import powersgd_nbytes, powersgd_split
+from benchmarks.loops import Trainer, curve_worker, workload_step_worker
+from benchmarks.measure import _COMM_DDP, comm_layout, comm_worker, payload_bytes
+from benchmarks.methods import E2E_LABELS, LOCAL_H, METHODS, WORKLOADS, method
+from datafiles import write_random_fashion_mnist, write_shakespeare
+from signsgd.distributed.launch import spawn
+from signsgd.distributed.reducer import ring_nbytes
+from signsgd.distributed.vote import vote_nbytes
 
 #: every fixed row, and the local-steps pattern with two values of H
-TABLE = [*W.METHODS, "local-adamw-h2", "local-signum-h3"]
+TABLE = [*METHODS, "local-adamw-h2", "local-signum-h3"]
 
 
 def _mlp() -> nn.Module:
@@ -45,7 +43,7 @@ def _cnn() -> nn.Module:
 
 def _steps_of(name: str) -> int:
     """2 steps; whole rounds for LocalSteps; S + 1 for PowerSGD (one compressed step)."""
-    row = W.method(name)
+    row = method(name)
     if row.powersgd_rank is not None:
         return 3
     return max(2, row.sync_every)
@@ -56,7 +54,7 @@ def _table_job(rank: int, world: int) -> dict[str, Any]:
     out = {}
     for name in TABLE:
         gen = torch.Generator().manual_seed(10 + rank)  # different data on every rank
-        tr = W.Trainer(name, _mlp, world, start_powersgd_iter=2)
+        tr = Trainer(name, _mlp, world, start_powersgd_iter=2)
         init = [p.detach().clone() for p in tr.module.parameters()]
         losses, nbytes = [], []
         for _ in range(_steps_of(name)):
@@ -86,7 +84,7 @@ def _count_all_reduce_job(rank: int, world: int, names: list[str]) -> dict[str, 
         out = {}
         gen = torch.Generator().manual_seed(rank)
         for name in names:
-            tr = W.Trainer(name, _cnn, world, start_powersgd_iter=2)
+            tr = Trainer(name, _cnn, world, start_powersgd_iter=2)
             steps = []
             for _ in range(4):
                 del calls[:]
@@ -102,19 +100,19 @@ def _count_all_reduce_job(rank: int, world: int, names: list[str]) -> dict[str, 
 
 
 def _comm_job(rank: int, world: int) -> list[dict[str, Any]]:
-    return W.comm_worker(rank, world, [300_000], ["fp32-allreduce", *W._COMM_DDP],
-                         target_s=0.0, min_reps=1, max_reps=2, in_namespace=False)
+    return comm_worker(rank, world, [300_000], ["fp32-allreduce", *_COMM_DDP],
+                       target_s=0.0, min_reps=1, max_reps=2, in_namespace=False)
 
 
 def _workload_job(rank: int, world: int) -> dict[str, Any]:
-    curves = [W.curve_worker(rank, world, "cnn", name, steps=4, eval_every=2, target=0.99,
-                             options={"start_powersgd_iter": 2})
+    curves = [curve_worker(rank, world, "cnn", name, steps=4, eval_every=2, target=0.99,
+                           options={"start_powersgd_iter": 2})
               for name in ("powersgd-r1", "local-signum-h2")]
-    curves.append(W.curve_worker(rank, world, "gpt", "adamw-ddp", steps=2, eval_every=1,
-                                 options={"warmup_steps": 1, "eval_batches": 1}))
-    steps = W.workload_step_worker(rank, world, "gpt", ["powersgd-r2-adamw", "local-adamw-h2"],
-                                   options={"steps": 10, "warmup_steps": 2}, target_s=0.0,
-                                   min_reps=1, max_reps=1, in_namespace=False)
+    curves.append(curve_worker(rank, world, "gpt", "adamw-ddp", steps=2, eval_every=1,
+                               options={"warmup_steps": 1, "eval_batches": 1}))
+    steps = workload_step_worker(rank, world, "gpt", ["powersgd-r2-adamw", "local-adamw-h2"],
+                                 options={"steps": 10, "warmup_steps": 2}, target_s=0.0,
+                                 min_reps=1, max_reps=1, in_namespace=False)
     return {"curves": curves, "steps": steps}
 
 
@@ -128,7 +126,7 @@ def table() -> list[dict[str, Any]]:
 def test_every_method_of_the_table_trains_on_a_two_process_gloo_group(
         table: list[dict[str, Any]], name: str) -> None:
     r0, r1 = table[0][name], table[1][name]
-    row = W.method(name)
+    row = method(name)
     assert all(math.isfinite(v) for v in r0["losses"] + r1["losses"])
     assert any(not torch.equal(a, b) for a, b in zip(r0["init"], r0["params"])), "no update"
     same = all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))
@@ -161,20 +159,20 @@ def test_the_same_algorithm_through_ddp_and_through_our_reducers_agrees(
 
 
 def test_local_steps_rows_come_from_the_pattern_for_any_h() -> None:
-    row = W.method("local-adamw-h12")
-    assert (row.sync_every, row.inner, row.lr) == (12, "adamw", W.METHODS["adamw"].lr)
-    assert list(W.E2E_LABELS)[-6:] == [f"local-{i}-h{h}" for i in ("adamw", "signum")
-                                       for h in W.LOCAL_H]
-    assert W.E2E_LABELS["local-signum-h5"].startswith("Signum, 5 local steps")
+    row = method("local-adamw-h12")
+    assert (row.sync_every, row.inner, row.lr) == (12, "adamw", METHODS["adamw"].lr)
+    assert list(E2E_LABELS)[-6:] == [f"local-{i}-h{h}" for i in ("adamw", "signum")
+                                     for h in LOCAL_H]
+    assert E2E_LABELS["local-signum-h5"].startswith("Signum, 5 local steps")
     for bad in ("local-adamw-h0", "local-sgd-h4", "local-adamw-4", "powersgd-r3"):
         with pytest.raises(ValueError, match="unknown method"):
-            W.method(bad)
-        assert bad not in W.E2E_LABELS
+            method(bad)
+        assert bad not in E2E_LABELS
 
 
 def test_every_row_has_a_learning_rate_for_both_workloads() -> None:
-    for name in W.E2E_LABELS:
-        assert set(W.method(name).lr) >= set(W.WORKLOADS), name
+    for name in E2E_LABELS:
+        assert set(method(name).lr) >= set(WORKLOADS), name
 
 
 # ------------------------------------------------------------------------------- PowerSGD
@@ -199,7 +197,7 @@ def test_powersgd_nbytes_is_what_torchs_hook_all_reduces() -> None:
         counted = [sum(ring_nbytes(n, 2, size) for n, size in s["calls"]) for s in r["steps"]]
         reported = [s["bytes"][0] for s in r["steps"]]
         assert counted == reported, (name, counted, reported)
-        rank = W.method(name).powersgd_rank
+        rank = method(name).powersgd_rank
         if rank is None:
             continue
         assert r["buckets"] == 1, "PowerSGD must run on one DDP bucket"
@@ -213,11 +211,11 @@ def test_powersgd_nbytes_is_what_torchs_hook_all_reduces() -> None:
 # ------------------------------------------------------------------------------- workers
 def test_comm_worker_times_torchs_hooks_on_the_matrix_layout() -> None:
     recs = spawn(_comm_job, 2, timeout=240)[0]
-    assert {r["method"] for r in recs} == {"fp32-allreduce", *W._COMM_DDP}
+    assert {r["method"] for r in recs} == {"fp32-allreduce", *_COMM_DDP}
     for r in recs:
         assert r["status"] == "ok" and r["median_s"] > 0 and r["reps"] >= 1, r
-        expected = W.payload_bytes(r["method"], 300_000, 2)
-        if r["method"] in W._COMM_DDP:
+        expected = payload_bytes(r["method"], 300_000, 2)
+        if r["method"] in _COMM_DDP:
             assert (r["sent"], r["received"]) == expected
         else:  # the reducer's counter includes its header
             assert 0 <= r["sent"] - expected[0] <= 1024
@@ -228,7 +226,7 @@ def test_comm_worker_times_torchs_hooks_on_the_matrix_layout() -> None:
 
 def test_comm_layout_holds_d_in_1024_row_matrices() -> None:
     for d in (1, 1000, 1024 * 1024, 11_000_000):
-        shapes = W.comm_layout(d)
+        shapes = comm_layout(d)
         total = sum(n * m for n, m in shapes)
         assert all(n == 1024 for n, _ in shapes) and d <= total < d + 1024
 
@@ -284,7 +282,7 @@ def _fake_data() -> dict[str, Any]:
             steps.append({"workload": "cnn", "method": m, "rate": rate, "rate_bps": bps,
                           "shaped": bps is not None, "median_s": t, "sent": 1000,
                           "world_size": 4})
-    return {"command": "python benchmarks/bench_tta.py", "date": "today",
+    return {"command": "python -m benchmarks.bench_tta", "date": "today",
             "machine": {"cpus": 2, "processor": "x86_64", "platform": "Linux",
                         "python": "3.11", "torch": "2.13", "loadavg_start": [1.0, 1.0, 1.0]},
             "shaping": "tc", "settings": {
@@ -298,7 +296,7 @@ def _fake_data() -> dict[str, Any]:
 
 
 def test_time_to_target_charges_each_phase_its_own_step_time() -> None:
-    rows = {(r["rate"], r["method"]): r for r in bench_tta.rows(_fake_data())}
+    rows = {(r["rate"], r["method"]): r for r in report.rows(_fake_data())}
     slow = rows[("100mbit", "powersgd-r1")]
     assert slow["tta_s"] == pytest.approx(10 * 0.5 + 90 * 0.03)  # S steps at fp32 DDP's time
     assert rows[("100mbit", "sgd-ddp")]["tta_s"] == pytest.approx(40.0)
@@ -310,7 +308,7 @@ def test_time_to_target_charges_each_phase_its_own_step_time() -> None:
 
 def test_markdown_and_plot_render(tmp_path: Path) -> None:
     data = _fake_data()
-    text = bench_tta.markdown(data)
+    text = report.tta_markdown(data)
     assert "| SGD + DDP + PowerSGD r=1 (1 bucket) | 0.001 | 0.030 |" in text
     assert "### Check of the model" in text and "| 100 Mbit/s | SGD + DDP (fp32) | 80 |" in text
     assert "load average at start" in text
@@ -329,18 +327,19 @@ def test_bench_tta_arguments() -> None:
     assert bench_tta.step_methods(["powersgd-r1"]) == ["powersgd-r1", "sgd-ddp", "adamw-ddp",
                                                        "noop-ddp"]
     for w, methods in bench_tta.DEFAULT_METHODS.items():
-        assert w in W.WORKLOADS and all(W.method(m).tta for m in methods)
+        assert w in WORKLOADS and all(method(m).tta for m in methods)
 
 
-@pytest.mark.parametrize("name", ["bench_tta", "bandwidth", "workers"])
+@pytest.mark.parametrize("name", ["bench_tta", "bandwidth", "methods", "measure", "loops",
+                                  "models", "report"])
 def test_docstring_examples_run(name: str) -> None:
-    module = importlib.import_module(name)
+    module = importlib.import_module(f"benchmarks.{name}")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS, verbose=False)
     assert result.failed == 0 and result.attempted > 0, result
 
 
 def test_perf_tables_summarise_a_time_to_target_run() -> None:
-    import perf_tables
+    from benchmarks import perf_tables
 
     text = perf_tables.tta_tables(_fake_data())
     assert "| SGD + DDP (fp32) | 1.6 / 1.00 / 2.00 | 40.0 / 1.00 / 2.00 |" in text

@@ -17,10 +17,8 @@ from typing import Any
 
 import pytest
 
-sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # it lives there
-
-import netem  # noqa: E402
-from netem import (  # noqa: E402
+from benchmarks import netem
+from benchmarks.netem import (
     NetworkEmulator,
     ShapingUnavailableError,
     check_world_size,
@@ -34,9 +32,7 @@ needs_netns = pytest.mark.skipif(
     REASON is not None, reason=f"cannot create shaped namespaces here: {REASON}"
 )
 TESTS_DIR = str(Path(__file__).resolve().parent)
-BENCHMARKS_DIR = str(Path(__file__).resolve().parent.parent / "benchmarks")
-if BENCHMARKS_DIR not in sys.path:  # the benchmarks' modules import each other by name
-    sys.path.append(BENCHMARKS_DIR)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------- rates
@@ -222,8 +218,8 @@ _SIGINT_SCRIPT = textwrap.dedent(
     # Ctrl-C's default, also when this suite runs in the background (a shell starts
     # background jobs with SIGINT ignored, and Python then installs no KeyboardInterrupt).
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    sys.path[:0] = [{tests!r}, {benchmarks!r}]
-    from netem import launch
+    sys.path[:0] = [{tests!r}, {root!r}]
+    from benchmarks.netem import launch
     from test_netem import _sleeper
     launch(_sleeper, 2, (120.0,), rate="100mbit", timeout=150)
     """
@@ -234,7 +230,7 @@ _SIGINT_SCRIPT = textwrap.dedent(
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_leaves_no_namespace_or_process(sig: signal.Signals) -> None:
     proc = subprocess.Popen([sys.executable, "-c", _SIGINT_SCRIPT.format(
-        tests=TESTS_DIR, benchmarks=str(Path(netem.__file__).parent))],
+        tests=TESTS_DIR, root=str(ROOT))],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     prefix = f"signsgd-{proc.pid}-"
     pids: list[int] = []
@@ -267,9 +263,9 @@ def test_interrupt_leaves_no_namespace_or_process(sig: signal.Signals) -> None:
 @needs_netns
 def test_cli_runs_a_command_behind_the_link(capsys: pytest.CaptureFixture[str]) -> None:
     out = subprocess.run(
-        [sys.executable, netem.__file__, "--rate", "10Gbit/s", "--",
+        [sys.executable, "-m", "benchmarks.netem", "--rate", "10Gbit/s", "--",
          "sh", "-c", "cat /sys/class/net/lo/mtu; exit 3"],
-        capture_output=True, text=True, timeout=60)
+        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 3 and out.stdout.strip() == "1500", out
     assert "10 Gbit/s" in out.stderr
     with pytest.raises(SystemExit) as info:
@@ -292,7 +288,7 @@ def test_stale_namespace_of_dead_process_is_swept() -> None:
 
 # ------------------------------------------------------------------------------- the model
 def test_bandwidth_model() -> None:
-    from bandwidth import bottleneck_bytes, break_even_rate, predict_time
+    from benchmarks.bandwidth import bottleneck_bytes, break_even_rate, predict_time
 
     assert bottleneck_bytes(1e6, 4) == 4e6
     assert bottleneck_bytes(1e6, 4, shared=False) == 1e6
@@ -315,7 +311,7 @@ def test_bandwidth_model() -> None:
 def test_effective_rate_is_capped_by_the_loopback(rate_bps: float | None,
                                                   loopback_bps: float | None,
                                                   effective: float | None) -> None:
-    from bandwidth import effective_rate, fixed_cost
+    from benchmarks.bandwidth import effective_rate, fixed_cost
 
     assert effective_rate(rate_bps, loopback_bps) == effective
     # 1 Gbit of wire at the effective rate, on top of 0.5 s (no rate: nothing to subtract)
@@ -337,7 +333,7 @@ def test_effective_rate_is_capped_by_the_loopback(rate_bps: float | None,
 )
 def test_prediction_from_the_unshaped_record(cell: dict, unshaped: float | None,
                                              expected: float | None) -> None:
-    from bandwidth import predicted
+    from benchmarks.bandwidth import predicted
 
     base = None if unshaped is None else {"median_s": unshaped}
     got = predicted(cell, base, None)
@@ -359,7 +355,7 @@ SCHEMA_1_NAMES = {
                                           for m in (*SCHEMA_1_NAMES, "majority-vote")])
 def test_a_file_without_a_schema_is_schema_1_and_read_with_todays_method_names(
         tmp_path: Path, key: str, old: str) -> None:
-    from common import RESULTS_SCHEMA, read_results
+    from benchmarks.common import RESULTS_SCHEMA, read_results
 
     path = tmp_path / "old.json"
     path.write_text(json.dumps({key: [{"method": old}], "settings": {"methods": [old]}}))
@@ -370,7 +366,7 @@ def test_a_file_without_a_schema_is_schema_1_and_read_with_todays_method_names(
 
 
 def test_a_file_of_todays_schema_is_read_as_it_was_written(tmp_path: Path) -> None:
-    from common import RESULTS_SCHEMA, read_results, write_json
+    from benchmarks.common import RESULTS_SCHEMA, read_results, write_json
 
     # "local" was a schema-1 name: at schema 2 no name is rewritten, whatever it is
     data = {"steps": [{"method": "local"}], "settings": {"methods": ["local"]}}
@@ -379,7 +375,7 @@ def test_a_file_of_todays_schema_is_read_as_it_was_written(tmp_path: Path) -> No
 
 
 def test_every_results_file_the_benchmarks_write_carries_the_schema(tmp_path: Path) -> None:
-    from common import RESULTS_SCHEMA, write_json
+    from benchmarks.common import RESULTS_SCHEMA, write_json
 
     data = {"command": "python x.py", "cells": []}
     write_json(tmp_path / "r.json", data)
@@ -392,7 +388,7 @@ def test_every_results_file_the_benchmarks_write_carries_the_schema(tmp_path: Pa
 
 @pytest.mark.parametrize("schema", [3, 0, "2", True, None])
 def test_a_schema_this_checkout_does_not_know_is_refused(tmp_path: Path, schema: Any) -> None:
-    from common import read_results
+    from benchmarks.common import read_results
 
     path = tmp_path / "new.json"
     path.write_text(json.dumps({"schema": schema, "cells": []}))
@@ -402,8 +398,8 @@ def test_a_schema_this_checkout_does_not_know_is_refused(tmp_path: Path, schema:
 
 def test_every_schema_upgrades_to_the_next_and_schema_1_to_methods_the_benchmarks_run(
         ) -> None:
-    from common import _UPGRADES, RESULTS_SCHEMA, schema_of
-    from workers import COMM_LABELS, E2E_LABELS
+    from benchmarks.common import _UPGRADES, RESULTS_SCHEMA, schema_of
+    from benchmarks.methods import COMM_LABELS, E2E_LABELS
 
     assert sorted(_UPGRADES) == list(range(1, RESULTS_SCHEMA))
     data = {"cells": [{"method": m} for m in SCHEMA_1_NAMES], "settings": {}}
@@ -414,12 +410,12 @@ def test_every_schema_upgrades_to_the_next_and_schema_1_to_methods_the_benchmark
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (
-    Path(__file__).resolve().parents[1] / "benchmarks" / "results").glob("*.json")))
+    ROOT / "benchmarks" / "results").glob("*.json")))
 def test_the_results_files_in_the_repository_read_at_todays_schema(name: str) -> None:
-    from common import RESULTS_SCHEMA, read_results
-    from workers import COMM_LABELS, method
+    from benchmarks.common import RESULTS_SCHEMA, read_results
+    from benchmarks.methods import COMM_LABELS, method
 
-    data = read_results(Path(__file__).resolve().parents[1] / "benchmarks" / "results" / name)
+    data = read_results(ROOT / "benchmarks" / "results" / name)
     assert data["schema"] == RESULTS_SCHEMA
     for key in ("cells", "steps", "tta", "curves", "validate"):
         for rec in data.get(key, []):
@@ -427,9 +423,9 @@ def test_the_results_files_in_the_repository_read_at_todays_schema(name: str) ->
 
 
 # ------------------------------------------------------------------------------- docs
-@pytest.mark.parametrize("name", ["netem", "bandwidth", "common", "workers"])
+@pytest.mark.parametrize("name", ["netem", "bandwidth", "common"])
 def test_docstring_examples_run(name: str) -> None:
-    module = importlib.import_module(name)
+    module = importlib.import_module(f"benchmarks.{name}")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS, verbose=False)
     assert result.failed == 0 and result.attempted > 0, result
 

@@ -4,7 +4,7 @@ DDP rows built from them, on a 2-rank Gloo group (one ``spawn`` for the whole fi
 Each route trains a small MLP on DDP with different data on each rank: the ranks end
 identical (``noop``: they drift apart, each its own local SGD), and ``fp32`` equals SGD on
 the mean of both ranks' gradients, computed on one rank. Each DDP row of
-``benchmarks/workers.py`` is checked against the construction it replaced (copied below as
+``benchmarks/methods.py`` is checked against the construction it replaced (copied below as
 it was): the same hook, the same state settings, the same optimiser, and bit-identical
 parameters over three steps (PowerSGD: two fp32 steps, then a compressed one).
 """
@@ -12,8 +12,6 @@ parameters over three steps (PowerSGD: two fp32 steps, then a compressed one).
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,15 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.loops import Trainer
+from benchmarks.measure import _COMM_DDP, _comm_ddp
+from benchmarks.methods import METHODS, one_bucket_mb
 from signsgd import registry
 from signsgd.distributed.launch import spawn
 from signsgd.errors import ConfigError
-
-BENCHMARKS_DIR = str(Path(__file__).resolve().parent.parent / "benchmarks")
-if BENCHMARKS_DIR not in sys.path:  # the benchmarks' modules import each other by name
-    sys.path.append(BENCHMARKS_DIR)
-
-import workers as W  # noqa: E402
 
 WORLD = 2
 STEPS = 3
@@ -50,7 +45,7 @@ def _batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _one_bucket(model: nn.Module) -> dict[str, Any]:
-    return {"bucket_cap_mb": W._one_bucket_mb(model)}
+    return {"bucket_cap_mb": one_bucket_mb(model)}
 
 
 def _state_config(state: Any) -> Any:
@@ -152,7 +147,7 @@ ROWS: dict[str, tuple[str, dict[str, Any], str, dict[str, Any]]] = {
 
 
 def _old_row(name: str, lr: float, start_powersgd_iter: int) -> tuple[Any, Any]:
-    """workers._ddp's construction before the registry held the DDP routes, as it was."""
+    """methods._ddp's construction before the registry held the DDP routes, as it was."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
     from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -165,7 +160,7 @@ def _old_row(name: str, lr: float, start_powersgd_iter: int) -> tuple[Any, Any]:
     torch.manual_seed(0)
     m = _mlp()
     if hook == "powersgd":
-        model = DDP(m, init_sync=False, bucket_cap_mb=W._one_bucket_mb(m))
+        model = DDP(m, init_sync=False, bucket_cap_mb=one_bucket_mb(m))
         state = powerSGD_hook.PowerSGDState(
             process_group=None, matrix_approximation_rank=route_hp["matrix_approximation_rank"],
             start_powerSGD_iter=start_powersgd_iter, use_error_feedback=True,
@@ -184,7 +179,7 @@ def _old_row(name: str, lr: float, start_powersgd_iter: int) -> tuple[Any, Any]:
 
 
 def _row(rank: int, world: int, name: str) -> dict[str, Any]:
-    tr = W.Trainer(name, _mlp, world, start_powersgd_iter=2)
+    tr = Trainer(name, _mlp, world, start_powersgd_iter=2)
     for x, y in _batches(rank):
         tr.step(x, y)
     old, old_opt = _old_row(name, tr.lr, 2)
@@ -208,8 +203,8 @@ def _comm_rows() -> dict[str, Any]:
 
     x = torch.randn(3000, generator=torch.Generator().manual_seed(0))
     out = {}
-    for method in W._COMM_DDP:
-        ddp = inspect.getclosurevars(W._comm_ddp(method, x)).nonlocals["ddp"]
+    for method in _COMM_DDP:
+        ddp = inspect.getclosurevars(_comm_ddp(method, x)).nonlocals["ddp"]
         if method.startswith("powersgd"):  # as it was: behind _noop_warmup, S = 2
             old = [("_noop_warmup.<locals>.dispatch", _state_config(
                 powerSGD_hook.PowerSGDState(
@@ -294,10 +289,10 @@ def test_the_votes_defaults_are_signums() -> None:
 
 # ------------------------------------------------------------------ tests: the benchmarks
 def test_every_ddp_row_of_the_benchmarks_is_listed_here() -> None:
-    assert set(ROWS) == {n for n, m in W.METHODS.items() if m.ddp}
+    assert set(ROWS) == {n for n, m in METHODS.items() if m.ddp}
     for name, (route, route_hp, _, _) in ROWS.items():
-        assert W.METHODS[name].route == route
-        assert W.METHODS[name].powersgd_rank == route_hp.get("matrix_approximation_rank")
+        assert METHODS[name].route == route
+        assert METHODS[name].powersgd_rank == route_hp.get("matrix_approximation_rank")
 
 
 @pytest.mark.parametrize("name", list(ROWS))
@@ -311,7 +306,7 @@ def test_a_ddp_row_builds_what_it_built_before_and_what_the_registry_builds(
             assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("method", list(W._COMM_DDP))
+@pytest.mark.parametrize("method", list(_COMM_DDP))
 def test_a_ddp_row_of_comm_worker_registers_what_it_did_before(
         runs: list[dict[str, Any]], method: str) -> None:
     new, old = runs[0]["comm"][method]
