@@ -1,20 +1,21 @@
-"""The training loops the benchmarks run on every rank: :class:`Trainer` (one method's
-model, optimiser and step) and the worker functions that ``bench_e2e`` and ``bench_tta`` hand
-to :func:`benchmarks.netem.launch` (:func:`step_time_worker`, :func:`workload_step_worker`,
-:func:`curve_worker`, :func:`tta_worker`)."""
+"""What the benchmarks train on every rank: :class:`Trainer` (one method's model, optimiser
+and the library's :class:`~signsgd.loop.Loop`) and the worker functions that ``bench_e2e``
+and ``bench_tta`` hand to :func:`benchmarks.netem.launch` (:func:`step_time_worker`,
+:func:`workload_step_worker`, :func:`curve_worker`, :func:`tta_worker`). The step is the
+loop's; a worker adds its clock (the slowest rank's time between barriers) and its
+evaluations as the loop's callbacks."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import statistics
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmarks.common import ROOT, timed
@@ -24,14 +25,11 @@ from benchmarks.methods import method as _lookup  # Trainer's argument is called
 from benchmarks.models import resnet18
 from signsgd.distributed import LocalSteps
 from signsgd.errors import NonFiniteGradientError
+from signsgd.loop import Callback, Loop, Objective, StepOutput, cross_entropy
 from signsgd.reduction import Telemetry
 
 __all__ = ["Trainer", "make_workload", "step_time_worker", "workload_step_worker",
            "curve_worker", "tta_worker"]
-
-
-def _cross_entropy(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(model(x), y)
 
 
 class Trainer:
@@ -43,7 +41,8 @@ class Trainer:
         world_size: M; the DDP methods and M > 1 need ``torch.distributed`` initialised.
         lr: the learning rate (``None``: the row's default for ``workload``).
         workload: the key of the row's default learning rates (``cnn`` / ``gpt``).
-        loss: ``loss(model, x, y)`` (default: cross-entropy of ``model(x)``).
+        objective: ``objective(model, x, y) -> (loss, correct, count)`` (default:
+            :func:`signsgd.loop.cross_entropy`; a task's ``loss``).
         grad_clip: clip the gradient's global norm to this after backward (0: off): for
             DDP after its all-reduce, for our optimisers each rank's own gradient before
             the step aggregates it (as ``signsgd train --grad-clip`` does).
@@ -67,7 +66,7 @@ class Trainer:
 
     def __init__(self, method: str, make_model: Callable[[], nn.Module], world_size: int,
                  lr: float | None = None, *, workload: str = "cnn",
-                 loss: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None,
+                 objective: Objective = cross_entropy,
                  grad_clip: float = 0.0, schedule: Callable[[int], float] | None = None,
                  start_powersgd_iter: int = 2, outer_lr: float | None = None,
                  outer_momentum: float = 0.0) -> None:
@@ -77,8 +76,6 @@ class Trainer:
         self.lr = float(lr if lr is not None else self.spec.lr[workload])
         self.start_powersgd_iter = int(start_powersgd_iter)
         self.outer_lr, self.outer_momentum = outer_lr, float(outer_momentum)
-        self.loss_fn = loss or _cross_entropy
-        self.grad_clip = float(grad_clip)
         torch.manual_seed(0)  # identical initial parameters on every rank
         self.module: nn.Module = make_model()
         self.model: nn.Module = self.module
@@ -89,11 +86,8 @@ class Trainer:
         self.nbytes: Callable[[Trainer], tuple[int, int]] = lambda t: (0, 0)
         self.opt: torch.optim.Optimizer
         self.spec.build(self)
-        # LocalSteps: its outer optimiser follows the same schedule (its own LambdaLR)
-        optimisers = [self.opt, getattr(self.opt, "outer_optimizer", None)]
-        self.scheds = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in optimisers
-                       if o is not None and schedule is not None]
-        self.steps = 0
+        self.loop = Loop(self.model, self.opt, objective, schedule=schedule,
+                         grad_clip=grad_clip)
 
     @property
     def sync_every(self) -> int:
@@ -106,19 +100,8 @@ class Trainer:
         return self.powersgd is not None and self.powersgd.iter < self.start_powersgd_iter
 
     def step(self, x: Tensor, y: Tensor) -> float:
-        """One training step on ``(x, y)``; returns the loss."""
-        self.opt.zero_grad(set_to_none=False)
-        loss = self.loss_fn(self.model, x, y)
-        loss.backward()
-        if self.grad_clip:
-            nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
-        self.opt.step()
-        with warnings.catch_warnings():  # an outer optimiser steps at synchronisations only
-            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
-            for sched in self.scheds:
-                sched.step()
-        self.steps += 1
-        return float(loss.detach())
+        """One training step on ``(x, y)`` (the loop's); returns the loss."""
+        return self.loop.train_step(x, y).loss
 
     def bytes(self) -> tuple[int, int]:
         """Payload bytes (sent, received) of this rank in the last step (LocalSteps: per
@@ -246,7 +229,7 @@ def _trainer(name: str, world_size: int, workload: str, task: Any,
              schedule: Callable[[int], float] | None, lr: float | None,
              options: dict[str, Any]) -> Trainer:
     return Trainer(name, task.model, world_size, lr, workload=workload,
-                   loss=lambda m, x, y: task.loss(m, x, y)[0],
+                   objective=task.loss,
                    grad_clip=WORKLOADS[workload]["grad_clip"], schedule=schedule,
                    start_powersgd_iter=options.get("start_powersgd_iter", 2),
                    outer_lr=options.get("outer_lr", {}).get(name),
@@ -359,31 +342,38 @@ def curve_worker(
         return float(task.evaluate(tr.module, rank, world_size)[key])
 
     curve: list[tuple[int, float, float | None, float]] = [(0, evaluate(), None, 0.0)]
-    clock, sent, reached, diverged = 0.0, 0, None, None
+    sent, reached, diverged = 0, None, None
     losses: list[float] = []
-    step = 0
-    while step < steps:
-        x, y = task.batch(rank, world_size, step)
-        try:
-            clock += timed(lambda: losses.append(tr.step(x, y)))[0]  # noqa: B023
-        except NonFiniteGradientError as exc:  # raised on every rank alike
-            diverged = f"step {step + 1}: {exc}"
-            break
-        step += 1
-        sent += tr.bytes()[0]
-        if step % every == 0 or step == steps:
+
+    class Curve(Callback):  # the metric every `every` steps; stop at the target
+        def on_step(self, loop: Loop, out: StepOutput) -> None:
+            nonlocal sent
+            losses.append(out.loss)
+            sent += tr.bytes()[0]
+
+        def on_eval(self, loop: Loop, step: int) -> None:
+            nonlocal reached, diverged
             loss_t = torch.tensor([sum(losses), len(losses)], dtype=torch.float64)
             if world_size > 1:
                 dist.all_reduce(loss_t)
             metric = evaluate()
-            curve.append((step, metric, float(loss_t[0] / max(loss_t[1], 1)), clock))
-            losses = []
+            curve.append((step, metric, float(loss_t[0] / max(loss_t[1], 1)),
+                          loop.train_seconds))
+            losses.clear()
             if not math.isfinite(metric):
                 diverged = f"step {step}: non-finite {key}"
-                break
-            if target is not None and _better(metric, target, higher):
+                loop.stop()
+            elif target is not None and _better(metric, target, higher):
                 reached = step
-                break
+                loop.stop()
+
+    loop = tr.loop
+    loop.clock, loop.callbacks = (lambda op: timed(op)[0]), [Curve()]
+    try:
+        loop.run(lambda step: task.batch(rank, world_size, step), steps, eval_every=every)
+    except NonFiniteGradientError as exc:  # raised on every rank alike
+        diverged = f"step {loop.step + 1}: {exc}"
+    step, clock = loop.step, loop.train_seconds
     return {"workload": workload, "method": name, "lr": tr.lr, "world_size": world_size,
             "numel": tr.numel, "metric": key, "target": target, "curve": curve,
             "steps_to_target": reached, "steps": step, "train_s": clock,
@@ -451,26 +441,34 @@ def tta_worker(
     tr = Trainer(method, lambda: build("cnn", train.shape, 10), world_size, lr=lr)
     module = tr.model.module if hasattr(tr.model, "module") else tr.model
     curve: list[tuple[float, int, float, float]] = [(0.0, 0, _accuracy(module, xt, yt), 0.0)]
-    clock, step, epoch, sent = 0.0, 0, 0, 0
-    reached: float | None = None
+    sent, reached = 0, None
     losses: list[float] = []
-    while True:
-        idx = shard_indices(len(train), rank, world_size, seed=seed, epoch=epoch)
-        for b in epoch_batches(idx, batch):
-            if len(b) < batch:
-                break  # equal batch sizes on every rank
-            xb, yb = train.batch(b)
-            clock += timed(lambda: losses.append(tr.step(xb, yb)))[0]  # noqa: B023
-            step += 1
+
+    def batches() -> Iterator[tuple[Tensor, Tensor]]:
+        for epoch in itertools.count():
+            idx = shard_indices(len(train), rank, world_size, seed=seed, epoch=epoch)
+            for b in epoch_batches(idx, batch):
+                if len(b) < batch:
+                    break  # equal batch sizes on every rank
+                yield train.batch(b)
+
+    class Budget(Callback):  # accuracy every eval_every steps; stop at the target or budget
+        def on_step(self, loop: Loop, out: StepOutput) -> None:
+            nonlocal sent, reached
+            losses.append(out.loss)
             sent += tr.bytes()[0]
+            clock, step = loop.train_seconds, out.step
             if step % eval_every == 0 or clock >= budget_s or step >= max_steps:
                 acc = _accuracy(module, xt, yt)
                 curve.append((clock, step, acc, statistics.fmean(losses[-eval_every:])))
                 if reached is None and acc >= target_acc:
                     reached = clock
-                if reached is not None or clock >= budget_s or step >= max_steps:
-                    return {"method": method, "lr": lr, "batch": batch,
-                            "world_size": world_size, "curve": curve, "reached_s": reached,
-                            "target_acc": target_acc, "steps": step,
-                            "bytes_sent_per_step": sent / max(step, 1), "numel": tr.numel}
-        epoch += 1
+                if reached is not None or clock >= budget_s:
+                    loop.stop()
+
+    stream = batches()
+    tr.loop.clock, tr.loop.callbacks = (lambda op: timed(op)[0]), [Budget()]
+    step = tr.loop.run(lambda _: next(stream), max_steps)
+    return {"method": method, "lr": lr, "batch": batch, "world_size": world_size,
+            "curve": curve, "reached_s": reached, "target_acc": target_acc, "steps": step,
+            "bytes_sent_per_step": sent / max(step, 1), "numel": tr.numel}
