@@ -131,6 +131,7 @@ class Loop:
     Attributes:
         step: steps done (set it to resume at a checkpointed step).
         schedulers: the ``LambdaLR`` s (the optimiser's first).
+        clock, callbacks: as given (a runner may set them before :meth:`run`).
         train_seconds: the clock's sum over the steps of this process.
 
     Example:
