@@ -310,3 +310,18 @@ def test_betas_from_the_command_line_train(data_dir, tmp_path):
                            "--betas", "0.95", "0.98", "--epochs", "1")) == 0
     s = json.loads((tmp_path / "l" / "summary.json").read_text())
     assert s["config"]["betas"] == [0.95, 0.98] and s["config"]["momentum"] == 0.95
+
+
+def test_every_option_is_in_exactly_one_group_and_help_section():
+    import argparse
+
+    from signsgd.config import GROUPS, add_arguments
+
+    grouped = [name for names in GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(f.name for f in dataclasses.fields(TrainConfig))
+    assert len(grouped) == len(set(grouped))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    sections = parser.format_help().split("\n\n")
+    comm = next(s for s in sections if s.startswith("communication options:"))
+    assert "--sync-every" in comm and "--outer-reducer" in comm and "\n  --lr " not in comm

@@ -37,7 +37,7 @@ from signsgd.models import MODELS
 from signsgd.text import is_text
 from signsgd.transformer import SIZES
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "COMPARE_KEYS", "TrainConfig", "validate",
+__all__ = ["OPTIMIZERS", "SCHEDULES", "COMPARE_KEYS", "GROUPS", "TrainConfig", "validate",
            "add_arguments", "from_args", "freeze_step_of"]
 
 #: ``--optimizer`` names: :data:`signsgd.registry.METHODS`, the methods the trainer gained
@@ -255,6 +255,23 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+#: The run's concerns, each a group of fields (and a section of ``signsgd train --help``);
+#: every field is in exactly one (a test holds this). A consumer takes the fields of its
+#: concern, not the whole config (:class:`signsgd.tasks.TaskSpec`: what a task reads).
+GROUPS: dict[str, tuple[str, ...]] = {
+    "data": ("data", "data_dir", "train_subset", "validation", "batch_size"),
+    "model": ("model", "n_layer", "n_head", "d_model", "block_size", "precision"),
+    "optimiser": ("optimizer", "lr", "betas", "momentum", "weight_decay", "freeze_step",
+                  "compressor", "grad_clip"),
+    "communication": ("workers", "shard", "vote", "sync_every", "outer_optimizer", "outer_lr",
+                      "outer_momentum", "outer_reducer", "adversaries", "attack", "backend",
+                      "timeout_s"),
+    "schedule": ("epochs", "steps", "lr_schedule", "warmup_steps", "eval_every",
+                 "eval_batches", "checkpoint_every", "log_every", "density_every"),
+    "run": ("seed", "out", "resume", "overwrite", "threads", "device", "force_workers",
+            "progress", "name", "extra"),
+}
+
 # The type of each field, ``X`` for ``X | None``.
 _BASES = {k: get_args(h)[0] if type(None) in get_args(h) else h
           for k, h in get_type_hints(TrainConfig).items()}
@@ -398,7 +415,8 @@ def _check_shard(c: TrainConfig) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add an option to ``parser`` for every field of :class:`TrainConfig` (``cli=False``
-    excepted); :func:`from_args` turns the parsed options back into a config.
+    excepted), in one argument group per concern (:data:`GROUPS`); :func:`from_args` turns
+    the parsed options back into a config.
 
     Example:
         >>> p = argparse.ArgumentParser()
@@ -406,6 +424,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         >>> from_args(p.parse_args(["--betas", "0.9", "0.95", "--no-progress"])).betas
         (0.9, 0.95)
     """
+    sections = {name: parser.add_argument_group(f"{name} options")
+                for name in GROUPS}
+    section = {field_name: sections[g] for g, names in GROUPS.items() for field_name in names}
     for f in _ON_CLI:
         meta, base = f.metadata, _BASES[f.name]
         choices = meta.get("choices", ((),))[0]
@@ -417,7 +438,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kw.update(type=base, metavar=meta.get("metavar"))
             if get_origin(base) is tuple:
                 kw.update(type=get_args(base)[0], nargs=len(get_args(base)))
-        parser.add_argument(_flag(f), **kw)
+        section[f.name].add_argument(_flag(f), **kw)
 
 
 def from_args(args: argparse.Namespace) -> TrainConfig:
