@@ -20,6 +20,7 @@ from benchmarks.netem import read_lo_bytes
 from signsgd import registry
 from signsgd.compression import ScaledSign
 from signsgd.distributed import AllReduce, ErrorFeedbackAllReduce, MajorityVote
+from signsgd.distributed.launch import memory_available
 from signsgd.distributed.reducer import ring_nbytes
 from signsgd.distributed.vote import vote_nbytes
 
@@ -265,15 +266,6 @@ _OP_BYTES = {"majority-vote": 2, "majority-vote-allgather": 4, "ef-allreduce": 8
              "noop-ddp": 12, "powersgd-r1": 20, "powersgd-r2": 20, "powersgd-r4": 20}
 
 
-def _mem_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f
-                        if line.startswith("MemAvailable"))
-    except (OSError, StopIteration):
-        return None
-
-
 def _groups(methods: Sequence[str], d: int, world_size: int, budget: int | None
             ) -> list[list[str]]:
     """Consecutive groups of ``methods`` whose ops fit ``budget`` bytes per rank together
@@ -336,7 +328,7 @@ def comm_worker(
         0
     """
     records: list[dict[str, Any]] = []
-    avail = _mem_available()
+    avail = memory_available()
     # the same budget on every rank: the smallest reading
     budget_t = torch.tensor([avail if avail is not None else -1], dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():

@@ -46,8 +46,8 @@ from signsgd.models import build
 from signsgd.text import Corpus, is_text, load_text
 from signsgd.transformer import GPT, SIZES
 
-__all__ = ["TaskSpec", "Task", "ImageClassification", "LanguageModelling", "make_task", "is_text",
-           "gpt_shape"]
+__all__ = ["TaskSpec", "Task", "ImageClassification", "LanguageModelling", "make_task",
+           "is_text", "gpt_shape", "sum_over_ranks"]
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,14 @@ def gpt_shape(c: TaskSpec) -> dict[str, int]:
             for k in ("n_layer", "n_head", "d_model", "block_size")}
 
 
-def _allsum(values: list[float], world: int) -> list[float]:
+def sum_over_ranks(values: list[float], world: int) -> list[float]:
+    """``values`` summed over the ``world`` ranks of the default group, in float64 (an
+    evaluation's or a log window's sums; one process: ``values``).
+
+    Example:
+        >>> sum_over_ranks([1.0, 2.0], world=1)
+        [1.0, 2.0]
+    """
     t = torch.tensor(values, dtype=torch.float64)
     if world > 1:
         dist.all_reduce(t)
@@ -199,7 +206,7 @@ class ImageClassification(Task):
             loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
             correct += float((out.argmax(1) == y).sum())
         model.train()
-        s_loss, s_correct = _allsum([loss_sum, correct], world)
+        s_loss, s_correct = sum_over_ranks([loss_sum, correct], world)
         n = len(self.eval_ds)
         return {f"{self.eval_name}_loss": s_loss / n, f"{self.eval_name}_accuracy": s_correct / n}
 
@@ -280,7 +287,7 @@ class LanguageModelling(Task):
             correct += float((out.argmax(1) == y.flatten()).sum())
             count += float(y.numel())
         model.train()
-        s_loss, s_correct, s_count = _allsum([loss_sum, correct, count], world)
+        s_loss, s_correct, s_count = sum_over_ranks([loss_sum, correct, count], world)
         loss = s_loss / s_count
         return {"val_loss": loss, "val_bpc": loss / math.log(2),
                 "val_accuracy": s_correct / s_count}

@@ -62,7 +62,7 @@ from signsgd.errors import ConfigError
 from signsgd.loop import Callback, Loop, StepOutput
 from signsgd.models import count_parameters
 from signsgd.outputs import MetricsLog, check_out, jsonable, lock_run, plot_curves, write_atomic
-from signsgd.tasks import ImageClassification, Task, make_task
+from signsgd.tasks import ImageClassification, Task, make_task, sum_over_ranks
 
 __all__ = ["train", "lr_schedule"]
 
@@ -127,13 +127,6 @@ def _device(c: TrainConfig, rank: int) -> torch.device:
         local = int(os.environ.get("LOCAL_RANK", rank))
         return torch.device("cuda", local % max(1, torch.cuda.device_count()))
     return torch.device("cpu")
-
-
-def _allsum(values: list[float], world: int) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 def _gather(mine: Any, world: int) -> list[Any]:
@@ -268,7 +261,7 @@ class _Report(Callback):
             acc[2] += out.count
         total = self.task.total_steps
         if step % c.log_every == 0 or step == total:
-            s_loss, s_correct, s_count = _allsum(counters["window"], self.world)
+            s_loss, s_correct, s_count = sum_over_ranks(counters["window"], self.world)
             now = time.perf_counter()
             sps = s_count / max(now - self.window_t, 1e-9)
             rec = {"kind": "step", "step": step, "epoch": self.task.epoch_of(step),
@@ -297,7 +290,7 @@ class _Report(Callback):
         if world > 1:
             for buf in model.buffers():
                 dist.broadcast(buf, 0)
-        tr_loss, tr_correct, tr_count = _allsum(counters["epoch"], world)
+        tr_loss, tr_correct, tr_count = sum_over_ranks(counters["epoch"], world)
         at_anchor = getattr(self.opt, "at_anchor", None)  # local steps mid-round: x0,
         with at_anchor() if at_anchor is not None else nullcontext():  # every rank's
             # sharded: the ranks of a shard group run the same forwards (FSDP all-gathers),
@@ -460,12 +453,7 @@ def _local_workers(c: TrainConfig, task: Task) -> None:
     """Refuse a local worker count the machine cannot hold (unless ``force_workers``)."""
     cores = os.cpu_count() or 1
     per_worker = 400e6 + 16 * _model_size(task) + _data_bytes(task)  # torch + model + data
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f
-                         if line.startswith("MemAvailable"))
-    except (OSError, StopIteration):
-        avail = None
+    avail = launch.memory_available()
     need = c.workers * per_worker
     if c.force_workers or c.workers == 1:
         return

@@ -31,10 +31,27 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["free_port", "spawn", "heartbeat", "WorkerError"]
+__all__ = ["free_port", "spawn", "heartbeat", "memory_available", "WorkerError"]
 
 #: In a worker started by :func:`spawn`: (rank, the queue to the launcher).
 _LAUNCHER: tuple[int, Any] | None = None
+
+
+def memory_available() -> int | None:
+    """Bytes of memory available for new processes (``MemAvailable`` of ``/proc/meminfo``;
+    ``None`` where it cannot be read): what the trainer and the benchmarks check before
+    starting local workers.
+
+    Example:
+        >>> memory_available() is None or memory_available() > 0
+        True
+    """
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f
+                        if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return None
 
 
 def heartbeat(step: int) -> None:
