@@ -325,3 +325,22 @@ def test_every_option_is_in_exactly_one_group_and_help_section():
     sections = parser.format_help().split("\n\n")
     comm = next(s for s in sections if s.startswith("communication options:"))
     assert "--sync-every" in comm and "--outer-reducer" in comm and "\n  --lr " not in comm
+
+
+@pytest.mark.parametrize("optimizer, model, lr, betas", [
+    ("signum", "gpt", 3e-3, None), ("signum", "cnn", 1e-3, None),
+    ("adamw", "gpt", 1e-2, None), ("adamw", "cnn", 3e-3, None),
+    ("lion", "gpt", 1e-3, (0.95, 0.98)), ("lion", "cnn", 1e-3, None),
+    ("ef-signsgd", "gpt", 1.0, None), ("onebit-adam", "gpt", 1e-2, None),
+    ("sgd", "gpt", 0.1, None),
+])
+def test_a_language_model_takes_the_rates_tuned_on_the_gpt(optimizer, model, lr, betas):
+    from signsgd.config import validate
+
+    data = "shakespeare" if model == "gpt" else "fashion-mnist"
+    c = validate(TrainConfig(optimizer=optimizer, model=model, data=data))
+    assert (c.lr, c.betas) == (lr, betas)
+    if betas:  # β1 is the language model's too, and given values still win
+        assert c.momentum == betas[0]
+        assert validate(TrainConfig(optimizer=optimizer, model=model, data=data,
+                                    momentum=0.9)).betas is None

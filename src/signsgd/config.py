@@ -230,15 +230,20 @@ class TrainConfig:
                 setattr(self, name, (float if base is float else tuple)(v))
 
     def resolved(self) -> TrainConfig:
-        """A copy with ``lr`` and ``momentum`` filled in from the optimiser's defaults.
+        """A copy with ``lr`` and ``momentum`` filled in from the optimiser's defaults
+        (:meth:`signsgd.registry.Method.defaults_for`: a language model takes the rates tuned
+        on the GPT, and Lion its betas (0.95, 0.98)).
 
         Example:
             >>> TrainConfig(optimizer="lion").resolved().momentum
             0.9
         """
-        c, d = dataclasses.replace(self), getattr(registry.METHODS.get(self.optimizer),
-                                                  "defaults", {"lr": None})
+        c, method = dataclasses.replace(self), registry.METHODS.get(self.optimizer)
+        d = method.defaults_for(self.model in SIZES) if method else {"lr": None}
         c.lr = d["lr"] if c.lr is None else c.lr
+        if c.betas is None and c.momentum is None and "betas" in d and d["betas"] != \
+                method.defaults.get("betas"):  # type: ignore[union-attr]
+            c.betas = d["betas"]  # a language model's own betas (Lion's 0.95, 0.98)
         if c.momentum is None:
             c.momentum = d.get("momentum", (c.betas or d.get("betas", (0.0,)))[0])
         if c.optimizer == "ef-signsgd":

@@ -22,8 +22,11 @@ name             optimiser                                      with ``world_siz
 The default learning rates were tuned on Fashion-MNIST with the small CNN
 (``docs/tuning.md``); ``signsgd``, ``efsgd`` and ``adamw`` take their closest tuned
 relative's (Signum, EF-signSGD, Adam); ``onebit-adam`` takes DeepSpeed's default, 1e-3
-(Adam's 3e-3 diverged after the freeze on a small MLP at 2 workers). The language-model rates
-are in ``configs/lm.toml``. ``onebit-adam``'s ``freeze_step`` here is a placeholder:
+(Adam's 3e-3 diverged after the freeze on a small MLP at 2 workers). With a language model
+(``--model gpt``) a method takes its ``language_model`` values instead, tuned on the GPT on
+Shakespeare's tuning split (``docs/tuning.md``): AdamW and 1-bit Adam lr 1e-2, Signum lr
+3e-3 (its majority vote over 4 workers, 600 steps), EF-signSGD lr 1.0, Lion betas
+(0.95, 0.98); the others keep the CNN's. ``onebit-adam``'s ``freeze_step`` here is a placeholder:
 ``signsgd train`` sets it to a fraction of the run's steps (``--freeze-step``). Unlike
 DeepSpeed (and :class:`signsgd.OneBitAdam`'s default) it bias-corrects: with a warm-up of
 tens or hundreds of steps, the uncorrected ``v`` frozen at ``(1 − β2^T)·E[g²]`` makes every
@@ -161,6 +164,17 @@ class Method:
     reducer: str                            # its reducer with world_size > 1: a REDUCERS key
     defaults: dict[str, Any]                # every hyper-parameter it takes, with defaults
     library: bool = True                    # takes aggregator= (else: AverageGradients)
+    language_model: dict[str, Any] = field(default_factory=dict)  # tuned on the GPT, over
+    # ``defaults`` when the model is a language model (docs/tuning.md; the CNN's stay)
+
+    def defaults_for(self, language_model: bool) -> dict[str, Any]:
+        """:attr:`defaults`, with :attr:`language_model`'s values for a language model.
+
+        Example:
+            >>> METHODS["adamw"].defaults_for(True)["lr"], METHODS["adamw"].defaults["lr"]
+            (0.01, 0.003)
+        """
+        return {**self.defaults, **(self.language_model if language_model else {})}
 
 
 def _efsgd(params: Iterable[Any], *, compressor: Any, **hp: Any) -> Optimizer:
@@ -187,9 +201,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("signsgd", "signSGD: x ← x − lr·sign(g)", _ours("SignSGD"), "vote",
            {"lr": 1e-3, "weight_decay": 0.0}),
     Method("signum", "Signum: sign of momentum", _ours("Signum"), "vote",
-           {"lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0}),
+           {"lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0}, language_model={"lr": 3e-3}),
     Method("ef-signsgd", "EF-signSGD: scaled sign with error feedback", _ef_signsgd,
-           "ef", {"lr": 0.3, "momentum": 0.0, "weight_decay": 0.0}),
+           "ef", {"lr": 0.3, "momentum": 0.0, "weight_decay": 0.0},
+           language_model={"lr": 1.0}),
     Method("efsgd", "EF-SGD with any compressor", _efsgd, "ef",
            {"lr": 0.3, "momentum": 0.0, "weight_decay": 0.0, "compressor": "topk:0.1"}),
     Method("sgd", "SGD with heavy-ball momentum (torch.optim.SGD)", torch.optim.SGD, "mean",
@@ -197,13 +212,15 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("adam", "Adam (torch.optim.Adam)", torch.optim.Adam, "mean",
            {"lr": 3e-3, "betas": (0.9, 0.999), "weight_decay": 0.0}, library=False),
     Method("adamw", "AdamW, decoupled weight decay (torch.optim.AdamW)", torch.optim.AdamW,
-           "mean", {"lr": 3e-3, "betas": (0.9, 0.999), "weight_decay": 0.0}, library=False),
+           "mean", {"lr": 3e-3, "betas": (0.9, 0.999), "weight_decay": 0.0}, library=False,
+           language_model={"lr": 1e-2}),
     Method("lion", "Lion: sign of an interpolation of momentum and gradient", _ours("Lion"),
-           "vote", {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.0}),
+           "vote", {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.0},
+           language_model={"betas": (0.95, 0.98)}),
     Method("onebit-adam", "1-bit Adam(W): fp32 warm-up, then v frozen and the momentum sent "
            "as 1-bit signs with error feedback", _ours("OneBitAdam"), "onebit",
            {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 0.0, "freeze_step": 100,
-            "bias_correction": True}),
+            "bias_correction": True}, language_model={"lr": 1e-2}),
 )}
 
 
