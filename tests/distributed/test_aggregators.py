@@ -286,3 +286,16 @@ def test_random_signs_are_reproducible_and_balanced():
     g = adv.corrupt_gradient(torch.full((10_000,), -2.0), step=0)
     assert torch.equal(g.abs(), torch.full((10_000,), 2.0))
     assert 0.45 < float((g > 0).double().mean()) < 0.55
+
+
+def test_the_ef_reducer_chooses_its_wire_codec_once_per_compressor():
+    from signsgd.compression import ScaledSign, TopK
+    from signsgd.distributed import ErrorFeedbackAllReduce
+
+    ef, sign, topk = ErrorFeedbackAllReduce(), ScaledSign(), TopK(0.5)
+    ef.reduce([torch.tensor([1.0, -3.0])], compressor=sign)
+    first = ef.codec[1]
+    ef.reduce([torch.tensor([2.0, -1.0])], compressor=sign)
+    assert ef.codec[1] is first and first.name == "scaled_sign_bits"
+    ef.reduce([torch.tensor([2.0, -1.0])], compressor=topk)
+    assert ef.codec[0] is topk and ef.codec[1].name == "values"

@@ -90,6 +90,7 @@ class ErrorFeedbackAllReduce(Reducer):
         super().__init__(group, adversary)
         self.server_error: Tensor | None = None        # this rank's shard of e_s
         self.layout: tuple[Any, ...] | None = None     # what server_error belongs to
+        self.codec: tuple[Any, WireCodec] | None = None  # (compressor, its wire codec)
 
     def check_compressor(self, compressor: Compressor | None) -> None:
         if compressor is None:
@@ -105,9 +106,12 @@ class ErrorFeedbackAllReduce(Reducer):
         return ("ErrorFeedbackAllReduce", self._codec(compressor).name,
                 type(compressor).__name__)
 
-    @staticmethod
-    def _codec(compressor: Any) -> WireCodec:
-        return codec_for(compressor)
+    def _codec(self, compressor: Any) -> WireCodec:
+        """The wire codec of ``compressor``, chosen once for the optimiser's compressor
+        (again only if another compressor object comes)."""
+        if self.codec is None or self.codec[0] is not compressor:
+            self.codec = (compressor, codec_for(compressor))
+        return self.codec[1]
 
     def reduce(self, tensors: list[Tensor | None], *, finite: bool | Tensor = True,
                compressor: Compressor | None = None, settings: Any = None,
