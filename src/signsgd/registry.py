@@ -25,8 +25,9 @@ relative's (Signum, EF-signSGD, Adam); ``onebit-adam`` takes DeepSpeed's default
 (Adam's 3e-3 diverged after the freeze on a small MLP at 2 workers). With a language model
 (``--model gpt``) a method takes its ``language_model`` values instead, tuned on the GPT on
 Shakespeare's tuning split (``docs/tuning.md``): AdamW and 1-bit Adam lr 1e-2, Signum lr
-3e-3 (its majority vote over 4 workers, 600 steps), EF-signSGD lr 1.0, Lion betas
-(0.95, 0.98); the others keep the CNN's. ``onebit-adam``'s ``freeze_step`` here is a placeholder:
+3e-3 (its majority vote over 4 workers, 600 steps; 4e-3 was far worse there, so lower it,
+not raise it, on another setting), EF-signSGD lr 1.0, Lion betas (0.95, 0.98); the others
+keep the CNN's. ``onebit-adam``'s ``freeze_step`` here is a placeholder:
 ``signsgd train`` sets it to a fraction of the run's steps (``--freeze-step``). Unlike
 DeepSpeed (and :class:`signsgd.OneBitAdam`'s default) it bias-corrects: with a warm-up of
 tens or hundreds of steps, the uncorrected ``v`` frozen at ``(1 − β2^T)·E[g²]`` makes every
