@@ -80,7 +80,7 @@ def workers_arg(text: str) -> int:
 
 
 def rate_arg(text: str) -> str:
-    """argparse type: a link rate :func:`signsgd.netem.parse_rate` accepts, kept as text.
+    """argparse type: a link rate :func:`benchmarks.netem.parse_rate` accepts, kept as text.
 
     Example:
         >>> rate_arg("10Gbit/s")
@@ -127,7 +127,7 @@ def load_text(mach: dict[str, Any]) -> str:
 def loopback_rate(tries: int = 3, nbytes: int = 200_000_000) -> float:
     """Best of ``tries`` one-flow TCP transfers on an unshaped namespace loopback, bits/s.
 
-    Needs root and iproute2 (:func:`signsgd.netem.shaping_unavailable_reason`).
+    Needs root and iproute2 (:func:`benchmarks.netem.shaping_unavailable_reason`).
     """
     best = 0.0
     with NetworkEmulator("unshaped") as ns:

@@ -36,6 +36,17 @@ def _mb(x: float | None) -> str:
     return "–" if x is None else f"{x / 1e6:.3g}"
 
 
+def _preamble(title: str, data: dict[str, Any]) -> list[str]:
+    """The lines every results file opens with: its title, command, date and the machine up
+    to ``... 1 torch thread per worker`` (each report ends that line its own way)."""
+    mach = data["machine"]
+    return [f"# {title}", "", f"- Command: `{data['command']}`",
+            f"- Date: {data['date']}; wall time {data.get('wall_s', '?')} s",
+            f"- Machine: {mach['cpus']} CPU cores ({mach['processor']}), {mach['platform']}, "
+            f"Python {mach['python']}, torch {mach['torch']}, Gloo on CPU, 1 torch thread per "
+            "worker"]
+
+
 def comm_markdown(data: dict[str, Any], extra: Sequence[str] = ()) -> str:
     """The results file of ``bench_comm``: header, goals, full table, what was skipped; then
     each results file of ``extra`` (another run, e.g. a focused re-run of the goal cell) as
@@ -44,14 +55,10 @@ def comm_markdown(data: dict[str, Any], extra: Sequence[str] = ()) -> str:
     idx = _index(cells)
     mach = data["machine"]
     lo_bps = data.get("loopback_bps")
-    lines = [
-        "# Communication benchmark: one aggregation step per method",
-        "",
-        f"- Command: `{data['command']}`",
-        f"- Date: {data['date']}; wall time {data.get('wall_s', '?')} s",
-        f"- Machine: {mach['cpus']} CPU cores ({mach['processor']}), {mach['platform']}, "
-        f"Python {mach['python']}, torch {mach['torch']}, Gloo on CPU, 1 torch thread "
-        "per worker.",
+    *lines, machine = _preamble("Communication benchmark: one aggregation step per method",
+                                data)
+    lines += [
+        machine + ".",
         "- **The machine may have been shared with other agents' builds and tests**"
         + load_text(mach) + ": every number is noisy (compute-bound cells most), and the "
         f"M workers share its {mach['cpus']} cores.",
@@ -233,14 +240,10 @@ def e2e_markdown(data: dict[str, Any]) -> str:
     """The results file of ``bench_e2e``."""
     mach = data["machine"]
     lo = data.get("loopback_bps")
-    lines = [
-        "# End-to-end benchmark: training steps on an emulated network",
-        "",
-        f"- Command: `{data['command']}`",
-        f"- Date: {data['date']}; wall time {data.get('wall_s', '?')} s",
-        f"- Machine: {mach['cpus']} CPU cores ({mach['processor']}), {mach['platform']}, "
-        f"Python {mach['python']}, torch {mach['torch']}, Gloo on CPU, 1 torch thread per "
-        "worker.",
+    *lines, machine = _preamble("End-to-end benchmark: training steps on an emulated network",
+                                data)
+    lines += [
+        machine + ".",
         "- **The machine may have been shared with other agents' builds and tests**"
         + load_text(mach) + ": compute-bound numbers are "
         f"noisy, and the M workers share its {mach['cpus']} cores (compute per step is "
@@ -464,14 +467,10 @@ def tta_markdown(data: dict[str, Any]) -> str:
     mach = data["machine"]
     lo = data.get("loopback_bps")
     st = data["settings"]
-    lines = [
-        "# Time to target: our methods and the peers, on an emulated network",
-        "",
-        f"- Command: `{data['command']}`",
-        f"- Date: {data['date']}; wall time {data.get('wall_s', '?')} s",
-        f"- Machine: {mach['cpus']} CPU cores ({mach['processor']}), {mach['platform']}, "
-        f"Python {mach['python']}, torch {mach['torch']}, Gloo on CPU, 1 torch thread per "
-        "worker" + load_text(mach) + f"; the M = {st['workers']} workers share the cores, and "
+    *lines, machine = _preamble("Time to target: our methods and the peers, on an emulated "
+                                "network", data)
+    lines += [
+        machine + load_text(mach) + f"; the M = {st['workers']} workers share the cores, and "
         "the machine may have been shared with other jobs: step times are noisy.",
         f"- Network: {data['shaping']}; MTU 1500; `burst 256kb latency 400ms`; the M ranks "
         "share one link of the given rate"
