@@ -167,14 +167,15 @@ def _train(rank: int, world: int, group: Any, cfg: Config, sets: list[tuple[Tens
         idx = batch_indices(x.shape[0], cfg.batch, rank, step, cfg.seed)
         return x[idx], y[idx]
 
-    loop = Loop(model, opt, cross_entropy, callbacks=[History()])
-    loop.callbacks[0].on_eval(loop, 0)
+    history = History()
+    loop = Loop(model, opt, cross_entropy, callbacks=[history])
+    history.on_eval(loop, 0)
     try:
         loop.run(batch_of, cfg.steps, eval_every=cfg.eval_every)
     except NonFiniteGradientError:  # raised on every rank alike (local steps: at the
         # vote): all stop together
         hist["diverged_at"] = loop.step
-        loop.callbacks[0].on_eval(loop, loop.step)
+        history.on_eval(loop, loop.step)
     hist["test_loss"], hist["test_acc"] = score(test) if rank == 0 else (0.0, 0.0)
     hist["diverged"] = hist["diverged_at"] is not None or not math.isfinite(hist["test_loss"])
     return hist
