@@ -344,3 +344,12 @@ def test_a_language_model_takes_the_rates_tuned_on_the_gpt(optimizer, model, lr,
         assert c.momentum == betas[0]
         assert validate(TrainConfig(optimizer=optimizer, model=model, data=data,
                                     momentum=0.9)).betas is None
+
+
+def test_a_language_model_given_only_beta1_keeps_its_own_beta2():
+    from signsgd.config import validate
+    from signsgd.train import _make_optimizer
+
+    c = validate(TrainConfig(optimizer="lion", model="gpt", data="shakespeare", momentum=0.9))
+    opt = _make_optimizer(c, torch.nn.Linear(2, 1), 0, 1, 10)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.98)

@@ -63,13 +63,15 @@ from signsgd.loop import Callback, Loop, StepOutput
 from signsgd.models import count_parameters
 from signsgd.outputs import MetricsLog, check_out, jsonable, lock_run, plot_curves, write_atomic
 from signsgd.tasks import ImageClassification, Task, make_task, sum_over_ranks
+from signsgd.transformer import SIZES
 
 __all__ = ["train", "lr_schedule"]
 
 
 def _make_optimizer(c: TrainConfig, model: nn.Module, rank: int, world: int, total: int,
                     group: Any = None) -> torch.optim.Optimizer:
-    """This rank's optimiser; without ``betas``, ``momentum`` is β1 (β2 the registry's).
+    """This rank's optimiser; without ``betas``, ``momentum`` is β1 (β2 the registry's, for
+    a language model its ``language_model`` value).
     ``group``: the reducer's process group (``--shard > 1``: the replicate group of the
     ``world`` replicas; ``None``: the default group)."""
     from signsgd.distributed.adversary import attack
@@ -77,7 +79,7 @@ def _make_optimizer(c: TrainConfig, model: nn.Module, rank: int, world: int, tot
     adversary = None
     if c.adversaries and rank >= world - c.adversaries:
         adversary = attack(c.attack, seed=c.seed * 1000 + rank)
-    takes = registry.METHODS[c.optimizer].defaults
+    takes = registry.METHODS[c.optimizer].defaults_for(c.model in SIZES)
     hp = {"lr": float(c.lr), "weight_decay": float(c.weight_decay),  # type: ignore[arg-type]
           "momentum": float(c.momentum), "compressor": c.compressor,  # type: ignore[arg-type]
           "betas": tuple(map(float, c.betas or (c.momentum, takes.get("betas", (0, 0))[1]))),
